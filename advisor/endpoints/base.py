@@ -1,0 +1,77 @@
+"""The endpoint contract: one async `complete` call, whatever the provider."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.messages import Attempt, Effort, Message, ModelResponse
+from advisor.pricing import Price
+
+if TYPE_CHECKING:
+    from tools.spec import ToolSpec
+
+Provider = Literal["openai", "anthropic", "embedded"]
+
+
+class EndpointConfig(BaseModel):
+    """One named model endpoint, as written under `endpoints:` in task.yaml or advisor.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Provider
+    model: str = Field(description="model name sent to the provider, or for embedded a shipped model name or a checkpoint path")
+    base_url: str | None = Field(default=None, description="API root, e.g. http://127.0.0.1:8000/v1 (openai) or https://api.anthropic.com (anthropic)")
+    api_key_env: str | None = Field(default=None, description="name of the environment variable holding the API key; keys never appear in files")
+    price: Price | None = Field(default=None, description="USD per million tokens; required unless free: true")
+    free: bool = Field(default=False, description="mark an unpriced endpoint as deliberately free (no silent zero)")
+    timeout_s: float = Field(default=120.0, gt=0, description="per-attempt timeout")
+    max_retries: int = Field(default=4, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
+    max_tokens: int | None = Field(default=None, gt=0, description="completion token cap sent with each call")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (no secrets: use api_key_env)")
+    extra_body: dict = Field(default_factory=dict, description="extra JSON fields merged into each request body")
+    device: str | None = Field(default=None, description="embedded only: torch device (cpu, cuda)")
+
+
+AttemptHook = Callable[[Attempt], None]
+
+
+class Endpoint(ABC):
+    """A model behind one name. Implementations live beside this file, one provider per module."""
+
+    def __init__(self, name: str, config: EndpointConfig):
+        self.name = name
+        self.config = config
+
+    @abstractmethod
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+        on_attempt: AttemptHook | None = None,
+    ) -> ModelResponse:
+        """Send one chat turn; retries happen inside, each attempt reported to `on_attempt`.
+
+        Raises `EndpointError` when the call finally fails (after retries, or at once on a 4xx
+        other than 429). The error text is one line and never holds a secret.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has nothing to release."""
+
+
+class EndpointError(Exception):
+    """A model call that failed for good. `attempts` holds every try (and its billed usage)."""
+
+    def __init__(self, endpoint: str, message: str, attempts: list[Attempt] | None = None, status: int | None = None):
+        super().__init__(f"endpoint '{endpoint}': {message}")
+        self.endpoint = endpoint
+        self.attempts = attempts or []
+        self.status = status

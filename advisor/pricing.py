@@ -1,0 +1,34 @@
+"""Prices (USD per million tokens) and the one formula that turns usage into dollars."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.messages import Usage
+
+
+class Price(BaseModel):
+    """USD per million tokens. `cache_write` defaults to the input price; `reasoning` to the output price."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    output: float = Field(ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+    reasoning: float | None = Field(default=None, ge=0)
+
+    def cost(self, usage: Usage) -> float:
+        cached = self.input if self.cached_input is None else self.cached_input
+        write = self.input if self.cache_write is None else self.cache_write
+        reasoning = self.output if self.reasoning is None else self.reasoning
+        return (
+            usage.input * self.input
+            + usage.cached_input * cached
+            + usage.cache_write * write
+            + usage.output * self.output
+            + usage.reasoning * reasoning
+        ) / 1e6
+
+
+FREE = Price(input=0.0, cached_input=0.0, output=0.0)
