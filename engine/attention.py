@@ -1,0 +1,76 @@
+"""Step attention: GQA, per-head zero-centred q/k RMSNorm, partial NeoX RoPE, head-wise sigmoid gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.cache import KVCache, TypeMeta
+from engine.layers import RMSNorm, Spec, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, scale: float
+    ):
+        super().__init__()
+        self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
+        self.hidden = hidden
+        self.scale = scale
+        # q, k, v and the gate g share one matmul; split sizes in this order.
+        self.sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim, num_heads)
+        self.qkvg = nn.Parameter(torch.empty(sum(self.sizes), hidden), requires_grad=False)
+        self.o = nn.Parameter(torch.empty(hidden, num_heads * head_dim), requires_grad=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def checkpoint_spec(self, prefix: str) -> Spec:
+        hd = self.hidden
+        names = ("q_proj", "k_proj", "v_proj", "g_proj")
+        return {
+            "qkvg": ([(f"{prefix}.{n}.weight", (s, hd)) for n, s in zip(names, self.sizes, strict=True)], 0),
+            "o": ([(f"{prefix}.o_proj.weight", (hd, self.h * self.d))], 0),
+            "q_norm.weight": ([(f"{prefix}.q_norm.weight", (self.d,))], 0),
+            "k_norm.weight": ([(f"{prefix}.k_norm.weight", (self.d,))], 0),
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: TypeMeta,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v, g = F.linear(x, self.qkvg).split(self.sizes, dim=-1)
+        q = self.q_norm(q.view(B, T, self.h, self.d))
+        k = self.k_norm(k.view(B, T, self.hkv, self.d))
+        v = v.view(B, T, self.hkv, self.d)
+        cos, sin = cos_sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+
+        if cache is not None:
+            ck, cv = cache.k[layer], cache.v[layer]
+            if meta.attend_cache:
+                ck[:, :, meta.write] = k[:, :, meta.write_from :]
+                cv[:, :, meta.write] = v[:, :, meta.write_from :]
+                k, v = ck[:, :, meta.read], cv[:, :, meta.read]
+            else:
+                old_k, old_v = ck[:, :, meta.read], cv[:, :, meta.read]
+                new_k, new_v = k, v
+                k, v = torch.cat([old_k, new_k], dim=2), torch.cat([old_v, new_v], dim=2)
+                ck[:, :, meta.write] = new_k[:, :, meta.write_from :]
+                cv[:, :, meta.write] = new_v[:, :, meta.write_from :]
+
+        # GQA without repeating K/V: fold each KV head's query group into the query-length axis.
+        G = self.h // self.hkv
+        qg = q.view(B, T, self.hkv, G, self.d).permute(0, 2, 3, 1, 4).reshape(B, self.hkv, G * T, self.d)
+        S = k.shape[2]
+        mask = meta.mask.expand(B, G, T, S).reshape(B, 1, G * T, S) if G > 1 else meta.mask
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
+        out = out.view(B, self.hkv, G, T, self.d).permute(0, 3, 1, 2, 4).reshape(B, T, self.h, self.d)
+        out = out * torch.sigmoid(g)[..., None]
+        return F.linear(out.reshape(B, T, self.h * self.d), self.o)

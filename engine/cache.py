@@ -1,0 +1,112 @@
+"""Static KV cache and per-step attention metadata.
+
+Every batch row advances one column per step (prompts are left-padded), so one column counter serves
+the whole batch; each key slot also records the absolute position of its token (-1 for padding or an
+empty slot), and the attention masks are built from positions alone. That single rule gives causality,
+padding and the sliding window at once, for any slot order.
+
+Full-attention layers keep every column in a preallocated [B, Hkv, max_len, D] buffer. Sliding layers
+keep a ring of `window` slots (column c lives in slot c % window): exactly the keys a query can still see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import FULL, SLIDING, TextConfig
+
+
+@dataclass
+class TypeMeta:
+    """How one attention type (full or sliding) reads and writes keys during one forward step."""
+
+    mask: torch.Tensor  # bool [B, 1, T, S]: query t may see key s
+    write: slice | torch.Tensor | None  # cache slots receiving this step's keys (None: no cache)
+    write_from: int  # first of this step's T tokens that is stored (rings keep only the last `window`)
+    attend_cache: bool  # True: attend over the cache after writing; False: over [old cache keys, new keys]
+    read: slice | None  # cache slots to read when attend_cache (or the old keys otherwise)
+
+
+@dataclass
+class StepMeta:
+    positions: torch.Tensor  # [B, T] absolute positions, -1 at padding
+    types: dict[str, TypeMeta]
+
+
+def _mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    q = qpos[:, :, None]
+    k = kpos[:, None, :]
+    m = (k >= 0) & (k <= q)
+    if window is not None:
+        m &= k > q - window
+    # A padding query sees nothing; let it see everything so softmax stays finite (its output is unused).
+    m |= ~m.any(-1, keepdim=True)
+    return m[:, None]
+
+
+def _window(cfg: TextConfig, t: str) -> int | None:
+    return cfg.sliding_window if t == SLIDING else None
+
+
+class KVCache:
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        self.batch, self.max_len = batch, max_len
+        self.length = 0  # columns written so far
+        d, hkv = cfg.head_dim, cfg.num_key_value_heads
+        self.cap = {FULL: max_len, SLIDING: min(max_len, cfg.sliding_window or max_len)}
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for layer in cfg.layers:
+            n = self.cap[layer.attention]
+            self.k.append(torch.zeros(batch, hkv, n, d, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch, hkv, n, d, dtype=dtype, device=device))
+        self.pos = {
+            t: torch.full((batch, n), -1, dtype=torch.long, device=device) for t, n in self.cap.items()
+        }
+
+    def plan(self, positions: torch.Tensor) -> StepMeta:
+        """Metadata for appending T columns with the given positions; updates the slot positions."""
+        _, T = positions.shape
+        L = self.length
+        if L + T > self.max_len:
+            raise ValueError(f"KV cache full: {L} + {T} tokens exceeds max_len {self.max_len}")
+        types: dict[str, TypeMeta] = {}
+        for t in {layer.attention for layer in self.cfg.layers}:
+            cap, pos = self.cap[t], self.pos[t]
+            if cap == self.max_len:  # linear buffer: write then attend over [0, L+T)
+                pos[:, L : L + T] = positions
+                types[t] = TypeMeta(
+                    _mask(positions, pos[:, : L + T], None if t == FULL else _window(self.cfg, t)),
+                    slice(L, L + T),
+                    0,
+                    True,
+                    slice(0, L + T),
+                )
+                continue
+            first = max(0, T - cap)  # only the last `cap` new tokens survive in the ring
+            slots = torch.arange(L + first, L + T, device=positions.device) % cap
+            if T == 1:  # decode: the ring already holds everything this query can see
+                pos[:, slots] = positions[:, first:]
+                types[t] = TypeMeta(
+                    _mask(positions, pos, _window(self.cfg, t)), slots, first, True, slice(0, cap)
+                )
+            else:  # prefill/chunk: attend over [old ring, new keys], then store the tail
+                kpos = torch.cat([pos, positions], dim=1)
+                types[t] = TypeMeta(
+                    _mask(positions, kpos, _window(self.cfg, t)), slots, first, False, slice(0, cap)
+                )
+                pos[:, slots] = positions[:, first:]
+        self.length = L + T
+        return StepMeta(positions, types)
+
+
+def uncached_meta(cfg: TextConfig, positions: torch.Tensor) -> StepMeta:
+    """Metadata for a forward pass over a whole sequence without any cache."""
+    types = {
+        t: TypeMeta(_mask(positions, positions, _window(cfg, t)), None, 0, False, None)
+        for t in {layer.attention for layer in cfg.layers}
+    }
+    return StepMeta(positions, types)

@@ -1,0 +1,94 @@
+"""Small building blocks: zero-centred RMSNorm, partial NeoX RoPE (with llama3 scaling), clamped SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import RopeSpec
+
+# parameter name -> ([(checkpoint tensor name, expected shape), ...], dim the parts are concatenated on)
+Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
+
+
+class RMSNorm(nn.Module):
+    """Gemma-style RMSNorm: normalise in fp32, scale by (1 + w), cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies for the rotated part of a head (llama3 scaling when asked)."""
+    dim = int(head_dim * spec.partial_rotary_factor)
+    inv = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if spec.rope_type != "llama3":
+        return inv
+    old = spec.original_max_position_embeddings
+    low_wl, high_wl = old / spec.low_freq_factor, old / spec.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / spec.factor, inv)
+    smooth = (old / wavelen - spec.low_freq_factor) / (spec.high_freq_factor - spec.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+    medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, T, 1, rot_dim] (NeoX layout: halves repeated)."""
+    freqs = positions.clamp(min=0)[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; rotates the first cos.shape[-1] dims (rotate-halves), passes the rest through."""
+    rd = cos.shape[-1]
+    if rd == 0:
+        return x
+    rot, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
+    """[.., 2I] -> [.., I]: silu(gate) * up, with the Step clamp when limit > 0."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = F.silu(gate)
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return gate * up
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU MLP (also the MoE shared expert); gate and up fused into one matrix at load."""
+
+    def __init__(self, hidden: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.hidden, self.inter = hidden, inter
+        self.gate_up = nn.Parameter(torch.empty(2 * inter, hidden), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(hidden, inter), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(swiglu(F.linear(x, self.gate_up), self.limit), self.down)
+
+    def checkpoint_spec(self, prefix: str) -> Spec:
+        h, i = self.hidden, self.inter
+        return {
+            "gate_up": ([(f"{prefix}.gate_proj.weight", (i, h)), (f"{prefix}.up_proj.weight", (i, h))], 0),
+            "down": ([(f"{prefix}.down_proj.weight", (h, i))], 0),
+        }

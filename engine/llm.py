@@ -1,0 +1,252 @@
+"""`LLM`: the engine's public face: load a checkpoint directory, score sequences, generate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.cache import KVCache, uncached_meta
+from engine.config import ModelConfig, load_config
+from engine.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
+from engine.model import StepTextModel
+from engine.sampling import sample
+
+log = logging.getLogger(__name__)
+
+_VISION_PREFIXES = ("vision_model.", "vit_downsampler", "vit_large_projector.")
+
+
+class LLM:
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: StepTextModel,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        path: Path | None = None,
+        vision: Any = None,
+        tokenizer: Any = None,
+        max_batch_size: int = 16,
+    ):
+        self.config = config
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.path = path
+        self.vision = vision
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_batch_size: int = 16,
+    ) -> LLM:
+        """Load a HF-layout Step checkpoint directory (config.json + *.safetensors [+ index, tokenizer])."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        cfg = load_config(path)
+        device = torch.device(device)
+        ckpt = Checkpoint(path)
+        try:
+            dtype = resolve_dtype(dtype, cfg.dtype if cfg.dtype else None)
+            tc = cfg.text
+            # MTP layers are optional in a checkpoint (transformers' save_pretrained drops them).
+            mtp_prefixes = tuple(
+                f"model.layers.{tc.num_hidden_layers + j}." for j in range(len(tc.mtp_layers))
+            )
+            with_mtp = bool(mtp_prefixes) and any(k.startswith(mtp_prefixes) for k in ckpt.keys())
+            with torch.device("meta"):
+                model = StepTextModel(tc, with_mtp=with_mtp)
+            used = load_spec(model, model.checkpoint_spec(), ckpt, dtype, device)
+            model.init_rope(device)
+            vision, vision_used = _load_vision(cfg, ckpt, dtype, device)
+            ignored = _VISION_PREFIXES if vision is None else ()
+            check_unexpected(ckpt, used | vision_used, ignored)
+        finally:
+            ckpt.close()
+        model.eval()
+        return cls(
+            cfg,
+            model,
+            device=device,
+            dtype=dtype,
+            path=path,
+            vision=vision,
+            tokenizer=_load_tokenizer(path),
+            max_batch_size=max_batch_size,
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = list(self.config.text.eos_token_ids)
+        if not ids and self.tokenizer is not None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if eos is not None:
+                ids = [int(eos)]
+        return ids
+
+    # ------------------------------------------------------------------ scoring
+    def _embed(
+        self, input_ids: torch.Tensor, pixel_values, pixel_values_local, num_local_patches
+    ) -> torch.Tensor:
+        embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        if self.vision is None:
+            raise ValueError("image inputs given, but this checkpoint has no vision tower loaded")
+        feats = self.vision.image_features(
+            pixel_values.to(self.device, self.dtype),
+            None if pixel_values_local is None else pixel_values_local.to(self.device, self.dtype),
+            num_local_patches,
+        ).to(embeds.dtype)
+        mask = input_ids == self.config.image_token_id
+        n = int(mask.sum())
+        if n != feats.shape[0]:
+            raise ValueError(
+                f"image features and image tokens do not match: {n} tokens, {feats.shape[0]} features"
+            )
+        embeds = embeds.clone()
+        embeds[mask] = feats
+        return embeds
+
+    @torch.inference_mode()
+    def logits(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_local: torch.Tensor | None = None,
+        num_local_patches: list[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits for every position: [T, vocab] for a 1-D sequence, [B, T, vocab] for 2-D."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        squeeze = ids.dim() == 1
+        if squeeze:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be a non-empty 1-D or 2-D sequence of token ids, got shape {list(ids.shape)}"
+            )
+        self._check_ids(ids)
+        embeds = self._embed(ids, pixel_values, pixel_values_local, num_local_patches)
+        positions = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        out = self.model(embeds, uncached_meta(self.config.text, positions)).float()
+        return out[0] if squeeze else out
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        v = self.config.text.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        use_cache: bool = True,
+        max_batch_size: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens for each prompt (a stop token, when hit, is the last one returned).
+
+        stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
+        """
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        bs = max_batch_size or self.max_batch_size
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), bs):
+            out.extend(
+                self._generate_batch(
+                    [list(p) for p in prompts[i : i + bs]],
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    gen,
+                    stops,
+                    use_cache,
+                )
+            )
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts, max_new, temperature, top_p, gen, stops, use_cache) -> list[list[int]]:
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        T = int(lens.max())
+        pad = self.config.text.pad_token_id or 0
+        ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+        self._check_ids(ids)
+        positions = torch.arange(T, device=self.device)[None] - (T - lens)[:, None]
+        positions = positions.masked_fill(positions < 0, -1)
+
+        results: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        if max_new <= 0:
+            return results
+        if use_cache:
+            cache = KVCache(self.config.text, B, T + max_new, self.dtype, self.device)
+            logits = self.model(self.model.embed_tokens(ids), cache.plan(positions), cache, last_only=True)
+        else:
+            seq, seq_pos = ids, positions
+            logits = self.model(
+                self.model.embed_tokens(seq), uncached_meta(self.config.text, seq_pos), last_only=True
+            )
+        for step in range(max_new):
+            nxt = sample(logits[:, -1].float(), temperature, top_p, gen)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    results[b].append(t)
+                    done[b] = t in stops
+            if all(done) or step == max_new - 1:
+                break
+            pos = (lens + step)[:, None]
+            if use_cache:
+                logits = self.model(
+                    self.model.embed_tokens(nxt[:, None]), cache.plan(pos), cache, last_only=True
+                )
+            else:
+                seq, seq_pos = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_pos, pos], 1)
+                meta = uncached_meta(self.config.text, seq_pos)
+                logits = self.model(self.model.embed_tokens(seq), meta, last_only=True)
+        return results
+
+
+def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+    """The vision tower + projector, when the checkpoint has one and engine.vision is available."""
+    if cfg.vision is None or not any(k.startswith(_VISION_PREFIXES) for k in ckpt.keys()):
+        return None, set()
+    try:
+        from engine import vision as vision_mod  # noqa: F401
+    except ImportError:
+        log.warning("checkpoint has a vision tower but engine.vision is unavailable; images are disabled")
+        return None, set()
+    return None, set()
+
+
+def _load_tokenizer(path: Path):
+    if not (path / "tokenizer.json").exists():
+        return None
+    try:
+        from engine.tokenizer import load_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return load_tokenizer(path)
