@@ -67,7 +67,10 @@ class ToolSpec:
     context_param: str | None = None
 
     def openai_schema(self) -> dict:
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
     def anthropic_schema(self) -> dict:
         return {"name": self.name, "description": self.description, "input_schema": self.parameters}
@@ -78,7 +81,9 @@ class ToolSpec:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as e:
-                raise ToolError(f"{self.name}: arguments are not valid JSON ({e.msg} at position {e.pos})") from None
+                raise ToolError(
+                    f"{self.name}: arguments are not valid JSON ({e.msg} at position {e.pos})"
+                ) from None
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
@@ -128,7 +133,7 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
     """Decorator (bare or with arguments) that turns a typed function into a `ToolSpec`."""
 
     def build(f: Callable) -> ToolSpec:
-        hints = get_type_hints(f)
+        hints = get_type_hints(f, include_extras=True)  # keep Annotated[..., Field(ge=...)] constraints
         summary, param_docs = _describe(f)
         fields: dict[str, Any] = {}
         context_param = None

@@ -1,0 +1,326 @@
+"""Web tools: `web_search` (ddgs) and `fetch_page` (httpx), bounded in time and size.
+
+Offline, rate-limited, blocked or slow all end as a one-line error result the model can read; the
+tool never hangs the loop. Search backends are injectable (`ctx.extra["search_backend"]`, or
+`set_search_backend`) so tests and users can swap DuckDuckGo for something else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+import httpx
+from pydantic import Field
+
+from tools.spec import ToolContext, ToolError, ToolResult, tool
+
+SEARCH_TIMEOUT_S = 12.0
+FETCH_TIMEOUT_S = 15.0
+FETCH_MAX_BYTES = 3_000_000
+FETCH_MAX_CHARS = 20_000
+USER_AGENT = "Mozilla/5.0 (compatible; advisor-tools/0.1; +https://github.com/)"
+
+# backend(query, max_results, timeout_s) -> [{"title", "href" | "url", "body" | "snippet"}, ...]
+SearchBackend = Callable[[str, int, float], list[dict]]
+
+
+class SearchRateLimited(Exception):
+    pass
+
+
+def ddgs_backend(query: str, max_results: int, timeout_s: float) -> list[dict]:
+    from ddgs import DDGS
+    from ddgs.exceptions import RatelimitException, TimeoutException
+
+    try:
+        return DDGS(timeout=max(1, int(timeout_s))).text(query, max_results=max_results)
+    except RatelimitException as e:
+        raise SearchRateLimited(str(e)) from None
+    except TimeoutException as e:
+        raise TimeoutError(str(e)) from None
+
+
+_default_backend: SearchBackend = ddgs_backend
+
+
+def set_search_backend(backend: SearchBackend | None) -> None:
+    """Replace the process-wide search backend (None restores DuckDuckGo via ddgs)."""
+    global _default_backend
+    _default_backend = backend or ddgs_backend
+
+
+def call_bounded(fn: Callable, timeout_s: float, *args):
+    """Run fn(*args) in a daemon thread and wait at most timeout_s.
+
+    A daemon thread, not an executor: a wedged network call must not keep the process from exiting.
+    """
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            box.put((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box.put((False, e))
+
+    threading.Thread(target=run, daemon=True, name="bounded-call").start()
+    try:
+        ok, value = box.get(timeout=timeout_s)
+    except queue.Empty:
+        raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+    if ok:
+        return value
+    raise value
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_results(results: list[dict], query: str) -> tuple[str, list[dict]]:
+    rows = []
+    for r in results:
+        url = r.get("href") or r.get("url") or r.get("link") or ""
+        title = _one_line(r.get("title") or url, 150)
+        snippet = _one_line(r.get("body") or r.get("snippet") or "", 300)
+        if url:
+            rows.append({"title": title, "url": url, "snippet": snippet})
+    if not rows:
+        return f"no results for {query!r}", rows
+    lines = [f"{i}. {r['title']}\n   {r['url']}\n   {r['snippet']}" for i, r in enumerate(rows, 1)]
+    return "\n".join(lines), rows
+
+
+@tool
+def web_search(
+    ctx: ToolContext,
+    query: str,
+    max_results: Annotated[int, Field(ge=1, le=20)] = 5,
+) -> ToolResult:
+    """Search the web; returns title, url and snippet for each result.
+
+    Args:
+        query: what to search for
+        max_results: how many results (1 to 20)
+    """
+    query = query.strip()
+    if not query:
+        raise ToolError("query is empty")
+    extra = ctx.extra if ctx is not None else {}
+    backend: SearchBackend = extra.get("search_backend") or _default_backend
+    timeout = float(extra.get("search_timeout_s", SEARCH_TIMEOUT_S))
+    try:
+        results = call_bounded(backend, timeout, query, max_results, timeout)
+    except SearchRateLimited:
+        raise ToolError(
+            "web_search: the search provider is rate-limiting us; try later or answer without searching"
+        ) from None
+    except TimeoutError as e:
+        raise ToolError(f"web_search: timed out ({e}); the network may be down") from None
+    except Exception as e:  # noqa: BLE001 - every backend failure is the model's problem to route around
+        raise ToolError(
+            f"web_search failed (offline or blocked?): {type(e).__name__}: {_one_line(str(e))}"
+        ) from None
+    text, rows = format_results(list(results or [])[:max_results], query)
+    return ToolResult(text=text, data=rows)
+
+
+# ---- fetch_page ----------------------------------------------------------------------------------
+
+
+def _refuse_private(url: httpx.URL, allow_private: bool) -> None:
+    if url.scheme not in ("http", "https"):
+        raise ToolError(f"fetch_page: only http and https URLs, not {url.scheme or 'no scheme'}")
+    if allow_private:
+        return
+    host = (url.host or "").strip("[]").lower()
+    if host in ("localhost", "") or host.endswith(".localhost") or host.endswith(".internal"):
+        raise ToolError(f"fetch_page: refusing local host {host or '(none)'}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    ):
+        raise ToolError(f"fetch_page: refusing private or local address {host}")
+
+
+def fetch_text(
+    url: str,
+    *,
+    timeout_s: float = FETCH_TIMEOUT_S,
+    max_bytes: int = FETCH_MAX_BYTES,
+    allow_private: bool = False,
+    transport: httpx.BaseTransport | None = None,
+) -> tuple[str, str, dict]:
+    """(title, readable text, meta) of a web page; every failure is a ToolError."""
+    if "://" not in url:
+        url = "https://" + url
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise ToolError(f"fetch_page: invalid URL {url!r} ({e})") from None
+    _refuse_private(target, allow_private)
+    deadline = time.monotonic() + timeout_s
+
+    def check_hop(request: httpx.Request) -> None:  # every redirect hop is checked too
+        _refuse_private(request.url, allow_private)
+
+    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 8.0))
+    try:
+        with (
+            httpx.Client(
+                timeout=timeout,
+                follow_redirects=True,
+                max_redirects=5,
+                headers={
+                    "User-Agent": USER_AGENT,
+                    "Accept": "text/html,text/plain,application/json;q=0.9,*/*;q=0.5",
+                },
+                event_hooks={"request": [check_hop]},
+                transport=transport,
+            ) as client,
+            client.stream("GET", target) as resp,
+        ):
+            if resp.status_code >= 400:
+                raise ToolError(
+                    f"fetch_page: HTTP {resp.status_code} {resp.reason_phrase} from {resp.url.host}"
+                )
+            ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and not (
+                ctype.startswith("text/")
+                or ctype in ("application/json", "application/xhtml+xml", "application/xml")
+            ):
+                raise ToolError(f"fetch_page: {ctype} is not a text page")
+            chunks, size, cut = [], 0, False
+            for chunk in resp.iter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= max_bytes:
+                    cut = True
+                    break
+                if time.monotonic() > deadline:
+                    raise ToolError(f"fetch_page: page still downloading after {timeout_s:g} s")
+            raw = b"".join(chunks)[:max_bytes]
+            encoding = resp.charset_encoding or "utf-8"
+            final_url = str(resp.url)
+    except ToolError:
+        raise
+    except httpx.TimeoutException:
+        raise ToolError(f"fetch_page: timed out after {timeout_s:g} s fetching {target.host}") from None
+    except httpx.TooManyRedirects:
+        raise ToolError(f"fetch_page: too many redirects from {target.host}") from None
+    except httpx.HTTPError as e:
+        raise ToolError(
+            f"fetch_page: cannot fetch {target.host} (offline?): {type(e).__name__}: {_one_line(str(e))}"
+        ) from None
+    try:
+        body = raw.decode(encoding, errors="replace")
+    except LookupError:
+        body = raw.decode("utf-8", errors="replace")
+    if ctype in ("text/html", "application/xhtml+xml") or (not ctype and "<html" in body[:2000].lower()):
+        title, text = html_to_text(body)
+    else:
+        title, text = "", body.strip()
+    return title, text, {"url": final_url, "bytes": len(raw), "truncated_bytes": cut, "content_type": ctype}
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """Title and readable text of an HTML page: scripts, styles and navigation chrome dropped."""
+    import lxml.html
+    from lxml import etree
+
+    try:
+        doc = lxml.html.document_fromstring(html)
+    except (etree.ParserError, ValueError):
+        return "", " ".join(html.split())
+    title = " ".join((doc.findtext(".//title") or "").split())
+    for bad in doc.xpath(
+        "//script|//style|//noscript|//template|//svg|//head|//nav|//footer|//form|//iframe"
+    ):
+        bad.drop_tree()
+    blocks = {
+        "p",
+        "div",
+        "section",
+        "article",
+        "li",
+        "tr",
+        "br",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "table",
+        "ul",
+        "ol",
+        "blockquote",
+        "header",
+        "main",
+        "dd",
+        "dt",
+    }
+    for el in doc.iter():
+        if isinstance(el.tag, str) and el.tag in blocks:
+            el.tail = "\n" + (el.tail or "")
+            if el.tag.startswith("h") and len(el.tag) == 2:
+                el.text = "# " + (el.text or "")
+            if el.tag == "li":
+                el.text = "- " + (el.text or "")
+    lines = [" ".join(line.split()) for line in doc.text_content().splitlines()]
+    text = "\n".join(line for line in lines if line)
+    return title, text
+
+
+@tool
+def fetch_page(
+    ctx: ToolContext,
+    url: str,
+    offset: int = 0,
+    max_chars: Annotated[int, Field(ge=100, le=FETCH_MAX_CHARS)] = 8000,
+) -> ToolResult:
+    """Fetch a web page and return its readable text (scripts and markup removed).
+
+    Args:
+        url: the http(s) address
+        offset: character offset to start from (to page through a long page)
+        max_chars: most characters to return
+    """
+    extra = ctx.extra if ctx is not None else {}
+    timeout = float(extra.get("fetch_timeout_s", FETCH_TIMEOUT_S))
+    try:
+        # httpx's timeouts are per read; the outer bound also covers slow DNS and trickling servers.
+        title, text, meta = call_bounded(
+            lambda: fetch_text(
+                url,
+                timeout_s=timeout,
+                allow_private=bool(extra.get("fetch_allow_private", False)),
+                transport=extra.get("fetch_transport"),
+            ),
+            timeout + 5,
+        )
+    except TimeoutError as e:
+        raise ToolError(f"fetch_page: gave up on {url} ({e})") from None
+    offset = max(0, offset)
+    chunk = text[offset : offset + max_chars]
+    rest = len(text) - offset - len(chunk)
+    head = f"{title}\n{meta['url']}\n\n" if title else f"{meta['url']}\n\n"
+    if rest > 0:
+        chunk += f"\n[... {rest} more characters; fetch again with offset={offset + len(chunk)} ...]"
+    if meta["truncated_bytes"]:
+        chunk += f"\n[page cut at {meta['bytes']} bytes]"
+    return ToolResult(text=head + (chunk or "(no readable text)"), data=meta | {"title": title})

@@ -1,0 +1,124 @@
+"""Workspace file tools: read, write and list files, never outside the task's workspace.
+
+Paths are relative to the workspace; absolute paths, `..` and symlinks that resolve outside it are
+refused with a one-line error. (A symlink swapped in between the check and the open is not guarded
+against; run untrusted tasks in a container.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from tools.spec import ToolContext, ToolError, ToolResult, tool
+
+MAX_READ_CHARS = 20_000
+MAX_WRITE_BYTES = 2_000_000
+MAX_LIST_ENTRIES = 300
+
+
+def workspace_of(ctx: ToolContext | None) -> Path:
+    if ctx is None or ctx.workspace is None:
+        raise ToolError("this task has no workspace")
+    root = Path(ctx.workspace)
+    if not root.is_dir():
+        raise ToolError(f"the workspace {root.name} does not exist")
+    return root.resolve()
+
+
+def confine(root: Path, rel: str) -> Path:
+    """The real path of `rel` inside `root`, or a ToolError saying why it is refused."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise ToolError("path is empty; give a path relative to the workspace, e.g. notes.txt")
+    if "\x00" in rel:
+        raise ToolError("path contains a NUL byte")
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute() or rel.startswith("~") or (len(rel) > 1 and rel[1] == ":"):
+        raise ToolError(f"absolute path {rel!r} refused; paths are relative to the workspace")
+    if ".." in p.parts:
+        raise ToolError(f"path {rel!r} refused: '..' may not leave the workspace")
+    real = (root / p).resolve()
+    if real != root and root not in real.parents:
+        raise ToolError(f"path {rel!r} refused: it resolves outside the workspace (symlink)")
+    return real
+
+
+@tool
+def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX_READ_CHARS) -> ToolResult:
+    """Read a text file from the workspace.
+
+    Args:
+        path: file path relative to the workspace
+        offset: character offset to start from (to page through long files)
+        max_chars: most characters to return (up to 20000)
+    """
+    root = workspace_of(ctx)
+    real = confine(root, path)
+    if not real.exists():
+        raise ToolError(f"file not found: {path}")
+    if not real.is_file():
+        raise ToolError(f"{path} is not a file; use list_files to look inside a directory")
+    raw = real.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise ToolError(f"{path} is a binary file ({len(raw)} bytes); use python to inspect it")
+    text = raw.decode("utf-8", errors="replace")
+    offset = max(0, offset)
+    max_chars = max(1, min(max_chars, MAX_READ_CHARS))
+    chunk = text[offset : offset + max_chars]
+    rest = len(text) - offset - len(chunk)
+    if rest > 0:
+        chunk += f"\n[... {rest} more characters; read again with offset={offset + len(chunk)} ...]"
+    return ToolResult(text=chunk, data={"path": path, "chars": len(text)})
+
+
+@tool
+def write_file(ctx: ToolContext, path: str, content: str, append: bool = False) -> ToolResult:
+    """Write (or append to) a text file in the workspace, creating folders as needed.
+
+    Args:
+        path: file path relative to the workspace
+        content: the text to write
+        append: add to the end of the file instead of replacing it
+    """
+    root = workspace_of(ctx)
+    real = confine(root, path)
+    data = content.encode("utf-8")
+    if len(data) > MAX_WRITE_BYTES:
+        raise ToolError(f"content is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
+    if real.is_dir():
+        raise ToolError(f"{path} is a directory")
+    real.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | os.O_NOFOLLOW
+    fd = os.open(real, flags, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return ToolResult(text=f"{'appended' if append else 'wrote'} {len(data)} bytes to {path}")
+
+
+@tool
+def list_files(ctx: ToolContext, path: str = ".", recursive: bool = False) -> ToolResult:
+    """List files and folders in the workspace.
+
+    Args:
+        path: folder relative to the workspace
+        recursive: include the contents of sub-folders
+    """
+    root = workspace_of(ctx)
+    real = confine(root, path)
+    if not real.is_dir():
+        raise ToolError(f"{path} is not a folder" if real.exists() else f"folder not found: {path}")
+    entries = sorted(real.rglob("*") if recursive else real.iterdir())
+    lines = []
+    for e in entries[:MAX_LIST_ENTRIES]:
+        rel = e.relative_to(real).as_posix()
+        if e.is_symlink():
+            target = e.resolve()
+            inside = target == root or root in target.parents
+            lines.append(f"{rel} -> {'(link)' if inside else '(link outside the workspace, refused)'}")
+        elif e.is_dir():
+            lines.append(rel + "/")
+        else:
+            lines.append(f"{rel}  {e.stat().st_size} B")
+    if len(entries) > MAX_LIST_ENTRIES:
+        lines.append(f"[... {len(entries) - MAX_LIST_ENTRIES} more entries ...]")
+    return ToolResult(text="\n".join(lines) if lines else f"{path} is empty", data=[str(x) for x in lines])
