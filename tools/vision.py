@@ -178,8 +178,9 @@ def _text_lines(rgb: np.ndarray, gray: np.ndarray) -> list[Region]:
     if heights.size == 0:
         return []
     char_h = float(np.median(heights))
-    # Join glyphs into words and words into lines, but not across column gaps (~1.5 char heights).
-    kw = max(3, int(round(char_h * 1.1)))
+    # Join glyphs into words and words into lines (a space is under ~1.6 cap heights even in a
+    # heading set larger than the body), but not across column gaps, which are wider.
+    kw = max(3, int(round(char_h * 1.6)))
     joined = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (kw, 1)))
     contours, _ = cv2.findContours(joined, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     out = []
