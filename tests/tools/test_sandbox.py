@@ -1,0 +1,116 @@
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tools.registry import BUILTIN
+from tools.sandbox import run_python
+from tools.spec import ToolContext
+
+PY = BUILTIN["python"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is dead for our purpose
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+async def test_runs_in_workspace_with_image_libraries(ctx):
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(ctx.workspace / "in.png")
+    code = (
+        "import os, cv2, numpy as np\nfrom PIL import Image\n"
+        "a = cv2.imread('in.png')\nprint(os.getcwd() == os.environ['HOME'], a.shape, int(a.mean()))\n"
+        "Image.fromarray(255 - np.asarray(Image.open('in.png'))).save('out.png')\n"
+    )
+    r = await PY.invoke({"code": code}, ctx)
+    assert not r.is_error, r.text
+    assert r.text.strip() == "True (30, 40, 3) 200"
+    assert np.asarray(Image.open(ctx.workspace / "out.png")).max() == 55
+
+
+async def test_errors_and_exit_codes(ctx):
+    r = await PY.invoke({"code": "print('before')\n1/0\n"}, ctx)
+    assert r.is_error and "before" in r.text and "ZeroDivisionError" in r.text and "[exit code 1]" in r.text
+    r = await PY.invoke({"code": "import sys; sys.exit(3)"}, ctx)
+    assert r.is_error and "[exit code 3]" in r.text and r.data["exit_code"] == 3
+    r = await PY.invoke({"code": "   "}, ctx)
+    assert r.is_error and "code is empty" in r.text
+
+
+async def test_timeout_kills_busy_loop_and_its_children(ctx):
+    code = (
+        "import subprocess, sys, os\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.05)'])\n"
+        "open('pids.txt', 'w').write(f'{os.getpid()} {child.pid}')\n"
+        "while True:\n    pass\n"
+    )
+    t = time.monotonic()
+    r = await PY.invoke({"code": code, "timeout_s": 2.5}, ctx)
+    assert time.monotonic() - t < 8
+    assert r.is_error and r.data["timed_out"] and "timed out after 2.5 s" in r.text
+    pids = [int(p) for p in (ctx.workspace / "pids.txt").read_text().split()]
+    await asyncio.sleep(0.2)
+    assert not any(_alive(p) for p in pids), pids
+
+
+async def test_background_children_do_not_outlive_the_call(ctx):
+    code = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(p.pid)\n"
+    )
+    r = await PY.invoke({"code": code}, ctx)
+    assert not r.is_error, r.text
+    await asyncio.sleep(0.2)
+    assert not _alive(int(r.text.strip()))
+
+
+async def test_memory_limit_holds(tmp_path):
+    ctx = ToolContext(workspace=tmp_path, extra={"python_memory_mb": 300})
+    r = await PY.invoke({"code": "x = bytearray(800 * 1024 * 1024)\nprint('allocated')"}, ctx)
+    assert r.is_error and "MemoryError" in r.text and "allocated" not in r.text
+    r = await PY.invoke({"code": "x = bytearray(50 * 1024 * 1024)\nprint('ok', len(x))"}, ctx)
+    assert not r.is_error and "ok 52428800" in r.text
+
+
+async def test_secrets_are_not_in_the_environment(ctx, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-very-secret")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-123")
+    code = "import os\nprint(sorted(os.environ))\nprint(repr(open('/proc/self/environ','rb').read()))"
+    r = await PY.invoke({"code": code}, ctx)
+    assert not r.is_error
+    assert (
+        "sk-ant-very-secret" not in r.text and "ANTHROPIC_API_KEY" not in r.text and "tok-123" not in r.text
+    )
+    assert "'HOME'" in r.text and "'PATH'" in r.text
+
+
+async def test_output_is_truncated_with_a_note(tmp_path):
+    ctx = ToolContext(workspace=tmp_path, extra={"python_max_output": 2000})
+    r = await PY.invoke({"code": "for i in range(100000): print(f'line {i}')"}, ctx)
+    assert not r.is_error
+    assert len(r.text) < 2200 and "output truncated" in r.text and "characters omitted" in r.text
+    assert r.text.startswith("line 0\n") and r.text.rstrip().endswith("line 99999")
+
+
+def test_run_python_directly(tmp_path):
+    res = run_python("print(2 + 2)", tmp_path, timeout_s=10)
+    assert (res.output, res.exit_code, res.timed_out, res.truncated_chars) == ("4\n", 0, False, 0)
+
+
+async def test_timeout_is_capped_and_workspace_required(tmp_path):
+    ctx = ToolContext(workspace=tmp_path, extra={"python_max_timeout_s": 1})
+    t = time.monotonic()
+    r = await PY.invoke({"code": "import time; time.sleep(30)", "timeout_s": 300}, ctx)
+    assert r.is_error and "timed out after 1 s" in r.text and time.monotonic() - t < 5
+    r = await PY.invoke({"code": "print(1)"}, ToolContext(workspace=tmp_path / "missing"))
+    assert r.is_error and "does not exist" in r.text
