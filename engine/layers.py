@@ -21,11 +21,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self._scale: torch.Tensor | None = None  # (1 + w) in fp32, derived once from the loaded weight
+        self._scale_of: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        if self._scale_of is not self.weight:
+            self._scale, self._scale_of = 1.0 + self.weight.float(), self.weight
+        return F.rms_norm(x.float(), self.weight.shape, self._scale, self.eps).type_as(x)
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:

@@ -32,23 +32,37 @@ def experts_torch(
     ids: torch.Tensor,
     limit: float,
 ) -> torch.Tensor:
-    """Routed experts in PyTorch: sort the (token, slot) pairs by expert and run only the experts hit."""
+    """Routed experts in PyTorch: sort the (token, slot) pairs by expert and run only the experts hit.
+
+    When most experts get tokens, torch's grouped GEMM (CPU included) does the layer in two calls over
+    contiguous per-expert segments; when few do (decode), a loop over just those experts is cheaper,
+    since the grouped GEMM visits every expert, empty or not.
+    """
     T, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=w_gate_up.shape[0])
     tok = order // k
     xs = x[tok]
-    out = torch.empty_like(xs)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        seg = slice(start, start + c)
-        out[seg] = F.linear(swiglu(F.linear(xs[seg], w_gate_up[e]), limit), w_down[e])
-        start += c
+    if _HAS_GROUPED_MM and x.dtype == torch.float32 and T * k >= w_gate_up.shape[0]:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = swiglu(torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs), limit)
+        out = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)
+    else:
+        out = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            seg = slice(start, start + c)
+            out[seg] = F.linear(swiglu(F.linear(xs[seg], w_gate_up[e]), limit), w_down[e])
+            start += c
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
     return torch.zeros_like(x).index_add_(0, tok, out)
+
+
+# torch._grouped_mm runs on the CPU in recent torch; older builds (or other dtypes) use the loop.
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def _fused_moe():

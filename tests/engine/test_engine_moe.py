@@ -1,0 +1,51 @@
+"""The MoE block's PyTorch path: routing rules and both expert schedules (grouped GEMM and per-expert loop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import moe
+from engine.moe import experts_torch, route
+
+
+def _naive(x, w_gate_up, w_down, weights, ids, limit):
+    out = torch.zeros_like(x)
+    inter = w_gate_up.shape[1] // 2
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate = F.silu(x[t] @ w_gate_up[e, :inter].T)
+            up = x[t] @ w_gate_up[e, inter:].T
+            if limit > 0:
+                gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            out[t] += weights[t, j] * ((gate * up) @ w_down[e].T)
+    return out
+
+
+def test_route_uses_bias_for_selection_only():
+    x = torch.randn(5, 8)
+    w = torch.randn(4, 8)
+    bias = torch.tensor([0.0, 0.0, 0.0, 100.0])  # expert 3 always selected, but weighted by its own score
+    weights, ids = route(x, w, bias, top_k=2, scale=3.0)
+    assert (ids == 3).any(dim=1).all()
+    scores = torch.sigmoid(x @ w.T)
+    picked = scores.gather(1, ids)
+    torch.testing.assert_close(weights, 3.0 * picked / picked.sum(1, keepdim=True))
+    assert weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("limit", [0.0, 0.05])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_expert_schedules_match_naive(monkeypatch, tokens, limit, grouped):
+    monkeypatch.setattr(moe, "_HAS_GROUPED_MM", grouped and moe._HAS_GROUPED_MM)
+    g = torch.Generator().manual_seed(tokens)
+    E, H, inter, k = 6, 16, 8, 2
+    x = torch.randn(tokens, H, generator=g)
+    wgu = torch.randn(E, 2 * inter, H, generator=g) * 0.3
+    wd = torch.randn(E, H, inter, generator=g) * 0.3
+    weights, ids = route(x, torch.randn(E, H, generator=g), torch.zeros(E), k, 2.0)
+    got = experts_torch(x, wgu, wd, weights, ids, limit)
+    torch.testing.assert_close(got, _naive(x, wgu, wd, weights, ids, limit), rtol=1e-5, atol=1e-5)
