@@ -75,3 +75,20 @@ def test_bad_prompts_are_clear_errors(llm):
         llm.generate([[1, 256]], 4)
     assert llm.generate([], 4) == []
     assert llm.generate([[1, 2]], 0) == [[]]
+
+
+def test_chunked_prefill_through_the_cache_matches_one_pass(llm):
+    """Chunks longer than the sliding window, shorter ones, and single tokens, all against one full pass."""
+    cfg = llm.config.text
+    ids = torch.randint(1, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    want = llm.logits(ids)
+    cache = KVCache(cfg, batch=2, max_len=30, dtype=torch.float32, device=torch.device("cpu"))
+    got, start = [], 0
+    with torch.inference_mode():
+        for n in (9, 1, 4, 1, 1, 13, 1):  # 9 and 13 exceed the window of 6
+            chunk = ids[:, start : start + n]
+            pos = torch.arange(start, start + n).expand(2, -1)
+            got.append(llm.model(llm.model.embed_tokens(chunk), cache.plan(pos), cache).float())
+            start += n
+    assert start == 30
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-4, atol=1e-4)
