@@ -1,0 +1,259 @@
+"""Anthropic Messages API: `POST {base_url}/v1/messages` (base_url default https://api.anthropic.com;
+a base_url that already ends in /v1 is accepted too).
+
+Headers: `x-api-key` (from `api_key_env`) and `anthropic-version: 2023-06-01`, plus `config.headers`
+(e.g. an `anthropic-beta` flag). System messages become the top-level `system`; tool results become
+`tool_result` blocks inside a user turn (they can carry images); images are base64 `image` blocks;
+tools use `ToolSpec.anthropic_schema()`; tool_choice auto/required/none -> auto/any/none.
+
+Effort -> extended thinking (`thinking: {type: enabled, budget_tokens: N}`), by default
+low=1024, medium=4096, high=16384 tokens; no effort -> no thinking. Pass `thinking_budgets=` to change
+it (a None budget turns thinking off for that level), or set `thinking` in `config.extra_body`, which
+wins. The budget is added to the completion cap, so `max_tokens` (call, config, else 4096; Anthropic
+requires one) still bounds the visible answer. Thinking is left off for a call that forces tool use
+(`tool_choice="required"`, which Anthropic refuses with thinking), and for a call continuing a tool
+turn whose thinking blocks this endpoint did not produce (Anthropic requires the signed thinking block
+of that turn back; ones this endpoint received are kept, by tool-use id, and replayed).
+
+Usage: input = input_tokens, cached_input = cache_read_input_tokens, cache_write =
+cache_creation_input_tokens, output = output_tokens. Anthropic does not report thinking tokens apart:
+they are billed inside output_tokens, so reasoning = 0 here. Missing usage is estimated (thinking
+counted as output) and marked `estimated=True`. stop_reason is normalised to OpenAI's finish_reason
+names: end_turn/stop_sequence -> stop, tool_use -> tool_calls, max_tokens -> length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Literal
+
+from advisor.endpoints.base import AttemptHook, EndpointConfig
+from advisor.endpoints.estimate import estimate_usage
+from advisor.endpoints.http import HTTPEndpoint, Parsed
+from advisor.endpoints.retry import AttemptFailed
+from advisor.messages import Effort, ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
+
+if TYPE_CHECKING:
+    from tools.spec import ToolSpec
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_THINKING_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384}
+_THINKING_CACHE = 512  # tool-use ids whose thinking blocks are kept for replay
+_STOP = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+
+
+def _image_block(image: ImagePart) -> dict:
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": image.media_type, "data": image.base64()},
+    }
+
+
+def _blocks(parts: list) -> list[dict]:
+    out: list[dict] = []
+    for p in parts:
+        if isinstance(p, TextPart):
+            if p.text:  # Anthropic rejects empty text blocks
+                out.append({"type": "text", "text": p.text})
+        else:
+            out.append(_image_block(p))
+    return out
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict) or ("input_tokens" not in usage and "output_tokens" not in usage):
+        return None
+    return Usage(
+        input=_int(usage.get("input_tokens")),
+        cached_input=_int(usage.get("cache_read_input_tokens")),
+        cache_write=_int(usage.get("cache_creation_input_tokens")),
+        output=_int(usage.get("output_tokens")),
+        reasoning=0,
+    )
+
+
+class AnthropicEndpoint(HTTPEndpoint):
+    """An Anthropic Messages endpoint. See the module docstring for the wire mapping."""
+
+    default_base_url = "https://api.anthropic.com"
+
+    def __init__(
+        self,
+        name: str,
+        config: EndpointConfig,
+        *,
+        thinking_budgets: dict[str, int | None] | None = None,
+        **kwargs,
+    ):
+        super().__init__(name, config, **kwargs)
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[: -len("/v1")]
+        self.thinking_budgets = {**DEFAULT_THINKING_BUDGETS, **(thinking_budgets or {})}
+        self._thinking: OrderedDict[str, list[dict]] = OrderedDict()
+
+    # -- request -----------------------------------------------------------------------------
+
+    def to_anthropic(self, messages: list[Message]) -> tuple[str, list[dict]]:
+        """Neutral messages -> (system text, Anthropic messages), merging adjacent user turns."""
+        system: list[str] = []
+        wire: list[dict] = []
+
+        def add(role: str, blocks: list[dict]) -> None:
+            if wire and wire[-1]["role"] == role == "user":
+                wire[-1]["content"].extend(blocks)
+            else:
+                wire.append({"role": role, "content": blocks})
+
+        for msg in messages:
+            if msg.role == "system":
+                system.append(msg.text)
+            elif msg.role == "user":
+                add("user", _blocks(msg.content) or [{"type": "text", "text": "(empty)"}])
+            elif msg.role == "assistant":
+                blocks: list[dict] = []
+                for call in msg.tool_calls:
+                    if call.id in self._thinking:
+                        blocks.extend(self._thinking[call.id])
+                        break
+                if msg.text:
+                    blocks.append({"type": "text", "text": msg.text})
+                for call in msg.tool_calls:
+                    blocks.append(
+                        {
+                            "type": "tool_use",
+                            "id": call.id,
+                            "name": call.name,
+                            "input": call.arguments if call.arguments is not None else {},
+                        }
+                    )
+                add("assistant", blocks or [{"type": "text", "text": "(empty)"}])
+            elif msg.role == "tool":
+                result: dict[str, Any] = {
+                    "type": "tool_result",
+                    "tool_use_id": msg.tool_call_id,
+                    "content": _blocks(msg.content),
+                }
+                if msg.is_error:
+                    result["is_error"] = True
+                add("user", [result])
+            else:
+                raise ValueError(f"unknown message role {msg.role!r}")
+        return "\n\n".join(s for s in system if s), wire
+
+    def _thinking_allowed(self, messages: list[Message], tool_choice: str | None) -> bool:
+        if tool_choice == "required":
+            return False
+        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
+        if last is None or not last.tool_calls:
+            return True
+        return any(c.id in self._thinking for c in last.tool_calls)
+
+    def build_body(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+    ) -> dict:
+        system, wire = self.to_anthropic(messages)
+        cap = max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS
+        body: dict[str, Any] = {"model": self.config.model, "messages": wire, "max_tokens": cap}
+        if system:
+            body["system"] = system
+        if tools:
+            body["tools"] = [t.anthropic_schema() for t in tools]
+            if tool_choice:
+                body["tool_choice"] = _TOOL_CHOICE[tool_choice]
+        budget = self.thinking_budgets.get(effort) if effort else None
+        if budget and self._thinking_allowed(messages, tool_choice if tools else None):
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            body["max_tokens"] = cap + budget  # max_tokens counts thinking too; keep the visible cap
+        body.update(self.config.extra_body)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        headers = {"anthropic-version": ANTHROPIC_VERSION, **self.config.headers}
+        key = self.api_key()
+        if key:
+            headers["x-api-key"] = key
+        return headers
+
+    # -- reply -------------------------------------------------------------------------------
+
+    def parse_reply(self, data: dict) -> tuple[Message, str | None]:
+        if data.get("type") == "error":
+            err = data.get("error") or {}
+            kind = err.get("type", "error") if isinstance(err, dict) else "error"
+            msg = err.get("message", "") if isinstance(err, dict) else str(err)
+            raise AttemptFailed(
+                f"provider error in a 200 reply: {kind}: {msg}",
+                retryable=kind in ("overloaded_error", "api_error"),
+            )
+        content = data.get("content")
+        if not isinstance(content, list):
+            raise AttemptFailed("invalid response: no content blocks", retryable=False)
+        texts: list[str] = []
+        thinking: list[str] = []
+        thinking_blocks: list[dict] = []
+        calls: list[ToolCall] = []
+        for block in content:
+            kind = block.get("type")
+            if kind == "text":
+                texts.append(block.get("text", ""))
+            elif kind == "thinking":
+                thinking.append(block.get("thinking", ""))
+                thinking_blocks.append(block)
+            elif kind == "redacted_thinking":
+                thinking_blocks.append(block)
+            elif kind == "tool_use":
+                raw = block.get("input")
+                if isinstance(raw, dict):
+                    calls.append(ToolCall(block.get("id", ""), block.get("name", ""), raw, json.dumps(raw)))
+                else:
+                    text = raw if isinstance(raw, str) else json.dumps(raw)
+                    error = f"tool input must be a JSON object, got {type(raw).__name__}"
+                    calls.append(ToolCall(block.get("id", ""), block.get("name", ""), None, text, error))
+        if calls and thinking_blocks:
+            self._remember_thinking(calls[0].id, thinking_blocks)
+        stop = data.get("stop_reason")
+        message = Message.assistant("".join(texts), calls, "".join(thinking) if thinking else None)
+        return message, _STOP.get(stop, stop)
+
+    def _remember_thinking(self, tool_use_id: str, blocks: list[dict]) -> None:
+        self._thinking[tool_use_id] = blocks
+        while len(self._thinking) > _THINKING_CACHE:
+            self._thinking.popitem(last=False)
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+        on_attempt: AttemptHook | None = None,
+    ) -> ModelResponse:
+        body = self.build_body(
+            messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
+        )
+        schemas = body.get("tools") or []
+
+        def parse(data: dict) -> Parsed:
+            message, finish = self.parse_reply(data)
+            usage = parse_usage(data.get("usage"))
+            if usage is None:
+                usage = estimate_usage(messages, schemas, message)
+                usage.output, usage.reasoning = usage.output + usage.reasoning, 0  # thinking bills as output
+            return Parsed(message, usage, finish, data.get("model") or "")
+
+        return await self.post(f"{self.base_url}/v1/messages", self.headers(), body, parse, on_attempt)

@@ -1,0 +1,240 @@
+"""What the HTTP providers share: one pooled httpx client, the API key, attempts and retries.
+
+A provider module supplies the URL, headers and body of a call and a parser for the reply; this module
+sends it, records every try as an `Attempt`, retries per `RetryPolicy`, and turns a final failure into a
+one-line `EndpointError`. The API key is read from the environment variable named by
+`config.api_key_env` at call time, added to each request's headers only, and scrubbed from any text
+that leaves this module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from advisor.endpoints.base import AttemptHook, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.retry import (
+    AttemptFailed,
+    RetryPolicy,
+    Sleep,
+    parse_retry_after,
+    retryable_status,
+    with_retries,
+)
+from advisor.messages import Attempt, Message, ModelResponse, Usage
+
+# 40 concurrent tasks share one endpoint in evals; leave headroom above that.
+MAX_CONNECTIONS = 64
+_MAX_REASON = 300
+
+
+@dataclass
+class Parsed:
+    """A provider reply in neutral form."""
+
+    message: Message
+    usage: Usage
+    finish_reason: str | None
+    model: str
+
+
+def one_line(text: str, limit: int = _MAX_REASON) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_reason(response: httpx.Response) -> str:
+    """A short reason from a provider's error JSON (OpenAI, Anthropic, vLLM, FastAPI shapes), else the body."""
+    try:
+        data = response.json()
+    except ValueError:
+        return one_line(response.text or response.reason_phrase or "no body", 200)
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("msg")
+            if msg:
+                kind = err.get("type")
+                return one_line(
+                    f"{kind}: {msg}" if isinstance(kind, str) and kind not in ("error",) else msg, 200
+                )
+        if isinstance(err, str):
+            return one_line(err, 200)
+        if "detail" in data:
+            return one_line(json_text(data["detail"]), 200)
+    return one_line(response.text, 200)
+
+
+def json_text(value) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+class HTTPEndpoint(Endpoint):
+    """Base of the OpenAI and Anthropic endpoints. Keyword options are for tests and tuning:
+
+    transport: an httpx transport (e.g. a mock); backoff_s / max_backoff_s / max_retry_after_s and
+    sleep: the retry policy (`config.max_retries` sets the count); max_connections: the pool size.
+    """
+
+    default_base_url: str | None = None
+
+    def __init__(
+        self,
+        name: str,
+        config: EndpointConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        max_retry_after_s: float = 120.0,
+        sleep: Sleep | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
+        super().__init__(name, config)
+        base = config.base_url or self.default_base_url
+        if not base:
+            raise EndpointError(
+                name, f"{config.provider} endpoint needs base_url (e.g. http://127.0.0.1:8000/v1)"
+            )
+        self.base_url = base.rstrip("/")
+        policy = RetryPolicy(config.max_retries, backoff_s, max_backoff_s, max_retry_after_s)
+        if sleep is not None:
+            policy.sleep = sleep
+        self.retry_policy = policy
+        self._transport = transport
+        self._max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={self.config.model!r}, base_url={self.base_url!r})"
+
+    # -- key and client ----------------------------------------------------------------------
+
+    def api_key(self) -> str | None:
+        """The key from `config.api_key_env`, or None when the endpoint needs none (local servers)."""
+        env = self.config.api_key_env
+        if not env:
+            return None
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise EndpointError(
+                self.name, f"environment variable {env} (api_key_env) is not set; it must hold the API key"
+            )
+        return key
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(
+                transport=self._transport,
+                timeout=httpx.Timeout(self.config.timeout_s),
+                limits=httpx.Limits(
+                    max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+                ),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def post(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: dict,
+        parse: Callable[[dict], Parsed],
+        on_attempt: AttemptHook | None,
+    ) -> ModelResponse:
+        """POST `body` with retries; `parse` turns a 2xx JSON body into `Parsed` (or raises AttemptFailed)."""
+        key = self.api_key() if self.config.api_key_env else None
+        scrub = _Scrubber(key)
+        attempts: list[Attempt] = []
+        client = self.client()
+        start = time.perf_counter()
+
+        def record(attempt: Attempt) -> None:
+            attempts.append(attempt)
+            if on_attempt is not None:
+                on_attempt(attempt)
+
+        async def once() -> Parsed:
+            number = len(attempts) + 1
+            t0 = time.perf_counter()
+            try:
+                response = await client.post(url, json=body, headers=headers)
+            except httpx.TimeoutException as e:
+                reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
+                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
+                raise AttemptFailed(reason) from None
+            except httpx.TransportError as e:
+                reason = scrub(f"connection error: {type(e).__name__}: {e}")
+                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
+                raise AttemptFailed(reason) from None
+            latency = time.perf_counter() - t0
+            status = response.status_code
+            if status >= 400:
+                retry_after = parse_retry_after(response.headers)
+                reason = scrub(f"HTTP {status}: {error_reason(response)}")
+                record(Attempt(number, False, status, reason, retry_after, latency))
+                raise AttemptFailed(
+                    reason, status=status, retry_after=retry_after, retryable=retryable_status(status)
+                )
+            try:
+                data = response.json()
+                if not isinstance(data, dict):
+                    raise AttemptFailed(
+                        f"invalid response: expected a JSON object, got {type(data).__name__}",
+                        retryable=False,
+                    )
+                parsed = parse(data)
+            except AttemptFailed as e:
+                e.reason = scrub(e.reason)
+                record(Attempt(number, False, status, e.reason, e.retry_after, latency))
+                raise
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                reason = scrub(f"invalid response ({type(e).__name__}: {e})")
+                record(Attempt(number, False, status, reason, None, latency))
+                raise AttemptFailed(reason, status=status, retryable=False) from None
+            record(Attempt(number, True, status, None, None, latency, parsed.usage))
+            return parsed
+
+        try:
+            parsed = await with_retries(once, self.retry_policy)
+        except AttemptFailed as e:
+            message = e.reason
+            if len(attempts) > 1:
+                message += f" (after {len(attempts)} attempts)"
+            elif (
+                e.retryable
+                and e.retry_after is not None
+                and e.retry_after > self.retry_policy.max_retry_after_s
+            ):
+                message += f" (Retry-After {e.retry_after:g}s exceeds the {self.retry_policy.max_retry_after_s:g}s limit)"
+            raise EndpointError(self.name, one_line(message), attempts, e.status) from None
+        return ModelResponse(
+            message=parsed.message,
+            usage=parsed.usage,
+            model=parsed.model or self.config.model,
+            finish_reason=parsed.finish_reason,
+            latency_s=time.perf_counter() - start,
+            attempts=attempts,
+        )
+
+
+class _Scrubber:
+    """Removes the API key from any text that could leave the endpoint."""
+
+    def __init__(self, key: str | None):
+        self.key = key
+
+    def __call__(self, text: str) -> str:
+        if self.key and self.key in text:
+            text = text.replace(self.key, "***")
+        return one_line(text)

@@ -1,0 +1,245 @@
+"""OpenAI-compatible chat completions: OpenAI, vLLM, SGLang, OpenRouter, StepFun's API, llama.cpp, ...
+
+Request: `POST {base_url}/chat/completions` with `Authorization: Bearer $KEY` when `api_key_env` is set.
+- images go as `image_url` parts holding a data URL; a tool message cannot carry images, so the images of
+  a run of consecutive tool messages are moved into one user message right after that run (a user
+  message between two tool results would break the tool-call/tool-result pairing);
+- assistant tool calls are sent with JSON-string arguments; a call whose arguments never parsed is
+  sent with its raw text when that is valid JSON, else "{}" (servers that re-parse arguments reject
+  invalid JSON; the tool message after it already tells the model what went wrong);
+- assistant reasoning is not sent back (several servers reject `reasoning_content` in requests);
+- effort goes as `reasoning_effort`; `max_tokens` from the call or the config; `config.extra_body` is
+  merged last (shallow), so it can override any field.
+
+Reply: reasoning is read from `reasoning_content` or `reasoning`; tool-call arguments that are not a
+JSON object give a `ToolCall` with `arguments=None` and `parse_error` set (never an exception).
+
+Usage: input = prompt_tokens - cached; cached_input = prompt_tokens_details.cached_tokens (or
+DeepSeek's prompt_cache_hit_tokens); output = completion_tokens - reasoning; reasoning =
+completion_tokens_details.reasoning_tokens. When the server sends no usage, it is estimated from text
+length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Literal
+
+from advisor.endpoints.base import AttemptHook
+from advisor.endpoints.estimate import estimate_usage
+from advisor.endpoints.http import HTTPEndpoint, Parsed
+from advisor.endpoints.retry import AttemptFailed, retryable_status
+from advisor.messages import Effort, ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
+
+if TYPE_CHECKING:
+    from tools.spec import ToolSpec
+
+
+def parse_arguments(raw: Any) -> tuple[dict | None, str, str | None]:
+    """(arguments, raw text, parse error) from a tool call's arguments as the server sent them."""
+    if isinstance(raw, dict):
+        return raw, json.dumps(raw), None
+    if raw is None:
+        return {}, "", None
+    text = raw if isinstance(raw, str) else json.dumps(raw)
+    if not text.strip():
+        return {}, text, None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, text, f"arguments are not valid JSON ({e.msg} at position {e.pos})"
+    if not isinstance(value, dict):
+        return None, text, f"arguments must be a JSON object, got {type(value).__name__}"
+    return value, text, None
+
+
+def _wire_arguments(call: ToolCall) -> str:
+    if call.arguments is not None:
+        return json.dumps(call.arguments)
+    try:
+        if isinstance(json.loads(call.raw_arguments), dict):
+            return call.raw_arguments
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return "{}"
+
+
+def _content(parts: list) -> str | list[dict]:
+    if all(isinstance(p, TextPart) for p in parts):
+        return "".join(p.text for p in parts)
+    out: list[dict] = []
+    for p in parts:
+        if isinstance(p, TextPart):
+            out.append({"type": "text", "text": p.text})
+        else:
+            out.append({"type": "image_url", "image_url": {"url": p.data_url()}})
+    return out
+
+
+def to_openai_messages(messages: list[Message]) -> list[dict]:
+    """Neutral messages -> OpenAI chat messages (see the module docstring for the tool-image rule)."""
+    wire: list[dict] = []
+    pending_images: list[tuple[Message, list[ImagePart]]] = []
+
+    def flush_images() -> None:
+        if not pending_images:
+            return
+        parts: list = []
+        for msg, images in pending_images:
+            label = (
+                f"Images returned by tool call {msg.tool_call_id}"
+                + (f" ({msg.name})" if msg.name else "")
+                + ":"
+            )
+            parts.append(TextPart(label))
+            parts.extend(images)
+        wire.append({"role": "user", "content": _content(parts)})
+        pending_images.clear()
+
+    for msg in messages:
+        if msg.role != "tool":
+            flush_images()
+        if msg.role == "system":
+            wire.append({"role": "system", "content": msg.text})
+        elif msg.role == "user":
+            wire.append({"role": "user", "content": _content(msg.content)})
+        elif msg.role == "assistant":
+            out: dict[str, Any] = {"role": "assistant", "content": msg.text or None}
+            if msg.tool_calls:
+                out["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": _wire_arguments(c)},
+                    }
+                    for c in msg.tool_calls
+                ]
+            elif out["content"] is None:
+                out["content"] = ""
+            wire.append(out)
+        elif msg.role == "tool":
+            # no "name" field: OpenAI's tool message has none and strict servers reject unknown fields
+            wire.append({"role": "tool", "tool_call_id": msg.tool_call_id, "content": msg.text})
+            if msg.images:
+                pending_images.append((msg, msg.images))
+        else:
+            raise ValueError(f"unknown message role {msg.role!r}")
+    flush_images()
+    return wire
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    """OpenAI usage -> Usage, or None when the server sent none."""
+    if not isinstance(usage, dict) or ("prompt_tokens" not in usage and "completion_tokens" not in usage):
+        return None
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))
+    reasoning = (
+        _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+    )
+    cached = min(cached, prompt)
+    reasoning = min(reasoning, completion)
+    return Usage(
+        input=prompt - cached, cached_input=cached, output=completion - reasoning, reasoning=reasoning
+    )
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # some servers return content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def parse_reply(data: dict) -> tuple[Message, str | None]:
+    choices = data.get("choices")
+    if not choices:
+        err = data.get("error")
+        if err:  # some proxies answer 200 with an error body
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            code = err.get("code") if isinstance(err, dict) else None
+            status = code if isinstance(code, int) else None
+            raise AttemptFailed(
+                f"provider error in a 200 reply: {msg}",
+                status=status,
+                retryable=status is not None and retryable_status(status),
+            )
+        raise AttemptFailed("invalid response: no choices", retryable=False)
+    choice = choices[0]
+    raw = choice.get("message") or {}
+    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    calls = []
+    for i, tc in enumerate(raw.get("tool_calls") or []):
+        fn = tc.get("function") or {}
+        args, raw_args, error = parse_arguments(fn.get("arguments"))
+        calls.append(ToolCall(tc.get("id") or f"call_{i}", fn.get("name") or "", args, raw_args, error))
+    message = Message.assistant(
+        _text(raw.get("content")), calls, reasoning if isinstance(reasoning, str) else None
+    )
+    return message, choice.get("finish_reason")
+
+
+class OpenAIEndpoint(HTTPEndpoint):
+    """An OpenAI-compatible chat-completions endpoint. See the module docstring for the wire mapping."""
+
+    def build_body(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+    ) -> dict:
+        body: dict[str, Any] = {"model": self.config.model, "messages": to_openai_messages(messages)}
+        if tools:
+            body["tools"] = [t.openai_schema() for t in tools]
+            if tool_choice:
+                body["tool_choice"] = tool_choice
+        if effort:
+            body["reasoning_effort"] = effort
+        cap = max_tokens or self.config.max_tokens
+        if cap:
+            body["max_tokens"] = cap
+        body.update(self.config.extra_body)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.config.headers)
+        key = self.api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+        on_attempt: AttemptHook | None = None,
+    ) -> ModelResponse:
+        body = self.build_body(
+            messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
+        )
+        schemas = body.get("tools") or []
+
+        def parse(data: dict) -> Parsed:
+            message, finish = parse_reply(data)
+            usage = parse_usage(data.get("usage")) or estimate_usage(messages, schemas, message)
+            return Parsed(message, usage, finish, data.get("model") or "")
+
+        return await self.post(f"{self.base_url}/chat/completions", self.headers(), body, parse, on_attempt)

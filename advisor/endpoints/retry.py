@@ -1,0 +1,116 @@
+"""Retry policy shared by the HTTP endpoints (tenacity underneath).
+
+Retried: connection errors, timeouts, HTTP 429 and 5xx. Never retried: any other 4xx, or an invalid
+response body. The wait before the next try is the server's `Retry-After` when it sent one (seconds,
+or an HTTP date; OpenAI's `retry-after-ms` too), else exponential backoff with jitter. A Retry-After
+longer than `max_retry_after_s` is not waited out: the call fails at once and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base
+
+T = TypeVar("T")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class RetryPolicy:
+    """How many times and how long to wait; tests shrink `backoff_s` and inject `sleep`."""
+
+    max_retries: int = 4
+    backoff_s: float = 0.5  # first backoff; doubles per retry, plus up to backoff_s of jitter
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 120.0
+    sleep: Sleep = field(default=asyncio.sleep)
+
+
+class AttemptFailed(Exception):
+    """One failed attempt. `retryable` says whether another try may help."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        retryable: bool = True,
+    ):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = retryable
+
+
+def retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (delta seconds or HTTP date), else None."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _RetryAfterOrBackoff(wait_base):
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+
+    def backoff(self, retry_state) -> float:
+        # exponential with additive jitter (tenacity's wait_exponential_jitter renamed its arguments
+        # across versions; this is the same rule, stable across tenacity >= 8.2)
+        p = self.policy
+        exp = p.backoff_s * 2 ** (retry_state.attempt_number - 1)
+        return min(p.max_backoff_s, exp + random.uniform(0, p.backoff_s))
+
+    def __call__(self, retry_state) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, AttemptFailed) and exc.retry_after is not None:
+            return exc.retry_after
+        return self.backoff(retry_state)
+
+
+def should_retry(exc: BaseException, policy: RetryPolicy) -> bool:
+    if not isinstance(exc, AttemptFailed) or not exc.retryable:
+        return False
+    return exc.retry_after is None or exc.retry_after <= policy.max_retry_after_s
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
+    """Await `attempt()` until it succeeds or the policy gives up; re-raises the last `AttemptFailed`."""
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.max_retries + 1),
+        wait=_RetryAfterOrBackoff(policy),
+        retry=retry_if_exception(lambda e: should_retry(e, policy)),
+        sleep=policy.sleep,
+        reraise=True,
+    )
+    return await retrying(attempt)
