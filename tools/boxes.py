@@ -7,6 +7,7 @@ way; each mistake becomes a one-line `ToolError` the model can act on.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -60,8 +61,10 @@ def pixel_box(
 
 
 def box_list(boxes) -> list[Sequence[float]]:
-    """Accept one box or a list of boxes."""
-    if isinstance(boxes, Sequence) and len(boxes) == 4 and all(isinstance(v, int | float) for v in boxes):
+    """Accept one box or a list of boxes (lists, tuples or numpy arrays)."""
+    if hasattr(boxes, "tolist"):
+        boxes = boxes.tolist()
+    if isinstance(boxes, Sequence) and len(boxes) == 4 and all(isinstance(v, numbers.Real) for v in boxes):
         return [boxes]
     if not isinstance(boxes, Sequence) or isinstance(boxes, str) or not boxes:
         raise ToolError(f"boxes must be a non-empty list of [x1, y1, x2, y2], got {boxes!r}")

@@ -1,7 +1,8 @@
 """Run model-written Python in a subprocess: in the workspace, time- and memory-limited, no secrets.
 
 The child is this interpreter (`sys.executable`, so pillow, numpy and opencv are there) started in
-its own session; on timeout the whole process group is killed, children included. Limits are
+its own session; on timeout every descendant and the whole process group are killed, and after a
+normal exit the group is killed too, so background children do not outlive the call. Limits are
 rlimits set by a small launcher inside the child (not `preexec_fn`, which is unsafe in threaded
 parents). This is resource isolation, not a security boundary: the code can still read files the
 user can read and open network connections; run untrusted tasks in a container.
@@ -9,6 +10,7 @@ user can read and open network connections; run untrusted tasks in a container.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -30,21 +32,26 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 
 _LAUNCHER = r"""
-import resource, sys
+import linecache, resource, sys, traceback
 mem, cpu, fsize = (int(v) for v in sys.argv[1:4])
 if mem > 0:
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-path = sys.argv[4]
-sys.argv = [path]
-sys.path.insert(0, "")
-with open(path, encoding="utf-8") as f:
+with open(sys.argv[4], encoding="utf-8") as f:
     source = f.read()
-code = compile(source, "<python>", "exec")
-del mem, cpu, fsize, f, source, resource
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+sys.argv = ["<python>"]
+sys.path.insert(0, "")
+linecache.cache["<python>"] = (len(source), None, source.splitlines(True), "<python>")  # source lines in tracebacks
+try:
+    code = compile(source, "<python>", "exec")
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+except SystemExit:
+    raise
+except BaseException as e:  # show the model its own frames, not this launcher's
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
+    sys.exit(1)
 """
 
 
@@ -77,6 +84,83 @@ def child_env(workspace: Path, tmp: Path) -> dict[str, str]:
     return env
 
 
+def _argv(script: Path, timeout_s: float, memory_mb: int) -> list[str]:
+    return [
+        sys.executable,
+        "-E",
+        "-s",
+        "-c",
+        _LAUNCHER,
+        str(memory_mb * 1024 * 1024 if memory_mb > 0 else 0),
+        str(int(timeout_s) + 2),
+        str(MAX_FILE_BYTES),
+        str(script),
+    ]
+
+
+class _Cell:
+    """One run's scratch: the script and the output file, in a temp dir outside the workspace."""
+
+    def __init__(self, code: str, workspace: Path) -> None:
+        self.workspace = Path(workspace).resolve()
+        self._tmp = tempfile.TemporaryDirectory(prefix="advisor-py-")
+        self.tmp = Path(self._tmp.name)
+        self.script = self.tmp / "cell.py"
+        self.script.write_text(code, encoding="utf-8")
+        self.out_path = self.tmp / "output.txt"
+        # A file, not a pipe: a print loop fills a capped file, never our memory.
+        self.out = open(self.out_path, "wb")  # closed in finish()
+
+    def finish(self, max_output: int) -> tuple[str, int]:
+        try:
+            self.out.close()
+            return _read_truncated(self.out_path, max_output)
+        finally:
+            self._tmp.cleanup()
+
+    def popen_kwargs(self) -> dict:
+        return dict(
+            cwd=self.workspace,
+            env=child_env(self.workspace, self.tmp),
+            stdin=subprocess.DEVNULL,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so we can kill its children too
+        )
+
+
+async def run_python_async(
+    code: str,
+    workspace: Path,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    max_output: int = DEFAULT_MAX_OUTPUT,
+) -> RunResult:
+    """Run `code` with `workspace` as the working directory under the given limits.
+
+    Async so that a 30 s script holds no worker thread: many tasks can run code at once.
+    """
+    cell = await asyncio.to_thread(_Cell, code, workspace)
+    start = time.monotonic()
+    timed_out = False
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *_argv(cell.script, timeout_s, memory_mb), **cell.popen_kwargs()
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            timed_out = True
+            await asyncio.to_thread(_kill_tree, proc.pid)
+        finally:  # also on cancellation; and it ends stray background children after a normal exit
+            _kill_group(proc.pid)
+            await asyncio.shield(proc.wait())
+    finally:
+        wall = time.monotonic() - start
+        text, cut = await asyncio.to_thread(cell.finish, max_output)
+    return RunResult(text, None if timed_out else proc.returncode, timed_out, wall, cut)
+
+
 def run_python(
     code: str,
     workspace: Path,
@@ -84,48 +168,24 @@ def run_python(
     memory_mb: int = DEFAULT_MEMORY_MB,
     max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> RunResult:
-    """Run `code` with `workspace` as the working directory under the given limits."""
-    workspace = Path(workspace).resolve()
-    with tempfile.TemporaryDirectory(prefix="advisor-py-") as tmpdir:
-        tmp = Path(tmpdir)
-        script = tmp / "cell.py"
-        script.write_text(code, encoding="utf-8")
-        out_path = tmp / "output.txt"
-        args = [
-            sys.executable,
-            "-E",
-            "-s",
-            "-c",
-            _LAUNCHER,
-            str(memory_mb * 1024 * 1024 if memory_mb > 0 else 0),
-            str(int(timeout_s) + 2),
-            str(MAX_FILE_BYTES),
-            str(script),
-        ]
-        start = time.monotonic()
-        with open(out_path, "wb") as out:
-            proc = subprocess.Popen(
-                args,
-                cwd=workspace,
-                env=child_env(workspace, tmp),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so we can kill its children too
-                close_fds=True,
-            )
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(proc.pid)  # also reaps stray background children after a normal exit
-                proc.wait()
+    """Blocking form of `run_python_async`, for scripts and worker threads."""
+    cell = _Cell(code, workspace)
+    start = time.monotonic()
+    timed_out = False
+    try:
+        proc = subprocess.Popen(_argv(cell.script, timeout_s, memory_mb), **cell.popen_kwargs())
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_tree(proc.pid)
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+    finally:
         wall = time.monotonic() - start
-        text, cut = _read_truncated(out_path, max_output)
-    code_ = None if timed_out else proc.returncode
-    return RunResult(text, code_, timed_out, wall, cut)
+        text, cut = cell.finish(max_output)
+    return RunResult(text, None if timed_out else proc.returncode, timed_out, wall, cut)
 
 
 def _kill_group(pgid: int) -> None:
@@ -133,6 +193,36 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of pid, from /proc (Linux); catches children that left the process group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill the group, and first every descendant while the tree still links them to pid."""
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _kill_group(pid)
 
 
 def _read_truncated(path: Path, limit: int) -> tuple[str, int]:
@@ -155,7 +245,7 @@ def _read_truncated(path: Path, limit: int) -> tuple[str, int]:
 
 
 @tool(name="python")
-def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ToolResult:
+async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ToolResult:
     """Run Python code in the task workspace (pillow, numpy and opencv available) and return its printed output.
 
     Each call is a fresh process: keep state in files. Print what you want to see.
@@ -173,9 +263,8 @@ def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TIMEOUT_
         raise ToolError(f"timeout_s must be positive, got {timeout_s}")
     timeout = min(timeout_s, limit)
     memory_mb = int(extra.get("python_memory_mb", DEFAULT_MEMORY_MB))
-    r = run_python(
-        code, workspace, timeout, memory_mb, int(extra.get("python_max_output", DEFAULT_MAX_OUTPUT))
-    )
+    max_output = int(extra.get("python_max_output", DEFAULT_MAX_OUTPUT))
+    r = await run_python_async(code, workspace, timeout, memory_mb, max_output)
     data = {"exit_code": r.exit_code, "timed_out": r.timed_out, "wall_s": round(r.wall_s, 3)}
     body = r.output if r.output.strip() else "(no output)"
     if r.timed_out:

@@ -7,6 +7,7 @@ so users' own agents can call them directly. Bad boxes raise `ToolError` with a 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,13 +60,20 @@ def zoom_box(
     image: Image.Image, pbox: tuple[int, int, int, int], scale: float = 2.0, max_side: int = MAX_ZOOM_SIDE
 ) -> tuple[Image.Image, float]:
     """Zoom an already checked pixel box; returns the image and the scale actually applied."""
-    if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, numbers.Real)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
         raise ToolError(f"zoom scale must be a positive number, got {scale!r}")
     if scale > MAX_ZOOM_SCALE:
         raise ToolError(
             f"zoom scale {scale:g} is above the maximum {MAX_ZOOM_SCALE:g}; zoom into a smaller box instead"
         )
     region = image.crop(pbox)
+    if region.mode in ("1", "P", "PA"):  # palette and bilevel images only resample with NEAREST
+        region = region.convert("RGBA" if region.mode == "PA" or "transparency" in region.info else "RGB")
     w, h = region.size
     applied = min(float(scale), max_side / max(w, h))
     size = (max(1, round(w * applied)), max(1, round(h * applied)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -141,19 +142,31 @@ def _refuse_private(url: httpx.URL, allow_private: bool) -> None:
     host = (url.host or "").strip("[]").lower()
     if host in ("localhost", "") or host.endswith(".localhost") or host.endswith(".internal"):
         raise ToolError(f"fetch_page: refusing local host {host or '(none)'}")
+    for ip in _addresses(host):
+        if not ip.is_global or ip.is_multicast:
+            shown = host if str(ip) == host else f"{host} ({ip})"
+            raise ToolError(f"fetch_page: refusing private or local address {shown}")
+
+
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a host stands for: literal forms ("127.1", "2130706433", "0x7f.0.0.1") and DNS.
+
+    A name that does not resolve is let through: the request then fails on its own. (A name that
+    resolves differently at request time, DNS rebinding, is not caught.)
+    """
     try:
-        ip = ipaddress.ip_address(host)
+        return [ipaddress.ip_address(host)]
     except ValueError:
-        return
-    if (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    ):
-        raise ToolError(f"fetch_page: refusing private or local address {host}")
+        pass
+    try:
+        return [ipaddress.ip_address(socket.inet_aton(host))]  # the lenient forms the resolver accepts
+    except OSError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
 def fetch_text(

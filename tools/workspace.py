@@ -14,6 +14,7 @@ from tools.spec import ToolContext, ToolError, ToolResult, tool
 
 MAX_READ_CHARS = 20_000
 MAX_WRITE_BYTES = 2_000_000
+MAX_READ_BYTES = 20_000_000
 MAX_LIST_ENTRIES = 300
 
 
@@ -58,6 +59,11 @@ def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX
         raise ToolError(f"file not found: {path}")
     if not real.is_file():
         raise ToolError(f"{path} is not a file; use list_files to look inside a directory")
+    size = real.stat().st_size
+    if size > MAX_READ_BYTES:
+        raise ToolError(
+            f"{path} is {size} bytes, over the {MAX_READ_BYTES} byte limit; use python to read parts of it"
+        )
     raw = real.read_bytes()
     if b"\x00" in raw[:8192]:
         raise ToolError(f"{path} is a binary file ({len(raw)} bytes); use python to inspect it")

@@ -114,3 +114,57 @@ async def test_timeout_is_capped_and_workspace_required(tmp_path):
     assert r.is_error and "timed out after 1 s" in r.text and time.monotonic() - t < 5
     r = await PY.invoke({"code": "print(1)"}, ToolContext(workspace=tmp_path / "missing"))
     assert r.is_error and "does not exist" in r.text
+
+
+async def test_traceback_shows_the_models_code_not_the_launcher(ctx):
+    r = await PY.invoke({"code": "x = 1\ny = undefined_name + x\n"}, ctx)
+    assert r.is_error and 'File "<python>", line 2' in r.text and "y = undefined_name + x" in r.text
+    assert "NameError" in r.text and "<string>" not in r.text and "exec(" not in r.text
+
+
+async def test_timeout_also_kills_a_child_that_left_the_group(ctx):
+    code = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "open('pid.txt', 'w').write(str(p.pid))\n"
+        "import time\ntime.sleep(60)\n"
+    )
+    r = await PY.invoke({"code": code, "timeout_s": 2}, ctx)
+    assert r.is_error and r.data["timed_out"]
+    await asyncio.sleep(0.2)
+    assert not _alive(int((ctx.workspace / "pid.txt").read_text()))
+
+
+async def test_cancelling_the_call_kills_the_process(ctx):
+    code = "import os\nopen('pid.txt', 'w').write(str(os.getpid()))\nimport time\ntime.sleep(60)\n"
+    task = asyncio.create_task(PY.invoke({"code": code}, ctx))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if (ctx.workspace / "pid.txt").exists():
+            break
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    await asyncio.sleep(0.1)
+    assert not _alive(int((ctx.workspace / "pid.txt").read_text()))
+
+
+async def test_running_code_does_not_block_the_event_loop(ctx):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        for _ in range(12):
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    r, _ = await asyncio.gather(
+        PY.invoke({"code": "import time; time.sleep(1.2); print('done')"}, ctx), ticker()
+    )
+    assert r.text.strip() == "done" and ticks == 12
+    # and several runs overlap instead of queueing behind each other
+    t = time.monotonic()
+    rs = await asyncio.gather(*(PY.invoke({"code": "import time; time.sleep(1)"}, ctx) for _ in range(4)))
+    assert not any(x.is_error for x in rs) and time.monotonic() - t < 3.5

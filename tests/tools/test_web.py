@@ -135,6 +135,10 @@ async def test_fetch_page_wire_cases(tmp_path):
         ("ftp://example.com/x", "only http and https"),
         ("http://127.0.0.1:8080/admin", "refusing private or local address 127.0.0.1"),
         ("http://localhost/", "refusing local host localhost"),
+        ("http://2130706433/", "refusing private or local address 2130706433 (127.0.0.1)"),
+        ("http://0x7f.1/", "refusing private or local address 0x7f.1 (127.0.0.1)"),
+        ("http://[::1]:8000/", "refusing private or local address ::1"),
+        ("http://10.1.2.3/", "refusing private or local address 10.1.2.3"),
     ]:
         r = await FETCH.invoke({"url": url}, ctx)
         assert r.is_error and needle in r.text, (url, r.text)
