@@ -409,7 +409,9 @@ class ScriptedServer:
     async def _openai(self, request: Request) -> JSONResponse:
         turn, body = await self._turn_for(request)
         if isinstance(turn, HTTPError):
-            kind = {429: "rate_limit_error", 401: "authentication_error"}.get(turn.status, "api_error")
+            kind = {429: "rate_limit_error", 401: "authentication_error"}.get(
+                turn.status, "api_error" if turn.status >= 500 else "invalid_request_error"
+            )
             payload = {
                 "error": {
                     "message": turn.message or f"scripted HTTP {turn.status}",

@@ -40,7 +40,11 @@ def endpoint(**cfg):
 
 
 def reply(message: dict, usage: dict | None = None, finish="stop") -> httpx.Response:
-    body = {"id": "x", "model": "step-3.7-flash-0401", "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    body = {
+        "id": "x",
+        "model": "step-3.7-flash-0401",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
     if usage is not None:
         body["usage"] = usage
     return httpx.Response(200, json=body)
@@ -58,7 +62,12 @@ def test_messages_translate_with_tool_images_moved_after_the_tool_run():
                 ToolCall("c2", "crop", None, '{"box": [0,', "arguments are not valid JSON"),
             ],
         ),
-        Message("tool", [Message.tool("c1", "crop", "cropped to img_1").content[0], tool_img], tool_call_id="c1", name="crop"),
+        Message(
+            "tool",
+            [Message.tool("c1", "crop", "cropped to img_1").content[0], tool_img],
+            tool_call_id="c1",
+            name="crop",
+        ),
         Message.tool("c2", "crop", "error: arguments are not valid JSON", is_error=True),
         Message.user("continue"),
     ]
@@ -70,7 +79,11 @@ def test_messages_translate_with_tool_images_moved_after_the_tool_run():
     assert wire[1]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")
     calls = wire[2]["tool_calls"]
     assert wire[2]["content"] is None
-    assert calls[0] == {"id": "c1", "type": "function", "function": {"name": "crop", "arguments": '{"box": [0, 0, 10, 10]}'}}
+    assert calls[0] == {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "crop", "arguments": '{"box": [0, 0, 10, 10]}'},
+    }
     assert calls[1]["function"]["arguments"] == "{}"  # unparseable arguments are not replayed verbatim
     # tool messages stay text only and adjacent; the tool's image follows them in one user message
     assert wire[3] == {"role": "tool", "tool_call_id": "c1", "content": "cropped to img_1"}
@@ -84,14 +97,25 @@ def test_messages_translate_with_tool_images_moved_after_the_tool_run():
 @respx.mock
 async def test_request_body_and_headers(monkeypatch):
     monkeypatch.setenv("TEST_FLASH_KEY", "sk-flash-123")
-    route = respx.post(URL).mock(return_value=reply({"role": "assistant", "content": "ok"}, {"prompt_tokens": 5, "completion_tokens": 1}))
-    ep = endpoint(api_key_env="TEST_FLASH_KEY", max_tokens=256, headers={"X-Title": "advisor"}, extra_body={"top_k": 20, "temperature": 0.6})
+    route = respx.post(URL).mock(
+        return_value=reply(
+            {"role": "assistant", "content": "ok"}, {"prompt_tokens": 5, "completion_tokens": 1}
+        )
+    )
+    ep = endpoint(
+        api_key_env="TEST_FLASH_KEY",
+        max_tokens=256,
+        headers={"X-Title": "advisor"},
+        extra_body={"top_k": 20, "temperature": 0.6},
+    )
     await ep.complete([Message.user("hi")], tools=[crop], tool_choice="required", effort="high")
     await ep.complete([Message.user("hi")], max_tokens=32)
     await ep.aclose()
     first, second = (json.loads(c.request.content) for c in route.calls)
     assert first["model"] == "step-3.7-flash"
-    assert first["tools"] == [crop.openai_schema()] and first["tools"][0]["function"]["parameters"]["required"] == ["box"]
+    assert first["tools"] == [crop.openai_schema()] and first["tools"][0]["function"]["parameters"][
+        "required"
+    ] == ["box"]
     assert first["tool_choice"] == "required" and first["reasoning_effort"] == "high"
     assert first["max_tokens"] == 256 and first["top_k"] == 20 and first["temperature"] == 0.6
     assert "tools" not in second and "tool_choice" not in second and "reasoning_effort" not in second
@@ -113,7 +137,11 @@ async def test_reply_parsing_and_usage_split():
         "content": "looking",
         "reasoning": "the receipt total is at the bottom",
         "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "crop", "arguments": '{"box": [1, 2, 3, 4]}'}},
+            {
+                "id": "a",
+                "type": "function",
+                "function": {"name": "crop", "arguments": '{"box": [1, 2, 3, 4]}'},
+            },
             {"id": "b", "type": "function", "function": {"name": "crop", "arguments": '{"box": [1, 2'}},
             {"id": "c", "type": "function", "function": {"name": "crop", "arguments": "[1, 2]"}},
         ],
@@ -125,10 +153,19 @@ async def test_reply_parsing_and_usage_split():
     assert r.finish_reason == "tool_calls" and r.model == "step-3.7-flash-0401"
     good, bad, wrong_type = r.message.tool_calls
     assert good.arguments == {"box": [1, 2, 3, 4]} and good.parse_error is None
-    assert bad.arguments is None and bad.raw_arguments == '{"box": [1, 2' and "not valid JSON" in bad.parse_error
+    assert (
+        bad.arguments is None and bad.raw_arguments == '{"box": [1, 2' and "not valid JSON" in bad.parse_error
+    )
     assert wrong_type.arguments is None and "must be a JSON object" in wrong_type.parse_error
     u = r.usage
-    assert (u.input, u.cached_input, u.cache_write, u.output, u.reasoning, u.estimated) == (200, 1000, 0, 50, 250, False)
+    assert (u.input, u.cached_input, u.cache_write, u.output, u.reasoning, u.estimated) == (
+        200,
+        1000,
+        0,
+        50,
+        250,
+        False,
+    )
     assert len(r.attempts) == 1 and r.attempts[0].ok and r.attempts[0].usage == u
 
 
@@ -144,7 +181,9 @@ async def test_reasoning_content_field_and_deepseek_cache_field():
 
 @respx.mock
 async def test_missing_usage_is_estimated_never_zero():
-    respx.post(URL).mock(return_value=reply({"role": "assistant", "content": "x" * 400, "reasoning_content": "y" * 80}))
+    respx.post(URL).mock(
+        return_value=reply({"role": "assistant", "content": "x" * 400, "reasoning_content": "y" * 80})
+    )
     text_only = await endpoint().complete([Message.user("a" * 4000)])
     with_image = await endpoint().complete([Message.user("a" * 4000, images=[png((750, 400))])])
     u = text_only.usage

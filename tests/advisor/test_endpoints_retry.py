@@ -31,7 +31,9 @@ def ok_body(provider: str) -> dict:
     if provider == "openai":
         return {
             "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}
+            ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 2},
         }
     return {
@@ -53,7 +55,9 @@ def setup(provider: str, **options):
     url = OPENAI_URL if provider == "openai" else ANTHROPIC_URL
     base = "http://llm.test/v1" if provider == "openai" else "http://claude.test"
     sleeps = Sleeps()
-    config = EndpointConfig(provider=provider, model="m", base_url=base, max_retries=options.pop("max_retries", 4))
+    config = EndpointConfig(
+        provider=provider, model="m", base_url=base, max_retries=options.pop("max_retries", 4)
+    )
     ep = make_endpoint("ep", config, sleep=sleeps, backoff_s=options.pop("backoff_s", 0.25), **options)
     return ep, respx.post(url), sleeps
 
@@ -88,7 +92,10 @@ async def test_retry_after_is_really_waited_with_the_default_sleep():
     config = EndpointConfig(provider="openai", model="m", base_url="http://llm.test/v1")
     ep = make_endpoint("ep", config)
     respx.post(OPENAI_URL).mock(
-        side_effect=[httpx.Response(429, headers={"retry-after-ms": "150"}), httpx.Response(200, json=ok_body("openai"))]
+        side_effect=[
+            httpx.Response(429, headers={"retry-after-ms": "150"}),
+            httpx.Response(200, json=ok_body("openai")),
+        ]
     )
     t0 = time.perf_counter()
     r = await ep.complete([Message.user("q")])
@@ -132,7 +139,11 @@ async def test_400_is_not_retried(provider):
 async def test_timeout_and_connection_errors_are_retried(provider):
     ep, route, sleeps = setup(provider)
     route.mock(
-        side_effect=[httpx.ReadTimeout("read timed out"), httpx.ConnectError("refused"), httpx.Response(200, json=ok_body(provider))]
+        side_effect=[
+            httpx.ReadTimeout("read timed out"),
+            httpx.ConnectError("refused"),
+            httpx.Response(200, json=ok_body(provider)),
+        ]
     )
     r = await ep.complete([Message.user("q")])
     a1, a2, a3 = r.attempts
@@ -145,7 +156,11 @@ async def test_timeout_and_connection_errors_are_retried(provider):
 @respx.mock
 async def test_gives_up_after_max_retries_with_every_attempt(provider):
     ep, route, sleeps = setup(provider, max_retries=2)
-    route.mock(return_value=httpx.Response(529 if provider == "anthropic" else 502, json=error_body(provider, "overloaded")))
+    route.mock(
+        return_value=httpx.Response(
+            529 if provider == "anthropic" else 502, json=error_body(provider, "overloaded")
+        )
+    )
     with pytest.raises(EndpointError) as exc:
         await ep.complete([Message.user("q")])
     assert route.call_count == 3 and len(exc.value.attempts) == 3 and len(sleeps.calls) == 2
@@ -156,7 +171,9 @@ async def test_gives_up_after_max_retries_with_every_attempt(provider):
 @respx.mock
 async def test_retry_after_beyond_the_limit_fails_at_once():
     ep, route, sleeps = setup("openai", max_retry_after_s=60)
-    route.mock(return_value=httpx.Response(429, headers={"Retry-After": "3600"}, json=error_body("openai", "quota")))
+    route.mock(
+        return_value=httpx.Response(429, headers={"Retry-After": "3600"}, json=error_body("openai", "quota"))
+    )
     with pytest.raises(EndpointError, match=r"Retry-After 3600s exceeds the 60s limit"):
         await ep.complete([Message.user("q")])
     assert route.call_count == 1 and sleeps.calls == []

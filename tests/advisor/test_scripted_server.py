@@ -1,13 +1,19 @@
 """The scripted test server speaks real HTTP in both wire formats and records what it received."""
 
 import asyncio
+import io
 import json
 import time
 
 import httpx
 import pytest
+from PIL import Image
+from skimage import data
 
+from advisor.endpoints import EndpointConfig, make_endpoint
+from advisor.messages import ImagePart, Message
 from advisor.testing import Delay, HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
+from tools.spec import tool
 
 
 def test_openai_route_serves_script_in_order_and_records_requests():
@@ -155,3 +161,95 @@ async def test_usable_from_async_code_with_concurrent_requests():
             answers = await asyncio.gather(*(ask(i) for i in range(40)))
     assert answers == [str(i) for i in range(40)]
     assert len(server.requests) == 40
+
+
+@tool
+def read_total(region: str) -> str:
+    """Read the total.
+
+    Args:
+        region: where to look.
+    """
+    return "42.17"
+
+
+def photo() -> ImagePart:
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(buf, format="PNG")
+    return ImagePart(buf.getvalue())
+
+
+async def test_real_openai_endpoint_against_the_server():
+    usage = ScriptedUsage(prompt_tokens=900, completion_tokens=60, cached_tokens=800, reasoning_tokens=40)
+
+    def frontier(req):  # answers from what it was sent, like a real consult
+        question = req["messages"][-1]["content"]
+        return Reply(text=f"advice: {question} -> look at the bottom", usage=usage)
+
+    scripts = {
+        "flash": [
+            HTTPError(429, "slow down", retry_after=0.05),
+            Delay(5.0),  # longer than the endpoint's timeout: retried
+            Reply(
+                tool_calls=[ScriptedToolCall("read_total", {"region": "bottom"})],
+                reasoning="find it",
+                usage=usage,
+            ),
+            Reply(tool_calls=[ScriptedToolCall("read_total", '{"region": ')], usage=None),
+        ],
+        "frontier": frontier,
+    }
+    async with ScriptedServer(scripts) as server:
+        cfg = EndpointConfig(provider="openai", model="flash", base_url=server.base_url, timeout_s=0.3)
+        flash = make_endpoint("flash", cfg, backoff_s=0.001)
+        t0 = time.perf_counter()
+        r = await flash.complete(
+            [Message.user("total?", images=[photo()])], tools=[read_total], effort="medium"
+        )
+        assert time.perf_counter() - t0 >= 0.05 + 0.3  # waited Retry-After, then the timeout
+        assert [(a.status, a.ok) for a in r.attempts] == [(429, False), (None, False), (200, True)]
+        assert r.attempts[0].retry_after_s == 0.05 and r.attempts[1].error.startswith("timeout after 0.3s")
+        call = r.message.tool_calls[0]
+        assert (call.name, call.arguments, r.message.reasoning) == (
+            "read_total",
+            {"region": "bottom"},
+            "find it",
+        )
+        assert (r.usage.input, r.usage.cached_input, r.usage.output, r.usage.reasoning) == (100, 800, 20, 40)
+
+        bad = await flash.complete([Message.user("again")], tools=[read_total])
+        assert bad.message.tool_calls[0].arguments is None and bad.message.tool_calls[0].parse_error
+        assert bad.usage.estimated and bad.usage.input > 0
+
+        sent = server.requests_for("flash")[-2].body
+        assert sent["reasoning_effort"] == "medium" and sent["tools"][0]["function"]["name"] == "read_total"
+        assert sent["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+        adv = make_endpoint(
+            "frontier", EndpointConfig(provider="openai", model="frontier", base_url=server.base_url)
+        )
+        answers = await asyncio.gather(*(adv.complete([Message.user(f"q{i}")]) for i in range(40)))
+        assert [a.message.text for a in answers] == [f"advice: q{i} -> look at the bottom" for i in range(40)]
+        await flash.aclose()
+        await adv.aclose()
+
+
+async def test_real_anthropic_endpoint_against_the_server():
+    usage = ScriptedUsage(prompt_tokens=1000, completion_tokens=50, cached_tokens=600, cache_write_tokens=300)
+    scripts = {
+        "claude": [HTTPError(529, "overloaded"), Reply(text="plan: crop first", reasoning="hmm", usage=usage)]
+    }
+    async with ScriptedServer(scripts) as server:
+        cfg = EndpointConfig(provider="anthropic", model="claude", base_url=server.anthropic_base_url)
+        ep = make_endpoint("frontier", cfg, backoff_s=0.001)
+        r = await ep.complete(
+            [Message.system("advise"), Message.user("plan?", images=[photo()])], effort="high"
+        )
+        await ep.aclose()
+    assert r.message.text == "plan: crop first" and r.message.reasoning == "hmm"
+    assert [a.status for a in r.attempts] == [529, 200]
+    u = r.usage
+    assert (u.input, u.cached_input, u.cache_write, u.output, u.reasoning) == (100, 600, 300, 50, 0)
+    body = server.requests[-1].body
+    assert body["system"] == "advise" and body["thinking"]["budget_tokens"] == 16384
+    assert body["messages"][0]["content"][1]["source"]["type"] == "base64"
