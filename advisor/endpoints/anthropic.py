@@ -4,7 +4,9 @@ a base_url that already ends in /v1 is accepted too).
 Headers: `x-api-key` (from `api_key_env`) and `anthropic-version: 2023-06-01`, plus `config.headers`
 (e.g. an `anthropic-beta` flag). System messages become the top-level `system`; tool results become
 `tool_result` blocks inside a user turn (they can carry images); images are base64 `image` blocks;
-tools use `ToolSpec.anthropic_schema()`; tool_choice auto/required/none -> auto/any/none.
+tools use `ToolSpec.anthropic_schema()`; tool_choice auto/required/none -> auto/any/none. A call
+with no tools (e.g. a frontier consult over the executor's history) writes earlier tool calls and
+results as text, since Anthropic refuses tool_use/tool_result blocks in a request that defines no tools.
 
 Effort -> extended thinking (`thinking: {type: enabled, budget_tokens: N}`), by default
 low=1024, medium=4096, high=16384 tokens; no effort -> no thinking. Pass `thinking_budgets=` to change
@@ -63,6 +65,12 @@ def _blocks(parts: list) -> list[dict]:
     return out
 
 
+def _tool_as_text(msg: Message) -> list[dict]:
+    status = " (error)" if msg.is_error else ""
+    head = f"[tool result {msg.tool_call_id}: {msg.name or 'tool'}{status}]"
+    return [{"type": "text", "text": f"{head}\n{msg.text}" if msg.text else head}] + _blocks(msg.images)
+
+
 def _int(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
@@ -100,8 +108,13 @@ class AnthropicEndpoint(HTTPEndpoint):
 
     # -- request -----------------------------------------------------------------------------
 
-    def to_anthropic(self, messages: list[Message]) -> tuple[str, list[dict]]:
-        """Neutral messages -> (system text, Anthropic messages), merging adjacent user turns."""
+    def to_anthropic(self, messages: list[Message], native_tools: bool = True) -> tuple[str, list[dict]]:
+        """Neutral messages -> (system text, Anthropic messages), merging adjacent user turns.
+
+        With `native_tools=False` (a call that defines no tools) tool calls and results are written
+        as text, because Anthropic refuses tool_use/tool_result blocks in a request without tools;
+        a tool result's images are kept as image blocks.
+        """
         system: list[str] = []
         wire: list[dict] = []
 
@@ -117,35 +130,46 @@ class AnthropicEndpoint(HTTPEndpoint):
             elif msg.role == "user":
                 add("user", _blocks(msg.content) or [{"type": "text", "text": "(empty)"}])
             elif msg.role == "assistant":
-                blocks: list[dict] = []
-                for call in msg.tool_calls:
-                    if call.id in self._thinking:
-                        blocks.extend(self._thinking[call.id])
-                        break
-                if msg.text:
-                    blocks.append({"type": "text", "text": msg.text})
-                for call in msg.tool_calls:
-                    blocks.append(
-                        {
-                            "type": "tool_use",
-                            "id": call.id,
-                            "name": call.name,
-                            "input": call.arguments if call.arguments is not None else {},
-                        }
-                    )
-                add("assistant", blocks or [{"type": "text", "text": "(empty)"}])
+                add(
+                    "assistant",
+                    self._assistant_blocks(msg, native_tools) or [{"type": "text", "text": "(empty)"}],
+                )
             elif msg.role == "tool":
-                result: dict[str, Any] = {
-                    "type": "tool_result",
-                    "tool_use_id": msg.tool_call_id,
-                    "content": _blocks(msg.content),
-                }
-                if msg.is_error:
-                    result["is_error"] = True
-                add("user", [result])
+                add("user", [self._tool_block(msg)] if native_tools else _tool_as_text(msg))
             else:
                 raise ValueError(f"unknown message role {msg.role!r}")
         return "\n\n".join(s for s in system if s), wire
+
+    def _assistant_blocks(self, msg: Message, native_tools: bool) -> list[dict]:
+        if not native_tools:
+            lines = [msg.text] if msg.text else []
+            lines += [
+                f"[tool call {c.id}: {c.name}({c.raw_arguments or json.dumps(c.arguments)})]"
+                for c in msg.tool_calls
+            ]
+            return [{"type": "text", "text": "\n".join(lines)}] if lines else []
+        blocks: list[dict] = []
+        for call in msg.tool_calls:
+            if call.id in self._thinking:  # the signed thinking of this tool turn goes back first
+                blocks.extend(self._thinking[call.id])
+                break
+        if msg.text:
+            blocks.append({"type": "text", "text": msg.text})
+        for call in msg.tool_calls:
+            args = call.arguments if call.arguments is not None else {}
+            blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": args})
+        return blocks
+
+    @staticmethod
+    def _tool_block(msg: Message) -> dict:
+        result: dict[str, Any] = {
+            "type": "tool_result",
+            "tool_use_id": msg.tool_call_id,
+            "content": _blocks(msg.content),
+        }
+        if msg.is_error:
+            result["is_error"] = True
+        return result
 
     def _thinking_allowed(self, messages: list[Message], tool_choice: str | None) -> bool:
         if tool_choice == "required":
@@ -164,7 +188,7 @@ class AnthropicEndpoint(HTTPEndpoint):
         effort: Effort | None = None,
         max_tokens: int | None = None,
     ) -> dict:
-        system, wire = self.to_anthropic(messages)
+        system, wire = self.to_anthropic(messages, native_tools=bool(tools))
         cap = max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS
         body: dict[str, Any] = {"model": self.config.model, "messages": wire, "max_tokens": cap}
         if system:
@@ -174,7 +198,7 @@ class AnthropicEndpoint(HTTPEndpoint):
             if tool_choice:
                 body["tool_choice"] = _TOOL_CHOICE[tool_choice]
         budget = self.thinking_budgets.get(effort) if effort else None
-        if budget and self._thinking_allowed(messages, tool_choice if tools else None):
+        if budget and (not tools or self._thinking_allowed(messages, tool_choice)):
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             body["max_tokens"] = cap + budget  # max_tokens counts thinking too; keep the visible cap
         body.update(self.config.extra_body)

@@ -213,3 +213,28 @@ async def test_missing_usage_is_estimated_with_thinking_as_output():
     u = r.usage
     assert u.estimated and u.reasoning == 0 and u.output == 110 and u.cache_write == 0
     assert 800 <= u.input <= 810  # 500 text + 300 image + overhead
+
+
+@respx.mock
+async def test_history_with_tool_turns_is_written_as_text_when_the_call_has_no_tools():
+    route = respx.post(URL).mock(return_value=message([{"type": "text", "text": "advice"}], USAGE))
+    img = jpeg((40, 30))
+    history = [
+        Message.system("you advise"),
+        Message.user("total?"),
+        Message.assistant("zooming", [ToolCall("x1", "zoom", {"factor": 2.0}, '{"factor": 2.0}')]),
+        Message("tool", [TextPart("zoomed"), img], tool_call_id="x1", name="zoom", is_error=True),
+        Message.user("what next?"),
+    ]
+    await endpoint().complete(history, effort="medium")
+    body = json.loads(route.calls[0].request.content)
+    assert "tools" not in body and body["thinking"]["budget_tokens"] == 4096
+    kinds = [b["type"] for m in body["messages"] for b in m["content"]]
+    assert "tool_use" not in kinds and "tool_result" not in kinds
+    assert body["messages"][1]["content"] == [
+        {"type": "text", "text": 'zooming\n[tool call x1: zoom({"factor": 2.0})]'}
+    ]
+    head, image, question = body["messages"][2]["content"]
+    assert head == {"type": "text", "text": "[tool result x1: zoom (error)]\nzoomed"}
+    assert image["type"] == "image" and base64.b64decode(image["source"]["data"]) == img.data
+    assert question == {"type": "text", "text": "what next?"}
