@@ -1,14 +1,16 @@
 """Web tools: `web_search` (ddgs) and `fetch_page` (httpx), bounded in time and size.
 
 Offline, rate-limited, blocked or slow all end as a one-line error result the model can read; the
-tool never hangs the loop. Search backends are injectable (`ctx.extra["search_backend"]`, or
+tool never hangs the loop. Both are async and hold no worker thread while they wait, so many tasks
+can search at once. Search backends are injectable (`ctx.extra["search_backend"]`, or
 `set_search_backend`) so tests and users can swap DuckDuckGo for something else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
-import queue
 import socket
 import threading
 import time
@@ -24,7 +26,11 @@ SEARCH_TIMEOUT_S = 12.0
 FETCH_TIMEOUT_S = 15.0
 FETCH_MAX_BYTES = 3_000_000
 FETCH_MAX_CHARS = 20_000
-USER_AGENT = "Mozilla/5.0 (compatible; advisor-tools/0.1; +https://github.com/)"
+USER_AGENT = "Mozilla/5.0 (compatible; advisor-tools/0.1)"
+BLOCK_TAGS = frozenset(
+    "p div section article li tr br h1 h2 h3 h4 h5 h6 pre table ul ol blockquote header main dd dt".split()
+)
+DROP_XPATH = "//script|//style|//noscript|//template|//svg|//head|//nav|//footer|//form|//iframe"
 
 # backend(query, max_results, timeout_s) -> [{"title", "href" | "url", "body" | "snippet"}, ...]
 SearchBackend = Callable[[str, int, float], list[dict]]
@@ -55,27 +61,27 @@ def set_search_backend(backend: SearchBackend | None) -> None:
     _default_backend = backend or ddgs_backend
 
 
-def call_bounded(fn: Callable, timeout_s: float, *args):
-    """Run fn(*args) in a daemon thread and wait at most timeout_s.
+async def call_bounded(fn: Callable, timeout_s: float, *args):
+    """Await fn(*args), run in a daemon thread, for at most timeout_s.
 
-    A daemon thread, not an executor: a wedged network call must not keep the process from exiting.
+    A daemon thread rather than the loop's executor: a wedged network call would otherwise hold a
+    pool thread (and the process at exit) long after we stopped waiting for it.
     """
-    box: queue.Queue = queue.Queue(maxsize=1)
+    fut: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
+        if not fut.set_running_or_notify_cancel():  # running futures cannot be cancelled under us
+            return
         try:
-            box.put((True, fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            box.put((False, e))
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
+            fut.set_exception(e)
 
     threading.Thread(target=run, daemon=True, name="bounded-call").start()
     try:
-        ok, value = box.get(timeout=timeout_s)
-    except queue.Empty:
+        return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+    except TimeoutError:
         raise TimeoutError(f"no answer within {timeout_s:g} s") from None
-    if ok:
-        return value
-    raise value
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -98,7 +104,7 @@ def format_results(results: list[dict], query: str) -> tuple[str, list[dict]]:
 
 
 @tool
-def web_search(
+async def web_search(
     ctx: ToolContext,
     query: str,
     max_results: Annotated[int, Field(ge=1, le=20)] = 5,
@@ -116,14 +122,14 @@ def web_search(
     backend: SearchBackend = extra.get("search_backend") or _default_backend
     timeout = float(extra.get("search_timeout_s", SEARCH_TIMEOUT_S))
     try:
-        results = call_bounded(backend, timeout, query, max_results, timeout)
+        results = await call_bounded(backend, timeout, query, max_results, timeout)
     except SearchRateLimited:
         raise ToolError(
             "web_search: the search provider is rate-limiting us; try later or answer without searching"
         ) from None
     except TimeoutError as e:
         raise ToolError(f"web_search: timed out ({e}); the network may be down") from None
-    except Exception as e:  # noqa: BLE001 - every backend failure is the model's problem to route around
+    except Exception as e:  # noqa: BLE001 - every backend failure is the model's to route around
         raise ToolError(
             f"web_search failed (offline or blocked?): {type(e).__name__}: {_one_line(str(e))}"
         ) from None
@@ -134,7 +140,7 @@ def web_search(
 # ---- fetch_page ----------------------------------------------------------------------------------
 
 
-def _refuse_private(url: httpx.URL, allow_private: bool) -> None:
+async def _refuse_private(url: httpx.URL, allow_private: bool) -> None:
     if url.scheme not in ("http", "https"):
         raise ToolError(f"fetch_page: only http and https URLs, not {url.scheme or 'no scheme'}")
     if allow_private:
@@ -142,13 +148,13 @@ def _refuse_private(url: httpx.URL, allow_private: bool) -> None:
     host = (url.host or "").strip("[]").lower()
     if host in ("localhost", "") or host.endswith(".localhost") or host.endswith(".internal"):
         raise ToolError(f"fetch_page: refusing local host {host or '(none)'}")
-    for ip in _addresses(host):
+    for ip in await _addresses(host):
         if not ip.is_global or ip.is_multicast:
             shown = host if str(ip) == host else f"{host} ({ip})"
             raise ToolError(f"fetch_page: refusing private or local address {shown}")
 
 
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+async def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The addresses a host stands for: literal forms ("127.1", "2130706433", "0x7f.0.0.1") and DNS.
 
     A name that does not resolve is let through: the request then fails on its own. (A name that
@@ -163,19 +169,19 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     except OSError:
         pass
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return []
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
-def fetch_text(
+async def fetch_text(
     url: str,
     *,
     timeout_s: float = FETCH_TIMEOUT_S,
     max_bytes: int = FETCH_MAX_BYTES,
     allow_private: bool = False,
-    transport: httpx.BaseTransport | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[str, str, dict]:
     """(title, readable text, meta) of a web page; every failure is a ToolError."""
     if "://" not in url:
@@ -184,17 +190,16 @@ def fetch_text(
         target = httpx.URL(url)
     except httpx.InvalidURL as e:
         raise ToolError(f"fetch_page: invalid URL {url!r} ({e})") from None
-    _refuse_private(target, allow_private)
+    await _refuse_private(target, allow_private)
     deadline = time.monotonic() + timeout_s
 
-    def check_hop(request: httpx.Request) -> None:  # every redirect hop is checked too
-        _refuse_private(request.url, allow_private)
+    async def check_hop(request: httpx.Request) -> None:  # every redirect hop is checked too
+        await _refuse_private(request.url, allow_private)
 
-    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 8.0))
     try:
-        with (
-            httpx.Client(
-                timeout=timeout,
+        async with (
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 8.0)),
                 follow_redirects=True,
                 max_redirects=5,
                 headers={
@@ -211,19 +216,21 @@ def fetch_text(
                     f"fetch_page: HTTP {resp.status_code} {resp.reason_phrase} from {resp.url.host}"
                 )
             ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype and not (
-                ctype.startswith("text/")
-                or ctype in ("application/json", "application/xhtml+xml", "application/xml")
-            ):
+            textual = ctype.startswith("text/") or ctype in (
+                "application/json",
+                "application/xhtml+xml",
+                "application/xml",
+            )
+            if ctype and not textual:
                 raise ToolError(f"fetch_page: {ctype} is not a text page")
             chunks, size, cut = [], 0, False
-            for chunk in resp.iter_bytes():
+            async for chunk in resp.aiter_bytes():
                 chunks.append(chunk)
                 size += len(chunk)
                 if size >= max_bytes:
                     cut = True
                     break
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline:  # a server trickling bytes never trips the read timeout
                     raise ToolError(f"fetch_page: page still downloading after {timeout_s:g} s")
             raw = b"".join(chunks)[:max_bytes]
             encoding = resp.charset_encoding or "utf-8"
@@ -243,7 +250,7 @@ def fetch_text(
     except LookupError:
         body = raw.decode("utf-8", errors="replace")
     if ctype in ("text/html", "application/xhtml+xml") or (not ctype and "<html" in body[:2000].lower()):
-        title, text = html_to_text(body)
+        title, text = await asyncio.to_thread(html_to_text, body)  # parsing a few MB is CPU work
     else:
         title, text = "", body.strip()
     return title, text, {"url": final_url, "bytes": len(raw), "truncated_bytes": cut, "content_type": ctype}
@@ -259,48 +266,21 @@ def html_to_text(html: str) -> tuple[str, str]:
     except (etree.ParserError, ValueError):
         return "", " ".join(html.split())
     title = " ".join((doc.findtext(".//title") or "").split())
-    for bad in doc.xpath(
-        "//script|//style|//noscript|//template|//svg|//head|//nav|//footer|//form|//iframe"
-    ):
+    for bad in doc.xpath(DROP_XPATH):
         bad.drop_tree()
-    blocks = {
-        "p",
-        "div",
-        "section",
-        "article",
-        "li",
-        "tr",
-        "br",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "pre",
-        "table",
-        "ul",
-        "ol",
-        "blockquote",
-        "header",
-        "main",
-        "dd",
-        "dt",
-    }
     for el in doc.iter():
-        if isinstance(el.tag, str) and el.tag in blocks:
+        if isinstance(el.tag, str) and el.tag in BLOCK_TAGS:
             el.tail = "\n" + (el.tail or "")
-            if el.tag.startswith("h") and len(el.tag) == 2:
+            if el.tag[0] == "h" and el.tag[1:].isdigit():
                 el.text = "# " + (el.text or "")
-            if el.tag == "li":
+            elif el.tag == "li":
                 el.text = "- " + (el.text or "")
     lines = [" ".join(line.split()) for line in doc.text_content().splitlines()]
-    text = "\n".join(line for line in lines if line)
-    return title, text
+    return title, "\n".join(line for line in lines if line)
 
 
 @tool
-def fetch_page(
+async def fetch_page(
     ctx: ToolContext,
     url: str,
     offset: int = 0,
@@ -315,19 +295,17 @@ def fetch_page(
     """
     extra = ctx.extra if ctx is not None else {}
     timeout = float(extra.get("fetch_timeout_s", FETCH_TIMEOUT_S))
+    fetch = fetch_text(
+        url,
+        timeout_s=timeout,
+        allow_private=bool(extra.get("fetch_allow_private", False)),
+        transport=extra.get("fetch_transport"),
+    )
     try:
-        # httpx's timeouts are per read; the outer bound also covers slow DNS and trickling servers.
-        title, text, meta = call_bounded(
-            lambda: fetch_text(
-                url,
-                timeout_s=timeout,
-                allow_private=bool(extra.get("fetch_allow_private", False)),
-                transport=extra.get("fetch_transport"),
-            ),
-            timeout + 5,
-        )
-    except TimeoutError as e:
-        raise ToolError(f"fetch_page: gave up on {url} ({e})") from None
+        # httpx's timeouts are per read; the outer bound also covers slow DNS and the redirect chain.
+        title, text, meta = await asyncio.wait_for(fetch, timeout + 5)
+    except TimeoutError:
+        raise ToolError(f"fetch_page: gave up on {url} after {timeout + 5:g} s") from None
     offset = max(0, offset)
     chunk = text[offset : offset + max_chars]
     rest = len(text) - offset - len(chunk)

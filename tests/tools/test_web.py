@@ -1,3 +1,4 @@
+import asyncio
 import socket
 import threading
 import time
@@ -182,3 +183,19 @@ async def test_fetch_page_from_a_real_local_server(tmp_path, server):
     assert "[page cut at 3000000 bytes]" in r.text
     r = await FETCH.invoke({"url": f"http://127.0.0.1:{_closed_port()}/"}, ctx)
     assert r.is_error and "cannot fetch 127.0.0.1 (offline?): ConnectError" in r.text
+
+
+async def test_many_stuck_searches_hold_no_worker_threads(tmp_path):
+    release = threading.Event()
+
+    def stuck(*_):
+        release.wait(10)
+        return []
+
+    ctx = ToolContext(workspace=tmp_path, extra={"search_backend": stuck, "search_timeout_s": 0.5})
+    t = time.monotonic()
+    results = await asyncio.gather(*(SEARCH.invoke({"query": f"q{i}"}, ctx) for i in range(30)))
+    assert time.monotonic() - t < 2.5 and all(r.is_error and "timed out" in r.text for r in results)
+    # the loop's default executor is still free for other tools
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 1) == 42
+    release.set()
