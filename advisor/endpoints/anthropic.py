@@ -150,8 +150,9 @@ class AnthropicEndpoint(HTTPEndpoint):
             return [{"type": "text", "text": "\n".join(lines)}] if lines else []
         blocks: list[dict] = []
         for call in msg.tool_calls:
-            if call.id in self._thinking:  # the signed thinking of this tool turn goes back first
-                blocks.extend(self._thinking[call.id])
+            thinking = self._thinking.get(call.id)
+            if thinking:  # the signed thinking of this tool turn goes back first
+                blocks.extend(thinking)
                 break
         if msg.text:
             blocks.append({"type": "text", "text": msg.text})
@@ -267,7 +268,7 @@ class AnthropicEndpoint(HTTPEndpoint):
         max_tokens: int | None = None,
         on_attempt: AttemptHook | None = None,
     ) -> ModelResponse:
-        body = self.build_body(
+        body, payload = await self.prepare(
             messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
         )
         schemas = body.get("tools") or []
@@ -280,4 +281,4 @@ class AnthropicEndpoint(HTTPEndpoint):
                 usage.output, usage.reasoning = usage.output + usage.reasoning, 0  # thinking bills as output
             return Parsed(message, usage, finish, data.get("model") or "")
 
-        return await self.post(f"{self.base_url}/v1/messages", self.headers(), body, parse, on_attempt)
+        return await self.post(f"{self.base_url}/v1/messages", self.headers(), payload, parse, on_attempt)

@@ -9,6 +9,8 @@ that leaves this module.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 from collections.abc import Callable
@@ -144,15 +146,34 @@ class HTTPEndpoint(Endpoint):
 
     # -- sending -----------------------------------------------------------------------------
 
+    def build_body(self, messages: list[Message], **options) -> dict:
+        raise NotImplementedError
+
+    async def prepare(self, messages: list[Message], **options) -> tuple[dict, bytes]:
+        """Build the request body and encode it in a worker thread: images make it megabytes of
+        base64, which must not be encoded on the event loop."""
+
+        def build() -> tuple[dict, bytes]:
+            body = self.build_body(messages, **options)
+            try:
+                data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise EndpointError(self.name, one_line(f"request body is not valid JSON: {e}")) from None
+            return body, data.encode()
+
+        return await asyncio.to_thread(build)
+
     async def post(
         self,
         url: str,
         headers: dict[str, str],
-        body: dict,
+        payload: bytes,
         parse: Callable[[dict], Parsed],
         on_attempt: AttemptHook | None,
     ) -> ModelResponse:
-        """POST `body` with retries; `parse` turns a 2xx JSON body into `Parsed` (or raises AttemptFailed)."""
+        """POST the JSON `payload` with retries; `parse` turns a 2xx JSON body into `Parsed` (or raises
+        AttemptFailed). `timeout_s` bounds each attempt as a whole, not only each socket read."""
+        headers = {**headers, "Content-Type": "application/json"}
         key = self.api_key() if self.config.api_key_env else None
         scrub = _Scrubber(key)
         attempts: list[Attempt] = []
@@ -168,8 +189,9 @@ class HTTPEndpoint(Endpoint):
             number = len(attempts) + 1
             t0 = time.perf_counter()
             try:
-                response = await client.post(url, json=body, headers=headers)
-            except httpx.TimeoutException as e:
+                async with asyncio.timeout(self.config.timeout_s):
+                    response = await client.post(url, content=payload, headers=headers)
+            except (httpx.TimeoutException, TimeoutError) as e:
                 reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
                 record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
                 raise AttemptFailed(reason) from None

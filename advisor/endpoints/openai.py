@@ -232,7 +232,7 @@ class OpenAIEndpoint(HTTPEndpoint):
         max_tokens: int | None = None,
         on_attempt: AttemptHook | None = None,
     ) -> ModelResponse:
-        body = self.build_body(
+        body, payload = await self.prepare(
             messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
         )
         schemas = body.get("tools") or []
@@ -242,4 +242,6 @@ class OpenAIEndpoint(HTTPEndpoint):
             usage = parse_usage(data.get("usage")) or estimate_usage(messages, schemas, message)
             return Parsed(message, usage, finish, data.get("model") or "")
 
-        return await self.post(f"{self.base_url}/chat/completions", self.headers(), body, parse, on_attempt)
+        return await self.post(
+            f"{self.base_url}/chat/completions", self.headers(), payload, parse, on_attempt
+        )

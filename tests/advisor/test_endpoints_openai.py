@@ -214,3 +214,12 @@ async def test_invalid_body_fails_without_retry():
         await endpoint().complete([Message.user("q")])
     assert route.call_count == 1 and len(exc.value.attempts) == 1
     assert "\n" not in str(exc.value)
+
+
+async def test_unencodable_body_is_a_clear_error_before_any_request():
+    ep = endpoint(extra_body={"temperature": float("nan")})
+    with respx.mock(assert_all_called=False) as mock:
+        route = mock.post(URL)
+        with pytest.raises(EndpointError, match=r"^endpoint 'flash': request body is not valid JSON: Out of range float"):
+            await ep.complete([Message.user("q")])
+    assert route.call_count == 0
