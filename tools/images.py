@@ -122,7 +122,7 @@ class ImageLedger:
         return info.id, (x1, y1, x2, y2)
 
     # ---- files -------------------------------------------------------------------------------
-    def load(self, path: str | Path) -> str:
+    def load(self, path: str | Path, op: str = "input") -> str:
         """Read an image file (checked against the pixel cap before decoding) and add it."""
         path = Path(path)
         name = path.name
@@ -153,7 +153,7 @@ class ImageLedger:
             ) from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ToolError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-        return self.add(image, op="input", source=name)
+        return self.add(image, op=op, source=name)
 
     # ---- encoding for a model ----------------------------------------------------------------
     def model_size(
@@ -196,8 +196,9 @@ class ImageLedger:
         """One line for the model: id, size, and where the image came from."""
         info = self.info(image_id)
         line = f"{info.id}: {info.size[0]}x{info.size[1]} px"
-        if info.op == "input" or info.parent is None:
-            return line + (f" (input {info.source})" if info.source else " (input)")
+        if info.parent is None:
+            op = info.op or "input"
+            return line + (f" ({op} {info.source})" if info.source else f" ({op})")
         line += f", {info.op} of {info.parent} box {list(info.box) if info.box else 'full'}"
         root, rbox = self.root_box(image_id)
         if root != info.parent:

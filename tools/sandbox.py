@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,11 +246,67 @@ def _read_truncated(path: Path, limit: int) -> tuple[str, int]:
     return f"{head}\n[... output truncated: {omitted} characters omitted ...]\n{tail}", omitted
 
 
+IMAGES_DIR = "images"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_NEW_IMAGES = 4
+_LEDGER_FILE = re.compile(r"img_\d+\.png")
+
+
+def export_images(ledger, workspace: Path) -> dict[str, int]:
+    """Write the ledger's images to images/img_N.png (once each); return a snapshot of images/."""
+    folder = workspace / IMAGES_DIR
+    folder.mkdir(exist_ok=True)
+    for image_id in ledger.ids():
+        path = folder / f"{image_id}.png"
+        if not path.exists():
+            tmp = folder / f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+            ledger.get(image_id).save(tmp, format="PNG")
+            os.replace(tmp, path)  # atomic: a concurrent call never sees half a file
+    return _snapshot(folder)
+
+
+def import_images(
+    ledger, workspace: Path, before: dict[str, int]
+) -> tuple[list[tuple[str, object]], list[str]]:
+    """Add images the code saved (new or changed files in images/) to the ledger."""
+    folder = workspace / IMAGES_DIR
+    added, notes = [], []
+    for name, mtime in sorted(_snapshot(folder).items()):
+        if (
+            before.get(name) == mtime
+            or _LEDGER_FILE.fullmatch(name)
+            or not name.lower().endswith(IMAGE_SUFFIXES)
+        ):
+            continue
+        if len(added) == MAX_NEW_IMAGES:
+            notes.append(f"[more new images in {IMAGES_DIR}/ not shown; at most {MAX_NEW_IMAGES} per call]")
+            break
+        try:
+            new_id = ledger.load(folder / name, op="python")
+        except ToolError as e:
+            notes.append(f"[{IMAGES_DIR}/{name} not added: {e}]")
+            continue
+        added.append((new_id, ledger.get(new_id)))
+        w, h = ledger.info(new_id).size
+        notes.append(f"[new image {new_id}: {IMAGES_DIR}/{name}, {w}x{h} px]")
+    return added, notes
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+    }
+
+
 @tool(name="python")
 async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ToolResult:
     """Run Python code in the task workspace (pillow, numpy and opencv available) and return its printed output.
 
-    Each call is a fresh process: keep state in files. Print what you want to see.
+    Each call is a fresh process: keep state in files and print what you want to see. The task's
+    images are files images/img_0.png, images/img_1.png, ...; save a PNG or JPEG under a new name into images/ and it
+    comes back to you as a new image id.
 
     Args:
         code: the Python program to run
@@ -264,15 +322,24 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
     timeout = min(timeout_s, limit)
     memory_mb = int(extra.get("python_memory_mb", DEFAULT_MEMORY_MB))
     max_output = int(extra.get("python_max_output", DEFAULT_MAX_OUTPUT))
+    ledger = ctx.images
+    before = await asyncio.to_thread(export_images, ledger, workspace) if ledger is not None else None
     r = await run_python_async(code, workspace, timeout, memory_mb, max_output)
+    images, notes = [], []
+    if ledger is not None:
+        images, notes = await asyncio.to_thread(import_images, ledger, workspace, before)
     data = {"exit_code": r.exit_code, "timed_out": r.timed_out, "wall_s": round(r.wall_s, 3)}
+    data["images"] = [i for i, _ in images]
     body = r.output if r.output.strip() else "(no output)"
+    body = "\n".join([body.rstrip("\n"), *notes]) if notes else body
     if r.timed_out:
-        return ToolResult(text=f"{body}\n[killed: timed out after {timeout:g} s]", is_error=True, data=data)
+        return ToolResult(
+            f"{body}\n[killed: timed out after {timeout:g} s]", images, is_error=True, data=data
+        )
     if r.exit_code != 0:
         why = _signal_note(r.exit_code, memory_mb)
-        return ToolResult(text=f"{body}\n[exit code {r.exit_code}{why}]", is_error=True, data=data)
-    return ToolResult(text=body, data=data)
+        return ToolResult(f"{body}\n[exit code {r.exit_code}{why}]", images, is_error=True, data=data)
+    return ToolResult(body, images, data=data)
 
 
 def _signal_note(code: int | None, memory_mb: int) -> str:

@@ -168,3 +168,25 @@ async def test_running_code_does_not_block_the_event_loop(ctx):
     t = time.monotonic()
     rs = await asyncio.gather(*(PY.invoke({"code": "import time; time.sleep(1)"}, ctx) for _ in range(4)))
     assert not any(x.is_error for x in rs) and time.monotonic() - t < 3.5
+
+
+async def test_code_sees_ledger_images_and_returns_new_ones(ctx, astronaut):
+    await BUILTIN["crop"].invoke({"image": "img_0", "box": [100, 50, 300, 210]}, ctx)
+    code = (
+        "import cv2\nfrom PIL import Image\n"
+        "a = cv2.imread('images/img_1.png')\nprint(a.shape)\n"
+        "cv2.imwrite('images/edges.png', cv2.Canny(a, 50, 150))\n"
+        "Image.open('images/img_0.png').resize((64, 64)).save('images/small.jpg')\n"
+    )
+    r = await PY.invoke({"code": code}, ctx)
+    assert not r.is_error, r.text
+    assert r.text.splitlines() == [
+        "(160, 200, 3)",
+        "[new image img_2: images/edges.png, 200x160 px]",
+        "[new image img_3: images/small.jpg, 64x64 px]",
+    ]
+    assert [i for i, _ in r.images] == ["img_2", "img_3"] and r.data["images"] == ["img_2", "img_3"]
+    assert ctx.images.info("img_2").op == "python" and ctx.images.get("img_3").size == (64, 64)
+    # exported ledger images and unchanged files do not come back again
+    r = await PY.invoke({"code": "import os; print(sorted(os.listdir('images')))"}, ctx)
+    assert r.images == [] and "'img_3.png'" in r.text and "'edges.png'" in r.text
