@@ -25,6 +25,8 @@ is scripted per model name: each request for a model takes the next turn of that
         ...                        # run the code under test
         server.requests            # every request received, in order (RecordedRequest)
         server.requests_for("flash")[0].body["tools"]
+        server.endpoint_config("flash")               # EndpointConfig(provider="openai", free=True, ...)
+        server.endpoint_config("claude", "anthropic", price=Price(input=3, output=15))
 
 Routes: `POST /v1/chat/completions` (OpenAI chat completions), `POST /v1/messages` (Anthropic
 Messages), `GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's
@@ -70,6 +72,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from advisor.endpoints.base import EndpointConfig
 
 __all__ = [
     "Delay",
@@ -254,6 +258,13 @@ class ScriptedServer:
     def anthropic_base_url(self) -> str:
         """Base URL for an Anthropic client (it appends /v1/messages itself)."""
         return self.root_url
+
+    def endpoint_config(self, model: str, provider: str = "openai", **fields: Any) -> EndpointConfig:
+        """An `EndpointConfig` pointing at this server (free unless `price` is given; no retries wait long)."""
+        base = self.base_url if provider == "openai" else self.anthropic_base_url
+        if "price" not in fields:
+            fields.setdefault("free", True)
+        return EndpointConfig(provider=provider, model=model, base_url=base, **fields)
 
     def start(self) -> ScriptedServer:
         if self._thread is not None:

@@ -240,7 +240,14 @@ async def test_real_anthropic_endpoint_against_the_server():
         "claude": [HTTPError(529, "overloaded"), Reply(text="plan: crop first", reasoning="hmm", usage=usage)]
     }
     async with ScriptedServer(scripts) as server:
-        cfg = EndpointConfig(provider="anthropic", model="claude", base_url=server.anthropic_base_url)
+        cfg = server.endpoint_config("claude", "anthropic", max_tokens=512)
+        assert cfg == EndpointConfig(
+            provider="anthropic",
+            model="claude",
+            base_url=server.anthropic_base_url,
+            free=True,
+            max_tokens=512,
+        )
         ep = make_endpoint("frontier", cfg, backoff_s=0.001)
         r = await ep.complete(
             [Message.system("advise"), Message.user("plan?", images=[photo()])], effort="high"
