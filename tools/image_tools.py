@@ -115,7 +115,8 @@ def find_regions_tool(
     data = [r.as_dict() for r in regions]
     if not draw:
         return ToolResult(text="\n".join(lines), data=data)
-    overlay = vision.bbox(src, [r.box for r in regions], [f"r{i}" for i in range(len(regions))])
+    tags = [f"r{i}" for i in range(len(regions))]
+    overlay = vision.bbox(src, [r.box for r in regions], tags, label_at="left")
     w, h = src.size
     new_id = ledger.add(overlay, parent=image, box=(0, 0, w, h), op="regions")
     lines.append(f"{new_id}: {image} with the regions drawn")

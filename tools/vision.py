@@ -85,11 +85,19 @@ def bbox(
     boxes,
     labels: Sequence[str] | None = None,
     coords: str = "pixel",
+    *,
+    label_at: str = "above",
 ) -> Image.Image:
-    """A copy of `image` with each box drawn in its own colour and labelled (by index when no labels)."""
+    """A copy of `image` with each box drawn in its own colour and labelled (by index when no labels).
+
+    `label_at="left"` puts each tag left of its box's top corner, which keeps dense rows of boxes
+    (text lines) readable; a tag goes inside the box when there is no room outside.
+    """
     boxes = box_list(boxes)
     if labels is not None and len(labels) != len(boxes):
         raise ToolError(f"got {len(labels)} labels for {len(boxes)} boxes; give one label per box or none")
+    if label_at not in ("above", "left"):
+        raise ToolError(f"label_at must be above or left, got {label_at!r}")
     pboxes = [pixel_box(b, image.size, coords, min_side=1) for b in boxes]
     canvas = np.array(image.convert("RGB"))
     h, w = canvas.shape[:2]
@@ -101,22 +109,25 @@ def bbox(
         cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, thick, cv2.LINE_8)
         text = str(labels[i]) if labels is not None else str(i)
         if text:
-            _draw_label(canvas, text, (x1, y1), colour, font_scale, font_thick, thick)
+            _draw_label(canvas, text, (x1, y1), colour, font_scale, font_thick, thick, label_at)
     return Image.fromarray(canvas)
 
 
-def _draw_label(
-    canvas: np.ndarray, text: str, at: tuple[int, int], colour, font_scale, font_thick, thick
-) -> None:
+def _draw_label(canvas: np.ndarray, text: str, at, colour, font_scale, font_thick, thick, where: str) -> None:
     font = cv2.FONT_HERSHEY_SIMPLEX
     (tw, th), base = cv2.getTextSize(text, font, font_scale, font_thick)
-    x, y = at
     pad = 2
-    top = y - th - base - 2 * pad - thick // 2
-    if top < 0:  # no room above the box: put the tag inside its top-left corner
-        top = y + thick
-    left = min(max(0, x - thick // 2), max(0, canvas.shape[1] - tw - 2 * pad))
-    cv2.rectangle(canvas, (left, top), (left + tw + 2 * pad, top + th + base + 2 * pad), colour, -1)
+    tag_w, tag_h = tw + 2 * pad, th + base + 2 * pad
+    x, y = at
+    H, W = canvas.shape[:2]
+    if where == "left" and x - thick // 2 - tag_w >= 0:
+        left, top = x - thick // 2 - tag_w, min(max(0, y - thick // 2), max(0, H - tag_h))
+    else:
+        left = min(max(0, x - thick // 2), max(0, W - tag_w))
+        top = y - thick // 2 - tag_h
+        if top < 0:  # no room above the box: put the tag inside its top-left corner
+            top = y + thick
+    cv2.rectangle(canvas, (left, top), (left + tag_w, top + tag_h), colour, -1)
     ink = (0, 0, 0) if (0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]) > 140 else (255, 255, 255)
     cv2.putText(canvas, text, (left + pad, top + pad + th), font, font_scale, ink, font_thick, cv2.LINE_AA)
 
@@ -231,6 +242,8 @@ def _table_cells(rgb: np.ndarray, gray: np.ndarray) -> list[Region]:
             continue
         # The dilation ate one pixel of each side; give it back so the box meets the rules.
         out.append(Region((int(x) - 1, int(y) - 1, int(x + w) + 1, int(y + h) + 1), "cell", float(fill)))
+    if len(out) < 2:  # one enclosed box is a frame (plot area, paper edge), not a table
+        return []
     out.sort(key=lambda r: (r.box[1], r.box[0]))
     return out
 

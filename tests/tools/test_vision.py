@@ -146,3 +146,14 @@ def test_find_regions_on_photo_and_errors(astronaut):
     with pytest.raises(ToolError, match="kind must be one of"):
         find_regions(astronaut, kind="faces")
     assert find_regions(Image.new("RGB", (200, 100), "white")) == []
+
+
+def test_left_labels_and_frames_are_not_tables(astronaut):
+    out = np.asarray(bbox(astronaut, [[100, 100, 200, 130]], labels=["r0"], label_at="left"))
+    tag = out[102:112, 85:97].reshape(-1, 3)
+    assert (tag == PALETTE[0]).all(axis=1).mean() > 0.3  # the tag sits left of the box's top corner
+    assert (out[60:98, 100:200] == np.asarray(astronaut)[60:98, 100:200]).all()  # nothing drawn above
+    with pytest.raises(ToolError, match="label_at"):
+        bbox(astronaut, [[0, 0, 50, 50]], label_at="below")
+    chart = make_bar_chart([1, 2]).image  # the plot frame encloses one big box: not a table
+    assert find_regions(chart, kind="cells") == []
