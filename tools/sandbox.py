@@ -305,8 +305,8 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
     """Run Python code in the task workspace (pillow, numpy and opencv available) and return its printed output.
 
     Each call is a fresh process: keep state in files and print what you want to see. The task's
-    images are files images/img_0.png, images/img_1.png, ...; save a PNG or JPEG under a new name into images/ and it
-    comes back to you as a new image id.
+    images are files images/img_0.png, images/img_1.png, ...; save a PNG or JPEG under a new name
+    into images/ and it comes back to you as a new image id.
 
     Args:
         code: the Python program to run
