@@ -28,8 +28,9 @@ is scripted per model name: each request for a model takes the next turn of that
         server.endpoint_config("flash")               # EndpointConfig(provider="openai", free=True, ...)
         server.endpoint_config("claude", "anthropic", price=Price(input=3, output=15))
 
-Routes: `POST /v1/chat/completions` (OpenAI chat completions), `POST /v1/messages` (Anthropic
-Messages), `GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's
+Routes: `POST /v1/chat/completions` (OpenAI chat completions; `stream: true` is answered with
+server-sent events, text and arguments split over chunks, usage last when `stream_options.include_usage`),
+`POST /v1/messages` (Anthropic Messages, not streamed), `GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's
 wire format (Anthropic: thinking/text/tool_use blocks, `stop_reason`, `input_tokens` etc.).
 
 A script is either a list of turns (each request consumes one; when the list is used up the server
@@ -70,7 +71,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from advisor.endpoints.base import EndpointConfig
@@ -405,8 +406,8 @@ class ScriptedServer:
         rec, body = await self._record(request)
         if not isinstance(body, dict):
             return HTTPError(400, "request body is not a JSON object"), body
-        if body.get("stream"):
-            return HTTPError(400, "ScriptedServer does not support streaming"), body
+        if body.get("stream") and request.url.path.endswith("/messages"):
+            return HTTPError(400, "ScriptedServer does not stream Anthropic replies"), body
         try:
             turn = await self._resolve(self._next_turn(rec.model, body), body)
         except Exception as e:  # a broken callable turn is a test bug: say so in the response
@@ -417,7 +418,7 @@ class ScriptedServer:
     def _error_headers(err: HTTPError) -> dict[str, str]:
         return {} if err.retry_after is None else {"Retry-After": str(err.retry_after)}
 
-    async def _openai(self, request: Request) -> JSONResponse:
+    async def _openai(self, request: Request) -> JSONResponse | StreamingResponse:
         turn, body = await self._turn_for(request)
         if isinstance(turn, HTTPError):
             kind = {429: "rate_limit_error", 401: "authentication_error"}.get(
@@ -450,6 +451,12 @@ class ScriptedServer:
                 for i, tc in enumerate(turn.tool_calls)
             ]
         finish = turn.finish_reason or ("tool_calls" if turn.tool_calls else "stop")
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = _openai_chunks(
+                f"chatcmpl-{n}", body.get("model"), message, finish, turn.usage, include_usage
+            )
+            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
         payload = {
             "id": f"chatcmpl-{n}",
             "object": "chat.completion",
@@ -502,3 +509,45 @@ class ScriptedServer:
         if turn.usage is not None:
             payload["usage"] = turn.usage.anthropic()
         return JSONResponse(payload)
+
+
+def _halves(text: str) -> list[str]:
+    mid = len(text) // 2
+    return [x for x in (text[:mid], text[mid:]) if x]
+
+
+def _openai_chunks(
+    cid: str, model: str | None, message: dict, finish: str, usage: ScriptedUsage | None, include_usage: bool
+) -> list[dict]:
+    """A reply as OpenAI stream chunks, each text and tool-call argument split across two chunks."""
+    deltas: list[dict] = [{"role": "assistant"}]
+    deltas += [{"reasoning_content": part} for part in _halves(message.get("reasoning_content") or "")]
+    deltas += [{"content": part} for part in _halves(message.get("content") or "")]
+    for i, call in enumerate(message.get("tool_calls", [])):
+        fn = call["function"]
+        first, *rest = _halves(fn["arguments"]) or [""]
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": i,
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": fn["name"], "arguments": first},
+                    }
+                ]
+            }
+        )
+        deltas += [{"tool_calls": [{"index": i, "function": {"arguments": part}}]} for part in rest]
+    base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if include_usage and usage is not None:
+        chunks.append({**base, "choices": [], "usage": usage.openai()})
+    return chunks
+
+
+async def _sse(chunks: list[dict]):
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -170,9 +170,13 @@ class HTTPEndpoint(Endpoint):
         payload: bytes,
         parse: Callable[[dict], Parsed],
         on_attempt: AttemptHook | None,
+        collect: Callable[[httpx.Response], Awaitable[dict]] | None = None,
     ) -> ModelResponse:
         """POST the JSON `payload` with retries; `parse` turns a 2xx JSON body into `Parsed` (or raises
-        AttemptFailed). `timeout_s` bounds each attempt as a whole, not only each socket read."""
+        AttemptFailed). `timeout_s` bounds each attempt as a whole, not only each socket read.
+
+        With `collect`, the reply is streamed and `collect` folds the stream into the dict a
+        non-streaming reply would have been, so `parse` is the same either way."""
         headers = {**headers, "Content-Type": "application/json"}
         key = self.api_key() if self.config.api_key_env else None
         scrub = _Scrubber(key)
@@ -185,12 +189,21 @@ class HTTPEndpoint(Endpoint):
             if on_attempt is not None:
                 on_attempt(attempt)
 
+        async def fetch() -> tuple[httpx.Response, dict | None]:
+            if collect is None:
+                return await client.post(url, content=payload, headers=headers), None
+            async with client.stream("POST", url, content=payload, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    return response, None
+                return response, await collect(response)
+
         async def once() -> Parsed:
             number = len(attempts) + 1
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(self.config.timeout_s):
-                    response = await client.post(url, content=payload, headers=headers)
+                    response, streamed = await fetch()
             except (httpx.TimeoutException, TimeoutError) as e:
                 reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
                 record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
@@ -199,6 +212,10 @@ class HTTPEndpoint(Endpoint):
                 reason = scrub(f"connection error: {type(e).__name__}: {e}")
                 record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
                 raise AttemptFailed(reason) from None
+            except AttemptFailed as e:  # a stream that broke its own format
+                e.reason = scrub(e.reason)
+                record(Attempt(number, False, 200, e.reason, None, time.perf_counter() - t0))
+                raise
             latency = time.perf_counter() - t0
             status = response.status_code
             if status >= 400:
@@ -209,7 +226,7 @@ class HTTPEndpoint(Endpoint):
                     reason, status=status, retry_after=retry_after, retryable=retryable_status(status)
                 )
             try:
-                data = response.json()
+                data = streamed if streamed is not None else response.json()
                 if not isinstance(data, dict):
                     raise AttemptFailed(
                         f"invalid response: expected a JSON object, got {type(data).__name__}",

@@ -11,6 +11,8 @@ Request: `POST {base_url}/chat/completions` with `Authorization: Bearer $KEY` wh
 - effort goes as `reasoning_effort`; `max_tokens` from the call or the config; `config.extra_body` is
   merged last (shallow), so it can override any field.
 
+Streaming (opt-in, see `OpenAIEndpoint`) folds the SSE chunks into the same reply shape.
+
 Reply: reasoning is read from `reasoning_content` or `reasoning`; tool-call arguments that are not a
 JSON object give a `ToolCall` with `arguments=None` and `parse_error` set (never an exception).
 
@@ -25,7 +27,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Literal
 
-from advisor.endpoints.base import AttemptHook
+import httpx
+
+from advisor.endpoints.base import AttemptHook, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed
 from advisor.endpoints.retry import AttemptFailed, retryable_status
@@ -190,8 +194,81 @@ def parse_reply(data: dict) -> tuple[Message, str | None]:
     return message, choice.get("finish_reason")
 
 
+async def collect_stream(response: httpx.Response) -> dict:
+    """Fold an OpenAI server-sent-event stream into the dict a non-streamed reply would have been."""
+    model = ""
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict] = {}
+    finish = None
+    usage = None
+    done = False
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, ": keep-alive" comments, event:/id: fields
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise AttemptFailed(
+                f"invalid stream chunk ({e.msg} at position {e.pos})", retryable=False
+            ) from None
+        if not isinstance(chunk, dict):
+            raise AttemptFailed(f"invalid stream chunk: a JSON {type(chunk).__name__}", retryable=False)
+        if chunk.get("error") and not chunk.get("choices"):
+            return {"error": chunk["error"]}  # parse_reply turns it into a (maybe retryable) failure
+        model = chunk.get("model") or model
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(thought, str):
+                reasoning.append(thought)
+            for tc in delta.get("tool_calls") or []:
+                slot = calls.setdefault(
+                    tc.get("index", len(calls)),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                slot["id"] = tc.get("id") or slot["id"]
+                fn = tc.get("function") or {}
+                if fn.get("name") and not slot["function"]["name"]:
+                    slot["function"]["name"] = fn["name"]
+                if isinstance(fn.get("arguments"), str):
+                    slot["function"]["arguments"] += fn["arguments"]
+            finish = choice.get("finish_reason") or finish
+    if not done and finish is None:
+        raise AttemptFailed("stream ended before a finish_reason or [DONE]")  # cut off: worth a retry
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    out: dict[str, Any] = {
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
+    if usage:
+        out["usage"] = usage
+    return out
+
+
 class OpenAIEndpoint(HTTPEndpoint):
-    """An OpenAI-compatible chat-completions endpoint. See the module docstring for the wire mapping."""
+    """An OpenAI-compatible chat-completions endpoint. See the module docstring for the wire mapping.
+
+    `stream=True` (or `stream: true` in `config.extra_body`) streams the reply with
+    `stream_options.include_usage`; the result is the same `ModelResponse`.
+    """
+
+    def __init__(self, name: str, config: EndpointConfig, *, stream: bool | None = None, **kwargs):
+        super().__init__(name, config, **kwargs)
+        self.stream = bool(config.extra_body.get("stream")) if stream is None else stream
 
     def build_body(
         self,
@@ -212,6 +289,9 @@ class OpenAIEndpoint(HTTPEndpoint):
         cap = max_tokens or self.config.max_tokens
         if cap:
             body["max_tokens"] = cap
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}  # else streamed replies carry no usage
         body.update(self.config.extra_body)
         return body
 
@@ -243,5 +323,10 @@ class OpenAIEndpoint(HTTPEndpoint):
             return Parsed(message, usage, finish, data.get("model") or "")
 
         return await self.post(
-            f"{self.base_url}/chat/completions", self.headers(), payload, parse, on_attempt
+            f"{self.base_url}/chat/completions",
+            self.headers(),
+            payload,
+            parse,
+            on_attempt,
+            collect_stream if self.stream else None,
         )

@@ -220,6 +220,48 @@ async def test_unencodable_body_is_a_clear_error_before_any_request():
     ep = endpoint(extra_body={"temperature": float("nan")})
     with respx.mock(assert_all_called=False) as mock:
         route = mock.post(URL)
-        with pytest.raises(EndpointError, match=r"^endpoint 'flash': request body is not valid JSON: Out of range float"):
+        with pytest.raises(
+            EndpointError, match=r"^endpoint 'flash': request body is not valid JSON: Out of range float"
+        ):
             await ep.complete([Message.user("q")])
     assert route.call_count == 0
+
+
+def sse(*chunks: str) -> httpx.Response:
+    return httpx.Response(
+        200, text="".join(f"{c}\n\n" for c in chunks), headers={"content-type": "text/event-stream"}
+    )
+
+
+@respx.mock
+async def test_stream_cut_short_is_retried_and_error_chunks_are_reported():
+    delta = '{"model":"m","choices":[{"index":0,"delta":{"content":"par"},"finish_reason":null}]}'
+    end = '{"model":"m","choices":[{"index":0,"delta":{"content":"tial"},"finish_reason":"stop"}]}'
+    route = respx.post(URL).mock(
+        side_effect=[
+            sse(f"data: {delta}"),  # connection closed before finish_reason / [DONE]
+            sse('data: {"error": {"message": "backend crashed", "code": 503}}'),
+            sse(": keep-alive", f"data: {delta}", "event: x", f"data: {end}", "data: [DONE]"),
+        ]
+    )
+    ep = make_endpoint(
+        "flash",
+        EndpointConfig(provider="openai", model="m", base_url="http://llm.test/v1"),
+        backoff_s=0.001,
+        stream=True,
+    )
+    r = await ep.complete([Message.user("q")])
+    assert route.call_count == 3 and r.message.text == "partial" and r.usage.estimated
+    first, second, third = r.attempts
+    assert "stream ended before" in first.error and "backend crashed" in second.error and third.ok
+
+
+@respx.mock
+async def test_broken_stream_chunk_is_not_retried():
+    route = respx.post(URL).mock(return_value=sse("data: {not json"))
+    ep = make_endpoint(
+        "flash", EndpointConfig(provider="openai", model="m", base_url="http://llm.test/v1"), stream=True
+    )
+    with pytest.raises(EndpointError, match="invalid stream chunk"):
+        await ep.complete([Message.user("q")])
+    assert route.call_count == 1

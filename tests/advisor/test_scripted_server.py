@@ -260,3 +260,39 @@ async def test_real_anthropic_endpoint_against_the_server():
     body = server.requests[-1].body
     assert body["system"] == "advise" and body["thinking"]["budget_tokens"] == 16384
     assert body["messages"][0]["content"][1]["source"]["type"] == "base64"
+
+
+async def test_streamed_replies_fold_into_the_same_response():
+    usage = ScriptedUsage(prompt_tokens=500, completion_tokens=90, cached_tokens=400, reasoning_tokens=60)
+    scripts = {
+        "flash": [
+            Reply(
+                text="checking the bottom line",
+                reasoning="the total is usually last",
+                tool_calls=[
+                    ScriptedToolCall("read_total", {"region": "bottom"}),
+                    ScriptedToolCall("read_total", '{"region"'),
+                ],
+                usage=usage,
+            ),
+            Reply(text="42.17", usage=None),
+        ]
+    }
+    async with ScriptedServer(scripts) as server:
+        ep = make_endpoint("flash", server.endpoint_config("flash", extra_body={"stream": True}))
+        r = await ep.complete([Message.user("total?")], tools=[read_total])
+        plain = await ep.complete([Message.user("just the number")])
+        await ep.aclose()
+    sent = server.requests[0].body
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    m = r.message
+    assert (m.text, m.reasoning, r.finish_reason) == (
+        "checking the bottom line",
+        "the total is usually last",
+        "tool_calls",
+    )
+    good, bad = m.tool_calls
+    assert good.arguments == {"region": "bottom"} and good.id.startswith("call_")
+    assert bad.arguments is None and bad.raw_arguments == '{"region"' and bad.parse_error
+    assert (r.usage.input, r.usage.cached_input, r.usage.output, r.usage.reasoning) == (100, 400, 30, 60)
+    assert plain.message.text == "42.17" and plain.usage.estimated and plain.finish_reason == "stop"
