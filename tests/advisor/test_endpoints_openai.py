@@ -265,3 +265,13 @@ async def test_broken_stream_chunk_is_not_retried():
     with pytest.raises(EndpointError, match="invalid stream chunk"):
         await ep.complete([Message.user("q")])
     assert route.call_count == 1
+
+
+def test_openai_endpoint_needs_a_base_url():
+    with pytest.raises(EndpointError, match=r"^endpoint 'flash': openai endpoint needs base_url"):
+        make_endpoint("flash", EndpointConfig(provider="openai", model="m"))
+    ep = make_endpoint("flash", EndpointConfig(provider="openai", model="m", base_url="http://h:1/v1/"))
+    assert (
+        ep.base_url == "http://h:1/v1"
+        and repr(ep) == "OpenAIEndpoint(name='flash', model='m', base_url='http://h:1/v1')"
+    )
