@@ -29,9 +29,10 @@ is scripted per model name: each request for a model takes the next turn of that
         server.endpoint_config("claude", "anthropic", price=Price(input=3, output=15))
 
 Routes: `POST /v1/chat/completions` (OpenAI chat completions; `stream: true` is answered with
-server-sent events, text and arguments split over chunks, usage last when `stream_options.include_usage`),
-`POST /v1/messages` (Anthropic Messages, not streamed), `GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's
-wire format (Anthropic: thinking/text/tool_use blocks, `stop_reason`, `input_tokens` etc.).
+server-sent events, text and arguments split over chunks, usage last when
+`stream_options.include_usage`), `POST /v1/messages` (Anthropic Messages, not streamed),
+`GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's wire format
+(Anthropic: thinking/text/tool_use blocks, `stop_reason`, `input_tokens` etc.).
 
 A script is either a list of turns (each request consumes one; when the list is used up the server
 answers HTTP 400 with "script for model ... is exhausted", which endpoints do not retry) or a single
@@ -47,8 +48,11 @@ callable `fn(request_json) -> turn` that answers every request. A turn is:
   `retry_after` (seconds, or a str such as an HTTP date) becomes the `Retry-After` header.
 - `Delay(seconds, then=None)`: wait, then answer `then` (or, when None, HTTP 504). Use it to make a
   client time out; pending delays end at once when the server stops.
-- a plain `str`: shorthand for `Reply(text=...)`; a callable: called with the request JSON, returns one
-  of the above.
+- a plain `str`: shorthand for `Reply(text=...)`; a callable: called (in a worker thread) with the
+  request JSON, returns one of the above.
+
+`server.script(model, script)` replaces a script, `server.add_turns(model, *turns)` appends, and
+`server.remaining(model)` counts what is left (-1 for a callable script).
 
 Secrets: request headers are recorded with `Authorization`, `x-api-key` and `api-key` replaced by
 "<redacted>"; `RecordedRequest.auth_sha256` holds a SHA-256 of the credential so a test can check
