@@ -219,10 +219,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _encode_bytes(image: Image.Image) -> tuple[bytes, str]:
+    """PNG for documents, charts and screenshots (sharp edges, few colours); JPEG for photographs.
+
+    Deciding from a thumbnail's colour count avoids compressing a photo as PNG only to throw it away.
+    """
+    thumb = image.copy()
+    thumb.thumbnail((128, 128))
+    photo = thumb.getcolors(maxcolors=3000) is None
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False, compress_level=6)
-    if buf.tell() <= PNG_MAX_BYTES:
-        return buf.getvalue(), "image/png"
-    buf = io.BytesIO()
+    if not photo:
+        image.save(buf, format="PNG", compress_level=3)
+        if buf.tell() <= PNG_MAX_BYTES:
+            return buf.getvalue(), "image/png"
+        buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=90)
     return buf.getvalue(), "image/jpeg"

@@ -13,6 +13,7 @@ from tools.images import ImageLedger, UnknownImageError
 from tools.profiles import PROFILES, Step3p7Profile
 from tools.registry import BUILTIN
 from tools.spec import ToolError
+from tools.testdata import make_bar_chart
 
 
 def test_ids_parents_and_boxes(ledger, astronaut):
@@ -127,7 +128,7 @@ def test_step3p7_costs_match_transformers_processor():
 
 def test_encode_downscales_and_counts_tokens(ledger):
     data, media, tokens = ledger.encode("img_0")
-    assert media == "image/png" and tokens == 169
+    assert media == "image/jpeg" and tokens == 169  # a photograph travels as JPEG
     assert Image.open(io.BytesIO(data)).size == (512, 512)
     big = ledger.add(Image.new("RGB", (6048, 3024), "white"))
     data, _, tokens = ledger.encode(big)
@@ -157,8 +158,14 @@ def test_noisy_photo_falls_back_to_jpeg():
 
 def test_to_image_part(ledger):
     part = ledger.to_image_part("img_0")
-    assert isinstance(part, ImagePart) and part.image_id == "img_0" and part.media_type == "image/png"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(part.data))), np.asarray(ledger.get("img_0")))
+    assert isinstance(part, ImagePart) and part.image_id == "img_0" and part.media_type == "image/jpeg"
+    sent = np.asarray(Image.open(io.BytesIO(part.data)), dtype=float)
+    assert np.abs(sent - np.asarray(ledger.get("img_0"), dtype=float)).mean() < 3
+    # documents and charts stay lossless PNG, pixel for pixel
+    chart = ledger.add(make_bar_chart([1, 2, 3]).image)
+    part = ledger.to_image_part(chart)
+    assert part.media_type == "image/png" and part.data_url().startswith("data:image/png;base64,")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(part.data))), np.asarray(ledger.get(chart)))
 
 
 async def test_tools_add_to_the_ledger(ctx, astronaut):
