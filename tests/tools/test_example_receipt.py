@@ -7,6 +7,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from advisor.endpoints.base import EndpointConfig
 from tools.images import ImageLedger
 from tools.registry import resolve
 from tools.vision import find_regions
@@ -27,6 +28,8 @@ def test_task_file_is_consistent_with_the_generated_receipt():
     assert {"goal", "inputs", "tools", "executor", "frontier", "check", "endpoints"} <= set(task)
     assert [s.name for s in resolve(task["tools"])] == ["crop", "zoom", "bbox", "python"]
     assert {task["executor"]["endpoint"], task["frontier"]["endpoint"]} <= set(task["endpoints"])
+    for cfg in task["endpoints"].values():  # the same model the endpoints load, unknown keys rejected
+        EndpointConfig.model_validate(cfg)
     png = EXAMPLE / task["inputs"]["images"][0]
     assert png.stat().st_size < 200_000
 
