@@ -323,11 +323,19 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
     memory_mb = int(extra.get("python_memory_mb", DEFAULT_MEMORY_MB))
     max_output = int(extra.get("python_max_output", DEFAULT_MAX_OUTPUT))
     ledger = ctx.images
-    before = await asyncio.to_thread(export_images, ledger, workspace) if ledger is not None else None
-    r = await run_python_async(code, workspace, timeout, memory_mb, max_output)
-    images, notes = [], []
+    images, notes, before = [], [], None
     if ledger is not None:
-        images, notes = await asyncio.to_thread(import_images, ledger, workspace, before)
+        try:
+            before = await asyncio.to_thread(export_images, ledger, workspace)
+        except OSError as e:  # e.g. the code made images/ a file: run anyway, say why images are missing
+            notes.append(f"[task images not written to {IMAGES_DIR}/: {e.strerror or e}]")
+    r = await run_python_async(code, workspace, timeout, memory_mb, max_output)
+    if ledger is not None and before is not None:
+        try:
+            images, more = await asyncio.to_thread(import_images, ledger, workspace, before)
+            notes += more
+        except OSError as e:
+            notes.append(f"[new images in {IMAGES_DIR}/ not read: {e.strerror or e}]")
     data = {"exit_code": r.exit_code, "timed_out": r.timed_out, "wall_s": round(r.wall_s, 3)}
     data["images"] = [i for i, _ in images]
     body = r.output if r.output.strip() else "(no output)"

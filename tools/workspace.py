@@ -7,6 +7,7 @@ against; run untrusted tasks in a container.)
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path, PurePosixPath
 
@@ -44,7 +45,22 @@ def confine(root: Path, rel: str) -> Path:
     return real
 
 
+def os_errors(fn):
+    """Turn OS failures (permissions, disk full, name too long) into a one-line tool error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = kwargs.get("path", "")
+            raise ToolError(f"{where}: {e.strerror or type(e).__name__}" if where else str(e)) from None
+
+    return wrapper
+
+
 @tool
+@os_errors
 def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX_READ_CHARS) -> ToolResult:
     """Read a text file from the workspace.
 
@@ -78,6 +94,7 @@ def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX
 
 
 @tool
+@os_errors
 def write_file(ctx: ToolContext, path: str, content: str, append: bool = False) -> ToolResult:
     """Write (or append to) a text file in the workspace, creating folders as needed.
 
@@ -102,6 +119,7 @@ def write_file(ctx: ToolContext, path: str, content: str, append: bool = False) 
 
 
 @tool
+@os_errors
 def list_files(ctx: ToolContext, path: str = ".", recursive: bool = False) -> ToolResult:
     """List files and folders in the workspace.
 

@@ -190,3 +190,9 @@ async def test_code_sees_ledger_images_and_returns_new_ones(ctx, astronaut):
     # exported ledger images and unchanged files do not come back again
     r = await PY.invoke({"code": "import os; print(sorted(os.listdir('images')))"}, ctx)
     assert r.images == [] and "'img_3.png'" in r.text and "'edges.png'" in r.text
+
+
+async def test_images_folder_taken_by_a_file(ctx):
+    (ctx.workspace / "images").write_text("not a folder")
+    r = await PY.invoke({"code": "print('still runs')"}, ctx)
+    assert not r.is_error and r.text.startswith("still runs\n[task images not written to images/:")

@@ -92,3 +92,18 @@ async def test_other_file_errors(ws):
     for spec, args, needle in cases:
         r = await spec.invoke(args, ws)
         assert r.is_error and needle in r.text, r.text
+
+
+async def test_os_errors_are_tool_errors(ws):
+    locked = ws.workspace / "locked"
+    locked.mkdir()
+    (locked / "f.txt").write_text("x")
+    r = await WRITE.invoke({"path": "n" * 300 + ".txt", "content": "x"}, ws)
+    assert r.is_error and "File name too long" in r.text
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked.chmod(0)
+        try:
+            r = await READ.invoke({"path": "locked/f.txt"}, ws)
+            assert r.is_error and "Permission denied" in r.text
+        finally:
+            locked.chmod(0o755)
