@@ -213,3 +213,17 @@ async def test_concurrent_tool_calls_get_unique_ids(ctx):
     results = await asyncio.gather(*calls)
     ids = [r.images[0][0] for r in results]
     assert len(set(ids)) == 24 and set(ids) == {f"img_{i}" for i in range(1, 25)}
+
+
+def test_exif_rotation_and_16_bit_scans(tmp_path, astronaut):
+    photo = astronaut.crop((0, 0, 300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # camera held upright: the viewer must rotate 90 degrees
+    photo.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    led = ImageLedger()
+    assert led.get(led.load(tmp_path / "phone.jpg")).size == (200, 300)
+    ramp = np.tile(np.linspace(1000, 60000, 256).astype(np.uint16), (20, 1))
+    Image.fromarray(ramp).save(tmp_path / "scan16.png")
+    scan = np.asarray(led.get(led.load(tmp_path / "scan16.png")))
+    assert scan.shape == (20, 256, 3) and scan[0, 0, 0] == 0 and scan[0, -1, 0] == 255
+    assert np.all(np.diff(scan[0, :, 0].astype(int)) >= 0)  # the ramp survives, not clipped to white
