@@ -137,6 +137,16 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f"unknown image profile '{profile}'; known: {', '.join(PROFILES)}") from None
 
 
+def profile_for(model: str, provider: str | None = None) -> str:
+    """The profile name for an endpoint: Step 3.x models by name, Claude by provider or name, else generic."""
+    name = model.lower()
+    if "step-3" in name or "step3" in name:
+        return "step3p7"
+    if provider == "anthropic" or "claude" in name:
+        return "anthropic"
+    return "generic"
+
+
 def _fit_long_side(width: int, height: int, limit: int) -> tuple[int, int]:
     if max(width, height) <= limit:
         return width, height

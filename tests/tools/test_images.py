@@ -227,3 +227,13 @@ def test_exif_rotation_and_16_bit_scans(tmp_path, astronaut):
     scan = np.asarray(led.get(led.load(tmp_path / "scan16.png")))
     assert scan.shape == (20, 256, 3) and scan[0, 0, 0] == 0 and scan[0, -1, 0] == 255
     assert np.all(np.diff(scan[0, :, 0].astype(int)) >= 0)  # the ramp survives, not clipped to white
+
+
+def test_profile_for_endpoints():
+    from tools.profiles import profile_for
+
+    assert profile_for("step-3.7-flash", "openai") == "step3p7"
+    assert profile_for("stepfun-ai/Step3p7-Flash", "embedded") == "step3p7"
+    assert profile_for("claude-opus-4-5", "anthropic") == "anthropic"
+    assert profile_for("anthropic/claude-sonnet-4.5", "openai") == "anthropic"  # via OpenRouter
+    assert profile_for("qwen2.5-vl-7b", "openai") == "generic"
