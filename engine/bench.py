@@ -70,60 +70,92 @@ def build_checkpoint(path: Path) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n)
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@torch.inference_mode()
-def time_reference(model, ids: torch.Tensor, n_decode: int, repeats: int) -> tuple[float, float]:
+def reference_runner(model, ids: torch.Tensor, n_decode: int):
+    """One timed greedy run of the reference: (prefill seconds, decode seconds)."""
     from transformers import DynamicCache
 
-    def prefill():
-        return model(
-            input_ids=ids, past_key_values=DynamicCache(config=model.config.text_config), use_cache=True
-        )
-
-    def decode():
-        out = prefill()
+    @torch.inference_mode()
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config.text_config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
         for _ in range(n_decode):
             out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return t1 - t0, time.perf_counter() - t1
 
-    prefill()  # warm-up
-    t_pre = _best(prefill, repeats)
-    t_all = _best(decode, repeats)
-    return t_pre, max(t_all - t_pre, 1e-9)
+    return run
 
 
-@torch.inference_mode()
-def time_engine(llm, ids: torch.Tensor, n_decode: int, repeats: int) -> tuple[float, float]:
+def engine_runner(llm, ids: torch.Tensor, n_decode: int):
+    """One timed greedy run of the engine (what LLM.generate does, minus bookkeeping)."""
     from engine.cache import KVCache
 
     B, T = ids.shape
     positions = torch.arange(T).expand(B, -1)
     model = llm.model
 
-    def prefill():
-        cache = KVCache(llm.config.text, B, T + n_decode + 1, llm.dtype, llm.device)
-        return cache, model(model.embed_tokens(ids), cache.plan(positions), cache, last_only=True)
-
-    def decode():
-        cache, logits = prefill()
+    @torch.inference_mode()
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        cache = KVCache(llm.config.text, B, T + n_decode, llm.dtype, llm.device)
+        logits = model(model.embed_tokens(ids), cache.plan(positions), cache, last_only=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
         for step in range(n_decode):
+            logits = model(
+                model.embed_tokens(nxt), cache.plan(torch.full((B, 1), T + step)), cache, last_only=True
+            )
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-            pos = torch.full((B, 1), T + step)
-            logits = model(model.embed_tokens(nxt), cache.plan(pos), cache, last_only=True)
+        return t1 - t0, time.perf_counter() - t1
 
-    prefill()
-    t_pre = _best(prefill, repeats)
-    t_all = _best(decode, repeats)
-    return t_pre, max(t_all - t_pre, 1e-9)
+    return run
+
+
+def best_of(runners: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Alternate the implementations run by run (so a noisy neighbour hurts both alike); keep each best."""
+    best = {name: (float("inf"), float("inf")) for name in runners}
+    for run in runners.values():
+        run()  # warm-up
+    for _ in range(repeats):
+        for name, run in runners.items():
+            p, d = run()
+            best[name] = (min(best[name][0], p), min(best[name][1], d))
+    return best
+
+
+def decode_floor(n_decode_tokens_active_bytes: float) -> float:
+    """Tokens/s at batch 1 if the active weights streamed at this machine's measured gemv rate."""
+    w = torch.randn(16384, 2048)  # 128 MiB: far beyond any cache
+    x = torch.randn(1, 2048)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, w)
+        t = min(_timed(lambda: torch.nn.functional.linear(x, w)) for _ in range(5))
+    rate = w.numel() * 4 / t
+    return rate / n_decode_tokens_active_bytes, rate
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def active_bytes_per_token(cfg, itemsize: int = 4) -> float:
+    """Weight bytes one decode step must read at batch 1 (attention, MLPs, k experts, shared, lm_head)."""
+    total = cfg.vocab_size * cfg.hidden_size  # lm_head
+    h, d, kv = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
+    for layer in cfg.layers:
+        q = layer.num_heads * d
+        total += h * (q + 2 * kv * d + layer.num_heads) + q * h
+        if layer.mlp == "sparse":
+            total += cfg.n_routed_experts * h + 3 * h * cfg.share_expert_dim
+            total += cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size
+        else:
+            total += 3 * h * cfg.intermediate_size
+    return total * itemsize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import Step3p7ForConditionalGeneration
 
@@ -144,23 +179,36 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM.from_pretrained(tmp, dtype="float32")
     print(
         f"Step-shaped model: {n_params / 1e6:.1f}M text parameters, fp32, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, prompt {args.prompt}, decode {args.decode} tokens"
+        f"{torch.get_num_threads()} threads, prompt {args.prompt}, decode {args.decode} tokens, "
+        f"best of {args.repeats} alternating runs"
     )
     rows = []
     for B in args.batches:
         ids = torch.randint(
             1, BENCH_TEXT["vocab_size"], (B, args.prompt), generator=torch.Generator().manual_seed(B)
         )
-        r_pre, r_dec = time_reference(ref, ids, args.decode, args.repeats)
-        e_pre, e_dec = time_engine(llm, ids, args.decode, args.repeats)
+        best = best_of(
+            {"ref": reference_runner(ref, ids, args.decode), "engine": engine_runner(llm, ids, args.decode)},
+            args.repeats,
+        )
+        (r_pre, r_dec), (e_pre, e_dec) = best["ref"], best["engine"]
         n_pre, n_dec = B * args.prompt, B * args.decode
         rows.append((B, n_pre / r_pre, n_pre / e_pre, n_dec / r_dec, n_dec / e_dec))
 
-    head = f"{'batch':>5} | {'prefill tok/s ref':>17} {'engine':>10} {'ratio':>6} | {'decode tok/s ref':>16} {'engine':>10} {'ratio':>6}"
+    head = (
+        f"{'batch':>5} | {'prefill tok/s ref':>17} {'engine':>10} {'ratio':>6} | "
+        f"{'decode tok/s ref':>16} {'engine':>10} {'ratio':>6}"
+    )
     print(head)
     print("-" * len(head))
     for B, rp, ep, rd, ed in rows:
         print(f"{B:>5} | {rp:>17.1f} {ep:>10.1f} {ep / rp:>5.2f}x | {rd:>16.1f} {ed:>10.1f} {ed / rd:>5.2f}x")
+    nbytes = active_bytes_per_token(llm.config.text)
+    floor, rate = decode_floor(nbytes)
+    print(
+        f"batch-1 decode reads >= {nbytes / 2**20:.0f} MiB of fp32 weights per token; at this machine's "
+        f"measured gemv streaming rate ({rate / 1e9:.1f} GB/s) no fp32 implementation exceeds ~{floor:.0f} tok/s"
+    )
 
 
 if __name__ == "__main__":

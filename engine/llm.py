@@ -68,7 +68,7 @@ class LLM:
             with torch.device("meta"):
                 model = StepTextModel(tc, with_mtp=with_mtp)
             used = load_spec(model, model.checkpoint_spec(), ckpt, dtype, device)
-            model.init_rope(device)
+            model.finalize(device)
             vision, vision_used = _load_vision(cfg, ckpt, dtype, device)
             ignored = _VISION_PREFIXES if vision is None else ()
             check_unexpected(ckpt, used | vision_used, ignored)

@@ -116,8 +116,13 @@ class StepTextModel(nn.Module):
             spec.update(_prefixed(f"mtp.{j}", mtp.checkpoint_spec(f"model.layers.{c.num_hidden_layers + j}")))
         return spec
 
-    def init_rope(self, device: torch.device) -> None:
+    def finalize(self, device: torch.device) -> None:
+        """After loading: RoPE tables, and K-major expert weights where the PyTorch expert path runs."""
         self.inv_freq = {t: rope_inv_freq(s, self.cfg.head_dim).to(device) for t, s in self.cfg.rope.items()}
+        if device.type == "cpu":
+            for m in self.modules():
+                if isinstance(m, MoE):
+                    m.to_k_major()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed)

@@ -26,42 +26,69 @@ def route(
 
 def experts_torch(
     x: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    w_gate_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
     limit: float,
+    schedule: str | None = None,
 ) -> torch.Tensor:
-    """Routed experts in PyTorch: sort the (token, slot) pairs by expert and run only the experts hit.
+    """Routed experts in PyTorch, on K-major weights: w_gate_up_t [E, H, 2I], w_down_t [E, I, H].
 
-    When most experts get tokens, torch's grouped GEMM (CPU included) does the layer in two calls over
-    contiguous per-expert segments; when few do (decode), a loop over just those experts is cheaper,
-    since the grouped GEMM visits every expert, empty or not.
+    The (token, slot) pairs are sorted by expert, then one of three schedules runs them:
+    - "loop": a Python loop over the experts that got tokens (few pairs: decode at small batch);
+    - "padded": every expert's tokens padded to the busiest expert's count, two batched matmuls over all
+      experts (many experts hit with few tokens each: batched decode; a per-expert loop there is mostly
+      call overhead);
+    - "grouped": torch's grouped GEMM over the ragged segments (long prefills with uneven loads).
     """
     T, k = ids.shape
+    E = w_gate_up_t.shape[0]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0])
+    counts = torch.bincount(flat, minlength=E)
     tok = order // k
     xs = x[tok]
-    if _HAS_GROUPED_MM and x.dtype == torch.float32 and T * k >= w_gate_up.shape[0]:
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = swiglu(torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs), limit)
-        out = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)
-    else:
+    n = T * k
+    if schedule is None:
+        # Measured on CPU (E=64, top-8): the loop wins while few experts are hit; padding wins from about
+        # one pair per expert on, as long as the busiest expert does not inflate the padding too much.
+        # Long prefills (dozens of tokens per expert) are efficient GEMMs either way: loop.
+        if n * 4 <= E or n >= 32 * E:
+            schedule = "loop"
+        elif n >= E and int(counts.max()) * E <= 4 * n:
+            schedule = "padded"
+        else:
+            schedule = "grouped"
+        if schedule == "grouped" and not _HAS_GROUPED_MM:
+            schedule = "padded"
+    if schedule == "loop":
         out = torch.empty_like(xs)
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
             seg = slice(start, start + c)
-            out[seg] = F.linear(swiglu(F.linear(xs[seg], w_gate_up[e]), limit), w_down[e])
+            torch.mm(swiglu(xs[seg] @ w_gate_up_t[e], limit), w_down_t[e], out=out[seg])
             start += c
+    elif schedule == "padded":
+        cap = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_e = flat[order]
+        slot = sorted_e * cap + (torch.arange(n, device=x.device) - starts[sorted_e])
+        xp = x.new_zeros(E * cap, x.shape[1])
+        xp[slot] = xs
+        h = swiglu(torch.bmm(xp.view(E, cap, -1), w_gate_up_t), limit)
+        out = torch.bmm(h, w_down_t).view(E * cap, -1)[slot]
+    else:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = swiglu(torch._grouped_mm(xs, w_gate_up_t, offs=offs), limit)
+        out = torch._grouped_mm(h, w_down_t, offs=offs)
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
     return torch.zeros_like(x).index_add_(0, tok, out)
 
 
-# torch._grouped_mm runs on the CPU in recent torch; older builds (or other dtypes) use the loop.
+# torch._grouped_mm runs on the CPU in recent torch; without it long prefills use the padded schedule.
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -92,6 +119,9 @@ class MoE(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(n_experts), requires_grad=False)  # kept fp32
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden), requires_grad=False)
         self.down = nn.Parameter(torch.empty(n_experts, hidden, inter), requires_grad=False)
+        # False: checkpoint layout ([E, 2I, H], [E, H, I]), what the Triton kernel reads. True: K-major
+        # ([E, H, 2I], [E, I, H]), what CPU matmuls want; `to_k_major` switches after loading.
+        self.k_major = False
         self.shared = MLP(hidden, shared_inter, limit_shared)
 
     def checkpoint_spec(self, prefix: str) -> Spec:
@@ -107,16 +137,33 @@ class MoE(nn.Module):
             spec[f"shared.{name}"] = src
         return spec
 
+    def to_k_major(self) -> None:
+        """Re-lay the expert weights for CPU matmuls (one layer at a time, so never two model copies)."""
+        if not self.k_major:
+            self.gate_up = nn.Parameter(self.gate_up.transpose(1, 2).contiguous(), requires_grad=False)
+            self.down = nn.Parameter(self.down.transpose(1, 2).contiguous(), requires_grad=False)
+            self.k_major = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
-        fused = _fused_moe() if x.is_cuda else None
-        if fused is not None:
-            i = self.inter
-            routed = fused(
-                x, self.gate_up[:, :i], self.gate_up[:, i:], self.down, weights, ids, swiglu_limit=self.limit
-            )
-        else:
+        if self.k_major:
             routed = experts_torch(x, self.gate_up, self.down, weights, ids, self.limit)
+        else:
+            fused = _fused_moe() if x.is_cuda else None
+            i = self.inter
+            if fused is not None:
+                routed = fused(
+                    x,
+                    self.gate_up[:, :i],
+                    self.gate_up[:, i:],
+                    self.down,
+                    weights,
+                    ids,
+                    swiglu_limit=self.limit,
+                )
+            else:
+                gu, dn = self.gate_up.transpose(1, 2), self.down.transpose(1, 2)
+                routed = experts_torch(x, gu, dn, weights, ids, self.limit)
         return (routed + self.shared(x)).reshape(shape)

@@ -38,14 +38,16 @@ def test_route_uses_bias_for_selection_only():
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 @pytest.mark.parametrize("limit", [0.0, 0.05])
-@pytest.mark.parametrize("grouped", [True, False])
-def test_expert_schedules_match_naive(monkeypatch, tokens, limit, grouped):
-    monkeypatch.setattr(moe, "_HAS_GROUPED_MM", grouped and moe._HAS_GROUPED_MM)
+@pytest.mark.parametrize("schedule", [None, "loop", "padded", "grouped"])
+def test_expert_schedules_match_naive(tokens, limit, schedule):
+    if schedule == "grouped" and not moe._HAS_GROUPED_MM:
+        schedule = "padded"
     g = torch.Generator().manual_seed(tokens)
     E, H, inter, k = 6, 16, 8, 2
     x = torch.randn(tokens, H, generator=g)
     wgu = torch.randn(E, 2 * inter, H, generator=g) * 0.3
     wd = torch.randn(E, H, inter, generator=g) * 0.3
     weights, ids = route(x, torch.randn(E, H, generator=g), torch.zeros(E), k, 2.0)
-    got = experts_torch(x, wgu, wd, weights, ids, limit)
+    wgu_t, wd_t = wgu.transpose(1, 2).contiguous(), wd.transpose(1, 2).contiguous()
+    got = experts_torch(x, wgu_t, wd_t, weights, ids, limit, schedule=schedule)
     torch.testing.assert_close(got, _naive(x, wgu, wd, weights, ids, limit), rtol=1e-5, atol=1e-5)
