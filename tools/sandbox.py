@@ -35,12 +35,18 @@ ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 
 _LAUNCHER = r"""
 import linecache, resource, sys, traceback
+def limit(kind, soft, hard):
+    cap = resource.getrlimit(kind)[1]  # never ask above the inherited hard limit
+    if cap != resource.RLIM_INFINITY:
+        soft, hard = min(soft, cap), min(hard, cap)
+    resource.setrlimit(kind, (soft, hard))
 mem, cpu, fsize = (int(v) for v in sys.argv[1:4])
 if mem > 0:
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    limit(resource.RLIMIT_AS, mem, mem)
+limit(resource.RLIMIT_CPU, cpu, cpu + 1)
+limit(resource.RLIMIT_FSIZE, fsize, fsize)
+limit(resource.RLIMIT_CORE, 0, 0)
+del limit
 with open(sys.argv[4], encoding="utf-8") as f:
     source = f.read()
 sys.argv = ["<python>"]

@@ -196,3 +196,12 @@ async def test_images_folder_taken_by_a_file(ctx):
     (ctx.workspace / "images").write_text("not a folder")
     r = await PY.invoke({"code": "print('still runs')"}, ctx)
     assert not r.is_error and r.text.startswith("still runs\n[task images not written to images/:")
+
+
+async def test_syntax_errors_and_limits_inside_the_child(tmp_path):
+    ctx = ToolContext(workspace=tmp_path, extra={"python_memory_mb": 512})
+    r = await PY.invoke({"code": "x = (1,\nprint(x)"}, ctx)
+    assert r.is_error and 'File "<python>", line 1' in r.text and "SyntaxError" in r.text
+    code = "import resource as r\nprint(r.getrlimit(r.RLIMIT_AS)[0] // 2**20, r.getrlimit(r.RLIMIT_CORE))"
+    r = await PY.invoke({"code": code, "timeout_s": 5}, ctx)
+    assert r.text.strip() == "512 (0, 0)"
