@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from tools import vision
 from tools.boxes import pixel_box
 from tools.images import ImageLedger
 from tools.spec import ToolContext, ToolError, ToolResult, tool
 
+
+def _json_list(value):
+    """Small models often send a list as a string ("[10, 20, 30, 40]"); accept that form too."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _image_id(value):
+    """Accept 0, "0" and "img0" for img_0; anything else is checked against the ledger later."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"img_{value}"
+    if isinstance(value, str):
+        v = value.strip()
+        m = re.fullmatch(r"(?:img_?)?(\d+)", v)
+        return f"img_{int(m.group(1))}" if m else v
+    return value
+
+
 CoordsArg = Literal["pixel", "norm1", "norm1000"]
-BoxArg = Annotated[list[float], Field(min_length=4, max_length=4)]
+ImageArg = Annotated[str, BeforeValidator(_image_id)]
+BoxArg = Annotated[list[float], BeforeValidator(_json_list), Field(min_length=4, max_length=4)]
+BoxesArg = Annotated[list[BoxArg], BeforeValidator(_json_list), Field(min_length=1)]
+LabelsArg = Annotated[list[str] | None, BeforeValidator(_json_list)]
 
 
 def ledger_of(ctx: ToolContext | None) -> ImageLedger:
@@ -29,7 +56,7 @@ def _produced(ledger: ImageLedger, new_id: str, extra: str = "") -> ToolResult:
 
 
 @tool(name="crop")
-def crop_image(ctx: ToolContext, image: str, box: BoxArg, coords: CoordsArg = "pixel") -> ToolResult:
+def crop_image(ctx: ToolContext, image: ImageArg, box: BoxArg, coords: CoordsArg = "pixel") -> ToolResult:
     """Cut out a region of an image to look at it on its own; the result is a new image id.
 
     Args:
@@ -46,7 +73,7 @@ def crop_image(ctx: ToolContext, image: str, box: BoxArg, coords: CoordsArg = "p
 
 @tool(name="zoom")
 def zoom_image(
-    ctx: ToolContext, image: str, box: BoxArg, coords: CoordsArg = "pixel", scale: float = 2.0
+    ctx: ToolContext, image: ImageArg, box: BoxArg, coords: CoordsArg = "pixel", scale: float = 2.0
 ) -> ToolResult:
     """Magnify a region of an image to read small text or details; the result is a new image id.
 
@@ -68,9 +95,9 @@ def zoom_image(
 @tool(name="bbox")
 def draw_boxes(
     ctx: ToolContext,
-    image: str,
-    boxes: Annotated[list[BoxArg], Field(min_length=1)],
-    labels: list[str] | None = None,
+    image: ImageArg,
+    boxes: BoxesArg,
+    labels: LabelsArg = None,
     coords: CoordsArg = "pixel",
 ) -> ToolResult:
     """Draw labelled boxes on a copy of an image to check where things are; the result is a new image id.
@@ -92,7 +119,7 @@ def draw_boxes(
 @tool(name="find_regions")
 def find_regions_tool(
     ctx: ToolContext,
-    image: str,
+    image: ImageArg,
     kind: Literal["text", "cells", "elements", "objects", "all"] = "all",
     max_regions: int = 30,
     draw: bool = True,

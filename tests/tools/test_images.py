@@ -237,3 +237,12 @@ def test_profile_for_endpoints():
     assert profile_for("claude-opus-4-5", "anthropic") == "anthropic"
     assert profile_for("anthropic/claude-sonnet-4.5", "openai") == "anthropic"  # via OpenRouter
     assert profile_for("qwen2.5-vl-7b", "openai") == "generic"
+
+
+async def test_small_model_argument_forms_are_accepted(ctx, astronaut):
+    r = await BUILTIN["crop"].invoke({"image": 0, "box": "[100, 50, 300, 210]"}, ctx)
+    assert not r.is_error and r.text.startswith("img_1: 200x160 px, crop of img_0")
+    r = await BUILTIN["bbox"].invoke({"image": "img1", "boxes": "[[0, 0, 50, 50]]", "labels": '["x"]'}, ctx)
+    assert not r.is_error and "bbox of img_1" in r.text
+    r = await BUILTIN["zoom"].invoke({"image": "1", "box": "[0, 0, 50"}, ctx)
+    assert r.is_error and "'box'" in r.text
