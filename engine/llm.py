@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 _VISION_PREFIXES = ("vision_model.", "vit_downsampler", "vit_large_projector.")
 
+# Per-prompt image arguments for generate(): pixel_values, pixel_values_local, num_local_patches.
+ImageInputs = dict[str, Any]
+
 
 class LLM:
     def __init__(
@@ -158,38 +161,52 @@ class LLM:
         stop_token_ids: Sequence[int] | None = None,
         use_cache: bool = True,
         max_batch_size: int | None = None,
+        images: Sequence[ImageInputs | None] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (a stop token, when hit, is the last one returned).
 
         stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
+        images: optional, one entry per prompt: a dict with the `logits` image arguments (pixel_values,
+        pixel_values_local, num_local_patches) for that prompt's `<im_patch>` tokens, or None.
         """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         bs = max_batch_size or self.max_batch_size
         out: list[list[int]] = []
         for i in range(0, len(prompts), bs):
+            batch = [list(p) for p in prompts[i : i + bs]]
+            imgs = list(images[i : i + bs]) if images is not None else [None] * len(batch)
             out.extend(
-                self._generate_batch(
-                    [list(p) for p in prompts[i : i + bs]],
-                    max_new_tokens,
-                    temperature,
-                    top_p,
-                    gen,
-                    stops,
-                    use_cache,
-                )
+                self._generate_batch(batch, imgs, max_new_tokens, temperature, top_p, gen, stops, use_cache)
             )
         return out
 
+    def _prompt_embeds(
+        self, ids: torch.Tensor, lens: list[int], images: list[ImageInputs | None]
+    ) -> torch.Tensor:
+        """Token embeddings of a left-padded batch, with each prompt's image features in place."""
+        embeds = self.model.embed_tokens(ids)
+        T = ids.shape[1]
+        for b, img in enumerate(images):
+            if img:
+                row = ids[b : b + 1, T - lens[b] :]
+                embeds[b, T - lens[b] :] = self._embed(
+                    row, img.get("pixel_values"), img.get("pixel_values_local"), img.get("num_local_patches")
+                )[0]
+        return embeds
+
     @torch.inference_mode()
-    def _generate_batch(self, prompts, max_new, temperature, top_p, gen, stops, use_cache) -> list[list[int]]:
+    def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
         B = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        T = int(lens.max())
+        lens_list = [len(p) for p in prompts]
+        lens = torch.tensor(lens_list, device=self.device)
+        T = max(lens_list)
         pad = self.config.text.pad_token_id or 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
@@ -202,14 +219,13 @@ class LLM:
         done = [False] * B
         if max_new <= 0:
             return results
+        embeds = self._prompt_embeds(ids, lens_list, images)
         if use_cache:
             cache = KVCache(self.config.text, B, T + max_new, self.dtype, self.device)
-            logits = self.model(self.model.embed_tokens(ids), cache.plan(positions), cache, last_only=True)
-        else:
-            seq, seq_pos = ids, positions
-            logits = self.model(
-                self.model.embed_tokens(seq), uncached_meta(self.config.text, seq_pos), last_only=True
-            )
+            logits = self.model(embeds, cache.plan(positions), cache, last_only=True)
+        else:  # recompute the whole sequence every step (the reference the cache is tested against)
+            seq_pos = positions
+            logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
         for step in range(max_new):
             nxt = sample(logits[:, -1].float(), temperature, top_p, gen)
             for b, t in enumerate(nxt.tolist()):
@@ -219,14 +235,12 @@ class LLM:
             if all(done) or step == max_new - 1:
                 break
             pos = (lens + step)[:, None]
+            new = self.model.embed_tokens(nxt[:, None])
             if use_cache:
-                logits = self.model(
-                    self.model.embed_tokens(nxt[:, None]), cache.plan(pos), cache, last_only=True
-                )
+                logits = self.model(new, cache.plan(pos), cache, last_only=True)
             else:
-                seq, seq_pos = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_pos, pos], 1)
-                meta = uncached_meta(self.config.text, seq_pos)
-                logits = self.model(self.model.embed_tokens(seq), meta, last_only=True)
+                embeds, seq_pos = torch.cat([embeds, new], 1), torch.cat([seq_pos, pos], 1)
+                logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
         return results
 
 
@@ -243,10 +257,28 @@ def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device:
 
 
 def _load_tokenizer(path: Path):
+    """engine.tokenizer's loader when present, else the raw `tokenizers` tokenizer; None without tokenizer.json."""
     if not (path / "tokenizer.json").exists():
         return None
     try:
-        from engine.tokenizer import load_tokenizer  # type: ignore[attr-defined]
+        from engine import tokenizer as tok_mod
     except ImportError:
-        return None
-    return load_tokenizer(path)
+        tok_mod = None
+    if tok_mod is not None:
+        loaders = [getattr(tok_mod, n, None) for n in ("load_tokenizer", "from_pretrained")]
+        loaders += [
+            getattr(getattr(tok_mod, c, None), "from_pretrained", None)
+            for c in ("StepTokenizer", "Tokenizer")
+        ]
+        for fn in loaders:
+            if callable(fn):
+                try:
+                    return fn(path)
+                except Exception as e:  # a tokenizer problem must not make the weights unusable
+                    log.warning(
+                        "engine.tokenizer could not load %s (%s); using the raw tokenizer.json", path, e
+                    )
+                break
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path / "tokenizer.json"))

@@ -196,3 +196,16 @@ def test_bad_config_is_a_one_line_error(ckpt_a, tmp_path):
         LLM.from_pretrained(path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         LLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_tokenizer_is_exposed_when_the_checkpoint_ships_one(ckpt_a, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    assert LLM.from_pretrained(ckpt_a).tokenizer is None
+    path = _copy(ckpt_a, tmp_path)
+    tok = Tokenizer(
+        models.WordLevel({"<unk>": 0, "hello": 1, "world": 2, "<|im_end|>": 3}, unk_token="<unk>")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    assert LLM.from_pretrained(path).tokenizer is not None
