@@ -101,19 +101,28 @@ def _match(found, truth, thresh):
     return [max((iou(t, f) for f in found), default=0.0) >= thresh for t in truth]
 
 
-def test_find_regions_chart_bars():
-    chart = make_bar_chart([3, 7, 5, 9, 2])
+@pytest.mark.parametrize("values", [[3, 7, 5, 9, 2], [10, 1, 4], [5] * 8, [0.5, 8]])
+def test_find_regions_chart_bars(values):
+    chart = make_bar_chart(values)
     regions = find_regions(chart.image, kind="elements")
     found = [r.box for r in regions]
-    assert all(_match(found, chart.bar_boxes, 0.9)), (found, chart.bar_boxes)
-    assert len(found) == 5  # axis text, ticks and grid lines are not elements
+    assert all(_match(found, chart.bar_boxes, 0.85)), (found, chart.bar_boxes)
+    assert len(found) == len(values)  # axis text, ticks and grid lines are not elements
+
+
+@pytest.mark.parametrize("rows,cols,line,seed", [(6, 5, 1, 2), (3, 2, 3, 3), (8, 4, 2, 4)])
+def test_find_regions_table_cells_exact(rows, cols, line, seed):
+    table = make_table(rows=rows, cols=cols, seed=seed, line=line)
+    cells = [r.box for r in find_regions(table.image, kind="cells", max_regions=200)]
+    assert len(cells) == rows * cols
+    assert all(_match(cells, table.cell_boxes, 0.99)), (cells, table.cell_boxes)
 
 
 def test_find_regions_table_cells_and_text():
     table = make_table(rows=4, cols=3, seed=1)
     cells = [r.box for r in find_regions(table.image, kind="cells")]
     assert len(cells) == 12
-    assert all(_match(cells, table.cell_boxes, 0.9)), (cells, table.cell_boxes)
+    assert all(_match(cells, table.cell_boxes, 0.99)), (cells, table.cell_boxes)
     text = [r.box for r in find_regions(table.image, kind="text")]
     assert all(_match(text, table.text_boxes, 0.5)), (text, table.text_boxes)
     both = find_regions(table.image, kind="all", max_regions=100)
