@@ -128,7 +128,7 @@ def find_regions_tool(
 
     Args:
         image: id of the image to search, e.g. img_0
-        kind: text (lines of text), cells (table cells), elements (coloured chart marks), objects (photos), or all
+        kind: text (lines of text), cells (table cells), elements (coloured chart marks), objects (things in photos), or all (picks by image type)
         max_regions: most regions to return
         draw: also return a copy of the image with the regions drawn and numbered
     """

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from advisor.messages import ImagePart
 from tools.profiles import ImageCost, Profile, get_profile
 from tools.spec import ToolError
+from tools.vision import is_photo
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; more is a decompression bomb, not a document
 PNG_MAX_BYTES = 1_500_000  # above this an encoded PNG is re-sent as JPEG (photos, noise)
@@ -229,11 +230,8 @@ def _encode_bytes(image: Image.Image) -> tuple[bytes, str]:
 
     Deciding from a thumbnail's colour count avoids compressing a photo as PNG only to throw it away.
     """
-    thumb = image.copy()
-    thumb.thumbnail((128, 128))
-    photo = thumb.getcolors(maxcolors=3000) is None
     buf = io.BytesIO()
-    if not photo:
+    if not is_photo(image):
         image.save(buf, format="PNG", compress_level=3)
         if buf.tell() <= PNG_MAX_BYTES:
             return buf.getvalue(), "image/png"

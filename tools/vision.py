@@ -150,7 +150,8 @@ def find_regions(image: Image.Image, kind: str = "all", max_regions: int = 50) -
 
     kind: `text` (text lines: adaptive threshold, glyphs joined along the line), `cells` (table cells
     enclosed by ruling lines), `elements` (coloured chart marks: bars, points, legend swatches),
-    `objects` (edge-based blobs, for photos), or `all` (text, cells and elements).
+    `objects` (edge-based blobs, for photos), or `all` (cells, elements and text on documents and
+    charts; objects on photographs).
     """
     if kind not in REGION_KINDS:
         raise ToolError(f"kind must be one of {', '.join(REGION_KINDS)}, got {kind!r}")
@@ -161,7 +162,10 @@ def find_regions(image: Image.Image, kind: str = "all", max_regions: int = 50) -
     if float(gray.mean()) < 110:  # light ink on a dark page: make ink dark
         gray = 255 - gray
     finders = {"text": _text_lines, "cells": _table_cells, "elements": _chart_elements, "objects": _objects}
-    kinds = ["cells", "elements", "text"] if kind == "all" else [kind]
+    if kind == "all":  # text/cell finders only make noise on photographs
+        kinds = ["objects"] if is_photo(image) else ["cells", "elements", "text"]
+    else:
+        kinds = [kind]
     found: list[Region] = []
     for k in kinds:
         found.extend(finders[k](rgb, gray))
@@ -265,22 +269,31 @@ def _chart_elements(rgb: np.ndarray, gray: np.ndarray) -> list[Region]:
 
 
 def _objects(rgb: np.ndarray, gray: np.ndarray) -> list[Region]:
+    """Closed edge contours at every nesting level (a face inside a helmet inside a suit), sized
+    between 0.4% and half of the image, strongest (solid, large) first, near-duplicates merged."""
     blur = cv2.GaussianBlur(gray, (5, 5), 0)
     med = float(np.median(blur))
     edges = cv2.Canny(blur, int(max(0, 0.66 * med)), int(min(255, 1.33 * med) + 1))
     H, W = gray.shape
     k = max(3, min(H, W) // 100)
     edges = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(edges, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     out = []
-    min_area = 0.002 * H * W
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
-        if w * h < min_area or w * h > 0.95 * H * W:
+        if not (0.004 * H * W <= w * h <= 0.5 * H * W):
             continue
-        out.append(Region((x, y, x + w, y + h), "object", min(1.0, cv2.contourArea(c) / float(w * h) + 0.0)))
-    out.sort(key=lambda r: -(r.box[2] - r.box[0]) * (r.box[3] - r.box[1]))
-    return out
+        solidity = min(1.0, cv2.contourArea(cv2.convexHull(c)) / float(w * h))
+        out.append(Region((x, y, x + w, y + h), "object", solidity))
+    out.sort(key=lambda r: -r.score * (r.box[2] - r.box[0]) * (r.box[3] - r.box[1]))
+    return _dedupe(out, 0.6)
+
+
+def is_photo(image: Image.Image) -> bool:
+    """Photographs have thousands of colours even in a thumbnail; documents and charts a few hundred."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((128, 128))
+    return thumb.getcolors(maxcolors=3000) is None
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:

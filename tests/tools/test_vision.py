@@ -166,3 +166,12 @@ def test_left_labels_and_frames_are_not_tables(astronaut):
         bbox(astronaut, [[0, 0, 50, 50]], label_at="below")
     chart = make_bar_chart([1, 2]).image  # the plot frame encloses one big box: not a table
     assert find_regions(chart, kind="cells") == []
+
+
+def test_all_adapts_to_photos_and_documents(astronaut):
+    assert vision.is_photo(astronaut) and not vision.is_photo(make_table().image)
+    assert {r.kind for r in find_regions(astronaut, "all")} == {"object"}
+    objects = find_regions(astronaut, "objects", max_regions=30)
+    # the mission patch on the suit (about x 130-215, y 345-430) is one of the candidates
+    assert max(iou(r.box, (130, 345, 215, 430)) for r in objects) > 0.6
+    assert all(iou(a.box, b.box) < 0.6 for i, a in enumerate(objects) for b in objects[:i])
