@@ -27,7 +27,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._scale_of is not self.weight:
             self._scale, self._scale_of = 1.0 + self.weight.float(), self.weight
-        return F.rms_norm(x.float(), self.weight.shape, self._scale, self.eps).type_as(x)
+        # Written out: on the CPU, F.rms_norm falls back to a slower composite of more ops.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self._scale).type_as(x)
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:

@@ -32,6 +32,9 @@ _DTYPES = {
     "float": torch.float32,
 }
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# Tensors that only FP8 / NVFP4 exports carry.
+_QUANT_SUFFIXES = ("weight_scale", "weight_scale_inv", "weight_scale_2", "input_scale")
+_QUANT_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8"}
 # Parameters kept in fp32 whatever the model dtype: the router decides in fp32.
 _FP32_PARAMS = ("router", "router_bias")
 
@@ -96,6 +99,11 @@ class Checkpoint:
             for key, info in _check_file(f).items():
                 if key == "__metadata__":
                     continue
+                if key.endswith(_QUANT_SUFFIXES) or info["dtype"] in _QUANT_DTYPES:
+                    raise CheckpointError(
+                        f"{f}: tensor {key} ({info['dtype']}) belongs to a quantized export; the engine loads "
+                        "bf16/fp16/fp32 checkpoints"
+                    )
                 self.shapes[key] = tuple(info["shape"])
                 self.file_of[key] = f
                 self.first_dtype = _ST_DTYPES.get(info["dtype"], torch.float32)

@@ -209,3 +209,61 @@ def test_tokenizer_is_exposed_when_the_checkpoint_ships_one(ckpt_a, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
     assert LLM.from_pretrained(path).tokenizer is not None
+
+
+def test_quantized_exports_are_refused_by_name(ckpt_a, tmp_path):
+    path = _copy(ckpt_a, tmp_path)
+    _rewrite(path, lambda t: t.update({"model.layers.1.moe.down_proj.weight_scale": torch.ones(8)}))
+    with pytest.raises(
+        CheckpointError, match=r"down_proj\.weight_scale \(F32\) belongs to a quantized export"
+    ):
+        LLM.from_pretrained(path)
+
+
+def test_release_sized_config_builds_the_196b_backbone_on_meta():
+    """The hub config's numbers (per the model facts) give the published size: heads, experts, dense layers."""
+    from engine.model import StepTextModel
+
+    n = 45
+    text = {
+        "model_type": "step3p5",
+        "vocab_size": 128896,
+        "hidden_size": 4096,
+        "intermediate_size": 11264,
+        "num_hidden_layers": n,
+        "num_attention_heads": 64,
+        "num_attention_groups": 8,
+        "head_dim": 128,
+        "moe_num_experts": 288,
+        "moe_top_k": 8,
+        "moe_intermediate_size": 1280,
+        "share_expert_dim": 1280,
+        "moe_layers_enum": ",".join(str(i) for i in range(3, n)),
+        "num_nextn_predict_layers": 3,
+        "sliding_window": 512,
+        "layer_types": ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+        + ["sliding_attention"] * 3,
+        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 96},
+        "rope_theta": [5e6 if i % 4 == 0 else 1e4 for i in range(n)] + [1e4] * 3,
+        "partial_rotary_factors": [0.5 if i % 4 == 0 else 1.0 for i in range(n)] + [1.0] * 3,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 2.0,
+            "original_max_position_embeddings": 131072,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 32.0,
+        },
+        "swiglu_limits": [0.0] * 43 + [7.0, 7.0, 0.0, 0.0, 0.0],
+        "swiglu_limits_shared": [0.0] * 44 + [16.0, 0.0, 0.0, 0.0],
+        "moe_router_scaling_factor": 3.0,
+    }
+    cfg = parse_config({"model_type": "step3p7", "text_config": text}).text
+    assert sum(s.attention == FULL for s in cfg.layers) == 12 and len(cfg.mtp_layers) == 3
+    assert cfg.layers[44].swiglu_limit == 7.0 and cfg.layers[44].swiglu_limit_shared == 16.0
+    with torch.device("meta"):
+        model = StepTextModel(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert 195e9 < total < 197.5e9, total
+    spec = model.checkpoint_spec()
+    assert spec["layers.1.attn.qkvg"][0][0] == ("model.layers.1.self_attn.q_proj.weight", (96 * 128, 4096))
+    assert spec["layers.3.mlp.gate_up"][0][0] == ("model.layers.3.moe.gate_proj.weight", (288, 1280, 4096))
