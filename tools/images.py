@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tools.spec import ToolError
 from tools.vision import is_photo
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; more is a decompression bomb, not a document
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # decoded pixels kept per ledger; the rest is packed as PNG
 PNG_MAX_BYTES = 1_500_000  # above this an encoded PNG is re-sent as JPEG (photos, noise)
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -53,14 +55,22 @@ class ImageInfo:
 
 
 class ImageLedger:
-    """Thread-safe store of a task's images; tools run in worker threads and may add concurrently."""
+    """Thread-safe store of a task's images; tools run in worker threads and may add concurrently.
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    Decoded pixels are kept up to `max_bytes`; beyond that the least recently used images are kept
+    as fast PNG (lossless) and decoded again on `get`, so a long task full of zooms, or many tasks
+    in one process, cannot exhaust memory.
+    """
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_pixels = max_pixels
-        self._images: dict[str, Image.Image] = {}
+        self.max_bytes = max_bytes
         self._info: dict[str, ImageInfo] = {}
+        self._pixels: OrderedDict[str, Image.Image] = OrderedDict()  # least recently used first
+        self._packed: dict[str, bytes] = {}
+        self._pixel_bytes = 0
         self._encoded: dict[tuple, tuple[bytes, str, int]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # ---- store -------------------------------------------------------------------------------
     def add(
@@ -74,7 +84,7 @@ class ImageLedger:
         if not isinstance(image, Image.Image):
             raise TypeError(f"ImageLedger.add needs a PIL image, got {type(image).__name__}")
         if parent is not None:
-            self.get(parent)
+            self.info(parent)
         w, h = image.size
         if w * h > self.max_pixels:
             raise ToolError(f"image of {w}x{h} px exceeds the ledger's cap of {self.max_pixels} pixels")
@@ -83,29 +93,56 @@ class ImageLedger:
             raise ValueError(f"box must have 4 numbers, got {list(box)}")
         image = image.copy()  # the ledger owns its pixels: later edits by the caller cannot leak in
         with self._lock:
-            image_id = f"img_{len(self._images)}"
-            self._images[image_id] = image
+            image_id = f"img_{len(self._info)}"
             self._info[image_id] = ImageInfo(image_id, image.size, parent, box_t, op, source)
+            self._keep(image_id, image)
         return image_id
 
     def get(self, image_id: str) -> Image.Image:
+        with self._lock:
+            if image_id in self._pixels:
+                self._pixels.move_to_end(image_id)
+                return self._pixels[image_id]
+            packed = self._packed.get(image_id) if isinstance(image_id, str) else None
+            if packed is None:
+                raise UnknownImageError(f"unknown image id {image_id!r}; {self._known()}")
+            with Image.open(io.BytesIO(packed)) as im:
+                im.load()
+                image = im.copy()
+            self._keep(image_id, image)
+            return image
+
+    def _keep(self, image_id: str, image: Image.Image) -> None:
+        """Hold decoded pixels, packing the least recently used others while over budget."""
+        self._pixels[image_id] = image
+        self._pixel_bytes += _nbytes(image)
+        while self._pixel_bytes > self.max_bytes and len(self._pixels) > 1:
+            old_id, old = self._pixels.popitem(last=False)
+            if old_id not in self._packed:
+                buf = io.BytesIO()
+                old.save(buf, format="PNG", compress_level=1)
+                self._packed[old_id] = buf.getvalue()
+            self._pixel_bytes -= _nbytes(old)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: decoded pixels and packed PNGs."""
+        with self._lock:
+            return {"pixels": self._pixel_bytes, "packed": sum(len(b) for b in self._packed.values())}
+
+    def info(self, image_id: str) -> ImageInfo:
         try:
-            return self._images[image_id]
+            return self._info[image_id]
         except (KeyError, TypeError):
             raise UnknownImageError(f"unknown image id {image_id!r}; {self._known()}") from None
 
-    def info(self, image_id: str) -> ImageInfo:
-        self.get(image_id)
-        return self._info[image_id]
-
     def ids(self) -> list[str]:
-        return list(self._images)
+        return list(self._info)
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self._info)
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._images
+        return image_id in self._info
 
     def _known(self) -> str:
         ids = self.ids()
@@ -238,3 +275,7 @@ def _encode_bytes(image: Image.Image) -> tuple[bytes, str]:
         buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=90)
     return buf.getvalue(), "image/jpeg"
+
+
+def _nbytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())

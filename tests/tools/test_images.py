@@ -246,3 +246,14 @@ async def test_small_model_argument_forms_are_accepted(ctx, astronaut):
     assert not r.is_error and "bbox of img_1" in r.text
     r = await BUILTIN["zoom"].invoke({"image": "1", "box": "[0, 0, 50"}, ctx)
     assert r.is_error and "'box'" in r.text
+
+
+def test_memory_budget_packs_old_images_losslessly(astronaut):
+    led = ImageLedger(max_bytes=2 * 512 * 512 * 3)  # room for two astronauts
+    ids = [led.add(astronaut.rotate(90 * i)) for i in range(5)]
+    assert led.memory()["pixels"] <= led.max_bytes and led.memory()["packed"] > 0
+    for i, image_id in enumerate(ids):  # every image comes back pixel for pixel, in any order
+        assert np.array_equal(np.asarray(led.get(image_id)), np.asarray(astronaut.rotate(90 * i)))
+    assert led.memory()["pixels"] <= led.max_bytes and len(led) == 5 and led.ids() == ids
+    crop = led.add(led.get("img_1").crop((0, 0, 10, 10)), parent="img_1", box=(0, 0, 10, 10), op="crop")
+    assert led.info(crop).parent == "img_1" and led.root_box(crop) == ("img_1", (0.0, 0.0, 10.0, 10.0))
