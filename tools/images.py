@@ -24,7 +24,7 @@ from tools.vision import is_photo
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; more is a decompression bomb, not a document
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # decoded pixels kept per ledger; the rest is packed as PNG
 PNG_MAX_BYTES = 1_500_000  # above this an encoded PNG is re-sent as JPEG (photos, noise)
-SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # MPO: many phone JPEGs
 
 
 class UnknownImageError(ToolError, KeyError):
@@ -198,7 +198,7 @@ class ImageLedger:
     def model_size(
         self, image_id: str, profile: str | Profile = "step3p7", max_side: int | None = None
     ) -> tuple[int, int]:
-        w, h = self.get(image_id).size
+        w, h = self.info(image_id).size  # no need to decode a packed image for its size
         return get_profile(profile).fit(w, h, max_side)
 
     def cost(
