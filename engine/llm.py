@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,47 +201,78 @@ class LLM:
                 )[0]
         return embeds
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
-        B = len(prompts)
-        lens_list = [len(p) for p in prompts]
-        lens = torch.tensor(lens_list, device=self.device)
-        T = max(lens_list)
-        pad = self.config.text.pad_token_id or 0
-        ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-        self._check_ids(ids)
-        positions = torch.arange(T, device=self.device)[None] - (T - lens)[:, None]
-        positions = positions.masked_fill(positions < 0, -1)
+    def stream(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        images: ImageInputs | None = None,
+    ) -> Iterator[int]:
+        """Yield one prompt's new tokens as they are decoded (same rules as `generate`)."""
+        if len(prompt) == 0:
+            raise ValueError("stream: the prompt needs at least one token")
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for step in self._decode(
+            [list(prompt)], [images], max_new_tokens, temperature, top_p, gen, stops, True
+        ):
+            yield step[0]
 
-        results: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        if max_new <= 0:
-            return results
-        embeds = self._prompt_embeds(ids, lens_list, images)
-        if use_cache:
-            cache = KVCache(self.config.text, B, T + max_new, self.dtype, self.device)
-            logits = self.model(embeds, cache.plan(positions), cache, last_only=True)
-        else:  # recompute the whole sequence every step (the reference the cache is tested against)
-            seq_pos = positions
-            logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
-        for step in range(max_new):
-            nxt = sample(logits[:, -1].float(), temperature, top_p, gen)
-            for b, t in enumerate(nxt.tolist()):
+    def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
+        results: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in self._decode(prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
+            for b, t in enumerate(step):
                 if not done[b]:
                     results[b].append(t)
                     done[b] = t in stops
-            if all(done) or step == max_new - 1:
-                break
-            pos = (lens + step)[:, None]
-            new = self.model.embed_tokens(nxt[:, None])
-            if use_cache:
-                logits = self.model(new, cache.plan(pos), cache, last_only=True)
-            else:
-                embeds, seq_pos = torch.cat([embeds, new], 1), torch.cat([seq_pos, pos], 1)
-                logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
         return results
+
+    def _decode(
+        self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache
+    ) -> Iterator[list[int]]:
+        """Yield each step's sampled token for every row, until all rows hit a stop token or max_new."""
+        if max_new <= 0:
+            return
+        with torch.inference_mode():
+            B = len(prompts)
+            lens_list = [len(p) for p in prompts]
+            lens = torch.tensor(lens_list, device=self.device)
+            T = max(lens_list)
+            pad = self.config.text.pad_token_id or 0
+            ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
+            for b, p in enumerate(prompts):
+                ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+            self._check_ids(ids)
+            positions = torch.arange(T, device=self.device)[None] - (T - lens)[:, None]
+            positions = positions.masked_fill(positions < 0, -1)
+            embeds = self._prompt_embeds(ids, lens_list, images)
+            if use_cache:
+                cache = KVCache(self.config.text, B, T + max_new, self.dtype, self.device)
+                logits = self.model(embeds, cache.plan(positions), cache, last_only=True)
+            else:  # recompute the whole sequence every step (the reference the cache is tested against)
+                seq_pos = positions
+                logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
+        done = [False] * B
+        for step in range(max_new):
+            with torch.inference_mode():
+                nxt = sample(logits[:, -1].float(), temperature, top_p, gen)
+            tokens = nxt.tolist()
+            yield tokens
+            done = [d or t in stops for d, t in zip(done, tokens, strict=True)]
+            if all(done) or step == max_new - 1:
+                return
+            with torch.inference_mode():
+                pos = (lens + step)[:, None]
+                new = self.model.embed_tokens(nxt[:, None])
+                if use_cache:
+                    logits = self.model(new, cache.plan(pos), cache, last_only=True)
+                else:
+                    embeds, seq_pos = torch.cat([embeds, new], 1), torch.cat([seq_pos, pos], 1)
+                    logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
 
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):

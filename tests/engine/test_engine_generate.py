@@ -92,3 +92,10 @@ def test_chunked_prefill_through_the_cache_matches_one_pass(llm):
             start += n
     assert start == 30
     torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_yields_what_generate_returns(llm):
+    want = llm.generate([PROMPTS[1]], 12, temperature=0.7, seed=4)[0]
+    assert list(llm.stream(PROMPTS[1], 12, temperature=0.7, seed=4)) == want
+    free = llm.generate([PROMPTS[0]], 8, stop_token_ids=[])[0]
+    assert list(llm.stream(PROMPTS[0], 8, stop_token_ids=[free[3]])) == free[: free.index(free[3]) + 1]
