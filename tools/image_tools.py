@@ -136,7 +136,8 @@ def find_regions_tool(
     src = ledger.get(image)
     regions = vision.find_regions(src, kind, max(1, min(max_regions, 200)))
     if not regions:
-        return ToolResult(text=f"no {kind} regions found in {image}", data=[])
+        what = "" if kind == "all" else f"{kind} "
+        return ToolResult(text=f"no {what}regions found in {image}", data=[])
     lines = [f"{len(regions)} region(s) in {image} (pixel boxes [x1, y1, x2, y2]):"]
     lines += [f"r{i} {r.kind} {list(r.box)}" for i, r in enumerate(regions)]
     data = [r.as_dict() for r in regions]
