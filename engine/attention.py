@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cache import KVCache, TypeMeta
-from engine.layers import RMSNorm, Spec, apply_rope
+from engine.layers import Linear, RMSNorm, Spec, apply_rope
 
 
 class Attention(nn.Module):
@@ -20,8 +20,8 @@ class Attention(nn.Module):
         self.scale = scale
         # q, k, v and the gate g share one matmul; split sizes in this order.
         self.sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim, num_heads)
-        self.qkvg = nn.Parameter(torch.empty(sum(self.sizes), hidden), requires_grad=False)
-        self.o = nn.Parameter(torch.empty(hidden, num_heads * head_dim), requires_grad=False)
+        self.qkvg = Linear(sum(self.sizes), hidden)
+        self.o = Linear(hidden, num_heads * head_dim)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
@@ -29,8 +29,11 @@ class Attention(nn.Module):
         hd = self.hidden
         names = ("q_proj", "k_proj", "v_proj", "g_proj")
         return {
-            "qkvg": ([(f"{prefix}.{n}.weight", (s, hd)) for n, s in zip(names, self.sizes, strict=True)], 0),
-            "o": ([(f"{prefix}.o_proj.weight", (hd, self.h * self.d))], 0),
+            "qkvg.weight": (
+                [(f"{prefix}.{n}.weight", (s, hd)) for n, s in zip(names, self.sizes, strict=True)],
+                0,
+            ),
+            "o.weight": ([(f"{prefix}.o_proj.weight", (hd, self.h * self.d))], 0),
             "q_norm.weight": ([(f"{prefix}.q_norm.weight", (self.d,))], 0),
             "k_norm.weight": ([(f"{prefix}.k_norm.weight", (self.d,))], 0),
         }
@@ -44,7 +47,7 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v, g = F.linear(x, self.qkvg).split(self.sizes, dim=-1)
+        q, k, v, g = self.qkvg(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.h, self.d))
         k = self.k_norm(k.view(B, T, self.hkv, self.d))
         v = v.view(B, T, self.hkv, self.d)
@@ -73,4 +76,4 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
         out = out.view(B, self.hkv, G, T, self.d).permute(0, 3, 1, 2, 4).reshape(B, T, self.h, self.d)
         out = out * torch.sigmoid(g)[..., None]
-        return F.linear(out.reshape(B, T, self.h * self.d), self.o)
+        return self.o(out.reshape(B, T, self.h * self.d))

@@ -14,6 +14,29 @@ from engine.config import RopeSpec
 Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
 
 
+class Linear(nn.Module):
+    """A bias-free projection whose weight may be stored transposed.
+
+    Loaded as [out, in] (checkpoint layout). On the CPU, `relayout` stores it as [in, out] when out > in:
+    measured with MKL on this class of CPU, a matrix-vector product streams such matrices about twice as
+    fast in that layout (decode is bound by exactly that), and batched matmuls are no slower.
+    """
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.transposed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+
+    def relayout(self) -> None:
+        out_f, in_f = self.weight.shape
+        if not self.transposed and out_f > in_f:
+            self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
+            self.transposed = True
+
+
 class RMSNorm(nn.Module):
     """Gemma-style RMSNorm: normalise in fp32, scale by (1 + w), cast back."""
 
@@ -84,15 +107,18 @@ class MLP(nn.Module):
         super().__init__()
         self.limit = limit
         self.hidden, self.inter = hidden, inter
-        self.gate_up = nn.Parameter(torch.empty(2 * inter, hidden), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(hidden, inter), requires_grad=False)
+        self.gate_up = Linear(2 * inter, hidden)
+        self.down = Linear(hidden, inter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(swiglu(F.linear(x, self.gate_up), self.limit), self.down)
+        return self.down(swiglu(self.gate_up(x), self.limit))
 
     def checkpoint_spec(self, prefix: str) -> Spec:
         h, i = self.hidden, self.inter
         return {
-            "gate_up": ([(f"{prefix}.gate_proj.weight", (i, h)), (f"{prefix}.up_proj.weight", (i, h))], 0),
-            "down": ([(f"{prefix}.down_proj.weight", (h, i))], 0),
+            "gate_up.weight": (
+                [(f"{prefix}.gate_proj.weight", (i, h)), (f"{prefix}.up_proj.weight", (i, h))],
+                0,
+            ),
+            "down.weight": ([(f"{prefix}.down_proj.weight", (h, i))], 0),
         }

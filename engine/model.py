@@ -9,7 +9,7 @@ from torch import nn
 from engine.attention import Attention
 from engine.cache import KVCache, StepMeta
 from engine.config import LayerSpec, TextConfig
-from engine.layers import MLP, RMSNorm, Spec, rope_cos_sin, rope_inv_freq
+from engine.layers import MLP, Linear, RMSNorm, Spec, rope_cos_sin, rope_inv_freq
 from engine.moe import MoE
 
 
@@ -99,7 +99,7 @@ class StepTextModel(nn.Module):
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size)
         self.mtp = nn.ModuleList(MTPLayer(cfg, s) for s in cfg.mtp_layers) if with_mtp else nn.ModuleList()
         self.inv_freq: dict[str, torch.Tensor] = {}
 
@@ -108,7 +108,7 @@ class StepTextModel(nn.Module):
         spec: Spec = {
             "embed": ([("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))], 0),
             "norm.weight": ([("model.norm.weight", (c.hidden_size,))], 0),
-            "lm_head": ([("lm_head.weight", (c.vocab_size, c.hidden_size))], 0),
+            "lm_head.weight": ([("lm_head.weight", (c.vocab_size, c.hidden_size))], 0),
         }
         for i, layer in enumerate(self.layers):
             spec.update(_prefixed(f"layers.{i}", layer.checkpoint_spec(f"model.layers.{i}")))
@@ -123,6 +123,8 @@ class StepTextModel(nn.Module):
             for m in self.modules():
                 if isinstance(m, MoE):
                     m.to_k_major()
+                elif isinstance(m, Linear):
+                    m.relayout()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed)
@@ -142,4 +144,4 @@ class StepTextModel(nn.Module):
             x = layer(x, cos_sin[t], meta.types[t], cache, i)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.lm_head)
+        return self.lm_head(self.norm(x))

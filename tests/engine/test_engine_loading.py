@@ -265,5 +265,8 @@ def test_release_sized_config_builds_the_196b_backbone_on_meta():
     total = sum(p.numel() for p in model.parameters())
     assert 195e9 < total < 197.5e9, total
     spec = model.checkpoint_spec()
-    assert spec["layers.1.attn.qkvg"][0][0] == ("model.layers.1.self_attn.q_proj.weight", (96 * 128, 4096))
+    assert spec["layers.1.attn.qkvg.weight"][0][0] == (
+        "model.layers.1.self_attn.q_proj.weight",
+        (96 * 128, 4096),
+    )
     assert spec["layers.3.mlp.gate_up"][0][0] == ("model.layers.3.moe.gate_proj.weight", (288, 1280, 4096))
