@@ -61,7 +61,7 @@ class LLM:
         device = torch.device(device)
         ckpt = Checkpoint(path)
         try:
-            dtype = resolve_dtype(dtype, cfg.dtype if cfg.dtype else None)
+            dtype = resolve_dtype(dtype, cfg.dtype)
             tc = cfg.text
             # MTP layers are optional in a checkpoint (transformers' save_pretrained drops them).
             mtp_prefixes = tuple(

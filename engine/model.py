@@ -10,7 +10,7 @@ from engine.attention import Attention
 from engine.cache import KVCache, StepMeta
 from engine.config import LayerSpec, TextConfig
 from engine.layers import MLP, Linear, RMSNorm, Spec, rope_cos_sin, rope_inv_freq
-from engine.moe import MoE
+from engine.moe import MoE, fused_moe_kernel
 
 
 def _prefixed(prefix: str, spec: Spec) -> Spec:
@@ -117,14 +117,14 @@ class StepTextModel(nn.Module):
         return spec
 
     def finalize(self, device: torch.device) -> None:
-        """After loading: RoPE tables, and K-major expert weights where the PyTorch expert path runs."""
+        """After loading: RoPE tables, and the weight layouts this device's kernels read fastest."""
         self.inv_freq = {t: rope_inv_freq(s, self.cfg.head_dim).to(device) for t, s in self.cfg.rope.items()}
-        if device.type == "cpu":
-            for m in self.modules():
-                if isinstance(m, MoE):
-                    m.to_k_major()
-                elif isinstance(m, Linear):
-                    m.relayout()
+        use_kernel = device.type == "cuda" and fused_moe_kernel() is not None
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.prepare(use_kernel)
+            elif isinstance(m, Linear) and device.type == "cpu":
+                m.relayout()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed)

@@ -92,10 +92,11 @@ def experts_torch(
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def _fused_moe():
+def fused_moe_kernel():
+    """engine.kernels.fused_moe.fused_moe, or None where the kernels (or triton) are unavailable."""
     try:
         from engine.kernels.fused_moe import fused_moe
-    except ImportError:  # kernels not shipped (or triton absent): the PyTorch path still works
+    except ImportError:
         return None
     return fused_moe
 
@@ -119,9 +120,10 @@ class MoE(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(n_experts), requires_grad=False)  # kept fp32
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden), requires_grad=False)
         self.down = nn.Parameter(torch.empty(n_experts, hidden, inter), requires_grad=False)
-        # False: checkpoint layout ([E, 2I, H], [E, H, I]), what the Triton kernel reads. True: K-major
-        # ([E, H, 2I], [E, I, H]), what CPU matmuls want; `to_k_major` switches after loading.
-        self.k_major = False
+        # Loaded in checkpoint layout; `prepare` then picks the layout the expert path on this device reads:
+        # "k_major" ([E, H, 2I], [E, I, H]) for PyTorch matmuls, "split" (contiguous gate and up [E, I, H],
+        # down [E, H, I]) for the Triton kernel.
+        self.layout = "checkpoint"
         self.shared = MLP(hidden, shared_inter, limit_shared)
 
     def checkpoint_spec(self, prefix: str) -> Spec:
@@ -137,33 +139,33 @@ class MoE(nn.Module):
             spec[f"shared.{name}"] = src
         return spec
 
-    def to_k_major(self) -> None:
-        """Re-lay the expert weights for CPU matmuls (one layer at a time, so never two model copies)."""
-        if not self.k_major:
+    def prepare(self, use_kernel: bool) -> None:
+        """Re-lay the expert weights for the expert path that will run (one layer at a time, so the
+        process never holds two copies of the model)."""
+        if self.layout != "checkpoint":
+            return
+        if use_kernel:
+            i = self.inter
+            self.w_gate = nn.Parameter(self.gate_up[:, :i].contiguous(), requires_grad=False)
+            self.w_up = nn.Parameter(self.gate_up[:, i:].contiguous(), requires_grad=False)
+            del self.gate_up
+            self.layout = "split"
+        else:
             self.gate_up = nn.Parameter(self.gate_up.transpose(1, 2).contiguous(), requires_grad=False)
             self.down = nn.Parameter(self.down.transpose(1, 2).contiguous(), requires_grad=False)
-            self.k_major = True
+            self.layout = "k_major"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
-        if self.k_major:
-            routed = experts_torch(x, self.gate_up, self.down, weights, ids, self.limit)
+        if self.layout == "split":
+            routed = fused_moe_kernel()(
+                x, self.w_gate, self.w_up, self.down, weights, ids, swiglu_limit=self.limit
+            )
         else:
-            fused = _fused_moe() if x.is_cuda else None
-            i = self.inter
-            if fused is not None:
-                routed = fused(
-                    x,
-                    self.gate_up[:, :i],
-                    self.gate_up[:, i:],
-                    self.down,
-                    weights,
-                    ids,
-                    swiglu_limit=self.limit,
-                )
-            else:
-                gu, dn = self.gate_up.transpose(1, 2), self.down.transpose(1, 2)
-                routed = experts_torch(x, gu, dn, weights, ids, self.limit)
+            gu, dn = self.gate_up, self.down
+            if self.layout == "checkpoint":
+                gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+            routed = experts_torch(x, gu, dn, weights, ids, self.limit)
         return (routed + self.shared(x)).reshape(shape)

@@ -51,3 +51,29 @@ def test_expert_schedules_match_naive(tokens, limit, schedule):
     wgu_t, wd_t = wgu.transpose(1, 2).contiguous(), wd.transpose(1, 2).contiguous()
     got = experts_torch(x, wgu_t, wd_t, weights, ids, limit, schedule=schedule)
     torch.testing.assert_close(got, _naive(x, wgu, wd, weights, ids, limit), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_layout_hands_the_fused_moe_contract_its_tensors(monkeypatch):
+    """With the Triton kernel in use, MoE passes (x, w_gate [E,I,H], w_up [E,I,H], w_down [E,H,I],
+    fp32 weights [T,k], ids [T,k], swiglu_limit); here a PyTorch stand-in checks shapes and semantics."""
+    seen = {}
+
+    def fake_fused_moe(x, w_gate, w_up, w_down, topk_weights, topk_ids, swiglu_limit=0.0):
+        seen.update(gate=tuple(w_gate.shape), contiguous=w_gate.is_contiguous() and w_up.is_contiguous())
+        assert topk_weights.dtype == torch.float32
+        wgu = torch.cat([w_gate, w_up], dim=1)
+        return _naive(x, wgu, w_down, topk_weights, topk_ids, swiglu_limit)
+
+    E, H, inter = 6, 16, 8
+    g = torch.Generator().manual_seed(0)
+    block = moe.MoE(H, inter, E, 2, 8, scale=2.5, limit=0.1, limit_shared=0.0)
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    reference = moe.MoE(H, inter, E, 2, 8, scale=2.5, limit=0.1, limit_shared=0.0)
+    reference.load_state_dict(block.state_dict())
+    reference.prepare(use_kernel=False)
+    monkeypatch.setattr(moe, "fused_moe_kernel", lambda: fake_fused_moe)
+    block.prepare(use_kernel=True)
+    x = torch.randn(2, 5, H, generator=g)
+    torch.testing.assert_close(block(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert seen == {"gate": (E, inter, H), "contiguous": True}
