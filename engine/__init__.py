@@ -1,22 +1,25 @@
 """Embedded Step 3.7 Flash inference engine (PyTorch, with Triton kernels on CUDA).
 
-`engine.LLM` is imported lazily so that light users of the package (e.g. `engine.chat`) do not pay for
+Public names are imported lazily so that light users of the package (e.g. `engine.chat`) do not pay for
 importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.config import ConfigError
     from engine.llm import LLM
+    from engine.loader import CheckpointError
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "CheckpointError", "ConfigError"]
+
+_LAZY = {"LLM": "engine.llm", "CheckpointError": "engine.loader", "ConfigError": "engine.config"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LLM":
-        from engine.llm import LLM
-
-        return LLM
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
