@@ -99,3 +99,10 @@ def test_stream_yields_what_generate_returns(llm):
     assert list(llm.stream(PROMPTS[1], 12, temperature=0.7, seed=4)) == want
     free = llm.generate([PROMPTS[0]], 8, stop_token_ids=[])[0]
     assert list(llm.stream(PROMPTS[0], 8, stop_token_ids=[free[3]])) == free[: free.index(free[3]) + 1]
+
+
+@pytest.mark.parametrize(("prompt", "new"), [([9], 3), ([9, 10], 2), ([4, 5, 6, 7, 8, 9, 10, 11], 1)])
+def test_short_runs_where_the_cache_is_smaller_than_the_window(llm, prompt, new):
+    assert llm.generate([prompt], new, stop_token_ids=[]) == llm.generate(
+        [prompt], new, stop_token_ids=[], use_cache=False
+    )
