@@ -1,0 +1,75 @@
+"""Answer checks: equals, contains, regex, python (a function beside the task), none."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from advisor.task import Check
+
+_FINAL = re.compile(r"(?:final answer|answer)\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    detail: str
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a final message: what follows 'Answer:' when present, else the whole text."""
+    text = text.strip()
+    matches = list(_FINAL.finditer(text))
+    if matches:
+        text = matches[-1].group(1).strip()
+    return text.strip().strip("`").strip()
+
+
+def _number(s: str) -> float | None:
+    try:
+        return float(s.replace(",", "").removeprefix("$"))
+    except ValueError:
+        return None
+
+
+def _norm(s: str, ignore_case: bool) -> str:
+    s = s.strip().strip("\"'").rstrip(".").strip()
+    return s.lower() if ignore_case else s
+
+
+async def run_check(check: Check, answer: str, base_dir: Path) -> CheckResult:
+    if check.type == "none":
+        return CheckResult(True, "no check")
+    if check.type == "python":
+        return await asyncio.to_thread(_python_check, check, answer, base_dir)
+    expected = check.value or ""
+    if check.type == "equals":
+        a, b = _norm(answer, check.ignore_case), _norm(expected, check.ignore_case)
+        na, nb = _number(a), _number(b)
+        ok = a == b or (na is not None and nb is not None and abs(na - nb) <= 1e-9 * max(1.0, abs(nb)))
+        return CheckResult(ok, f"expected {expected!r}, got {answer!r}")
+    if check.type == "contains":
+        a, b = (answer.lower(), expected.lower()) if check.ignore_case else (answer, expected)
+        return CheckResult(b in a, f"expected to contain {expected!r}")
+    flags = re.IGNORECASE if check.ignore_case else 0
+    return CheckResult(re.search(expected, answer, flags) is not None, f"expected to match /{expected}/")
+
+
+def _python_check(check: Check, answer: str, base_dir: Path) -> CheckResult:
+    path = base_dir / (check.file or "")
+    spec = importlib.util.spec_from_file_location(f"advisor_check_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        return CheckResult(False, f"cannot load check file {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        fn = getattr(module, check.function)
+        out = fn(answer)
+    except Exception as e:  # the user's check failing is a failed check, not a crash of the run
+        return CheckResult(False, f"check {path.name}:{check.function} raised {type(e).__name__}: {e}")
+    if isinstance(out, tuple):
+        return CheckResult(bool(out[0]), str(out[1]) if len(out) > 1 else "")
+    return CheckResult(bool(out), f"{path.name}:{check.function}")

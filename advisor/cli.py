@@ -1,0 +1,170 @@
+"""The `advisor` command: `advisor run task.yaml ...` (and `eval` / `report` when evals is installed)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from advisor.result import TaskResult
+from advisor.runner import STRATEGIES, Advisor
+from advisor.task import Task, TaskError, load_task
+
+
+def _usd(x: float) -> str:
+    return f"${x:.6f}" if x < 0.01 else f"${x:.4f}"
+
+
+class Progress:
+    """Live state per task, fed by trace events."""
+
+    def __init__(self, names: list[str], console: Console | None = None):
+        self.rows = {n: {"status": "queued", "steps": 0, "consults": 0, "usd": 0.0} for n in names}
+        self.console = console  # without a terminal, one line per finished task instead of a live table
+
+    def __call__(self, name: str, event: dict) -> None:
+        row = self.rows.setdefault(name, {"status": "queued", "steps": 0, "consults": 0, "usd": 0.0})
+        kind = event["type"]
+        if kind == "task_start":
+            row["status"] = "running"
+        elif kind == "model_call":
+            row["usd"] += event.get("cost_usd") or 0.0
+            row["steps"] = max(row["steps"], event.get("step") or 0)
+        elif kind == "consult":
+            row["consults"] += 1
+        elif kind == "task_end":
+            row["status"] = event["outcome"]
+            if self.console is not None:
+                self.console.print(
+                    f"{name}: {event['outcome']} after {row['steps']} steps, "
+                    f"{row['consults']} consults, {_usd(row['usd'])}",
+                    markup=False,
+                    highlight=False,
+                )
+
+    def table(self) -> Table:
+        t = Table(title="advisor run", expand=False)
+        for col in ("task", "status", "steps", "consults", "USD so far"):
+            t.add_column(col, justify="right" if col != "task" else "left")
+        for name, r in self.rows.items():
+            t.add_row(name, r["status"], str(r["steps"]), str(r["consults"]), _usd(r["usd"]))
+        total = sum(r["usd"] for r in self.rows.values())
+        t.caption = f"running cost {_usd(total)}"
+        return t
+
+
+def results_table(results: list[TaskResult]) -> Table:
+    t = Table(title="results")
+    cols = [
+        "task",
+        "outcome",
+        "steps",
+        "consults",
+        "exec tok in/cached/out",
+        "frontier tok in/cached/out",
+        "exec USD",
+        "frontier USD",
+        "total USD",
+        "frontier-only USD",
+        "saved",
+    ]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("task", "outcome") else "right")
+    for r in results:
+        tok = r.tokens
+        fmt = lambda u: (
+            f"{u.get('input', 0)}/{u.get('cached_input', 0)}/{u.get('output', 0) + u.get('reasoning', 0)}"
+        )  # noqa: E731
+        c = r.cost_usd
+        style = {"passed": "green", "failed": "red", "budget_exceeded": "yellow", "error": "red"}[r.outcome]
+        t.add_row(
+            r.task,
+            f"[{style}]{r.outcome}[/]",
+            str(r.steps),
+            f"{r.consults} (+{r.skipped_consults} skipped)",
+            fmt(tok.get("executor", {})),
+            fmt(tok.get("frontier", {})),
+            _usd(c.get("executor", 0.0)),
+            _usd(c.get("frontier", 0.0)),
+            _usd(c.get("total", 0.0)),
+            _usd(c.get("frontier_only_estimate", 0.0)),
+            _usd(c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)),
+        )
+    return t
+
+
+async def _run(tasks: list[Task], args: argparse.Namespace, console: Console) -> list[TaskResult]:
+    progress = Progress([t.name for t in tasks], None if console.is_terminal else console)
+    async with Advisor(runs_dir=args.runs_dir, listeners=[progress]) as adv:
+        live = (
+            Live(
+                progress.table(),
+                console=console,
+                refresh_per_second=4,
+                transient=True,
+                get_renderable=progress.table,
+            )
+            if console.is_terminal
+            else contextlib.nullcontext()
+        )
+        with live:
+            results = await adv.run_many(tasks, strategy=args.strategy, concurrency=args.concurrency)
+        console.print(results_table(results))
+        console.print(f"outputs: {adv.run_dir}")
+    return results
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    err = Console(stderr=True)
+    try:
+        tasks = [load_task(p, strategies=(args.strategy,)) for p in args.tasks]
+    except TaskError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    results = asyncio.run(_run(tasks, args, console))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advisor", description="Advisor-Mode agent loops with a cost ledger."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run task.yaml files (concurrently) and report cost per task")
+    run.add_argument("tasks", nargs="+", type=Path, help="task.yaml files")
+    run.add_argument(
+        "--runs-dir", type=Path, default=Path("runs"), help="where runs/<run-id>/<task>/ go (default: runs)"
+    )
+    run.add_argument("--concurrency", type=int, default=40, help="tasks run at once (default: 40)")
+    run.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="advisor",
+        help="advisor: the task's escalation policy; executor: no consults; frontier: frontier alone",
+    )
+    run.set_defaults(func=cmd_run)
+    try:
+        from evals import cli as evals_cli
+    except ImportError as e:
+        if e.name not in ("evals.cli", "evals"):
+            raise
+    else:
+        evals_cli.add_eval_parser(sub)
+        evals_cli.add_report_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""The Advisor-Mode loop for one task: plan -> executor steps -> answer -> check, with consults.
+
+The executor makes the tool calls. The frontier is consulted at the configured inflection points
+(plan, replan, final) and after `after_failures` consecutive failed steps, each consult priced
+before it is made. Every event goes to the trace as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from advisor.checks import extract_answer, run_check
+from advisor.endpoints.base import Endpoint, EndpointError
+from advisor.escalation import EscalationPolicy
+from advisor.ledger import Ledger
+from advisor.messages import Attempt, Effort, Message, ModelResponse, TextPart, ToolCall, Usage
+from advisor.pricing import Price
+from advisor.prompts import render
+from advisor.result import TaskResult
+from advisor.task import Task
+from advisor.trace import Listener, Trace
+from tools.images import ImageLedger
+from tools.profiles import profile_for
+from tools.spec import ToolContext, ToolSpec
+
+TEXT_IN_TRACE = 2000  # tool output kept in the trace per call; the model sees its own truncation
+
+
+@dataclass
+class Slot:
+    """A model in a role: which endpoint, at what price and effort, and whose ledger line it bills."""
+
+    role: str
+    endpoint: Endpoint
+    price: Price
+    effort: Effort
+
+
+class _Stop(Exception):
+    def __init__(self, outcome: str, detail: str | None = None):
+        super().__init__(detail or outcome)
+        self.outcome = outcome
+        self.detail = detail
+
+
+def _estimate_tokens(messages: list[Message]) -> int:
+    chars = sum(len(p.text) for m in messages for p in m.content if isinstance(p, TextPart))
+    images = sum(len(m.images) for m in messages)
+    return chars // 4 + 200 * images + 16 * len(messages)
+
+
+def _call_key(tc: ToolCall) -> str:
+    return tc.name + json.dumps(tc.arguments, sort_keys=True, default=str)
+
+
+@dataclass
+class TaskLoop:
+    task: Task
+    executor: Slot
+    frontier: Slot | None
+    strategy: str
+    out_dir: Path
+    listeners: list[Listener] = field(default_factory=list)
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        self.trace = Trace(self.out_dir / "trace.jsonl", fsync=self.fsync, listeners=self.listeners)
+        self.ledger = Ledger(frontier_price=self.frontier.price if self.frontier else None)
+        self.policy = EscalationPolicy(
+            self.task.escalation, enabled=self.strategy == "advisor" and self.frontier is not None
+        )
+        self.tools: list[ToolSpec] = self.task.tool_specs()
+        self.by_name = {t.name: t for t in self.tools}
+        self.steps = 0
+        self.model_calls = 0
+        self.answer: str | None = None
+        self.digest: list[str] = []
+        self.started = time.monotonic()
+        self.images = ImageLedger()
+        self.workspace = self.out_dir / "workspace"
+
+    # -- limits and calls -------------------------------------------------------------------
+    def _check_limits(self) -> None:
+        b = self.task.budget
+        if self.ledger.total_usd >= b.max_usd:
+            self.trace.emit("budget_exceeded", limit="max_usd", value=self.ledger.total_usd)
+            raise _Stop("budget_exceeded", f"max_usd {b.max_usd} reached")
+        elapsed = time.monotonic() - self.started
+        if elapsed >= b.max_wall_s:
+            self.trace.emit("budget_exceeded", limit="max_wall_s", value=elapsed)
+            raise _Stop("budget_exceeded", f"max_wall_s {b.max_wall_s} reached")
+
+    async def _call(
+        self,
+        slot: Slot,
+        purpose: str,
+        messages: list[Message],
+        tools: list[ToolSpec] | None,
+        max_tokens: int | None = None,
+    ) -> ModelResponse:
+        self._check_limits()
+        attempts: list[Attempt] = []
+        remaining = self.task.budget.max_wall_s - (time.monotonic() - self.started)
+        self.model_calls += 1
+        base = {
+            "role": slot.role,
+            "purpose": purpose,
+            "endpoint": slot.endpoint.name,
+            "model": slot.endpoint.config.model,
+            "step": self.steps,
+        }
+        try:
+            resp = await asyncio.wait_for(
+                slot.endpoint.complete(
+                    messages,
+                    tools=tools or None,
+                    effort=slot.effort,
+                    max_tokens=max_tokens,
+                    on_attempt=attempts.append,
+                ),
+                timeout=max(remaining, 0.001),
+            )
+        except (EndpointError, TimeoutError) as e:
+            usage = Usage()
+            for a in getattr(e, "attempts", None) or attempts:
+                if a.usage is not None:
+                    usage = usage + a.usage
+            rec = self.ledger.record(slot.role, slot.endpoint.name, purpose, usage, slot.price)
+            error = (
+                str(e)
+                if isinstance(e, EndpointError)
+                else f"max_wall_s {self.task.budget.max_wall_s} reached"
+            )
+            self.trace.emit(
+                "model_call",
+                **base,
+                usage=usage.as_dict(),
+                cost_usd=rec.cost_usd,
+                latency_s=None,
+                finish_reason=None,
+                attempts=[_attempt(a) for a in attempts],
+                error=error,
+            )
+            if isinstance(e, TimeoutError):
+                self.trace.emit("budget_exceeded", limit="max_wall_s", value=time.monotonic() - self.started)
+                raise _Stop("budget_exceeded", error) from None
+            raise _Stop("error", error) from None
+        rec = self.ledger.record(slot.role, slot.endpoint.name, purpose, resp.usage, slot.price)
+        self.trace.emit(
+            "model_call",
+            **base,
+            usage=resp.usage.as_dict(),
+            cost_usd=rec.cost_usd,
+            latency_s=resp.latency_s,
+            finish_reason=resp.finish_reason,
+            attempts=[_attempt(a) for a in resp.attempts],
+            error=None,
+        )
+        return resp
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _prepare(self) -> list[Message]:
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        for src in self.task.input_paths("files"):
+            shutil.copy2(src, self.workspace / src.name)
+        ids = [self.images.load(p) for p in self.task.input_paths("images")]
+        cfg = self.executor.endpoint.config
+        self.profile = profile_for(cfg.model, cfg.provider)
+        system = render(
+            "executor_system",
+            task_name=self.task.name,
+            tools=[t.name for t in self.tools],
+            has_images=bool(ids),
+        )
+        user = render(
+            "task_user",
+            goal=self.task.goal.strip(),
+            images=[self.images.describe(i) for i in ids],
+            files=[p.name for p in self.task.input_paths("files")],
+        )
+        parts = [self.images.to_image_part(i, self.profile) for i in ids]
+        return [Message.system(system), Message.user(user, parts)]
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self) -> TaskResult:
+        outcome, error = "failed", None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.trace.emit(
+            "task_start",
+            task=self.task.name,
+            strategy=self.strategy,
+            executor=self._role_info(self.executor),
+            frontier=self._role_info(self.frontier),
+            budget=self.task.budget.model_dump(),
+            escalation=self.task.escalation.model_dump(),
+            prices={
+                s.endpoint.name: (
+                    None
+                    if s.endpoint.config.free and s.endpoint.config.price is None
+                    else s.price.model_dump()
+                )
+                for s in (self.executor, self.frontier)
+                if s is not None
+            },
+        )
+        try:
+            messages = self._prepare()
+            outcome = await self._steps(messages)
+        except _Stop as stop:
+            outcome, error = stop.outcome, stop.detail
+        except Exception as e:  # a crash in a tool or our code ends this task, not the whole run
+            outcome, error = "error", f"{type(e).__name__}: {e}"
+        result = TaskResult(
+            task=self.task.name,
+            strategy=self.strategy,
+            outcome=outcome,
+            answer=self.answer,
+            error=error,
+            steps=self.steps,
+            consults=self.policy.consults,
+            skipped_consults=self.policy.skipped,
+            model_calls=self.model_calls,
+            wall_s=round(time.monotonic() - self.started, 3),
+            tokens=self.ledger.tokens_dict(),
+            cost_usd=self.ledger.cost_dict(),
+            out_dir=str(self.out_dir),
+        )
+        self.trace.emit("task_end", outcome=outcome, error=error, result=result.to_dict())
+        self.trace.close()
+        result.write(self.out_dir)
+        return result
+
+    async def _steps(self, messages: list[Message]) -> str:
+        policy = self.policy
+        rejected = 0
+        takeover_left = 0
+        if policy.wants("plan"):
+            takeover_left = await self._consult("plan", messages)
+        while True:
+            if self.steps >= self.task.budget.max_steps:
+                self.trace.emit("budget_exceeded", limit="max_steps", value=self.steps)
+                return "budget_exceeded"
+            self._check_limits()  # before counting: a step is a call actually made
+            self.steps += 1
+            acting = self.frontier if takeover_left > 0 and self.frontier else self.executor
+            purpose = "takeover" if acting is not self.executor else "step"
+            takeover_left = max(0, takeover_left - 1)
+            resp = await self._call(acting, purpose, messages, self.tools)
+            msg = resp.message
+            messages.append(msg)
+            if msg.tool_calls:
+                failure = await self._run_tools(msg.tool_calls, messages)
+                if failure is None:
+                    policy.success()
+                    continue
+                if policy.failure(self.steps, *failure, self.trace):
+                    takeover_left = await self._consult("failures", messages, detail=failure[1])
+                continue
+            answer = extract_answer(msg.text)
+            if not answer:
+                messages.append(Message.user("Reply with a tool call, or with the final answer."))
+                if policy.failure(self.steps, "no_progress", "empty reply", self.trace):
+                    takeover_left = await self._consult("failures", messages, detail="empty reply")
+                continue
+            self.answer = answer
+            by = "frontier" if acting is not self.executor else "executor"
+            self.trace.emit("answer", step=self.steps, answer=answer, by=by)
+            if by == "executor" and policy.wants("final") and not policy.final_done:
+                policy.final_done = True
+                verdict = await self._consult("final", messages, answer=answer)
+                if verdict == -1:  # the planner objected: its advice is in context, the executor goes on
+                    continue
+                takeover_left = max(takeover_left, verdict)
+                if takeover_left:
+                    continue
+            check = await run_check(self.task.check, answer, self.task.base_dir)
+            self.trace.emit("check", type=self.task.check.type, passed=check.passed, detail=check.detail)
+            if check.passed:
+                return "passed"
+            rejected += 1
+            if rejected >= self.task.check.max_attempts:
+                return "failed"
+            messages.append(Message.user(render("check_rejected", answer=answer)))
+            policy.failure(self.steps, "check_rejected", check.detail, self.trace)
+            if policy.wants("replan"):
+                takeover_left = await self._consult("replan", messages, answer=answer, detail=check.detail)
+
+    async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> tuple[str, str] | None:
+        """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None."""
+        failure: tuple[str, str] | None = None
+        new_images: list[str] = []
+        ctx = ToolContext(workspace=self.workspace, images=self.images)
+        for tc in calls:
+            self.trace.emit(
+                "tool_call",
+                step=self.steps,
+                id=tc.id,
+                name=tc.name,
+                arguments=tc.arguments if tc.arguments is not None else tc.raw_arguments,
+            )
+            reason, produced = None, []
+            if tc.parse_error is not None or tc.arguments is None:
+                text, reason = (
+                    f"error: malformed tool call: {tc.parse_error or 'arguments could not be parsed'}",
+                    "malformed_tool_call",
+                )
+            elif tc.name not in self.by_name:
+                known = ", ".join(self.by_name) or "none"
+                text, reason = f"error: unknown tool '{tc.name}'; available tools: {known}", "unknown_tool"
+            elif self.policy.repeated(_call_key(tc)):
+                text, reason = (
+                    "error: this exact call was already made and failed or changed nothing; change the arguments or the approach",
+                    "repeated_call",
+                )
+            else:
+                result = await self.by_name[tc.name].invoke(tc.arguments, ctx)
+                text = result.text
+                if result.is_error:
+                    reason = "tool_error"
+                    self.policy.remember_failed(_call_key(tc))
+                else:
+                    self.policy.remember_ok(_call_key(tc))
+                produced = [i for i, _ in result.images]
+                new_images += produced
+            self.trace.emit(
+                "tool_result",
+                step=self.steps,
+                id=tc.id,
+                name=tc.name,
+                is_error=reason is not None,
+                text=text[:TEXT_IN_TRACE],
+                images=produced,
+            )
+            messages.append(Message.tool(tc.id, tc.name, text, is_error=reason is not None))
+            self.digest.append(
+                f"step {self.steps}: {tc.name}({json.dumps(tc.arguments, default=str) if tc.arguments is not None else tc.raw_arguments[:200]}) -> {text[:300]}"
+            )
+            if reason and failure is None:
+                failure = (reason, text[:300])
+        if new_images:
+            # OpenAI tool messages cannot carry images: they follow in a user message.
+            parts = [self.images.to_image_part(i, self.profile) for i in new_images]
+            messages.append(
+                Message.user(
+                    "Images from the tools: " + "; ".join(self.images.describe(i) for i in new_images), parts
+                )
+            )
+        return failure
+
+    async def _consult(
+        self, trigger: str, messages: list[Message], answer: str | None = None, detail: str = ""
+    ) -> int:
+        """Consults the frontier. Returns takeover steps granted, 0 for advice (or a skip), -1 when a
+        final-answer review objected."""
+        assert self.frontier is not None
+        policy = self.policy
+        request = render(
+            "consult_request",
+            goal=self.task.goal.strip(),
+            tools=[t.name for t in self.tools],
+            digest="\n".join(self.digest[-40:]),
+            trigger=trigger,
+            answer=answer,
+            failures=policy.consecutive,
+            detail=detail,
+        )
+        consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
+        mode = policy.config.mode
+        if mode == "takeover" and trigger != "final":
+            est_in = _estimate_tokens(messages)
+        else:
+            est_in = _estimate_tokens(consult_msgs)
+        cap = policy.config.advice_max_tokens
+        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
+        skip = policy.skip_reason(self.ledger.total_usd, estimate, self.task.budget.max_usd)
+        if skip:
+            policy.skipped += 1
+            self.trace.emit(
+                "consult_skipped", step=self.steps, trigger=trigger, reason=skip, estimated_cost_usd=estimate
+            )
+            return 0
+        policy.consults += 1
+        policy.reset()
+        if mode == "takeover" and trigger != "final":
+            steps = policy.config.takeover_steps
+            self.trace.emit(
+                "consult",
+                step=self.steps,
+                trigger=trigger,
+                mode=mode,
+                estimated_cost_usd=estimate,
+                advice=None,
+            )
+            messages.append(Message.user(render("takeover", steps=steps, trigger=trigger)))
+            return steps
+        resp = await self._call(self.frontier, "consult", consult_msgs, None, max_tokens=cap)
+        advice = resp.message.text.strip()
+        self.trace.emit(
+            "consult",
+            step=self.steps,
+            trigger=trigger,
+            mode="advise",
+            estimated_cost_usd=estimate,
+            advice=advice[:TEXT_IN_TRACE],
+        )
+        if trigger == "final" and advice.upper().startswith("APPROVE"):
+            return 0
+        messages.append(Message.user(render("advice", trigger=trigger, advice=advice)))
+        self.digest.append(f"planner ({trigger}): {advice[:300]}")
+        return -1 if trigger == "final" else 0
+
+    @staticmethod
+    def _role_info(slot: Slot | None) -> dict | None:
+        if slot is None:
+            return None
+        return {
+            "endpoint": slot.endpoint.name,
+            "model": slot.endpoint.config.model,
+            "effort": slot.effort,
+            "role": slot.role,
+        }
+
+
+def _attempt(a: Attempt) -> dict:
+    return {
+        "number": a.number,
+        "ok": a.ok,
+        "status": a.status,
+        "error": a.error,
+        "retry_after_s": a.retry_after_s,
+        "latency_s": a.latency_s,
+        "usage": a.usage.as_dict() if a.usage else None,
+    }

@@ -1,0 +1,86 @@
+"""A task's result: the result.json object, and report.md for a person."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Outcome = Literal["passed", "failed", "budget_exceeded", "error"]
+
+
+@dataclass
+class TaskResult:
+    task: str
+    strategy: str
+    outcome: Outcome
+    answer: str | None = None
+    error: str | None = None
+    steps: int = 0
+    consults: int = 0
+    skipped_consults: int = 0
+    model_calls: int = 0
+    wall_s: float = 0.0
+    tokens: dict = field(default_factory=dict)
+    cost_usd: dict = field(default_factory=dict)
+    out_dir: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("out_dir")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskResult:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def write(self, out_dir: Path) -> None:
+        """result.json is written atomically: its presence means the task finished."""
+        tmp = out_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / "result.json")
+        (out_dir / "report.md").write_text(render_report(self), encoding="utf-8")
+
+
+def _usd(x: float) -> str:
+    return f"${x:.6f}" if x < 0.01 else f"${x:.4f}"
+
+
+def render_report(r: TaskResult) -> str:
+    c = r.cost_usd
+    saved = c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)
+    lines = [
+        f"# {r.task}",
+        "",
+        f"- outcome: **{r.outcome}** (strategy: {r.strategy})",
+        f"- answer: `{r.answer}`" if r.answer is not None else "- answer: none",
+    ]
+    if r.error:
+        lines.append(f"- error: {r.error}")
+    lines += [
+        f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}), model calls: {r.model_calls}",
+        f"- wall time: {r.wall_s:.2f} s",
+        "",
+        "| role | input | cached input | cache write | output | reasoning | USD |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for role in ("executor", "frontier"):
+        t = r.tokens.get(role, {})
+        lines.append(
+            f"| {role} | {t.get('input', 0)} | {t.get('cached_input', 0)} | {t.get('cache_write', 0)} | "
+            f"{t.get('output', 0)} | {t.get('reasoning', 0)} | {_usd(c.get(role, 0.0))} |"
+        )
+    lines += [
+        "",
+        f"Total: **{_usd(c.get('total', 0.0))}**. The same tokens on the frontier model alone: "
+        f"{_usd(c.get('frontier_only_estimate', 0.0))} (saved {_usd(saved)}).",
+        "",
+    ]
+    return "\n".join(lines)

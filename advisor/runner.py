@@ -1,0 +1,121 @@
+"""`Advisor`: runs tasks (one or many, concurrently) with shared endpoints, writing each task's outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+from advisor.endpoints import Endpoint, EndpointConfig, make_endpoint
+from advisor.loop import Slot, TaskLoop
+from advisor.pricing import FREE, Price
+from advisor.result import TaskResult
+from advisor.task import Task
+
+STRATEGIES = ("advisor", "executor", "frontier")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+
+
+class Advisor:
+    """Runs Advisor-Mode tasks.
+
+    >>> async with Advisor(runs_dir="runs") as adv:
+    ...     result = await adv.run(Task.from_yaml("task.yaml"))
+
+    Endpoints are created once per (name, config) and shared by all concurrent tasks.
+    `endpoint_options` go to `make_endpoint` (e.g. a test transport or backoff). Listeners get
+    (task output name, trace event) for every event, as it happens.
+    """
+
+    def __init__(
+        self,
+        runs_dir: str | Path = "runs",
+        *,
+        run_id: str | None = None,
+        listeners: list[Callable[[str, dict], None]] | None = None,
+        fsync: bool = True,
+        endpoints: dict[str, Endpoint] | None = None,
+        endpoint_options: dict | None = None,
+    ):
+        self.runs_dir = Path(runs_dir)
+        self.run_id = run_id or new_run_id()
+        self.listeners = list(listeners or [])
+        self.fsync = fsync
+        self._given = dict(endpoints or {})
+        self._endpoints: dict[str, Endpoint] = {}
+        self._options = endpoint_options or {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_id
+
+    def endpoint(self, name: str, config: EndpointConfig) -> Endpoint:
+        if name in self._given:
+            return self._given[name]
+        key = name + "\x00" + json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        if key not in self._endpoints:
+            self._endpoints[key] = make_endpoint(name, config, **self._options)
+        return self._endpoints[key]
+
+    def _slot(self, task: Task, which: str, role: str) -> Slot | None:
+        rc = task.executor if which == "executor" else task.frontier
+        if rc is None:
+            return None
+        cfg = task.endpoints[rc.endpoint]
+        price: Price = cfg.price if cfg.price is not None else FREE
+        return Slot(role, self.endpoint(rc.endpoint, cfg), price, rc.effort)
+
+    async def run(
+        self, task: Task, strategy: str = "advisor", out_dir: str | Path | None = None
+    ) -> TaskResult:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
+        task.validate_ready(check_env=False, strategies=(strategy,))
+        frontier = self._slot(task, "frontier", "frontier")
+        executor = frontier if strategy == "frontier" else self._slot(task, "executor", "executor")
+        assert executor is not None
+        out = Path(out_dir) if out_dir else self.run_dir / task.name
+        loop = TaskLoop(
+            task,
+            executor,
+            None if strategy == "frontier" else frontier,
+            strategy,
+            out,
+            listeners=[partial(f, out.name) for f in self.listeners],
+            fsync=self.fsync,
+        )
+        if strategy == "frontier" and frontier is not None:
+            loop.ledger.frontier_price = frontier.price
+        return await loop.run()
+
+    async def run_many(
+        self, tasks: Iterable[Task], *, strategy: str = "advisor", concurrency: int = 40
+    ) -> list[TaskResult]:
+        tasks = list(tasks)
+        names = [t.name for t in tasks]
+        dupes = {n for n in names if names.count(n) > 1}
+        sem = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(i: int, task: Task) -> TaskResult:
+            out = self.run_dir / (f"{task.name}-{i}" if task.name in dupes else task.name)
+            async with sem:
+                return await self.run(task, strategy, out)
+
+        return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks))))
+
+    async def aclose(self) -> None:
+        for ep in self._endpoints.values():
+            await ep.aclose()
+        self._endpoints.clear()
+
+    async def __aenter__(self) -> Advisor:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,287 @@
+"""task.yaml: the pydantic models, where endpoints come from, and one-line validation errors.
+
+Every field is documented in docs/task-yaml.md. Endpoints are merged from (lowest first) the user's
+config directory (`$ADVISOR_CONFIG_DIR` or `~/.config/advisor`)/advisor.yaml, an advisor.yaml beside the
+task file, and the task's own `endpoints:` block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from advisor.endpoints.base import EndpointConfig
+from advisor.messages import Effort
+from tools.spec import ToolSpec, tool
+
+Trigger = Literal["plan", "replan", "final"]
+
+
+class TaskError(Exception):
+    """Bad input: one line naming the file, the field and what to do. The CLI exits 2 on it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Inputs(_Strict):
+    images: list[str] = Field(
+        default_factory=list, description="image paths relative to the task file; become img_0, img_1, ..."
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="file paths relative to the task file, copied into the task's workspace",
+    )
+
+
+class RoleConfig(_Strict):
+    endpoint: str = Field(description="name of an endpoint under `endpoints:`")
+    effort: Effort = Field(default="low", description="reasoning effort: low | medium | high")
+
+
+class Escalation(_Strict):
+    after_failures: int = Field(
+        default=2, ge=1, description="consecutive failed executor steps before a consult"
+    )
+    at: list[Trigger] = Field(
+        default_factory=list,
+        description="inflection points: plan, replan (after a failed check), final (before accepting)",
+    )
+    mode: Literal["advise", "takeover"] = Field(
+        default="advise",
+        description="advise: guidance only; takeover: the frontier acts for takeover_steps steps",
+    )
+    max_consults: int = Field(default=3, ge=0, description="consults allowed per task")
+    takeover_steps: int = Field(default=1, ge=1, description="steps the frontier acts for in takeover mode")
+    advice_max_tokens: int = Field(
+        default=1024, gt=0, description="output cap of one consult, also used to price it beforehand"
+    )
+
+
+class Budget(_Strict):
+    max_usd: float = Field(default=1.0, ge=0, description="stop when the task's ledger reaches this many USD")
+    max_steps: int = Field(default=40, ge=1, description="executor (or takeover) model calls")
+    max_wall_s: float = Field(default=600.0, gt=0, description="wall-clock seconds for the whole task")
+
+
+class Check(_Strict):
+    type: Literal["equals", "contains", "regex", "python", "none"] = Field(
+        default="none", description="how the answer is verified"
+    )
+    value: str | None = Field(
+        default=None, description="expected value (equals, contains) or pattern (regex)"
+    )
+    file: str | None = Field(default=None, description="python: a .py file beside the task")
+    function: str = Field(
+        default="check",
+        description="python: the function in `file`, called as f(answer) -> bool | (bool, detail)",
+    )
+    ignore_case: bool = Field(
+        default=False, description="equals / contains / regex: compare case-insensitively"
+    )
+    max_attempts: int = Field(default=3, ge=1, description="rejected answers before the task fails")
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        return v if v is None or isinstance(v, str) else str(v)
+
+
+class Task(BaseModel):
+    """One agent task. Load with `Task.from_yaml(path)` or build it in Python (tools may be functions)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="task name; also its output folder"
+    )
+    goal: str = Field(min_length=1, description="what the agent must do, and the answer format")
+    inputs: Inputs = Field(default_factory=Inputs)
+    tools: list[Any] = Field(
+        default_factory=list, description="built-in tool names; from Python also functions or ToolSpecs"
+    )
+    executor: RoleConfig
+    frontier: RoleConfig | None = Field(
+        default=None, description="the consulted model; omit for an executor-only task"
+    )
+    escalation: Escalation = Field(default_factory=Escalation)
+    budget: Budget = Field(default_factory=Budget)
+    check: Check = Field(default_factory=Check)
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<task>")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[Any]) -> list[Any]:
+        from tools.registry import BUILTIN
+
+        for i, t in enumerate(v):
+            if isinstance(t, str):
+                if t not in BUILTIN:
+                    raise ValueError(f"unknown tool '{t}' at tools[{i}]; known tools: {', '.join(BUILTIN)}")
+            elif not (isinstance(t, ToolSpec) or callable(t)):
+                raise ValueError(f"tools[{i}] must be a tool name, a function or a ToolSpec")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def with_base(self, base_dir: Path, source: str) -> Task:
+        self._base_dir, self._source = Path(base_dir), source
+        return self
+
+    def tool_specs(self) -> list[ToolSpec]:
+        from tools.registry import BUILTIN
+
+        specs: list[ToolSpec] = []
+        for t in self.tools:
+            specs.append(BUILTIN[t] if isinstance(t, str) else t if isinstance(t, ToolSpec) else tool(t))
+        return specs
+
+    def input_paths(self, kind: Literal["images", "files"]) -> list[Path]:
+        return [(self._base_dir / p) for p in getattr(self.inputs, kind)]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, check_env: bool = True) -> Task:
+        return load_task(path, check_env=check_env)
+
+    def validate_ready(self, *, check_env: bool = True, strategies: tuple[str, ...] = ("advisor",)) -> None:
+        """Checks that need the outside world: files exist, endpoints are named and priced, keys are set."""
+        src = self._source
+        for kind in ("images", "files"):
+            for i, p in enumerate(self.input_paths(kind)):  # type: ignore[arg-type]
+                if not p.is_file():
+                    raise TaskError(
+                        f"{src}: inputs.{kind}[{i}]: file not found: {p} (paths are relative to the task file)"
+                    )
+        if self.check.type == "python":
+            if not self.check.file:
+                raise TaskError(
+                    f"{src}: check.file: a python check needs `file:` (a .py file beside the task)"
+                )
+            if not (self._base_dir / self.check.file).is_file():
+                raise TaskError(f"{src}: check.file: file not found: {self._base_dir / self.check.file}")
+        elif self.check.type != "none" and self.check.value is None:
+            raise TaskError(f"{src}: check.value: a {self.check.type} check needs `value:`")
+        used = {"executor": self.executor}
+        if self.frontier is not None:
+            used["frontier"] = self.frontier
+        elif "frontier" in strategies:
+            raise TaskError(f"{src}: frontier: the frontier strategy needs a `frontier:` endpoint")
+        for role, rc in used.items():
+            cfg = self.endpoints.get(rc.endpoint)
+            if cfg is None:
+                known = ", ".join(self.endpoints) or "none"
+                raise TaskError(
+                    f"{src}: {role}.endpoint: unknown endpoint '{rc.endpoint}' (known: {known}); "
+                    "define it under `endpoints:` here, in advisor.yaml beside the task, or in your config directory"
+                )
+            where = f"endpoints.{rc.endpoint}"
+            if cfg.price is None and not cfg.free:
+                raise TaskError(
+                    f"{src}: {where}.price: endpoint has no price; add price: {{input, cached_input, output}} "
+                    "(USD per million tokens) or set free: true on purpose"
+                )
+            if check_env and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+                raise TaskError(
+                    f"{src}: {where}.api_key_env: environment variable {cfg.api_key_env} is not set; "
+                    f"export {cfg.api_key_env}=... (keys are never read from files)"
+                )
+
+
+def user_config_dir() -> Path:
+    env = os.environ.get("ADVISOR_CONFIG_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "advisor"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TaskError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TaskError(f"{path}:{where}: invalid YAML: {problem}") from None
+
+
+def _config_endpoints(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = _read_yaml(path) or {}
+    if not isinstance(data, dict) or set(data) - {"endpoints"}:
+        extra = (
+            ", ".join(sorted(set(data) - {"endpoints"})) if isinstance(data, dict) else type(data).__name__
+        )
+        raise TaskError(f"{path}: unexpected content ({extra}); advisor.yaml holds only `endpoints:`")
+    eps = data.get("endpoints") or {}
+    if not isinstance(eps, dict):
+        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
+    try:
+        return {k: EndpointConfig.model_validate(v) for k, v in eps.items()}
+    except ValidationError as e:
+        raise TaskError(_one_line(path, e, prefix="endpoints")) from None
+
+
+def _one_line(path: Path | str, e: ValidationError, prefix: str = "") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = "unknown key; remove it or fix its spelling (see docs/task-yaml.md)"
+    elif kind == "missing":
+        hint = "required; add it"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        hint = f"{msg}{shown}"
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{path}: {loc or '(top level)'}: {hint}{more}"
+
+
+def load_task(
+    path: str | Path, *, check_env: bool = True, strategies: tuple[str, ...] = ("advisor",)
+) -> Task:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: task file not found")
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
+    endpoints: dict[str, Any] = {}
+    endpoints.update(_config_endpoints(user_config_dir() / "advisor.yaml"))
+    endpoints.update(_config_endpoints(path.parent / "advisor.yaml"))
+    own = data.get("endpoints") or {}
+    if not isinstance(own, dict):
+        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
+    data = {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
+    try:
+        task = Task.model_validate(data)
+    except ValidationError as e:
+        raise TaskError(_one_line(path, e)) from None
+    task.with_base(path.parent.resolve(), str(path))
+    task.validate_ready(check_env=check_env, strategies=strategies)
+    return task
+
+
+ToolLike = str | ToolSpec | Callable[..., Any]
