@@ -59,6 +59,10 @@ class Progress:
         return t
 
 
+def _tokens(u: dict) -> str:
+    return f"{u.get('input', 0)}/{u.get('cached_input', 0)}/{u.get('output', 0) + u.get('reasoning', 0)}"
+
+
 def results_table(results: list[TaskResult]) -> Table:
     t = Table(title="results")
     cols = [
@@ -78,9 +82,6 @@ def results_table(results: list[TaskResult]) -> Table:
         t.add_column(c, justify="left" if c in ("task", "outcome") else "right")
     for r in results:
         tok = r.tokens
-        fmt = lambda u: (
-            f"{u.get('input', 0)}/{u.get('cached_input', 0)}/{u.get('output', 0) + u.get('reasoning', 0)}"
-        )  # noqa: E731
         c = r.cost_usd
         style = {"passed": "green", "failed": "red", "budget_exceeded": "yellow", "error": "red"}[r.outcome]
         t.add_row(
@@ -88,8 +89,8 @@ def results_table(results: list[TaskResult]) -> Table:
             f"[{style}]{r.outcome}[/]",
             str(r.steps),
             f"{r.consults} (+{r.skipped_consults} skipped)",
-            fmt(tok.get("executor", {})),
-            fmt(tok.get("frontier", {})),
+            _tokens(tok.get("executor", {})),
+            _tokens(tok.get("frontier", {})),
             _usd(c.get("executor", 0.0)),
             _usd(c.get("frontier", 0.0)),
             _usd(c.get("total", 0.0)),

@@ -155,10 +155,12 @@ def test_consult_skipped_when_it_would_break_the_budget(tmp_path: Path):
 
 
 def test_budget_never_overrun_by_more_than_one_call(tmp_path: Path):
-    loop_forever = lambda req: Reply(
-        tool_calls=[ScriptedToolCall("python", {"code": f"print({len(req['messages'])})"})],  # noqa: E731
-        usage=EXEC_USAGE,
-    )
+    def loop_forever(req):
+        return Reply(
+            tool_calls=[ScriptedToolCall("python", {"code": f"print({len(req['messages'])})"})],
+            usage=EXEC_USAGE,
+        )
+
     with ScriptedServer({"flash": loop_forever, "frontier": []}) as server:
         task = write_task(
             tmp_path,
