@@ -3,7 +3,7 @@
     out[t] = sum_j  w[t, j] * down_e( act(gate_e x_t, up_e x_t) ),  e = ids[t, j]
     act(g, u) = min(silu(g), L) * clamp(u, -L, L)   when L > 0, else silu(g) * u
 
-Three launches after the alignment (`align.moe_align_block_size`):
+Four launches: the alignment (`align_kernel`, same result as `align.moe_align_block_size`), then
 1. gate/up grouped GEMM: each program takes one BLOCK_M block of the expert-sorted pairs (all one expert)
    and one BLOCK_N slice of the intermediate dimension, accumulates x @ gate_e^T and x @ up_e^T in fp32 and
    writes act(...) for those pairs in the activation dtype (the reference rounds there too);
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.align import moe_align_block_size
+from engine.kernels.align_kernel import moe_align_block_size_triton
 from engine.kernels.configs import GemmConfig, MoEConfig, dtype_name, get_config
 
 
@@ -220,7 +220,7 @@ def fused_moe(
     if T == 0:
         return torch.zeros_like(x)
     cfg = config or get_config(T, E, top_k, inter, H, x.dtype)
-    align = moe_align_block_size(topk_ids, E, cfg.BLOCK_M)
+    align = moe_align_block_size_triton(topk_ids, E, cfg.BLOCK_M)
     pairs = T * top_k
     h = x.new_empty(pairs, inter)
     _launch_gemm(x, w_gate, w_up, h, None, align, top_k, swiglu_limit, cfg.gate_up)

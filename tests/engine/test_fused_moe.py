@@ -37,6 +37,8 @@ else:
 
     from engine import moe
     from engine.kernels import bench_moe, configs
+    from engine.kernels.align import moe_align_block_size
+    from engine.kernels.align_kernel import moe_align_block_size_triton
     from engine.kernels.configs import GemmConfig, MoEConfig
     from engine.kernels.fused_moe import fused_moe
     from engine.moe import experts_torch
@@ -72,6 +74,26 @@ else:
             ref.gate_up_proj.copy_(w_gate_up)
             ref.down_proj.copy_(w_down)
             return ref(x, ids, weights)
+
+    @pytest.mark.parametrize(
+        "T,k,experts,bm",
+        [(1, 2, 8, 16), (5, 3, 8, 4), (33, 2, 8, 16), (64, 8, 8, 1), (100, 8, 288, 16), (0, 2, 8, 16)],
+    )
+    def test_triton_alignment_equals_the_pytorch_one(T, k, experts, bm):
+        """One-launch alignment: exactly the (fully checked) PyTorch version's output, including experts
+        with no tokens (routing over 288 experts with 100 tokens leaves many idle)."""
+        g = torch.Generator().manual_seed(T + bm)
+        ids = torch.rand(T, experts, generator=g).topk(k, dim=-1).indices
+        want, got = moe_align_block_size(ids, experts, bm), moe_align_block_size_triton(ids, experts, bm)
+        assert torch.equal(got.sorted_ids, want.sorted_ids)
+        assert torch.equal(got.block_expert, want.block_expert)
+        assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
+
+    def test_triton_alignment_of_one_hot_expert_over_several_chunks():
+        ids = torch.full((150, 1), 3)  # 150 pairs: three 64-pair chunks, ranks carried across them
+        got = moe_align_block_size_triton(ids, 8, 16)
+        assert int(got.num_tokens_post_padded) == 160 and got.sorted_ids[:150].tolist() == list(range(150))
+        assert (got.block_expert[:10] == 3).all()
 
     SHAPES = [(1, 2, 32, 32), (5, 3, 64, 48), (33, 2, 32, 48)]
 
