@@ -52,6 +52,7 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tl.dot would otherwise round them to tf32 on GPUs)
 ):
     # Grouped launch order: GROUP_M consecutive M blocks share each N slice, so a weight tile read by one
     # block is still in L2 for the next (only matters when an expert has several blocks: prefill).
@@ -85,10 +86,10 @@ def _grouped_gemm_kernel(
         k_ok = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -163,6 +164,7 @@ def _launch_gemm(
         BLOCK_N=cfg.BLOCK_N,
         BLOCK_K=cfg.BLOCK_K,
         GROUP_M=cfg.GROUP_M,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
