@@ -129,7 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except TaskError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    results = asyncio.run(_run(tasks, args, console))
+    try:
+        results = asyncio.run(_run(tasks, args, console))
+    except TaskError as e:  # raised before any task starts (e.g. an endpoint that cannot be made)
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
     return 0 if all(r.passed for r in results) else 1
 
 

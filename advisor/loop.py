@@ -26,7 +26,7 @@ from advisor.task import Task
 from advisor.trace import Listener, Trace
 from tools.images import ImageLedger
 from tools.profiles import profile_for
-from tools.spec import ToolContext, ToolSpec
+from tools.spec import ToolContext, ToolResult, ToolSpec
 
 TEXT_IN_TRACE = 2000  # tool output kept in the trace per call; the model sees its own truncation
 
@@ -126,8 +126,10 @@ class TaskLoop:
                 timeout=max(remaining, 0.001),
             )
         except (EndpointError, TimeoutError) as e:
+            # the error's own list is complete; the hook's list covers errors that carry none
+            attempts = list(getattr(e, "attempts", None) or attempts)
             usage = Usage()
-            for a in getattr(e, "attempts", None) or attempts:
+            for a in attempts:
                 if a.usage is not None:
                     usage = usage + a.usage
             rec = self.ledger.record(slot.role, slot.endpoint.name, purpose, usage, slot.price)
@@ -209,7 +211,8 @@ class TaskLoop:
             },
         )
         try:
-            messages = self._prepare()
+            # file copies, image decoding and encoding are blocking work: off the event loop
+            messages = await asyncio.to_thread(self._prepare)
             outcome = await self._steps(messages)
         except _Stop as stop:
             outcome, error = stop.outcome, stop.detail
@@ -279,7 +282,10 @@ class TaskLoop:
                 if takeover_left:
                     continue
             check = await run_check(self.task.check, answer, self.task.base_dir)
-            self.trace.emit("check", type=self.task.check.type, passed=check.passed, detail=check.detail)
+            # `check_type`, not `type`: the event's own `type` key is "check"
+            self.trace.emit(
+                "check", check_type=self.task.check.type, passed=check.passed, detail=check.detail
+            )
             if check.passed:
                 return "passed"
             rejected += 1
@@ -318,7 +324,7 @@ class TaskLoop:
                     "repeated_call",
                 )
             else:
-                result = await self.by_name[tc.name].invoke(tc.arguments, ctx)
+                result = await _invoke(self.by_name[tc.name], tc.arguments, ctx)
                 text = result.text
                 if result.is_error:
                     reason = "tool_error"
@@ -344,7 +350,9 @@ class TaskLoop:
                 failure = (reason, text[:300])
         if new_images:
             # OpenAI tool messages cannot carry images: they follow in a user message.
-            parts = [self.images.to_image_part(i, self.profile) for i in new_images]
+            parts = await asyncio.to_thread(
+                lambda: [self.images.to_image_part(i, self.profile) for i in new_images]
+            )
             messages.append(
                 Message.user(
                     "Images from the tools: " + "; ".join(self.images.describe(i) for i in new_images), parts
@@ -424,6 +432,14 @@ class TaskLoop:
             "effort": slot.effort,
             "role": slot.role,
         }
+
+
+async def _invoke(spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResult:
+    """A tool that raises is a failed step the model hears about, not the end of the task."""
+    try:
+        return await spec.invoke(arguments, ctx)
+    except Exception as e:
+        return ToolResult.error(f"{spec.name} raised {type(e).__name__}: {str(e)[:500]}")
 
 
 def _attempt(a: Attempt) -> dict:

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-from advisor.endpoints import Endpoint, EndpointConfig, make_endpoint
+from advisor.endpoints import Endpoint, EndpointConfig, EndpointError, make_endpoint
 from advisor.loop import Slot, TaskLoop
 from advisor.pricing import FREE, Price
 from advisor.result import TaskResult
-from advisor.task import Task
+from advisor.task import Task, TaskError
 
 STRATEGIES = ("advisor", "executor", "frontier")
 
@@ -69,17 +69,26 @@ class Advisor:
             return None
         cfg = task.endpoints[rc.endpoint]
         price: Price = cfg.price if cfg.price is not None else FREE
-        return Slot(role, self.endpoint(rc.endpoint, cfg), price, rc.effort)
+        try:
+            endpoint = self.endpoint(rc.endpoint, cfg)
+        except EndpointError as e:  # e.g. a provider that is not available here: bad input
+            raise TaskError(f"{task.source}: endpoints.{rc.endpoint}.provider: {e}") from None
+        return Slot(role, endpoint, price, rc.effort)
 
-    async def run(
-        self, task: Task, strategy: str = "advisor", out_dir: str | Path | None = None
-    ) -> TaskResult:
+    def prepare(self, task: Task, strategy: str = "advisor") -> tuple[Slot, Slot | None]:
+        """Validates `task` for `strategy` and creates its endpoints; `TaskError` on bad input."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
         task.validate_ready(check_env=False, strategies=(strategy,))
         frontier = self._slot(task, "frontier", "frontier")
         executor = frontier if strategy == "frontier" else self._slot(task, "executor", "executor")
         assert executor is not None
+        return executor, frontier
+
+    async def run(
+        self, task: Task, strategy: str = "advisor", out_dir: str | Path | None = None
+    ) -> TaskResult:
+        executor, frontier = self.prepare(task, strategy)
         out = Path(out_dir) if out_dir else self.run_dir / task.name
         loop = TaskLoop(
             task,
@@ -98,6 +107,8 @@ class Advisor:
         self, tasks: Iterable[Task], *, strategy: str = "advisor", concurrency: int = 40
     ) -> list[TaskResult]:
         tasks = list(tasks)
+        for task in tasks:  # bad input stops the batch before any task starts
+            self.prepare(task, strategy)
         names = [t.name for t in tasks]
         dupes = {n for n in names if names.count(n) > 1}
         sem = asyncio.Semaphore(max(1, concurrency))

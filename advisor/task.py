@@ -99,7 +99,9 @@ class Task(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="task name; also its output folder"
+        default="task",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="task name; also its output folder",
     )
     goal: str = Field(min_length=1, description="what the agent must do, and the answer format")
     inputs: Inputs = Field(default_factory=Inputs)
