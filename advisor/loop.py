@@ -242,6 +242,7 @@ class TaskLoop:
         policy = self.policy
         rejected = 0
         takeover_left = 0
+        handing_back = False  # the previous step was the frontier's: tell the executor it has the turn again
         if policy.wants("plan"):
             takeover_left = await self._consult("plan", messages)
         while True:
@@ -253,6 +254,9 @@ class TaskLoop:
             acting = self.frontier if takeover_left > 0 and self.frontier else self.executor
             purpose = "takeover" if acting is not self.executor else "step"
             takeover_left = max(0, takeover_left - 1)
+            if acting is self.executor and handing_back:
+                messages.append(Message.user(render("handback")))
+            handing_back = acting is not self.executor
             resp = await self._call(acting, purpose, messages, self.tools)
             msg = resp.message
             messages.append(msg)
@@ -266,7 +270,7 @@ class TaskLoop:
                 continue
             answer = extract_answer(msg.text)
             if not answer:
-                messages.append(Message.user("Reply with a tool call, or with the final answer."))
+                messages.append(Message.user(render("empty_reply")))
                 if policy.failure(self.steps, "no_progress", "empty reply", self.trace):
                     takeover_left = await self._consult("failures", messages, detail="empty reply")
                 continue
@@ -292,9 +296,11 @@ class TaskLoop:
             if rejected >= self.task.check.max_attempts:
                 return "failed"
             messages.append(Message.user(render("check_rejected", answer=answer)))
-            policy.failure(self.steps, "check_rejected", check.detail, self.trace)
+            due = policy.failure(self.steps, "check_rejected", check.detail, self.trace)
             if policy.wants("replan"):
                 takeover_left = await self._consult("replan", messages, answer=answer, detail=check.detail)
+            elif due:
+                takeover_left = await self._consult("failures", messages, detail=check.detail)
 
     async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> tuple[str, str] | None:
         """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None."""
@@ -371,7 +377,9 @@ class TaskLoop:
             "consult_request",
             goal=self.task.goal.strip(),
             tools=[t.name for t in self.tools],
-            digest="\n".join(self.digest[-40:]),
+            # the whole digest, append-only, so each consult's request extends the last one's bytes
+            # (provider prompt caches hit); each entry is already compact
+            digest="\n".join(self.digest),
             trigger=trigger,
             answer=answer,
             failures=policy.consecutive,

@@ -79,7 +79,7 @@ class Advisor:
         """Validates `task` for `strategy` and creates its endpoints; `TaskError` on bad input."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
-        task.validate_ready(check_env=False, strategies=(strategy,))
+        task.validate_ready(strategies=(strategy,), given=self._given.keys())
         frontier = self._slot(task, "frontier", "frontier")
         executor = frontier if strategy == "frontier" else self._slot(task, "executor", "executor")
         assert executor is not None

@@ -8,7 +8,7 @@ task file, and the task's own `endpoints:` block.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,8 +160,17 @@ class Task(BaseModel):
     def from_yaml(cls, path: str | Path, *, check_env: bool = True) -> Task:
         return load_task(path, check_env=check_env)
 
-    def validate_ready(self, *, check_env: bool = True, strategies: tuple[str, ...] = ("advisor",)) -> None:
-        """Checks that need the outside world: files exist, endpoints are named and priced, keys are set."""
+    def validate_ready(
+        self,
+        *,
+        check_env: bool = True,
+        strategies: tuple[str, ...] = ("advisor",),
+        given: Collection[str] = (),
+    ) -> None:
+        """Checks that need the outside world: files exist, endpoints are named and priced, keys are set.
+
+        `given`: endpoint names the caller supplies ready-made, whose key variables are not checked.
+        """
         src = self._source
         for kind in ("images", "files"):
             for i, p in enumerate(self.input_paths(kind)):  # type: ignore[arg-type]
@@ -197,7 +206,12 @@ class Task(BaseModel):
                     f"{src}: {where}.price: endpoint has no price; add price: {{input, cached_input, output}} "
                     "(USD per million tokens) or set free: true on purpose"
                 )
-            if check_env and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+            if (
+                check_env
+                and rc.endpoint not in given
+                and cfg.api_key_env
+                and not os.environ.get(cfg.api_key_env)
+            ):
                 raise TaskError(
                     f"{src}: {where}.api_key_env: environment variable {cfg.api_key_env} is not set; "
                     f"export {cfg.api_key_env}=... (keys are never read from files)"

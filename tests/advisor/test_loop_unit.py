@@ -267,3 +267,33 @@ def test_task_in_python_gets_the_same_validation(tmp_path: Path):
     # a goal and a function are all a task needs besides its executor
     task = Task(goal="g", tools=[add], executor={"endpoint": "ex"}, endpoints={"ex": ex.config})
     assert task.name == "task" and [t.name for t in task.tool_specs()] == ["add"]
+
+
+async def test_takeover_hands_back_and_rejections_count_as_failures(tmp_path: Path):
+    ex = FakeEndpoint(
+        "ex",
+        [Message.assistant("Answer: 4"), Message.assistant("Answer: 6"), Message.assistant("Answer: 5")],
+        EXEC_PRICE,
+    )
+    fr = FakeEndpoint("fr", [call("add", {"a": 2, "b": 3})], FRONT_PRICE)
+    task = make(ex, fr, escalation={"after_failures": 2, "mode": "takeover", "takeover_steps": 1})
+    result, events = await run(tmp_path, task, ex, fr)
+    assert result.outcome == "passed" and result.consults == 1 and result.steps == 4
+    assert [(c["trigger"], c["mode"]) for c in kinds(events, "consult")] == [("failures", "takeover")]
+    assert [c["purpose"] for c in kinds(events, "model_call")] == ["step", "step", "takeover", "step"]
+    assert "takes over" in fr.calls[0]["messages"][-1].text and fr.calls[0]["tools"]
+    last = ex.calls[-1]["messages"]
+    assert [m.role for m in last[-3:]] == ["assistant", "tool", "user"] and "hands the task back" in last[
+        -1
+    ].text
+
+
+def test_library_run_checks_key_variables_unless_the_endpoint_is_given(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("UNIT_TEST_KEY", raising=False)
+    ex = FakeEndpoint("ex", [Message.assistant("Answer: 5")], EXEC_PRICE)
+    cfg = ex.config.model_copy(update={"api_key_env": "UNIT_TEST_KEY"})
+    task = make(ex, endpoints={"ex": cfg})
+    with pytest.raises(TaskError, match="UNIT_TEST_KEY is not set"):
+        asyncio.run(Advisor(runs_dir=tmp_path).run(task))
+    result = asyncio.run(Advisor(runs_dir=tmp_path, endpoints={"ex": ex}).run(task))
+    assert result.outcome == "passed"
