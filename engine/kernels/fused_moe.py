@@ -229,7 +229,7 @@ def fused_moe(
     y = x.new_empty(pairs, H)
     weights = topk_weights.to(torch.float32).contiguous().reshape(-1)
     _launch_gemm(h, w_down, None, y, weights, align, 1, 0.0, cfg.down)
-    out = torch.empty_like(x)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # row-major whatever x's strides
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](y, out, H, TOP_K=top_k, BLOCK_H=block_h)
     return out

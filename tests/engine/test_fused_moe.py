@@ -143,6 +143,15 @@ else:
         got = fused_moe(x, w_gate_up, None, w_down, weights, ids)
         _close(got, _transformers(x, w_gate_up, w_down, weights, ids, 0.0), torch.float32)
 
+    def test_strided_activations():
+        """x as a column-major view (what a transpose upstream hands over): read through its strides."""
+        x, w_gate_up, w_down, weights, ids = _case(5, 2, 32, 32, torch.float32, seed=9)
+        xt = x.t().contiguous().t()
+        assert not xt.is_contiguous()
+        got = fused_moe(xt, w_gate_up, None, w_down, weights, ids, swiglu_limit=0.6)
+        assert got.is_contiguous()
+        _close(got, _transformers(x, w_gate_up, w_down, weights, ids, 0.6), torch.float32)
+
     def test_no_tokens_and_bad_shapes():
         x, w_gate_up, w_down, weights, ids = _case(3, 2, 32, 32, torch.float32)
         w_gate, w_up = w_gate_up[:, :32], w_gate_up[:, 32:]

@@ -1,5 +1,6 @@
-"""Fused-MoE pieces that need no Triton launch: the token-to-expert alignment, the tile tables, and the
-benchmark's no-GPU exit, and an sm_90 compile of every kernel and release tile. (The kernels themselves are tested under the interpreter in test_fused_moe.py.)"""
+"""Fused-MoE pieces that need no Triton launch: the token-to-expert alignment (PyTorch version), the tile
+tables, the benchmark's no-GPU exit, and an sm_90 compile of every kernel and release tile. The kernels'
+numbers are tested under the interpreter in test_fused_moe.py."""
 
 from __future__ import annotations
 
