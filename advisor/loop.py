@@ -234,9 +234,12 @@ class TaskLoop:
             out_dir=str(self.out_dir),
         )
         self.trace.emit("task_end", outcome=outcome, error=error, result=result.to_dict())
+        await asyncio.to_thread(self._finish, result)
+        return result
+
+    def _finish(self, result: TaskResult) -> None:
         self.trace.close()
         result.write(self.out_dir)
-        return result
 
     async def _steps(self, messages: list[Message]) -> str:
         policy = self.policy

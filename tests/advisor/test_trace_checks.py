@@ -1,5 +1,8 @@
 import asyncio
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 from advisor.bench import measure
@@ -67,3 +70,24 @@ def test_bench_runs(tmp_path: Path):
     assert steps == 12 and cpu_ms > 0 and wall_ms > 0
     results = list(tmp_path.rglob("result.json"))
     assert len(results) == 3 and json.loads(results[0].read_text())["outcome"] == "passed"
+
+
+def test_trace_fsyncs_off_the_calling_thread(tmp_path: Path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(threading.current_thread().name)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    tr = Trace(tmp_path / "trace.jsonl")
+    for i in range(5):
+        tr.emit("x", i=i)
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced and set(synced) == {"advisor-trace-fsync"}
+    tr.close()  # the last fsync happens in close(), on the caller's thread
+    assert synced[-1] == threading.current_thread().name
+    assert len(read_trace(tmp_path / "trace.jsonl")) == 5
