@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
+from rich.console import Console
+
 from advisor.endpoints import Endpoint, EndpointConfig, EndpointError, make_endpoint
 from advisor.loop import Slot, TaskLoop
 from advisor.pricing import FREE, Price
+from advisor.progress import Progress
 from advisor.result import TaskResult
 from advisor.task import Task, TaskError
 
@@ -19,7 +23,8 @@ STRATEGIES = ("advisor", "executor", "frontier")
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    # time-ordered, and unique even for runs started in the same second
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 class Advisor:
@@ -28,7 +33,9 @@ class Advisor:
     >>> async with Advisor(runs_dir="runs") as adv:
     ...     result = await adv.run(Task.from_yaml("task.yaml"))
 
-    Endpoints are created once per (name, config) and shared by all concurrent tasks.
+    Endpoints are created once per (name, config) and shared by all concurrent tasks; those this
+    object made are closed by `aclose()` (or leaving `async with`); those passed in `endpoints`
+    (by name) belong to the caller. With a rich `console`, a line is printed per finished task.
     `endpoint_options` go to `make_endpoint` (e.g. a test transport or backoff). Listeners get
     (task output name, trace event) for every event, as it happens.
     """
@@ -42,10 +49,13 @@ class Advisor:
         fsync: bool = True,
         endpoints: dict[str, Endpoint] | None = None,
         endpoint_options: dict | None = None,
+        console: Console | None = None,
     ):
         self.runs_dir = Path(runs_dir)
         self.run_id = run_id or new_run_id()
         self.listeners = list(listeners or [])
+        if console is not None:  # one line per finished task: outcome, steps, consults, cost
+            self.listeners.append(Progress([], console))
         self.fsync = fsync
         self._given = dict(endpoints or {})
         self._endpoints: dict[str, Endpoint] = {}

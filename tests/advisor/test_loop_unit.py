@@ -1,12 +1,14 @@
 """The loop against in-process fake endpoints: failures, strategies, triggers, limits, images, config."""
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
+from rich.console import Console
 
 from advisor import Advisor, Task, TaskError, load_task, tool
 from advisor.endpoints.base import Endpoint, EndpointConfig, EndpointError
@@ -295,5 +297,8 @@ def test_library_run_checks_key_variables_unless_the_endpoint_is_given(tmp_path:
     task = make(ex, endpoints={"ex": cfg})
     with pytest.raises(TaskError, match="UNIT_TEST_KEY is not set"):
         asyncio.run(Advisor(runs_dir=tmp_path).run(task))
-    result = asyncio.run(Advisor(runs_dir=tmp_path, endpoints={"ex": ex}).run(task))
+    out = io.StringIO()
+    adv = Advisor(runs_dir=tmp_path, endpoints={"ex": ex}, console=Console(file=out, width=200))
+    result = asyncio.run(adv.run(task))
     assert result.outcome == "passed"
+    assert out.getvalue().startswith("unit: passed after 1 steps, 0 consults, $0.0000")
