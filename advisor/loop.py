@@ -333,7 +333,7 @@ class TaskLoop:
                     "repeated_call",
                 )
             else:
-                result = await _invoke(self.by_name[tc.name], tc.arguments, ctx)
+                result = await self._invoke_within_budget(self.by_name[tc.name], tc.arguments, ctx)
                 text = result.text
                 if result.is_error:
                     reason = "tool_error"
@@ -368,6 +368,17 @@ class TaskLoop:
                 )
             )
         return failure
+
+    async def _invoke_within_budget(self, spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResult:
+        remaining = self.task.budget.max_wall_s - (time.monotonic() - self.started)
+        try:
+            return await asyncio.wait_for(_invoke(spec, arguments, ctx), timeout=max(remaining, 0.001))
+        except TimeoutError:
+            elapsed = time.monotonic() - self.started
+            self.trace.emit("budget_exceeded", limit="max_wall_s", value=elapsed)
+            raise _Stop(
+                "budget_exceeded", f"max_wall_s {self.task.budget.max_wall_s} reached in tool {spec.name}"
+            ) from None
 
     async def _consult(
         self, trigger: str, messages: list[Message], answer: str | None = None, detail: str = ""

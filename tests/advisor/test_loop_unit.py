@@ -234,6 +234,23 @@ async def test_tool_images_follow_the_tool_messages_as_image_parts(tmp_path: Pat
     assert kinds(events, "tool_result")[0]["images"] == ["img_1"]
 
 
+async def test_a_slow_tool_is_cut_at_max_wall_s(tmp_path: Path):
+    @tool
+    async def wait(seconds: float) -> str:
+        """Wait.
+
+        Args:
+            seconds: how long
+        """
+        await asyncio.sleep(seconds)
+        return "done"
+
+    ex = FakeEndpoint("ex", [call("wait", {"seconds": 30})], EXEC_PRICE)
+    result, events = await run(tmp_path, make(ex, tools=[wait], budget={"max_wall_s": 0.3}), ex)
+    assert result.outcome == "budget_exceeded" and "in tool wait" in result.error and result.wall_s < 5
+    assert events[-2]["type"] == "budget_exceeded" and events[-2]["limit"] == "max_wall_s"
+
+
 def _write(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
