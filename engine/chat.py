@@ -125,8 +125,8 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 **extra,
             )
-        except ChatTemplateError:
-            raise
+        except ChatTemplateError as e:  # the template's own raise_exception(...)
+            raise ChatTemplateError(f"{self.origin}: the template refused the messages: {e}") from None
         except TemplateError as e:
             raise ChatTemplateError(f"{self.origin}: rendering failed: {e}") from None
 
