@@ -1,0 +1,285 @@
+"""The embedded endpoint: Step chat turns served in-process by `engine.LLM`.
+
+`model` in the endpoint config is a checkpoint directory (HF layout: config.json, safetensors,
+tokenizer.json, tokenizer_config.json with the chat template), given as a path (absolute, `~`, or
+relative to the working directory), or the name of a directory under `$ADVISOR_MODELS_DIR`
+(default `~/.cache/advisor/models`). `device` picks the torch device (default cpu).
+
+`extra_body` takes the engine's sampling and loading options: temperature (default 0: greedy),
+top_p, seed, dtype, max_batch_size. Anything else there is an error, since no request body exists.
+
+A call renders the neutral messages with the checkpoint's own chat template (else the engine's default
+Step template), generates in a worker thread, and parses the output back into reasoning, content and
+tool calls; malformed tool-call markup becomes a ToolCall with `arguments=None` and `parse_error` set.
+Concurrent calls share one loaded model per (checkpoint, device, dtype): calls that arrive while the
+model is busy are batched together into the next `generate`. Images are refused for now: the engine
+loads no vision tower yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from advisor.endpoints.base import AttemptHook, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.openai import to_openai_messages
+from advisor.messages import Attempt, Effort, Message, ModelResponse, ToolCall, Usage
+
+if TYPE_CHECKING:
+    from tools.spec import ToolSpec
+
+DEFAULT_MAX_TOKENS = 2048
+MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
+_OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size"}
+_FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get(MODELS_DIR_ENV) or Path.home() / ".cache" / "advisor" / "models").expanduser()
+
+
+def resolve_model(model: str) -> Path:
+    """A checkpoint directory from a path or a shipped model name; one-line error when neither exists."""
+    as_path = Path(model).expanduser()
+    if as_path.is_dir():
+        return as_path.resolve()
+    named = models_dir() / model
+    if "/" not in model and named.is_dir():
+        return named.resolve()
+    raise FileNotFoundError(
+        f"model {model!r}: no checkpoint directory at that path or under {models_dir()} "
+        f"(give a path, or set {MODELS_DIR_ENV})"
+    )
+
+
+# ---------------------------------------------------------------------------------------- the engine
+@dataclass
+class _Job:
+    prompt: list[int]
+    key: tuple  # jobs with the same key can share one generate() call
+    result: list[int] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class _Engine:
+    """One loaded model, shared by every endpoint naming it. `generate` runs in worker threads."""
+
+    llm: Any
+    tokenizer: Any
+    path: Path
+    _mu: threading.Lock = field(default_factory=threading.Lock)
+    _run: threading.Lock = field(default_factory=threading.Lock)
+    _pending: list[_Job] = field(default_factory=list)
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stops: tuple[int, ...],
+    ) -> list[int]:
+        """Blocking. Waits for the model; whoever holds it runs every pending compatible job at once."""
+        job = _Job(prompt, (max_new, temperature, top_p, seed, stops))
+        with self._mu:
+            self._pending.append(job)
+        with self._run:
+            if not job.done:
+                with self._mu:
+                    limit = self.llm.max_batch_size
+                    batch = [j for j in self._pending if j.key == job.key][:limit]
+                    if job not in batch:  # keep our own job in the batch we run
+                        batch = [job] + batch[: limit - 1]
+                    for j in batch:
+                        self._pending.remove(j)
+                try:
+                    outs = self.llm.generate(
+                        [j.prompt for j in batch],
+                        max_new_tokens=max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=seed,
+                        stop_token_ids=list(stops),
+                    )
+                    for j, out in zip(batch, outs, strict=True):
+                        j.result = out
+                except BaseException as e:  # every job of the batch learns why
+                    for j in batch:
+                        j.error = e
+                finally:
+                    for j in batch:
+                        j.done = True
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+
+_ENGINES: dict[tuple, _Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int | None) -> _Engine:
+    key = (str(path), device, dtype, max_batch_size)
+    with _ENGINES_LOCK:  # one load per model, however many endpoints and tasks ask at once
+        engine = _ENGINES.get(key)
+        if engine is not None:
+            return engine
+        from engine import LLM
+        from engine.tokenizer import StepTokenizer, load_tokenizer
+
+        kwargs = {"max_batch_size": max_batch_size} if max_batch_size else {}
+        llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+        tok = llm.tokenizer if isinstance(llm.tokenizer, StepTokenizer) else None
+        if tok is None:
+            if not (path / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{path}: the checkpoint has no tokenizer.json")
+            tok = load_tokenizer(path)
+        engine = _Engine(llm, tok, path)
+        _ENGINES[key] = engine
+        return engine
+
+
+# -------------------------------------------------------------------------------------- endpoint
+class EmbeddedEndpoint(Endpoint):
+    def __init__(self, name: str, config: EndpointConfig):
+        super().__init__(name, config)
+        unknown = sorted(set(config.extra_body) - _OPTIONS)
+        if unknown:
+            raise EndpointError(
+                name, f"extra_body keys {unknown} are not embedded options ({', '.join(sorted(_OPTIONS))})"
+            )
+        opts = config.extra_body
+        self.temperature = float(opts.get("temperature", 0.0))
+        self.top_p = float(opts.get("top_p", 1.0))
+        self.seed = opts.get("seed")
+        self.dtype = opts.get("dtype")
+        self.max_batch_size = opts.get("max_batch_size")
+        self.device = config.device or "cpu"
+        self._engine: _Engine | None = None
+        self._load_lock: asyncio.Lock | None = None
+
+    async def _get_engine(self) -> _Engine:
+        if self._engine is None:
+            if self._load_lock is None:
+                self._load_lock = asyncio.Lock()
+            async with self._load_lock:
+                if self._engine is None:
+                    path = resolve_model(self.config.model)
+                    self._engine = await asyncio.to_thread(
+                        _load_engine, path, self.device, self.dtype, self.max_batch_size
+                    )
+        return self._engine
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: Literal["auto", "none", "required"] | None = None,
+        effort: Effort | None = None,
+        max_tokens: int | None = None,
+        on_attempt: AttemptHook | None = None,
+    ) -> ModelResponse:
+        start = time.perf_counter()
+        attempt = Attempt(number=1, ok=False)
+        try:
+            if any(m.images for m in messages):
+                raise ValueError(
+                    "images are not supported by the embedded engine yet (no vision tower is loaded)"
+                )
+            engine = await self._get_engine()
+            schemas = [t.openai_schema() for t in tools or []] if tool_choice != "none" else []
+            response = await asyncio.to_thread(
+                self._complete_sync,
+                engine,
+                messages,
+                schemas,
+                effort,
+                max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS,
+            )
+        except Exception as e:
+            attempt.error = _one_line(e)
+            attempt.latency_s = time.perf_counter() - start
+            if on_attempt:
+                on_attempt(attempt)
+            raise EndpointError(self.name, attempt.error, [attempt]) from None
+        attempt.ok = True
+        attempt.usage = response.usage
+        attempt.latency_s = response.latency_s = time.perf_counter() - start
+        response.attempts = [attempt]
+        if on_attempt:
+            on_attempt(attempt)
+        return response
+
+    def _complete_sync(
+        self,
+        engine: _Engine,
+        messages: list[Message],
+        schemas: list[dict],
+        effort: Effort | None,
+        max_new: int,
+    ) -> ModelResponse:
+        """Render -> tokens -> generate -> parse; runs in a worker thread."""
+        from engine.chat import parse_output
+
+        tok = engine.tokenizer
+        text = tok.apply_chat_template(
+            to_openai_messages(messages), schemas or None, effort=effort, tokenize=False
+        )
+        prompt = tok.encode(text)
+        stops = tuple(sorted(set(tok.eos_token_ids) | set(engine.llm.eos_token_ids)))
+        new = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops)
+
+        stopped = bool(new) and new[-1] in stops
+        body = new[:-1] if stopped else new
+        in_reasoning = text.rstrip().endswith("<think>")
+        reasoning_tokens = _reasoning_tokens(body, tok.token_to_id("</think>"), in_reasoning)
+        parsed = parse_output(tok.decode(body), schemas or None, in_reasoning=in_reasoning)
+
+        calls = [
+            ToolCall(id=c.id, name=c.name, arguments=c.arguments, raw_arguments=_json(c.arguments))
+            for c in parsed.tool_calls
+        ]
+        for err in parsed.errors:
+            m = _FUNCTION_NAME.search(err.raw)
+            calls.append(
+                ToolCall(
+                    id=f"call_err_{len(calls)}",
+                    name=(m.group(1).strip() if m else ""),
+                    arguments=None,
+                    raw_arguments=err.raw,
+                    parse_error=str(err),
+                )
+            )
+        message = Message.assistant(parsed.content, calls, reasoning=parsed.reasoning or None)
+        usage = Usage(input=len(prompt), output=len(new) - reasoning_tokens, reasoning=reasoning_tokens)
+        finish = "tool_calls" if calls else ("stop" if stopped else "length")
+        return ModelResponse(message=message, usage=usage, model=self.config.model, finish_reason=finish)
+
+
+def _reasoning_tokens(ids: list[int], think_close: int | None, in_reasoning: bool) -> int:
+    """Tokens up to and including `</think>`; all of them when the reasoning never closed."""
+    if think_close is not None and think_close in ids:
+        return ids.index(think_close) + 1
+    return len(ids) if in_reasoning else 0
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

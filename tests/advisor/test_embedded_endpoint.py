@@ -1,0 +1,162 @@
+"""The embedded endpoint end to end on a tiny random Step3p7 checkpoint with our test tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+
+from advisor.endpoints import make_endpoint
+from advisor.endpoints.base import EndpointConfig, EndpointError
+from advisor.endpoints.embedded import EmbeddedEndpoint, resolve_model
+from advisor.messages import ImagePart, Message
+from engine.tokenizer import build_step_tokenizer, load_tokenizer
+from tests.engine.step_models import TEXT_C, build_reference
+from tools.spec import tool
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: first number
+        b: second number
+    """
+    return a + b
+
+
+MESSAGES = [Message.system("You add numbers."), Message.user("What is 2 + 3?")]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("embedded_ckpt")
+    tok = build_step_tokenizer(path, vocab_size=400)
+    text = copy.deepcopy(TEXT_C)
+    text["vocab_size"] = tok.vocab_size
+    text["eos_token_id"] = tok.eos_token_id
+    text["pad_token_id"] = tok.pad_token_id
+    build_reference(text, seed=3).save_pretrained(path)
+    return path
+
+
+def _endpoint(ckpt, **extra) -> EmbeddedEndpoint:
+    cfg = EndpointConfig(provider="embedded", model=str(ckpt), free=True, max_tokens=16, extra_body=extra)
+    return make_endpoint("flash", cfg)
+
+
+async def test_usage_counts_are_the_real_token_counts(ckpt):
+    ep = _endpoint(ckpt)
+    assert isinstance(ep, EmbeddedEndpoint)
+    seen = []
+    resp = await ep.complete(MESSAGES, tools=[add], effort="low", on_attempt=seen.append)
+
+    # the same prompt, rendered and generated independently
+    tok = load_tokenizer(ckpt)
+    schema = [add.openai_schema()]
+    wire = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(wire, schema, effort="low")
+    assert "Reasoning: low" in tok.decode(prompt) and "<tools>" in tok.decode(prompt)
+    new = ep._engine.llm.generate([prompt], max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0]
+
+    u = resp.usage
+    assert u.input == len(prompt)
+    assert u.output + u.reasoning == len(new)
+    think_close = tok.token_to_id("</think>")
+    expected_reasoning = (
+        new.index(think_close) + 1 if think_close in new else len(new) - (new[-1] == tok.eos_token_id)
+    )
+    assert u.reasoning == expected_reasoning
+    assert resp.finish_reason in ("stop", "length", "tool_calls")
+    assert resp.model == str(ckpt)
+    assert len(resp.attempts) == 1 and resp.attempts[0].ok and resp.attempts[0].usage == u
+    assert seen == resp.attempts
+    # random weights: whatever came out was parsed, nothing was lost
+    body = tok.decode(new[:-1] if new[-1] == tok.eos_token_id else new)
+    assert (resp.message.reasoning or "") in body and resp.message.text in body
+
+
+async def test_tool_calls_well_formed_and_malformed(ckpt, monkeypatch):
+    ep = _endpoint(ckpt)
+    await ep._get_engine()
+    tok = ep._engine.tokenizer
+    outputs = {
+        "good": "adding</think>\n<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>",
+        "bad": "adding</think>\nSure.<tool_call>\n<function=add>\n<parameter=a>\n2",
+        "none": "easy</think>\n5",
+    }
+    current = {}
+
+    def scripted(prompt, max_new, *args):
+        return tok.encode(current["text"]) + [tok.eos_token_id]
+
+    monkeypatch.setattr(ep._engine, "generate", scripted)
+
+    current["text"] = outputs["good"]
+    resp = await ep.complete(MESSAGES, tools=[add])
+    (call,) = resp.message.tool_calls
+    assert (call.name, call.arguments, call.parse_error) == ("add", {"a": 2, "b": 3}, None)
+    assert resp.finish_reason == "tool_calls" and resp.message.reasoning == "adding"
+    n = len(tok.encode(outputs["good"])) + 1
+    assert resp.usage.reasoning == len(tok.encode("adding")) + 1  # up to and including </think>
+    assert resp.usage.output + resp.usage.reasoning == n
+
+    current["text"] = outputs["bad"]
+    resp = await ep.complete(MESSAGES, tools=[add])
+    (call,) = resp.message.tool_calls
+    assert call.arguments is None and call.parse_error and call.name == "add"
+    assert "<function=add>" in call.raw_arguments
+    assert resp.message.text == "Sure."
+
+    current["text"] = outputs["none"]
+    resp = await ep.complete(MESSAGES, tools=[add])
+    assert resp.message.tool_calls == [] and resp.message.text == "5" and resp.finish_reason == "stop"
+
+
+async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt):
+    ep = _endpoint(ckpt)
+    other = _endpoint(ckpt)  # a second endpoint on the same checkpoint reuses the loaded model
+    ticks = 0
+    done = False
+
+    async def ticker():
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    t = asyncio.create_task(ticker())
+    results = await asyncio.gather(
+        *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 3))
+    )
+    done = True
+    await t
+    assert ticks > 5
+    assert ep._engine is other._engine
+    assert all(r.attempts[0].ok and 0 < r.usage.output + r.usage.reasoning <= 4 for r in results)
+
+
+async def test_errors_are_one_line_endpoint_errors(ckpt, tmp_path):
+    seen = []
+    missing = EndpointConfig(provider="embedded", model=str(tmp_path / "nope"), free=True)
+    with pytest.raises(EndpointError, match="no checkpoint directory") as e:
+        await EmbeddedEndpoint("flash", missing).complete(MESSAGES, on_attempt=seen.append)
+    assert "\n" not in str(e.value) and len(e.value.attempts) == 1 and not seen[0].ok
+
+    png = ImagePart(b"\x89PNG\r\n\x1a\n", "image/png")
+    with pytest.raises(EndpointError, match="images are not supported"):
+        await _endpoint(ckpt).complete([Message.user("look", images=[png])])
+
+    with pytest.raises(EndpointError, match="not embedded options"):
+        _endpoint(ckpt, stream=True)
+
+
+def test_shipped_model_names_resolve_under_the_models_dir(tmp_path, monkeypatch):
+    (tmp_path / "step-tiny").mkdir()
+    monkeypatch.setenv("ADVISOR_MODELS_DIR", str(tmp_path))
+    assert resolve_model("step-tiny") == (tmp_path / "step-tiny").resolve()
+    with pytest.raises(FileNotFoundError, match="ADVISOR_MODELS_DIR"):
+        resolve_model("step-huge")
