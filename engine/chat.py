@@ -40,6 +40,7 @@ __all__ = [
     "ParsedOutput",
     "StreamingParser",
     "ToolCall",
+    "encode_chat",
     "expand_image_placeholders",
     "image_token_layout",
     "normalize_messages",
@@ -173,7 +174,9 @@ def render_chat(
         tpl = ChatTemplate.default()
     elif isinstance(template, ChatTemplate):
         tpl = template
-    elif isinstance(template, Path) or (isinstance(template, str) and "{" not in template):
+    elif isinstance(template, Path) or (
+        isinstance(template, str) and "{" not in template and Path(template).is_dir()
+    ):
         tpl = ChatTemplate.from_checkpoint(template)
     else:
         tpl = ChatTemplate(template)
@@ -310,3 +313,24 @@ def expand_image_placeholders(text: str, layouts: Sequence[str]) -> str:
     for layout, piece in zip(layouts, pieces[1:], strict=True):
         out += [layout, piece]
     return "".join(out)
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    effort: str | None = None,
+    image_layouts: Sequence[str] | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Prompt ids for the embedded engine: render with the tokenizer's template, give each image its
+    token layout (`image_token_layout(...)`, one per image in message order), encode.
+
+    `tokenizer`: an `engine.tokenizer.StepTokenizer` (anything with `apply_chat_template(...,
+    tokenize=False)` and `encode(text)`).
+    """
+    text = tokenizer.apply_chat_template(
+        messages, tools, effort=effort, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    return list(tokenizer.encode(expand_image_placeholders(text, image_layouts or [])))

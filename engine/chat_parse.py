@@ -80,6 +80,15 @@ class ParsedOutput:
     def ok(self) -> bool:
         return not self.errors
 
+    def to_message(self) -> dict[str, Any]:
+        """The OpenAI-style assistant message (what goes back into the history for the next turn)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        return msg
+
 
 class _Channel:
     """Concatenation-invariant text sink: drops leading whitespace, holds trailing whitespace until

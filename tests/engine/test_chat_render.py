@@ -221,3 +221,32 @@ def test_image_layout_and_expansion():
     assert "<im_end>vs<patch_start>" in expanded
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
         expand_image_placeholders(text, [layout])
+
+
+def test_encode_chat_with_a_step_tokenizer(tmp_path):
+    from engine.chat import encode_chat
+    from engine.tokenizer import build_step_tokenizer
+
+    tok = build_step_tokenizer(tmp_path, vocab_size=300)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    layout = image_token_layout(1, [True])
+    ids = encode_chat(tok, msgs, effort="low", image_layouts=[layout])
+    patch = tok.token_to_id("<im_patch>")
+    assert ids.count(patch) == 81 + 169
+    for marker in ("<|im_start|>", "<|im_end|>", "<think>", "<patch_start>", "<patch_newline>", "<im_start>"):
+        assert tok.token_to_id(marker) in ids, marker
+    assert tok.decode(ids) == expand_image_placeholders(render_chat(msgs, effort="low"), [layout])
+    with pytest.raises(ValueError, match="1 image placeholders but 0 images"):
+        encode_chat(tok, msgs)
+
+
+def test_parsed_output_goes_back_into_the_history():
+    completion = (
+        "check the file\n</think>\nLooking.\n<tool_call>\n<function=crop>\n<parameter=path>\nr.png\n</parameter>\n"
+        "<parameter=box>\n[0, 0, 5, 5]\n</parameter>\n</function>\n</tool_call><|im_end|>"
+    )
+    message = parse_output(completion, TOOLS).to_message()
+    assert message["reasoning_content"] == "check the file" and message["content"] == "Looking."
+    history = [{"role": "user", "content": "go"}, message]
+    text = render_chat(history, TOOLS, add_generation_prompt=False)
+    assert text.endswith("<|im_start|>assistant\n<think>\n" + completion + "\n")
