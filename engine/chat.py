@@ -12,6 +12,7 @@ Parsing lives in `engine.chat_parse`; its public names are re-exported here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -94,6 +95,12 @@ class ChatTemplate:
         except TemplateError as e:
             raise ChatTemplateError(f"{origin}: chat template does not compile: {e}") from None
 
+    @property
+    def handles_effort(self) -> bool:
+        """Whether the template reads `effort` / `reasoning_effort` itself; if not, `render` writes the
+        effort line into the system message, so any checkpoint template gets it."""
+        return _EFFORT_VAR.search(self.source) is not None
+
     @classmethod
     def default(cls) -> ChatTemplate:
         return _default_template()
@@ -117,6 +124,8 @@ class ChatTemplate:
         tool_list = normalize_tools(tools)
         if effort is not None and effort not in EFFORTS:
             raise ChatTemplateError(f"effort {effort!r}: expected one of {', '.join(EFFORTS)}")
+        if effort is not None and not self.handles_effort:
+            msgs = _with_effort_line(msgs, effort)
         try:
             return self._template.render(
                 messages=msgs,
@@ -130,6 +139,22 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.origin}: the template refused the messages: {e}") from None
         except TemplateError as e:
             raise ChatTemplateError(f"{self.origin}: rendering failed: {e}") from None
+
+
+_EFFORT_VAR = re.compile(r"\b(?:reasoning_)?effort\b")
+
+
+def _with_effort_line(msgs: list[dict[str, Any]], effort: str) -> list[dict[str, Any]]:
+    line = f"Reasoning: {effort}"
+    if msgs and msgs[0]["role"] == "system":
+        first = dict(msgs[0])
+        content = first["content"]
+        if isinstance(content, str):
+            first["content"] = f"{content}\n\n{line}" if content else line
+        else:
+            first["content"] = [*content, {"type": "text", "text": f"\n\n{line}" if content else line}]
+        return [first, *msgs[1:]]
+    return [{"role": "system", "content": line}, *msgs]
 
 
 @lru_cache(maxsize=1)

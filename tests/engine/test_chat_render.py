@@ -162,6 +162,17 @@ def test_checkpoint_template_wins_over_the_default(tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert ChatTemplate.from_checkpoint(tmp_path).render(msgs, effort="low") == "[user|hi]low"
     assert render_chat(msgs, template=tmp_path, effort="low") == "[user|hi]low"
+    # A template that does not read `effort` still gets the effort line, in the system message.
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": shipped.replace("{{ effort }}", "")})
+    )
+    sys_msgs = [{"role": "system", "content": "Be brief."}, *msgs]
+    assert render_chat(msgs, template=tmp_path, effort="high") == "[system|Reasoning: high][user|hi]"
+    assert (
+        render_chat(sys_msgs, template=tmp_path, effort="low")
+        == "[system|Be brief.\n\nReasoning: low][user|hi]"
+    )
+    assert render_chat(sys_msgs, template=tmp_path) == "[system|Be brief.][user|hi]"
     # chat_template.jinja, as newer exports write it, takes precedence over the config entry.
     (tmp_path / "chat_template.jinja").write_text("J{{ messages | length }}")
     assert render_chat(msgs, template=tmp_path) == "J1"
