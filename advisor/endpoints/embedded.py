@@ -243,8 +243,12 @@ class EmbeddedEndpoint(Endpoint):
         stopped = bool(new) and new[-1] in stops
         body = new[:-1] if stopped else new
         in_reasoning = text.rstrip().endswith("<think>")
-        reasoning_tokens = _reasoning_tokens(body, tok.token_to_id("</think>"), in_reasoning)
         parsed = parse_output(tok.decode(body), schemas or None, in_reasoning=in_reasoning)
+        think_close = tok.token_to_id("</think>")
+        if think_close is not None:
+            reasoning_tokens = _reasoning_tokens(body, think_close, in_reasoning)
+        else:  # a vocabulary without a single </think> id: count the reasoning text's own tokens
+            reasoning_tokens = min(len(new), tok.count(parsed.reasoning))
 
         calls = [
             ToolCall(id=c.id, name=c.name, arguments=c.arguments, raw_arguments=_json(c.arguments))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 
 import pytest
 
@@ -116,7 +117,7 @@ async def test_tool_calls_well_formed_and_malformed(ckpt, monkeypatch):
     assert resp.message.tool_calls == [] and resp.message.text == "5" and resp.finish_reason == "stop"
 
 
-async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt):
+async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt, monkeypatch):
     ep = _endpoint(ckpt)
     other = _endpoint(ckpt)  # a second endpoint on the same checkpoint reuses the loaded model
     ticks = 0
@@ -128,6 +129,18 @@ async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt):
             ticks += 1
             await asyncio.sleep(0.001)
 
+    await ep._get_engine()
+    llm = ep._engine.llm
+    batches = []
+    real_generate = llm.generate
+
+    def slow_first_generate(prompts, **kw):
+        batches.append(len(prompts))
+        if len(batches) == 1:  # hold the model so that the other calls queue up behind it
+            time.sleep(0.3)
+        return real_generate(prompts, **kw)
+
+    monkeypatch.setattr(llm, "generate", slow_first_generate)
     t = asyncio.create_task(ticker())
     results = await asyncio.gather(
         *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 3))
@@ -137,6 +150,8 @@ async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt):
     assert ticks > 5
     assert ep._engine is other._engine
     assert all(r.attempts[0].ok and 0 < r.usage.output + r.usage.reasoning <= 4 for r in results)
+    # the calls that queued while the model was busy ran as one batch
+    assert sum(batches) == 6 and len(batches) < 6 and max(batches) > 1
 
 
 async def test_errors_are_one_line_endpoint_errors(ckpt, tmp_path):
