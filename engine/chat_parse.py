@@ -179,7 +179,9 @@ class StreamingParser:
         if self._mode != "done":
             self._run(delta, final=True)
             if self._mode == "tool":
-                self._error(delta, f"unclosed {CALL_OPEN}: output ended inside a tool call", self._buf)
+                self._error(
+                    delta, f"unclosed {self._opener()}: output ended inside a tool call", self._raw(self._buf)
+                )
             self._buf = ""
             self._mode = "done"
         self._record(delta)
@@ -253,13 +255,21 @@ class StreamingParser:
             self._mode = "tool"
         return True
 
+    def _opener(self) -> str:
+        return CALL_OPEN if self._call_close == CALL_CLOSE else FUNCTION_OPEN + "...>"
+
+    def _raw(self, text: str) -> str:
+        return CALL_OPEN + text if self._call_close == CALL_CLOSE else text
+
     def _step_tool(self, delta: ChatDelta, final: bool) -> bool:
         close = self._buf.find(self._call_close)
         # A new <tool_call> or the end of the turn before our close tag: this call was never closed.
         cut, marker = _find_first(self._buf, (CALL_OPEN, END_OF_TURN))
         if cut >= 0 and (close < 0 or cut < close):
             self._error(
-                delta, f"unclosed {CALL_OPEN}: {marker} came before {self._call_close}", self._buf[:cut]
+                delta,
+                f"unclosed {self._opener()}: {marker} came before {self._call_close}",
+                self._raw(self._buf[:cut]),
             )
             self._buf = self._buf[cut:]
             self._mode = "content"

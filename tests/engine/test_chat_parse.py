@@ -213,6 +213,10 @@ MALFORMED = {
         "</think>ok\n<function=python>\n<parameter=code>\n1\n</parameter>\n</function>\n</tool_call>",
         "without a <tool_call> wrapper",
     ),
+    "bare and unclosed": (
+        "</think><function=python>\n<parameter=code>\n1\n</parameter>\n",
+        "unclosed <function=...>",
+    ),
     "new call inside call": (
         "</think><tool_call>\n<function=python>\n<tool_call>\n<function=read_file>\n"
         "<parameter=path>\na\n</parameter>\n</function>\n</tool_call>",
@@ -228,7 +232,9 @@ def test_malformed_markup_is_a_parse_error(case):
     assert not parsed.ok
     assert message in parsed.errors[0].message
     assert "\n" not in parsed.errors[0].message
-    assert parsed.errors[0].raw  # the offending markup, for the trace
+    assert parsed.errors[0].raw.startswith(
+        ("<tool_call>", "<function=")
+    )  # the offending markup, for the trace
     # Streaming reaches the same verdict wherever the text is cut.
     for cut in range(0, len(text) + 1, 3):
         assert _same(_stream(text, [cut])[0], parsed), (case, cut)
