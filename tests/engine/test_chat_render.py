@@ -192,10 +192,14 @@ def test_named_templates_and_broken_templates(tmp_path):
         ChatTemplate("{{ raise_exception('no system role') }}").render([])
 
 
-def test_template_runs_sandboxed():
-    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(ChatTemplateError):
-        evil.render([{"role": "user", "content": "x"}])
+@pytest.mark.parametrize(
+    "source", ["{{ messages.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}"]
+)
+def test_template_runs_sandboxed(source):
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(ChatTemplateError, match="is unsafe"):
+        ChatTemplate(source).render(msgs)
+    assert msgs == [{"role": "user", "content": "x"}]
 
 
 def test_transformers_renders_our_template_identically():
