@@ -304,3 +304,31 @@ def build_step_tokenizer(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return StepTokenizer.from_pretrained(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.tokenizer OUT_DIR [TEXT_FILE ...] [--vocab-size N]`: train and save a Step tokenizer."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m engine.tokenizer", description=main.__doc__)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("corpus", nargs="*", type=Path, help="UTF-8 text files, one training text per line")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args(argv)
+
+    def lines():
+        for f in args.corpus:
+            with f.open(encoding="utf-8") as fh:
+                yield from (line.rstrip("\n") for line in fh)
+
+    missing = [str(f) for f in args.corpus if not f.is_file()]
+    if missing:
+        print(f"engine.tokenizer: corpus file not found: {', '.join(missing)}")
+        return 2
+    tok = build_step_tokenizer(args.out_dir, lines() if args.corpus else None, vocab_size=args.vocab_size)
+    print(f"wrote {args.out_dir}/tokenizer.json and tokenizer_config.json ({tok.vocab_size} ids)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -138,3 +138,16 @@ def test_bad_directories_give_one_line_errors(tmp_path):
     build_step_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="no token '<nope>'"):
         load_tokenizer(tmp_path).require_id("<nope>")
+
+
+def test_command_line_trains_on_text_files(tmp_path, capsys):
+    from engine.tokenizer import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("zebra crossing zebra crossing zebra\n" * 20 + "<|im_start|>user\nzebra<|im_end|>\n")
+    assert main([str(tmp_path / "out"), str(corpus), "--vocab-size", "300"]) == 0
+    tok = load_tokenizer(tmp_path / "out")
+    assert f"({tok.vocab_size} ids)" in capsys.readouterr().out and tok.vocab_size <= 300
+    assert len(tok.encode("zebra")) == 1  # learned from the given corpus, not the built-in one
+    assert main([str(tmp_path / "out2"), str(tmp_path / "missing.txt")]) == 2
+    assert "corpus file not found" in capsys.readouterr().out
