@@ -9,7 +9,7 @@ relative to the working directory), or the name of a directory under `$ADVISOR_M
 top_p, seed, dtype, max_batch_size. Anything else there is an error, since no request body exists.
 
 A call renders the neutral messages with the checkpoint's own chat template (else the engine's default
-Step template), generates in a worker thread, and parses the output back into reasoning, content and
+Step template), generates in a worker thread (the engine's own pool), and parses the output back into reasoning, content and
 tool calls; malformed tool-call markup becomes a ToolCall with `arguments=None` and `parse_error` set.
 Concurrent calls share one loaded model per (checkpoint, device, dtype): calls that arrive while the
 model is busy are batched together into the next `generate`. Images are refused for now: the engine
@@ -19,10 +19,12 @@ loads no vision tower yet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -75,9 +77,15 @@ class _Engine:
     llm: Any
     tokenizer: Any
     path: Path
+    # Own worker threads, one per batch slot: the default pool (cpu + 4 threads) would cap how many
+    # concurrent calls can queue up for one batch.
+    executor: ThreadPoolExecutor = field(init=False)
     _mu: threading.Lock = field(default_factory=threading.Lock)
     _run: threading.Lock = field(default_factory=threading.Lock)
     _pending: list[_Job] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(self.llm.max_batch_size + 2, thread_name_prefix="advisor-embedded")
 
     def generate(
         self,
@@ -199,7 +207,7 @@ class EmbeddedEndpoint(Endpoint):
                 )
             engine = await self._get_engine()
             schemas = [t.openai_schema() for t in tools or []] if tool_choice != "none" else []
-            response = await asyncio.to_thread(
+            call = functools.partial(
                 self._complete_sync,
                 engine,
                 messages,
@@ -207,6 +215,7 @@ class EmbeddedEndpoint(Endpoint):
                 effort,
                 max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS,
             )
+            response = await asyncio.get_running_loop().run_in_executor(engine.executor, call)
         except Exception as e:
             attempt.error = _one_line(e)
             attempt.latency_s = time.perf_counter() - start

@@ -143,7 +143,7 @@ async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt, 
     monkeypatch.setattr(llm, "generate", slow_first_generate)
     t = asyncio.create_task(ticker())
     results = await asyncio.gather(
-        *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 3))
+        *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 6))
     )
     done = True
     await t
@@ -151,7 +151,8 @@ async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt, 
     assert ep._engine is other._engine
     assert all(r.attempts[0].ok and 0 < r.usage.output + r.usage.reasoning <= 4 for r in results)
     # the calls that queued while the model was busy ran as one batch
-    assert sum(batches) == 6 and len(batches) < 6 and max(batches) > 1
+    # (more of them than the default thread pool of cpu + 4 workers could have queued)
+    assert sum(batches) == 12 and max(batches) >= 8
 
 
 async def test_errors_are_one_line_endpoint_errors(ckpt, tmp_path):
