@@ -276,15 +276,24 @@ class LLM:
 
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
-    """The vision tower + projector, when the checkpoint has one and engine.vision is available."""
+    """The vision tower + projector (engine.vision), when the checkpoint has one; with the keys it used."""
     if cfg.vision is None or not any(k.startswith(_VISION_PREFIXES) for k in ckpt.keys()):
         return None, set()
     try:
-        from engine import vision as vision_mod  # noqa: F401
+        from engine.vision import build_vision, vision_keys
     except ImportError:
         log.warning("checkpoint has a vision tower but engine.vision is unavailable; images are disabled")
         return None, set()
-    return None, set()
+    vision = build_vision(cfg.vision, cfg.text.hidden_size, cfg.projector_bias, device="meta", dtype=dtype)
+    spec = {}
+    for name, shape in vision_keys(vision).items():
+        key = name
+        top_level = name.removeprefix("vision_model.")  # some exports keep the downsamplers at the top
+        if key not in ckpt.shapes and top_level.startswith("vit_downsampler") and top_level in ckpt.shapes:
+            key = top_level
+        spec[name] = ([(key, shape)], 0)
+    used = load_spec(vision, spec, ckpt, dtype, device, fp32_params=())
+    return vision.eval(), used
 
 
 def _load_tokenizer(path: Path):
