@@ -91,11 +91,12 @@ class LLM:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        """The config's eos ids; without any, the tokenizer's (e.g. `<|im_end|>`)."""
         ids = list(self.config.text.eos_token_ids)
         if not ids and self.tokenizer is not None:
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            if eos is not None:
-                ids = [int(eos)]
+            many = getattr(self.tokenizer, "eos_token_ids", None)
+            one = getattr(self.tokenizer, "eos_token_id", None)
+            ids = [int(i) for i in many] if many else ([int(one)] if one is not None else [])
         return ids
 
     # ------------------------------------------------------------------ scoring

@@ -208,7 +208,11 @@ def test_tokenizer_is_exposed_when_the_checkpoint_ships_one(ckpt_a, tmp_path):
     )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    assert LLM.from_pretrained(path).tokenizer is not None
+    llm = LLM.from_pretrained(path)
+    assert llm.tokenizer is not None
+    assert type(llm.tokenizer).__name__ == "StepTokenizer"  # engine.tokenizer's, not the raw fallback
+    assert llm.tokenizer.encode("hello world") == [1, 2]
+    assert llm.eos_token_ids == [3]  # no eos in config.json: the tokenizer's <|im_end|>
 
 
 def test_quantized_exports_are_refused_by_name(ckpt_a, tmp_path):
