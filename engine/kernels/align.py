@@ -37,7 +37,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     dev = topk_ids.device
     flat = topk_ids.reshape(-1).long()
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    # scatter_add rather than bincount: CUDA's bincount reads the max back to the host (a sync).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
     padded = (counts + block_m - 1) // block_m * block_m
     cum_padded = torch.cumsum(padded, 0)
     pad_starts = cum_padded - padded

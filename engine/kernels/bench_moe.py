@@ -1,12 +1,12 @@
 """Fused MoE on a GPU: the Triton kernel against the engine's PyTorch expert path, same weights, same run.
 
-    python -m engine.kernels.bench_moe [--batches 1 8 64] [--iters 50]
+    python -m engine.kernels.bench_moe [--batches 1 8 64 4096] [--iters 50]
     python -m engine.kernels.bench_moe --tune     # sweep tile configs, write configs/E.._N.._K.._dtype.json
 
 Defaults are the release shapes (E=288 routed experts, top-8, hidden 4096, expert width 1280, bf16) at
-decode batch sizes. Per batch: tokens/s of each path (routed experts only: router and shared expert
-excluded) and the fraction of peak HBM bandwidth, counting the bytes of the distinct experts' weights the
-batch touches (3 * I * H each) over the measured time. Peak by device name (H100 SXM 3.35 TB/s, H200 4.8 TB/s;
+decode batch sizes and one prefill chunk (4096 tokens). Per batch: tokens/s of each path (routed experts
+only: router and shared expert excluded) and the fraction of peak HBM bandwidth, counting the bytes of
+the distinct experts' weights the batch touches (3 * I * H each) over the measured time. Peak by device name (H100 SXM 3.35 TB/s, H200 4.8 TB/s;
 --peak-tbps overrides). Without CUDA it prints why and exits 0; `--device cpu` runs the same logic under
 TRITON_INTERPRET=1 at tiny shapes (for tests: its timings mean nothing).
 """
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=1280)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 4096])  # decode, and a prefill
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--limit", type=float, default=0.0, help="SwiGLU clamp (7.0 on the release's last layers)")
