@@ -7,8 +7,9 @@ Defaults are the release shapes (E=288 routed experts, top-8, hidden 4096, exper
 decode batch sizes and one prefill chunk (4096 tokens). Per batch: tokens/s of each path (routed experts
 only: router and shared expert excluded) and the fraction of peak HBM bandwidth, counting the bytes of
 the distinct experts' weights the batch touches (3 * I * H each) over the measured time. Peak by device
-name (H100 SXM 3.35 TB/s, H200 4.8 TB/s; --peak-tbps overrides). Without CUDA it prints why and exits 0; `--device cpu` runs the same logic under
-TRITON_INTERPRET=1 at tiny shapes (for tests: its timings mean nothing).
+name (H100 SXM 3.35 TB/s, H200 4.8 TB/s; --peak-tbps overrides). Without CUDA it prints why and exits 0;
+`--device cpu` runs the same logic under TRITON_INTERPRET=1 at tiny shapes (for tests: its timings mean
+nothing).
 """
 
 from __future__ import annotations
