@@ -47,6 +47,8 @@ else:
     def _record_launches(monkeypatch) -> list[tuple[JITFunction, tuple, dict]]:
         """Replace every @triton.jit kernel the fused MoE launches with a recorder of (kernel, args, kwargs)."""
         calls: list[tuple[JITFunction, tuple, dict]] = []
+        # Triton 3.9's default, stated explicitly (it warns when left unset).
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
 
         class Recorder:
             def __init__(self, fn: JITFunction):
