@@ -1,6 +1,6 @@
 """Fused-MoE pieces that need no Triton launch: the token-to-expert alignment (PyTorch version), the tile
-tables, the benchmark's no-GPU exit, and an sm_90 compile of every kernel and release tile. The kernels'
-numbers are tested under the interpreter in test_fused_moe.py."""
+tables and the benchmark's no-GPU exit. The kernels' numbers are tested under the interpreter in
+test_fused_moe.py; their sm_90 compile in test_fused_moe_sm90_compile.py."""
 
 from __future__ import annotations
 
@@ -137,60 +137,3 @@ def test_bench_peak_bandwidth_by_device_name():
     assert bench_moe.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
     assert bench_moe.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert bench_moe.peak_bandwidth("NVIDIA GeForce RTX 4090") is None
-
-
-def _sm90_compile(fn, types: list[str], constexprs: dict, **options):
-    """Compile a kernel to an sm_90 cubin on this (GPU-less) machine: catches what the interpreter cannot
-    (lowering errors, unsupported ops, tiles that overflow shared memory)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    fn = JITFunction(
-        fn.fn
-    )  # a compilable handle even where TRITON_INTERPRET made the kernel an interpreter one
-    names = list(fn.arg_names)
-    sig = dict(zip(names, types + ["constexpr"] * (len(names) - len(types)), strict=True))
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-_H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
-
-
-def test_kernels_compile_for_hopper_with_every_release_tile(monkeypatch):
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    from engine.kernels.align_kernel import _align_kernel
-    from engine.kernels.fused_moe import _combine_kernel, _grouped_gemm_kernel
-
-    k = _sm90_compile(
-        _align_kernel,
-        ["*i64", "*i32", "*i32", "*i32", "*i32", "i32", "i32", "i32"],
-        {"BLOCK_M": 16, "E_PAD": 512, "CHUNK": 64, "FILL": 1024},
-        num_warps=8,
-    )
-    assert k.asm["cubin"]
-    _sm90_compile(_combine_kernel, ["*bf16", "*bf16", "i32"], {"TOP_K": 8, "BLOCK_H": 1024})
-    table = configs.load_table(configs.config_path(288, 1280, 4096, torch.bfloat16))
-    heuristics = [configs.default_config(t, 288, 8, 1280, 4096) for t in (1, 64, 1024, 8192)]
-    tiles = {
-        (c.BLOCK_M, g, gated)
-        for c in [*table.values(), *heuristics]
-        for g, gated in ((c.gate_up, True), (c.down, False))
-    }
-    types = ["*bf16"] * 4 + ["*fp32"] + ["*i32"] * 3 + ["i32"] * 4 + ["fp32"] + ["i32"] * 7
-    for bm, g, gated in sorted(tiles, key=str):
-        consts = dict(
-            A_ROW_DIV=8 if gated else 1,
-            GATED=gated,
-            CLAMP=gated,
-            MUL_WEIGHT=not gated,
-            BLOCK_M=bm,
-            BLOCK_N=g.BLOCK_N,
-            BLOCK_K=g.BLOCK_K,
-            GROUP_M=g.GROUP_M,
-            PRECISION="tf32",
-        )
-        k = _sm90_compile(_grouped_gemm_kernel, types, consts, num_warps=g.num_warps, num_stages=g.num_stages)
-        assert k.metadata.shared <= _H100_SMEM, (bm, g, k.metadata.shared)

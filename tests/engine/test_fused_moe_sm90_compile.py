@@ -132,6 +132,7 @@ else:
         assert kernels == ["_align_kernel", "_combine_kernel", "_grouped_gemm_kernel"], kernels
 
     def test_heuristic_configs_compile_for_sm90_in_fp16(monkeypatch):
-        """No fp16 table ships: the default heuristic's tiles must compile too (decode and a prefill)."""
-        requests = _launches(monkeypatch, torch.float16, [1, 2048], limits=[7.0])
+        """No fp16 table ships: the default heuristic's tiles must compile too (decode, a mid-size and a long
+        prefill: BLOCK_M 16, 32 and 64)."""
+        requests = _launches(monkeypatch, torch.float16, [1, 2048, 8192], limits=[7.0])
         assert "_grouped_gemm_kernel" in _compile_all(requests)
