@@ -1,0 +1,106 @@
+"""`advisor eval SUITE ...` and `advisor report DIR ...` (registered by advisor/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from advisor.task import TaskError
+from evals.harness import run_suite
+from evals.ledger import load_prices
+from evals.report import headline_lines, write_report
+from evals.suite import load_suite
+
+
+def _err(msg: str) -> int:
+    Console(stderr=True).print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
+    return 2
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        suite = load_suite(args.suite, endpoints_file=args.endpoints)
+        for s in strategies:
+            suite.strategy(s)
+        run = asyncio.run(
+            run_suite(
+                suite,
+                strategies,
+                args.out,
+                concurrency=args.concurrency,
+                timeout_s=args.timeout,
+                console=console if not args.quiet else None,
+            )
+        )
+        res = write_report(args.out)
+    except TaskError as e:
+        return _err(str(e))
+    console.print(f"ran {len(run.ran)} task runs, skipped {len(run.skipped)} already finished")
+    for line in headline_lines(res):
+        console.print(line, markup=False, highlight=False)
+    console.print(
+        f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'results.json'}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not args.dir.is_dir():
+        return _err(f"{args.dir}: eval output folder not found")
+    try:
+        prices = load_prices(args.prices) if args.prices else None
+        res = write_report(args.dir, prices, str(args.prices) if args.prices else None)
+    except TaskError as e:
+        return _err(str(e))
+    console = Console()
+    for line in headline_lines(res):
+        console.print(line, markup=False, highlight=False)
+    console.print(
+        f"report: {args.dir / 'report.md'}, {args.dir / 'report.html'}, {args.dir / 'results.json'}"
+    )
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="run a suite under several strategies (resumable) and write the report")
+    p.add_argument(
+        "suite", type=Path, help="a folder of task.yaml files, a suite.yaml, or a .jsonl of {prompt, answer}"
+    )
+    p.add_argument(
+        "--strategies",
+        default="executor,frontier,advisor",
+        help="comma-separated (default: executor,frontier,advisor)",
+    )
+    p.add_argument("--concurrency", type=int, default=40, help="task runs at once (default: 40)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder; rerunning with the same one resumes"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per-task seconds (default: suite timeout_s or budget.max_wall_s + 30)",
+    )
+    p.add_argument(
+        "--endpoints", type=Path, default=None, help="an advisor.yaml whose endpoints every task gets"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="rewrite an eval's report from its traces, optionally with new prices")
+    p.add_argument("dir", type=Path, help="the eval's --out folder")
+    p.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        help="prices.yaml: {endpoint or model name: {input, cached_input, output}}",
+    )
+    p.set_defaults(func=cmd_report)

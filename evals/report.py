@@ -1,0 +1,208 @@
+"""Writes DIR/report.md, DIR/report.html (one self-contained file, plots inline) and DIR/results.json."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import jinja2
+
+from advisor.pricing import Price
+from evals import plots
+from evals.aggregate import VOLUMES, aggregate
+from evals.ledger import ROLES, load_records
+
+
+def usd(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"${x:,.6f}" if abs(x) < 0.01 else f"${x:,.4f}" if abs(x) < 100 else f"${x:,.2f}"
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f}%"
+
+
+def secs(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} s"
+
+
+def ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}x"
+
+
+def _tok(t: dict) -> str:
+    return f"{t['input']:,} / {t['cached_input']:,} / {t['output'] + t['reasoning']:,}"
+
+
+def tables(res: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The report's tables as (header, rows) of display strings; markdown and HTML render the same ones."""
+    names = res["strategies"]
+    st = res["stats"]
+    strat = (
+        [
+            "strategy",
+            "tasks",
+            "solved",
+            "success",
+            "total USD",
+            "USD/task",
+            "USD/solved",
+            "executor tok in/cached/out",
+            "frontier tok in/cached/out",
+            "median latency",
+            "p95 latency",
+            "consults/task",
+        ],
+        [
+            [
+                s,
+                str(st[s]["tasks"]),
+                str(st[s]["solved"]),
+                pct(st[s]["success_rate"]),
+                usd(st[s]["total_usd"]),
+                usd(st[s]["usd_per_task"]),
+                usd(st[s]["usd_per_solved"]),
+                _tok(st[s]["tokens"]["executor"]),
+                _tok(st[s]["tokens"]["frontier"]),
+                secs(st[s]["latency_s"]["median"]),
+                secs(st[s]["latency_s"]["p95"]),
+                f"{st[s]['consults_per_task'] or 0:.2f}",
+            ]
+            for s in names
+        ],
+    )
+    per_task = (
+        ["task"] + [f"{s}" for s in names],
+        [
+            [t] + [f"{row[s]['outcome']} {usd(row[s]['cost_usd'])}" if s in row else "-" for s in names]
+            for t, row in res["per_task"].items()
+        ],
+    )
+    be = res["break_even"]
+    brk = (
+        ["strategy", "USD/task"]
+        + [f"{v:,}/month" for v in VOLUMES]
+        + [f"saved vs frontier at {v:,}" for v in VOLUMES],
+        [
+            [s, usd(be[s]["usd_per_task"])]
+            + [usd(be[s]["monthly_usd"][str(v)]) for v in VOLUMES]
+            + [
+                usd(be[s]["monthly_savings_vs_frontier_usd"][str(v)])
+                if "monthly_savings_vs_frontier_usd" in be[s]
+                else "-"
+                for v in VOLUMES
+            ]
+            for s in names
+        ],
+    )
+    cons = (
+        ["strategy", "task", "step", "trigger", "mode", "cost", "steps after", "task outcome"],
+        [
+            [
+                c["strategy"],
+                c["task"],
+                str(c["step"]),
+                c["trigger"],
+                c["mode"],
+                usd(c["cost_usd"]),
+                str(c["steps_after"]),
+                c["outcome_after"],
+            ]
+            for c in res["consults"]
+        ],
+    )
+    return {"strategies": strat, "per_task": per_task, "break_even": brk, "consults": cons}
+
+
+def headline_lines(res: dict) -> list[str]:
+    lines = []
+    for s, h in res["headline"].items():
+        lines.append(
+            f"{s}: {usd(h['usd_per_solved'])} per solved task against {usd(h['frontier_usd_per_solved'])} "
+            f"frontier-only ({ratio(h['cost_per_solved_ratio'])}); success {pct(h['success_rate'])} "
+            f"against {pct(h['frontier_success_rate'])} frontier-only."
+        )
+    if not lines:
+        lines.append("No headline: it needs a frontier run and an advisor-style run in the same eval.")
+    return lines
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+TITLES = {
+    "strategies": "Per strategy",
+    "per_task": "Per task (outcome, USD)",
+    "consults": "Escalation ledger",
+    "break_even": "Break-even (monthly USD)",
+}
+
+
+def render_md(res: dict) -> str:
+    tb = tables(res)
+    parts = ["# Eval report", ""]
+    if res.get("prices_file"):
+        parts += [f"Costs re-priced with `{res['prices_file']}`.", ""]
+    parts += ["## Headline", ""] + [f"- {line}" for line in headline_lines(res)] + [""]
+    for key in ("strategies", "break_even", "per_task", "consults"):
+        parts += [f"## {TITLES[key]}", "", _md_table(*tb[key]) if tb[key][1] else "none", ""]
+    parts += ["Plots: see report.html. Every number here is in results.json.", ""]
+    return "\n".join(parts)
+
+
+HTML = jinja2.Environment(autoescape=True).from_string(
+    """<!doctype html>
+<html><head><meta charset="utf-8"><title>Eval report</title>
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.plots img{max-width:48%;margin-right:1%}</style>
+</head><body><h1>Eval report</h1>
+{% if prices_file %}<p>Costs re-priced with <code>{{ prices_file }}</code>.</p>{% endif %}
+<h2>Headline</h2><ul>{% for l in headline %}<li>{{ l }}</li>{% endfor %}</ul>
+<div class="plots">{% for name, b64 in plots %}<img alt="{{ name }}" src="data:image/png;base64,{{ b64 }}">{% endfor %}</div>
+{% for title, (header, rows) in tables %}<h2>{{ title }}</h2>
+{% if rows %}<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% else %}<p>none</p>{% endif %}
+{% endfor %}</body></html>
+"""
+)
+
+
+def render_html(res: dict) -> str:
+    tb = tables(res)
+    pngs = [
+        ("cost against success", plots.cost_vs_success(res)),
+        ("cost per task", plots.cost_distribution(res)),
+    ]
+    return HTML.render(
+        prices_file=res.get("prices_file"),
+        headline=headline_lines(res),
+        plots=[(n, base64.b64encode(b).decode("ascii")) for n, b in pngs],
+        tables=[(TITLES[k], tb[k]) for k in ("strategies", "break_even", "per_task", "consults")],
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, prices: dict[str, Price] | None = None, prices_file: str | None = None) -> dict:
+    """Reads every finished task under `out`, (re-)prices it, writes the three report files; returns results."""
+    out = Path(out)
+    records = load_records(out, prices)
+    res = aggregate(records, prices_file)
+    _write(out / "results.json", json.dumps(res, indent=2) + "\n")
+    _write(out / "report.md", render_md(res))
+    _write(out / "report.html", render_html(res))
+    return res
+
+
+__all__ = ["ROLES", "render_html", "render_md", "write_report"]
