@@ -1,0 +1,94 @@
+"""Training samples are exactly what the embedded endpoint renders, and parse back into the scripted turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from advisor.endpoints import make_endpoint
+from advisor.endpoints.base import EndpointConfig
+from engine.tokenizer import load_tokenizer
+from tools.registry import resolve
+from training.tasks import FAMILIES, generate
+from training.traces import encode_sample, initial_messages, samples
+
+
+def test_generators_are_seeded_and_verifiable():
+    a, b = list(generate(9, seed=5)), list(generate(9, seed=5))
+    assert [(t.goal, t.answer, t.files) for t in a] == [(t.goal, t.answer, t.files) for t in b]
+    assert {t.family for t in a} == set(FAMILIES)
+    assert [t.goal for t in generate(9, seed=6)] != [t.goal for t in a]
+    with pytest.raises(ValueError, match="unknown task families"):
+        next(generate(1, 0, ("nope",)))
+
+
+def test_traces_hold_real_tool_results(traces):
+    for tr in traces:
+        roles = [m.role for m in tr.messages]
+        assert roles[:2] == ["system", "user"] and roles[-1] == "assistant"
+        final = tr.messages[-1]
+        assert final.text == f"Answer: {tr.task.answer}" and not final.tool_calls
+        results = [m.text for m in tr.messages if m.role == "tool"]
+        assert results and not any(m.is_error for m in tr.messages if m.role == "tool")
+        if tr.task.family in ("arith", "order"):  # the python tool really ran the code
+            assert results[-1].strip() == tr.task.answer
+        if tr.task.family == "lookup":
+            assert results[0] == next(iter(tr.task.files.values()))
+
+
+def test_samples_have_the_step_shape(traces, boot_tokenizer):
+    tr = next(t for t in traces if t.task.family == "order")
+    ss = samples(tr, boot_tokenizer)
+    assert len(ss) == 3
+    for s in ss:
+        assert s.prompt.startswith("<|im_start|>system\n") and "<tools>\n" in s.prompt
+        assert "Reasoning: low" in s.prompt
+        assert s.prompt.endswith("<|im_start|>assistant\n<think>\n")
+        assert s.target.endswith("<|im_end|>") and s.target.count("<|im_end|>") == 1
+        assert "\n</think>\n" in s.target
+    assert s.target == f"The total is {tr.task.answer}.\n</think>\nAnswer: {tr.task.answer}<|im_end|>"
+    assert ss[0].target.count("<tool_call>\n<function=read_file>\n<parameter=path>\n") == 2
+    # the next turn's prompt holds the previous turn as sent back (no reasoning) and the tool responses
+    assert "<think>\n\n</think>\n<tool_call>" in ss[1].prompt
+    assert "<|im_start|>tool_response\n<tool_response>Order\n" in ss[1].prompt
+
+
+async def test_prompt_and_target_match_the_embedded_endpoint(traces, tok_dir, init_dir, monkeypatch):
+    """For every turn: the endpoint, given the trace's messages, encodes exactly the sample's prompt ids;
+    fed the sample's target as the model output, it parses back the scripted reasoning, calls and answer."""
+    tok = load_tokenizer(tok_dir)
+    ep = make_endpoint("flash", EndpointConfig(provider="embedded", model=str(init_dir), free=True))
+    await ep._get_engine()
+    seen: dict = {}
+
+    def scripted(prompt, max_new, *args):
+        seen["prompt"] = prompt
+        return tok.encode(seen["target"])
+
+    monkeypatch.setattr(ep._engine, "generate", scripted)
+    checked = 0
+    for tr in traces:
+        specs = resolve(tr.task.tools)
+        ss = iter(samples(tr, tok))
+        for i, msg in enumerate(tr.messages):
+            if msg.role != "assistant":
+                continue
+            s = next(ss)
+            seen["target"] = s.target
+            resp = await ep.complete(tr.messages[:i], tools=specs, effort=tr.effort)
+            ids, labels = encode_sample(tok, s)
+            assert seen["prompt"] == ids[: labels.count(-100)]
+            assert tok.decode(seen["prompt"]) == s.prompt
+            assert resp.message.reasoning == msg.reasoning
+            assert resp.message.text == msg.text
+            assert [(c.name, c.arguments) for c in resp.message.tool_calls] == [
+                (c.name, c.arguments) for c in msg.tool_calls
+            ]
+            checked += 1
+    assert checked == sum(len(t.task.turns) for t in traces)
+
+
+def test_initial_messages_are_the_loops(traces):
+    tr = traces[0]
+    system, user = initial_messages(tr.task)
+    assert tr.task.name in system.text and "Answer: <the answer only>" in system.text
+    assert user.text.startswith(tr.task.goal.strip())

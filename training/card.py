@@ -1,0 +1,85 @@
+"""The model card (README.md) and loss curve (loss.png) written beside a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(steps: list[int], loss: list[float], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_card(out: Path, log: Any, argv: list[str]) -> None:
+    cfg = log.config
+    plot_loss(log.steps, log.loss, out / "loss.png", f"{cfg['model']} training loss")
+    text = json.loads((out / "config.json").read_text(encoding="utf-8"))["text_config"]
+    d, m = log.data, log.metrics
+    cmd = "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
+    lines = [
+        f"# {cfg['model']}",
+        "",
+        "A small Step 3.7 Flash-architecture model trained in this repository as the embedded executor stand-in. "
+        "It is tiny and narrow: it has only seen the generated task families below, and is no substitute for "
+        "the real Step 3.7 Flash weights or an OpenAI-compatible endpoint.",
+        "",
+        "## Architecture",
+        "",
+        f"- {log.params:,} text parameters; hidden {text['hidden_size']}, {text['num_hidden_layers']} layers "
+        f"({', '.join(text['layer_types'])}), sliding window {text['sliding_window']}",
+        f"- MoE with shared expert: {text['n_routed_experts']} routed experts, top-{text['num_experts_per_tok']}, "
+        "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
+        "- a tiny untrained vision tower (layout only; the embedded endpoint sends these models no images)",
+        f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers",
+        "",
+        "## Data",
+        "",
+        f"- {d.get('tasks')} generated tasks ({', '.join(d.get('families', []))}), seed {cfg['seed']}, effort "
+        f"{cfg['effort']}; traces played with the real tools",
+        f"- {d.get('samples')} assistant-turn samples, {d.get('tokens'):,} tokens, "
+        f"{d.get('target_tokens'):,} of them trained on (assistant tokens only), mean length {d.get('mean_len')}",
+        "",
+        "## Training",
+        "",
+        f"```\n{cmd}\n```",
+        "",
+        f"AdamW (lr {cfg['lr']}, betas 0.9/0.95, weight decay {cfg['weight_decay']}), {cfg['warmup_steps']} warm-up "
+        f"steps then cosine to {cfg['min_lr_ratio']} x lr, batch {cfg['batch_size']}, {log.steps[-1] if log.steps else 0} "
+        f"steps, {cfg['threads']} CPU thread(s), {log.wall_s:.0f} s wall. Final loss {log.loss[-1]:.4f}."
+        if log.loss
+        else "No steps logged.",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Held-out metrics (turn level, greedy)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k, v in m.items():
+        lines.append(f"| {k} | {v} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```yaml",
+        f"executor: {{provider: embedded, model: {out}}}",
+        "```",
+    ]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

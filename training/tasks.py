@@ -1,0 +1,163 @@
+"""Task families with verifiable answers and a scripted solution, for training traces.
+
+Each generated `ScriptedTask` carries what the Advisor loop would get (name, goal, workspace files, tool
+names) plus a solution script: the turns a good executor takes (reasoning, tool calls), with the final
+answer computed by the generator. The tool *results* are not scripted: `training.traces` runs the real
+tools on a real workspace to get them.
+
+Families: `arith` (arithmetic through the python tool), `lookup` (a value read from a workspace file),
+`order` (read two files, then compute a discounted total with python: the Quickstart's shape).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("arith", "lookup", "order")
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Turn:
+    """One assistant turn: reasoning, then tool calls, or (no calls) the final content."""
+
+    reasoning: str
+    calls: list[Call] = field(default_factory=list)
+    content: str = ""
+
+
+@dataclass
+class ScriptedTask:
+    family: str
+    name: str
+    goal: str
+    answer: str
+    tools: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    turns: list[Turn] = field(default_factory=list)
+
+
+_ITEMS = (
+    "apples bananas bolts brushes cables candles chairs clips cups desks drills envelopes fans files "
+    "forks gloves hammers hooks jars keys knives lamps magnets markers mugs nails notebooks nuts pads "
+    "pens pencils plates pliers ropes rulers saws screws sheets shelves spoons staples tapes tiles "
+    "towels trays tubes valves washers wires"
+).split()
+_OPS = ("+", "-", "*")
+
+
+def _arith(rng: random.Random, i: int) -> ScriptedTask:
+    n = rng.randint(2, 4)
+    nums = [rng.randint(2, 999) for _ in range(n)]
+    ops = [rng.choice(_OPS) for _ in range(n - 1)]
+    expr = str(nums[0]) + "".join(f" {o} {x}" for o, x in zip(ops, nums[1:], strict=True))
+    value = eval(expr)  # noqa: S307 - digits and + - * only, built above
+    phrasing = rng.choice(
+        (
+            "Compute {e}. Use the python tool for the arithmetic. Answer with the number only.",
+            "What is {e}? Calculate it with python and answer with the number only.",
+            "Evaluate the expression {e} using the python tool. Give just the result.",
+        )
+    )
+    code = f"print({expr})"
+    return ScriptedTask(
+        family="arith",
+        name=f"arith-{i}",
+        goal=phrasing.format(e=expr),
+        answer=str(value),
+        tools=["python"],
+        turns=[
+            Turn("I will compute the expression with python.", [Call("python", {"code": code})]),
+            Turn(f"The program printed {value}.", content=f"Answer: {value}"),
+        ],
+    )
+
+
+def _inventory(rng: random.Random, k: int) -> dict[str, int]:
+    return {item: rng.randint(0, 500) for item in rng.sample(_ITEMS, k)}
+
+
+def _lookup(rng: random.Random, i: int) -> ScriptedTask:
+    stock = _inventory(rng, rng.randint(4, 9))
+    target = rng.choice(list(stock))
+    fname = rng.choice(("inventory.csv", "stock.csv", "counts.csv"))
+    body = "item,count\n" + "".join(f"{k},{v}\n" for k, v in stock.items())
+    goal = rng.choice(
+        (
+            "Your workspace holds {f}. How many {t} are in stock? Answer with the number only.",
+            "Read {f} and report the count for {t}. Answer with the number only.",
+        )
+    ).format(f=fname, t=target)
+    return ScriptedTask(
+        family="lookup",
+        name=f"lookup-{i}",
+        goal=goal,
+        answer=str(stock[target]),
+        tools=["read_file", "list_files", "python"],
+        files={fname: body},
+        turns=[
+            Turn(f"I need to read {fname} first.", [Call("read_file", {"path": fname})]),
+            Turn(f"The row for {target} says {stock[target]}.", content=f"Answer: {stock[target]}"),
+        ],
+    )
+
+
+def _order(rng: random.Random, i: int) -> ScriptedTask:
+    prices = {item: round(rng.uniform(0.2, 40.0), 2) for item in rng.sample(_ITEMS, rng.randint(4, 7))}
+    lines = {item: rng.randint(1, 30) for item in rng.sample(list(prices), rng.randint(2, 4))}
+    discount = rng.choice((0, 5, 10, 15, 20, 25))
+    price_csv = "item,unit_price_usd\n" + "".join(f"{k},{v:.2f}\n" for k, v in prices.items())
+    order_txt = "Order\n" + "".join(f"- {n} x {k}\n" for k, n in lines.items())
+    order_txt += f"Discount: {discount}% off the total\n" if discount else "No discount.\n"
+    terms = " + ".join(f"{n} * {prices[k]:.2f}" for k, n in lines.items())
+    code = f"total = {terms}\ntotal = total * (1 - {discount} / 100)\nprint(f'{{total:.2f}}')"
+    total = sum(n * prices[k] for k, n in lines.items()) * (1 - discount / 100)
+    answer = f"{total:.2f}"
+    return ScriptedTask(
+        family="order",
+        name=f"order-{i}",
+        goal=(
+            "Your workspace holds order.txt (an order) and prices.csv (unit prices).\n"
+            "Compute the order's total in USD after the discount it states. Use the tools to read the files\n"
+            "and the python tool for the arithmetic. Answer with the number only, rounded to 2 decimals."
+        ),
+        answer=answer,
+        tools=["read_file", "list_files", "python"],
+        files={"prices.csv": price_csv, "order.txt": order_txt},
+        turns=[
+            Turn(
+                "I need the order and the price list.",
+                [Call("read_file", {"path": "order.txt"}), Call("read_file", {"path": "prices.csv"})],
+            ),
+            Turn(
+                "Multiply each quantity by its unit price, sum, then apply the discount.",
+                [Call("python", {"code": code})],
+            ),
+            Turn(f"The total is {answer}.", content=f"Answer: {answer}"),
+        ],
+    )
+
+
+GENERATORS: dict[str, Callable[[random.Random, int], ScriptedTask]] = {
+    "arith": _arith,
+    "lookup": _lookup,
+    "order": _order,
+}
+
+
+def generate(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> Iterator[ScriptedTask]:
+    """`n` tasks, families in rotation, fully determined by `seed`."""
+    unknown = [f for f in families if f not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown task families {unknown}; known: {', '.join(GENERATORS)}")
+    rng = random.Random(seed)
+    for i in range(n):
+        yield GENERATORS[families[i % len(families)]](rng, i)

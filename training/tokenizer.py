@@ -1,0 +1,31 @@
+"""The project tokenizer: byte-level BPE trained on the rendered training traces, with every Step marker.
+
+Built by `engine.tokenizer.build_step_tokenizer` (markers get fixed ids 0..N-1, chat markers stay
+non-special so decoding keeps reasoning and tool calls). The markers are cut out of the corpus before
+training so that no merge is spent on pieces of `<|im_start|>` and friends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from engine.tokenizer import STEP_SPECIAL_TOKENS, StepTokenizer, build_step_tokenizer
+from training.traces import Sample
+
+_MARKERS = re.compile("|".join(re.escape(t) for t in sorted(STEP_SPECIAL_TOKENS, key=len, reverse=True)))
+
+
+def corpus(samples: Iterable[Sample]) -> Iterable[str]:
+    """Each rendered sample once, split at the markers."""
+    for s in samples:
+        for piece in _MARKERS.split(s.prompt + s.target):
+            if piece:
+                yield piece
+
+
+def build_project_tokenizer(
+    out_dir: Path, samples: Iterable[Sample], vocab_size: int = 2048
+) -> StepTokenizer:
+    return build_step_tokenizer(out_dir, list(corpus(samples)), vocab_size=vocab_size)

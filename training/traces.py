@@ -1,0 +1,158 @@
+"""Scripted tasks -> full agent traces (real tools, real workspace) -> training samples in the Step format.
+
+A trace is the neutral `advisor.messages.Message` list the Advisor loop would hold: the loop's own
+system and user prompts (prompts/executor_system.jinja, task_user.jinja), assistant turns with
+reasoning and tool calls, and the tool messages the real tools return.
+
+A sample is one assistant turn as the embedded endpoint sees it: `prompt` is exactly the text
+`advisor.endpoints.embedded` renders for the messages before that turn (`to_openai_messages`, the
+checkpoint's chat template, the task's effort, generation prompt), so it ends in
+`<|im_start|>assistant\\n<think>\\n`; `target` is what the model must write from there: reasoning,
+`</think>`, content and XML tool calls, up to and including `<|im_end|>`. Earlier assistant turns appear
+in the prompt the way the endpoint sends them back (without reasoning), so train and inference agree
+byte for byte; `tests/training/test_data.py` checks that against the endpoint itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from advisor.endpoints.openai import to_openai_messages
+from advisor.messages import Message, ToolCall
+from advisor.prompts import render
+from tools.registry import resolve
+from tools.spec import ToolContext
+from training.tasks import ScriptedTask
+
+END = "<|im_end|>"
+
+
+@dataclass
+class Trace:
+    task: ScriptedTask
+    messages: list[Message]
+    schemas: list[dict[str, Any]]
+    effort: str | None
+
+
+@dataclass
+class Sample:
+    prompt: str
+    target: str
+
+
+def initial_messages(task: ScriptedTask) -> list[Message]:
+    """The loop's first two messages for this task (as `advisor.loop` `_prepare` renders them)."""
+    system = render("executor_system", task_name=task.name, tools=task.tools, has_images=False)
+    user = render("task_user", goal=task.goal.strip(), images=[], files=sorted(task.files))
+    return [Message.system(system), Message.user(user)]
+
+
+async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
+    """Play the task's script with the real tools in a fresh workspace; the results are what they return."""
+    specs = resolve(task.tools)
+    by_name = {s.name: s for s in specs}
+    messages = initial_messages(task)
+    with tempfile.TemporaryDirectory(prefix="trace-") as tmp:
+        ws = Path(tmp)
+        for name, body in task.files.items():
+            (ws / name).write_text(body, encoding="utf-8")
+        ctx = ToolContext(workspace=ws)
+        n = 0
+        for turn in task.turns:
+            calls = []
+            for c in turn.calls:
+                calls.append(
+                    ToolCall(
+                        id=f"call_{n}",
+                        name=c.name,
+                        arguments=c.arguments,
+                        raw_arguments=json.dumps(c.arguments),
+                    )
+                )
+                n += 1
+            messages.append(Message.assistant(turn.content, calls, reasoning=turn.reasoning))
+            for call in calls:
+                result = await by_name[call.name].invoke(call.arguments, ctx)
+                if result.is_error:
+                    raise RuntimeError(
+                        f"task {task.name}: scripted call {call.name} failed: {result.text[:200]}"
+                    )
+                messages.append(Message.tool(call.id, call.name, result.text))
+    return Trace(task, messages, [s.openai_schema() for s in specs], effort)
+
+
+async def run_traces(
+    tasks: Iterable[ScriptedTask], effort: str | None = "low", concurrency: int = 4
+) -> list[Trace]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(t: ScriptedTask) -> Trace:
+        async with sem:
+            return await run_trace(t, effort)
+
+    return list(await asyncio.gather(*(one(t) for t in tasks)))
+
+
+def render_prompt(
+    tokenizer: Any, messages: Sequence[Message], schemas: list[dict], effort: str | None
+) -> str:
+    """The text the embedded endpoint renders for these messages (see `EmbeddedEndpoint._complete_sync`)."""
+    return tokenizer.apply_chat_template(
+        to_openai_messages(list(messages)), schemas or None, effort=effort, tokenize=False
+    )
+
+
+def samples(trace: Trace, tokenizer: Any) -> list[Sample]:
+    """One sample per assistant turn of the trace."""
+    out = []
+    for i, msg in enumerate(trace.messages):
+        if msg.role != "assistant":
+            continue
+        history = trace.messages[:i]
+        prompt = render_prompt(tokenizer, history, trace.schemas, trace.effort)
+        wire = to_openai_messages([*history, msg])
+        wire[-1]["reasoning_content"] = msg.reasoning or ""
+        full = tokenizer.apply_chat_template(
+            wire, trace.schemas or None, effort=trace.effort, add_generation_prompt=False, tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise ValueError(
+                f"task {trace.task.name}: turn {i} does not extend its prompt in this chat template"
+            )
+        target = full[len(prompt) :]
+        cut = target.find(END)
+        if cut < 0:
+            raise ValueError(f"task {trace.task.name}: turn {i} renders without {END}")
+        out.append(Sample(prompt, target[: cut + len(END)]))
+    return out
+
+
+def encode_sample(tokenizer: Any, sample: Sample) -> tuple[list[int], list[int]]:
+    """(ids, labels): labels are -100 on the prompt, the ids themselves on the target.
+
+    The prompt is encoded alone, as the endpoint encodes it; the target is what generation produces.
+    """
+    p = list(tokenizer.encode(sample.prompt))
+    t = list(tokenizer.encode(sample.target))
+    return p + t, [-100] * len(p) + t
+
+
+def write_jsonl(path: Path, items: Iterable[Sample]) -> int:
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for s in items:
+            f.write(json.dumps({"prompt": s.prompt, "target": s.target}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> list[Sample]:
+    with path.open(encoding="utf-8") as f:
+        return [Sample(**json.loads(line)) for line in f if line.strip()]

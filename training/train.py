@@ -1,0 +1,292 @@
+"""Train a small Step-architecture executor on generated agent traces, on the engine's own PyTorch model.
+
+    python -m training.train --model step-nano --out models/step-nano --tasks 3000 --epochs 1 --seed 0
+
+Pipeline (all seeded): task generators (`training.tasks`) -> traces with real tool results
+(`training.traces`) -> one sample per assistant turn, rendered exactly as the embedded endpoint renders
+it -> project BPE tokenizer (`training.tokenizer`) -> a freshly initialised Step3p7 checkpoint
+(`training.checkpoint.init_checkpoint`) -> AdamW with linear warm-up and cosine decay, cross-entropy on
+the assistant's tokens only -> checkpoint in the Step layout (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json with the chat template), `train_log.json`, `loss.png`, and a model
+card `README.md`, with held-out metrics from `training.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.cache import uncached_meta
+from engine.tokenizer import build_step_tokenizer
+from training.checkpoint import (
+    PRESETS,
+    init_checkpoint,
+    load_trainable,
+    reset_norm_caches,
+    save_checkpoint,
+    text_config,
+    trainable,
+)
+from training.tasks import FAMILIES, generate
+from training.tokenizer import build_project_tokenizer
+from training.traces import encode_sample, run_traces, samples
+
+HELD_OUT_SEED_OFFSET = 100_003  # held-out tasks come from a different stream than the training tasks
+
+
+@dataclass
+class TrainConfig:
+    model: str = "step-nano"
+    out: str = "models/step-nano"
+    work: str = "build/training"
+    tasks: int = 3000
+    held_out: int = 60
+    families: tuple[str, ...] = FAMILIES
+    effort: str = "low"
+    vocab_size: int = 2048
+    epochs: float = 1.0
+    batch_size: int = 8
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_len: int = 2048
+    seed: int = 0
+    threads: int = 1
+    max_minutes: float = 0.0  # 0: no wall-clock cap; else stop (and still save) after this long
+    log_every: int = 10
+    save_dtype: str = "float32"
+
+
+@dataclass
+class TrainLog:
+    config: dict
+    params: int = 0
+    data: dict = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int], list[int]]], dict]:
+    """Traces -> samples -> project tokenizer (in work/tokenizer) -> encoded examples."""
+    tasks = list(generate(cfg.tasks, cfg.seed, tuple(cfg.families)))
+    traces = asyncio.run(run_traces(tasks, cfg.effort))
+    boot = build_step_tokenizer(work / "bootstrap_tokenizer")  # the default Step template; renders only
+    all_samples = [s for tr in traces for s in samples(tr, boot)]
+    tok_dir = work / "tokenizer"
+    tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size)
+    if tok.chat_template != boot.chat_template:
+        raise RuntimeError(
+            "the project tokenizer's chat template differs from the one the samples were rendered with"
+        )
+    examples = []
+    for s in all_samples:
+        ids, labels = encode_sample(tok, s)
+        if len(ids) <= cfg.max_len:
+            examples.append((ids, labels))
+    n_tok = sum(len(i) for i, _ in examples)
+    n_target = sum(sum(1 for x in lab if x != -100) for _, lab in examples)
+    stats = {
+        "tasks": len(tasks),
+        "families": list(cfg.families),
+        "samples": len(all_samples),
+        "examples_kept": len(examples),
+        "tokens": n_tok,
+        "target_tokens": n_target,
+        "mean_len": round(n_tok / max(1, len(examples)), 1),
+        "vocab_size": tok.vocab_size,
+    }
+    return tok_dir, examples, stats
+
+
+def batches(examples, batch_size: int, rng: random.Random):
+    """Length-bucketed batches (little padding), in a seeded random order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def collate(examples, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), T), -100, dtype=torch.long)
+    for row, i in enumerate(idx):
+        x, y = examples[i]
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+    return ids, labels
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T, vocab] through the engine's forward, with the current weights (norm caches dropped)."""
+    B, T = ids.shape
+    positions = torch.arange(T).expand(B, T)
+    reset_norm_caches(model)
+    return model(model.embed_tokens(ids), uncached_meta(model.cfg, positions))
+
+
+def loss_of(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (assistant) positions; right padding never reaches them."""
+    logits = logits_of(model, ids)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+def train(cfg: TrainConfig) -> TrainLog:
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    work = Path(cfg.work) / cfg.model
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    out = Path(cfg.out)
+    log = TrainLog(config=asdict(cfg))
+    t0 = time.monotonic()
+
+    tok_dir, examples, log.data = build_data(cfg, work)
+    _say(f"data: {log.data} ({time.monotonic() - t0:.0f} s)")
+    init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
+    model = load_trainable(init_dir)
+    model.train()
+    log.params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    rng = random.Random(cfg.seed)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, int(per_epoch * cfg.epochs))
+    pad_id = _tok(tok_dir).pad_token_id or 0
+    step, running, plan = 0, [], []
+    t_train = time.monotonic()
+    with trainable(model):
+        while step < total:
+            if not plan:
+                plan = batches(examples, cfg.batch_size, rng)
+            ids, labels = collate(examples, plan.pop(), pad_id)
+            lr = lr_at(step, total, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = loss_of(model, ids, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            running.append(loss.item())
+            step += 1
+            if step % cfg.log_every == 0 or step == total:
+                log.steps.append(step)
+                log.loss.append(sum(running) / len(running))
+                log.lr.append(lr)
+                running = []
+                _say(
+                    f"step {step}/{total} loss {log.loss[-1]:.4f} lr {lr:.2e} ({time.monotonic() - t_train:.0f} s)"
+                )
+            if cfg.max_minutes and time.monotonic() - t_train > cfg.max_minutes * 60:
+                _say(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
+                break
+    log.wall_s = round(time.monotonic() - t0, 1)
+    model.eval()
+    dtype = getattr(torch, cfg.save_dtype)
+    if out.exists():
+        shutil.rmtree(out)
+    save_checkpoint(model, init_dir, out, dtype)
+    (out / "train_log.json").write_text(json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8")
+    return log
+
+
+def _tok(path: Path):
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    d = TrainConfig()
+    p.add_argument("--model", choices=sorted(PRESETS), default=d.model)
+    p.add_argument("--out", default=None, help="checkpoint directory (default models/<model>)")
+    p.add_argument("--work", default=d.work, help="scratch directory for data, tokenizer, init weights")
+    p.add_argument("--families", default=",".join(d.families))
+    for name in (
+        "tasks",
+        "held_out",
+        "vocab_size",
+        "batch_size",
+        "warmup_steps",
+        "max_len",
+        "seed",
+        "threads",
+        "log_every",
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--effort", choices=("low", "medium", "high"), default=d.effort)
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=d.save_dtype)
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and the model card")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(
+        **{k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and k != "families"}
+    )
+    cfg.families = tuple(f for f in a.families.split(",") if f)
+    cfg.out = a.out or f"models/{a.model}"
+    cfg._no_eval = a.no_eval  # type: ignore[attr-defined]
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    log = train(cfg)
+    if not getattr(cfg, "_no_eval", False):
+        from training.card import write_card
+        from training.evaluate import evaluate
+
+        log.metrics = evaluate(
+            Path(cfg.out),
+            n=cfg.held_out,
+            seed=cfg.seed + HELD_OUT_SEED_OFFSET,
+            families=cfg.families,
+            effort=cfg.effort,
+        )
+        _say(f"held-out: {log.metrics}")
+        (Path(cfg.out) / "train_log.json").write_text(
+            json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8"
+        )
+        write_card(Path(cfg.out), log, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
