@@ -100,6 +100,9 @@ def aggregate(records: list[TaskRecord], prices_file: str | None = None) -> dict
             else None
         )
         headline[s] = {
+            "usd_per_task": a["usd_per_task"],
+            "frontier_usd_per_task": fr["usd_per_task"],
+            "cost_per_task_ratio": _div(a["usd_per_task"] or 0.0, fr["usd_per_task"] or 0.0),
             "usd_per_solved": a["usd_per_solved"],
             "frontier_usd_per_solved": fr["usd_per_solved"],
             "cost_per_solved_ratio": ratio,

@@ -35,9 +35,10 @@ def cost_vs_success(results: dict) -> bytes:
         for s, st in results["stats"].items()
     }
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (c, s) in pts.items():
+    for i, (name, (c, s)) in enumerate(pts.items()):
         ax.scatter([c], [s], s=60)
-        ax.annotate(name, (c, s), textcoords="offset points", xytext=(6, 4))
+        # staggered so that strategies with close costs keep readable labels
+        ax.annotate(name, (c, s), textcoords="offset points", xytext=(6, 4 + 11 * (i % 3)))
     front = pareto(pts)
     if len(front) > 1:
         ax.plot(

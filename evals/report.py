@@ -123,7 +123,8 @@ def headline_lines(res: dict) -> list[str]:
         lines.append(
             f"{s}: {usd(h['usd_per_solved'])} per solved task against {usd(h['frontier_usd_per_solved'])} "
             f"frontier-only ({ratio(h['cost_per_solved_ratio'])}); success {pct(h['success_rate'])} "
-            f"against {pct(h['frontier_success_rate'])} frontier-only."
+            f"against {pct(h['frontier_success_rate'])} frontier-only; {usd(h['usd_per_task'])} per task against "
+            f"{usd(h['frontier_usd_per_task'])} ({ratio(h['cost_per_task_ratio'])})."
         )
     if not lines:
         lines.append("No headline: it needs a frontier run and an advisor-style run in the same eval.")

@@ -64,6 +64,7 @@ def test_aggregate_per_strategy_headline_and_break_even():
     h = res["headline"]["advisor"]
     assert h["cost_per_solved_ratio"] == pytest.approx(0.06 / 0.20)
     assert h["success_delta"] == pytest.approx(-0.5)
+    assert h["cost_per_task_ratio"] == pytest.approx(0.03 / 0.20)
     assert "executor" not in res["headline"]
     be = res["break_even"]
     assert be["advisor"]["monthly_usd"] == pytest.approx({"1000": 30.0, "10000": 300.0, "100000": 3000.0})
