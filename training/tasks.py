@@ -5,13 +5,19 @@ names) plus a solution script: the turns a good executor takes (reasoning, tool 
 answer computed by the generator. The tool *results* are not scripted: `training.traces` runs the real
 tools on a real workspace to get them.
 
-Families: `arith` (arithmetic through the python tool), `lookup` (a value read from a workspace file),
-`order` (read two files, then compute a discounted total with python: the Quickstart's shape).
+Own families: `arith` (arithmetic through the python tool), `lookup` (a value read from a workspace
+file), `order` (read two files, then compute a discounted total with python: the Quickstart's shape).
+
+The eval suite's families (`evals.families`: arithmetic, lookup, multistep; named here
+`evals.arithmetic`, ...) are scripted too (`from_eval_spec`), so the executor can train on the distribution it is evaluated on. Training draws their
+seeds from `EVAL_SEED_BASE * (seed + 1) + i`, far from the small seeds the shipped suites use; `vision`
+is left out (the embedded endpoint sends no images yet).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,12 +158,71 @@ GENERATORS: dict[str, Callable[[random.Random, int], ScriptedTask]] = {
     "order": _order,
 }
 
+# ------------------------------------------------------------------------------ the eval suite's families
+EVAL_FAMILIES = ("evals.arithmetic", "evals.lookup", "evals.multistep")
+EVAL_SEED_BASE = 10_000
+_COMPUTE = re.compile(r"Compute (.+?) exactly")
+_FIELD = re.compile(r"What is the (\w+) of the item named '([^']+)'")
+# One program for every multistep task: the model learns to write it, not to do sums; the cents arithmetic
+# is the generator's own, so the printed total is the expected answer to the cent.
+MULTISTEP_CODE = """import csv, json
+prices = {r["sku"]: r["price"] for r in csv.DictReader(open("prices.csv"))}
+order = json.load(open("order.json"))
+cents = sum(round(float(prices[ln["sku"]]) * 100) * ln["qty"] for ln in order["lines"])
+print(f"{cents * (100 - order['discount_percent']) / 100 / 100:.2f}")"""
+
+
+def from_eval_spec(family: str, seed: int) -> ScriptedTask:
+    """An `evals.families` task with a scripted solution (the eval's own goal, files, tools and answer)."""
+    from evals.families import spec
+
+    family = family.removeprefix("evals.")
+    s = spec(family, seed)
+    files = {name: data.decode("utf-8") for name, data in s.files.items()}
+    if family == "arithmetic":
+        m = _COMPUTE.search(s.goal)
+        if m is None:
+            raise ValueError(f"{s.name}: no expression in the goal {s.goal!r}")
+        turns = [
+            Turn(
+                "The numbers are large; python computes it exactly.",
+                [Call("python", {"code": f"print({m.group(1)})"})],
+            ),
+            Turn(f"The program printed {s.answer}.", content=f"Answer: {s.answer}"),
+        ]
+    elif family == "lookup":
+        m = _FIELD.search(s.goal)
+        if m is None:
+            raise ValueError(f"{s.name}: no field and item in the goal {s.goal!r}")
+        (fname,) = files
+        turns = [
+            Turn("I will read the inventory table.", [Call("read_file", {"path": fname})]),
+            Turn(f"The row for {m.group(2)} has {m.group(1)} {s.answer}.", content=f"Answer: {s.answer}"),
+        ]
+    elif family == "multistep":
+        turns = [
+            Turn("I need the order's lines and discount.", [Call("read_file", {"path": "order.json"})]),
+            Turn(
+                "A program can join the lines with prices.csv by sku, sum qty x price and apply the discount.",
+                [Call("python", {"code": MULTISTEP_CODE})],
+            ),
+            Turn(f"The total is {s.answer}.", content=f"Answer: {s.answer}"),
+        ]
+    else:
+        raise ValueError(f"family {family!r} cannot be scripted here (scripted: {', '.join(EVAL_FAMILIES)})")
+    return ScriptedTask(f"evals.{family}", s.name, s.goal, s.answer, list(s.tools), files, turns)
+
 
 def generate(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> Iterator[ScriptedTask]:
-    """`n` tasks, families in rotation, fully determined by `seed`."""
-    unknown = [f for f in families if f not in GENERATORS]
+    """`n` tasks, families in rotation, fully determined by `seed` (own and eval-suite families may mix)."""
+    unknown = [f for f in families if f not in GENERATORS and f not in EVAL_FAMILIES]
     if unknown:
-        raise ValueError(f"unknown task families {unknown}; known: {', '.join(GENERATORS)}")
+        known = ", ".join([*GENERATORS, *EVAL_FAMILIES])
+        raise ValueError(f"unknown task families {unknown}; known: {known}")
     rng = random.Random(seed)
     for i in range(n):
-        yield GENERATORS[families[i % len(families)]](rng, i)
+        family = families[i % len(families)]
+        if family in GENERATORS:
+            yield GENERATORS[family](rng, i)
+        else:
+            yield from_eval_spec(family, EVAL_SEED_BASE * (seed + 1) + i)

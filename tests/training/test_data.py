@@ -92,3 +92,28 @@ def test_initial_messages_are_the_loops(traces):
     system, user = initial_messages(tr.task)
     assert tr.task.name in system.text and "Answer: <the answer only>" in system.text
     assert user.text.startswith(tr.task.goal.strip())
+
+
+def test_eval_suite_families_are_scripted_with_their_own_answers():
+    """The evals.families tasks (same goal, files, tools, answer as the eval suite) play out with real
+    tools to the suite's expected answer; training seeds stay clear of the suites' small seeds."""
+    import asyncio
+
+    from evals.families import spec
+    from training.tasks import EVAL_FAMILIES, EVAL_SEED_BASE
+    from training.traces import run_traces
+
+    tasks = list(generate(3, seed=0, families=EVAL_FAMILIES))
+    assert [t.name for t in tasks] == [
+        f"{f.removeprefix('evals.')}-{EVAL_SEED_BASE + i}" for i, f in enumerate(EVAL_FAMILIES)
+    ]
+    for t in tasks:
+        s = spec(t.family.removeprefix("evals."), int(t.name.rsplit("-", 1)[1]))
+        assert (t.goal, t.answer, t.tools) == (s.goal, s.answer, s.tools)
+    for tr in asyncio.run(run_traces(tasks)):
+        results = [m.text for m in tr.messages if m.role == "tool"]
+        assert tr.messages[-1].text == f"Answer: {tr.task.answer}"
+        if tr.task.family == "evals.lookup":
+            assert f",{tr.task.answer}" in results[0]
+        else:  # the python tool printed exactly the suite's answer
+            assert results[-1].strip() == tr.task.answer
