@@ -81,9 +81,23 @@ def error_result(job: Job, error: str) -> TaskResult:
             for k in TOKEN_KINDS:
                 tokens[role][k] += int((ev.get("usage") or {}).get(k, 0))
     cost["total"] = cost["executor"] + cost["frontier"]
-    return TaskResult(
+    r = TaskResult(
         job.task.name, job.strategy, "error", error=error, model_calls=calls, tokens=tokens, cost_usd=cost
     )
+    if trace.is_file():  # the cancelled loop wrote no task_end: close the trace the way the format says
+        events = read_trace(trace)
+        if not any(e.get("type") == "task_end" for e in events):
+            end = {
+                "seq": len(events),
+                "t": time.time(),
+                "type": "task_end",
+                "outcome": "error",
+                "error": error,
+                "result": r.to_dict(),
+            }
+            with open(trace, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(end) + "\n")
+    return r
 
 
 def _timeout(job: Job, suite: Suite, override: float | None) -> float:

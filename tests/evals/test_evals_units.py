@@ -182,7 +182,17 @@ def test_harness_records_errors_and_timeouts_and_goes_on(tmp_path):
     async def run_fn(task, base, out):
         if task.name == "boom":
             raise RuntimeError("endpoint exploded\nsecond line")
-        if task.name == "slow":
+        if task.name == "slow":  # spends, then hangs: the timeout must keep what was spent
+            call = {
+                "seq": 1,
+                "type": "model_call",
+                "role": "executor",
+                "cost_usd": 0.25,
+                "usage": {"input": 7},
+            }
+            (out / "trace.jsonl").write_text(
+                json.dumps({"seq": 0, "type": "task_start"}) + "\n" + json.dumps(call) + "\n"
+            )
             await asyncio.sleep(30)
         r = TaskResult(task.name, base, "passed", answer="1", tokens={}, cost_usd={"total": 0.0})
         r.write(out)
@@ -194,6 +204,9 @@ def test_harness_records_errors_and_timeouts_and_goes_on(tmp_path):
     assert got["ok"].outcome == "passed"
     assert got["boom"].outcome == "error" and got["boom"].error == "RuntimeError: endpoint exploded"
     assert got["slow"].outcome == "error" and "timed out" in got["slow"].error
+    assert got["slow"].cost_usd["total"] == 0.25 and got["slow"].tokens["executor"]["input"] == 7
+    last = json.loads((out / "executor" / "slow" / "trace.jsonl").read_text().splitlines()[-1])
+    assert last["type"] == "task_end" and last["seq"] == 2 and last["outcome"] == "error"
     for n in ("ok", "boom", "slow"):
         assert json.loads((out / "executor" / n / "result.json").read_text())["strategy"] == "executor"
     again = asyncio.run(run_suite(suite, ["executor"], out, run_fn=run_fn, timeout_s=0.3))
