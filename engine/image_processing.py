@@ -214,6 +214,10 @@ class ProcessedImages:
             plan.num_crops, plan.newline_mask, self.config.image_tokens, self.config.crop_tokens
         )
 
+    def token_texts(self) -> list[str]:
+        """Every image's prompt text, in order (e.g. ``engine.chat.encode_chat(image_layouts=...)``)."""
+        return [self.token_text(i) for i in range(len(self.plans))]
+
     def token_ids(self, index: int, special_ids: Mapping[str, int]) -> list[int]:
         plan = self.plans[index]
         return image_token_ids(

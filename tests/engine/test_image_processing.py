@@ -176,8 +176,8 @@ def test_token_text_matches_reference_processor():
     ours = preprocess(images)
     masks = [p.newline_mask + [False] * (4 - len(p.newline_mask)) for p in ours.plans]
     inputs = {"num_local_patches": ours.num_local_patches, "patch_newline_masks": masks}
-    for i in range(len(images)):
-        assert ours.token_text(i) == Step3p7Processor.replace_image_token(fake, inputs, i)
+    want = [Step3p7Processor.replace_image_token(fake, inputs, i) for i in range(len(images))]
+    assert ours.token_texts() == want
     hubble = ours.token_text(1)
     assert hubble.count("<im_patch>") == 4 * 81 + 169 and hubble.count("<patch_newline>") == 1
     assert ours.num_image_tokens == (4 * 169) + 6 * 81
