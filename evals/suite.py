@@ -14,7 +14,8 @@ suite.yaml:
       advisor-takeover: {base: advisor, escalation: {mode: takeover, takeover_steps: 2}}
 
 JSONL: one {"prompt": ..., "answer": ...[, "images": [paths], "name": ...]} a line; each becomes a task
-whose goal is the prompt and whose check is `equals` the answer (defaults supply the rest).
+whose goal is the prompt and whose check is `equals` the answer (defaults supply the rest; a bare .jsonl
+given as SUITE runs with executor endpoint `flash` and frontier endpoint `frontier`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from advisor.runner import STRATEGIES
@@ -38,6 +38,9 @@ from advisor.task import (
     _read_yaml,
     user_config_dir,
 )
+
+# a bare .jsonl suite has no defaults block: its tasks use the endpoint names the shipped suites use
+JSONL_ROLES = {"executor": {"endpoint": "flash"}, "frontier": {"endpoint": "frontier", "effort": "high"}}
 
 
 class StrategySpec(BaseModel):
@@ -159,7 +162,7 @@ def load_suite(path: str | Path, *, endpoints_file: Path | None = None, check_en
         tasks = [_build(_task_data(f), f, str(f), {}, common, check_env) for f in files]
         suite = Suite(path.name, str(path), tasks)
     elif path.suffix == ".jsonl":
-        suite = Suite(path.stem, str(path), load_jsonl(path, {}, common, check_env))
+        suite = Suite(path.stem, str(path), load_jsonl(path, dict(JSONL_ROLES), common, check_env))
     elif path.is_file():
         suite = _load_suite_yaml(path, common, check_env)
     else:
@@ -205,7 +208,3 @@ def _load_suite_yaml(path: Path, common: dict, check_env: bool) -> Suite:
             else:
                 tasks.append(_build(_task_data(m), m, str(m), sf.defaults, endpoints, check_env))
     return Suite(sf.name or path.parent.name, str(path), tasks, sf.strategies, sf.timeout_s)
-
-
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -211,3 +211,15 @@ def test_harness_records_errors_and_timeouts_and_goes_on(tmp_path):
         assert json.loads((out / "executor" / n / "result.json").read_text())["strategy"] == "executor"
     again = asyncio.run(run_suite(suite, ["executor"], out, run_fn=run_fn, timeout_s=0.3))
     assert again.ran == [] and len(again.skipped) == 3
+
+
+def test_bare_jsonl_suite_uses_flash_and_frontier(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"prompt": "2+2?", "answer": 4, "images": ["a.png"]}\n')
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    ep = {"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "free": True}
+    (tmp_path / "advisor.yaml").write_text(yaml.safe_dump({"endpoints": {"flash": ep, "frontier": ep}}))
+    (t,) = load_suite(tmp_path / "q.jsonl").tasks
+    assert (t.name, t.executor.endpoint, t.frontier.endpoint) == ("q-1", "flash", "frontier")
+    assert t.check.value == "4" and t.input_paths("images") == [tmp_path.resolve() / "a.png"]
