@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_router_scaling_factor=1.0,
         max_position_embeddings=8192,
     ),
+    # About 3.5x step-nano's parameters (7.9M), 16 MB in bf16: wider, deeper, larger shared expert.
     "step-nano-large": dict(
         hidden_size=256,
         intermediate_size=768,
@@ -64,13 +65,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=32,
-        moe_intermediate_size=256,
+        moe_intermediate_size=128,
         n_routed_experts=8,
         num_experts_per_tok=2,
         share_expert_dim=256,
         sliding_window=256,
-        layer_types=["full_attention"]
-        + ["sliding_attention", "sliding_attention", "full_attention"] * 1
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
         + ["sliding_attention", "full_attention"],
         moe_layers_enum="1,2,3,4,5",
         attention_other_setting={"num_attention_heads": 8, "num_attention_groups": 2},
