@@ -12,8 +12,9 @@ A call renders the neutral messages with the checkpoint's own chat template (els
 Step template), generates in a worker thread (the engine's own pool), and parses the output back into reasoning, content and
 tool calls; malformed tool-call markup becomes a ToolCall with `arguments=None` and `parse_error` set.
 Concurrent calls share one loaded model per (checkpoint, device, dtype): calls that arrive while the
-model is busy are batched together into the next `generate`. Images are refused for now: the engine
-loads no vision tower yet.
+model is busy are batched together into the next `generate`. Image parts are preprocessed for the
+checkpoint's vision tower (global view plus local crops) and expanded to its image-token layout; a
+checkpoint without a vision tower refuses them with a one-line error.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def resolve_model(model: str) -> Path:
 class _Job:
     prompt: list[int]
     key: tuple  # jobs with the same key can share one generate() call
+    images: dict | None = None  # this prompt's image inputs for llm.generate
     result: list[int] | None = None
     error: BaseException | None = None
     done: bool = False
@@ -95,9 +97,10 @@ class _Engine:
         top_p: float,
         seed: int | None,
         stops: tuple[int, ...],
+        images: dict | None = None,
     ) -> list[int]:
         """Blocking. Waits for the model; whoever holds it runs every pending compatible job at once."""
-        job = _Job(prompt, (max_new, temperature, top_p, seed, stops))
+        job = _Job(prompt, (max_new, temperature, top_p, seed, stops), images)
         with self._mu:
             self._pending.append(job)
         with self._run:
@@ -117,6 +120,7 @@ class _Engine:
                         top_p=top_p,
                         seed=seed,
                         stop_token_ids=list(stops),
+                        images=[j.images for j in batch] if any(j.images for j in batch) else None,
                     )
                     for j, out in zip(batch, outs, strict=True):
                         j.result = out
@@ -201,10 +205,6 @@ class EmbeddedEndpoint(Endpoint):
         start = time.perf_counter()
         attempt = Attempt(number=1, ok=False)
         try:
-            if any(m.images for m in messages):
-                raise ValueError(
-                    "images are not supported by the embedded engine yet (no vision tower is loaded)"
-                )
             engine = await self._get_engine()
             schemas = [t.openai_schema() for t in tools or []] if tool_choice != "none" else []
             call = functools.partial(
@@ -245,9 +245,10 @@ class EmbeddedEndpoint(Endpoint):
         text = tok.apply_chat_template(
             to_openai_messages(messages), schemas or None, effort=effort, tokenize=False
         )
+        text, images = _image_inputs(engine, messages, text)
         prompt = tok.encode(text)
         stops = tuple(sorted(set(tok.eos_token_ids) | set(engine.llm.eos_token_ids)))
-        new = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops)
+        new = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops, images)
 
         stopped = bool(new) and new[-1] in stops
         body = new[:-1] if stopped else new
@@ -278,6 +279,36 @@ class EmbeddedEndpoint(Endpoint):
         usage = Usage(input=len(prompt), output=len(new) - reasoning_tokens, reasoning=reasoning_tokens)
         finish = "tool_calls" if calls else ("stop" if stopped else "length")
         return ModelResponse(message=message, usage=usage, model=self.config.model, finish_reason=finish)
+
+
+def _image_inputs(engine: _Engine, messages: list[Message], text: str) -> tuple[str, dict | None]:
+    """Expands each image placeholder to the checkpoint's image-token layout; the pixel inputs."""
+    parts = [p for m in messages for p in m.images]
+    if not parts:
+        return text, None
+    llm = engine.llm
+    if llm.vision is None or llm.config.vision is None:
+        raise ValueError(f"{engine.path}: this checkpoint has no vision tower; it cannot take image inputs")
+    patch_id = engine.tokenizer.token_to_id("<im_patch>")
+    if patch_id != llm.config.image_token_id:
+        raise ValueError(
+            f"{engine.path}: tokenizer <im_patch> id {patch_id} != config image_token_id {llm.config.image_token_id}"
+        )
+    import io
+
+    from PIL import Image
+
+    from engine.chat import expand_image_placeholders
+    from engine.image_processing import ImageProcessorConfig, preprocess
+
+    pils = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in parts]
+    processed = preprocess(pils, ImageProcessorConfig.from_vision_config(llm.config.vision))
+    text = expand_image_placeholders(text, processed.token_texts())
+    return text, {
+        "pixel_values": processed.pixel_values,
+        "pixel_values_local": processed.pixel_values_local,
+        "num_local_patches": processed.num_local_patches,
+    }
 
 
 def _reasoning_tokens(ids: list[int], think_close: int | None, in_reasoning: bool) -> int:

@@ -162,10 +162,6 @@ async def test_errors_are_one_line_endpoint_errors(ckpt, tmp_path):
         await EmbeddedEndpoint("flash", missing).complete(MESSAGES, on_attempt=seen.append)
     assert "\n" not in str(e.value) and len(e.value.attempts) == 1 and not seen[0].ok
 
-    png = ImagePart(b"\x89PNG\r\n\x1a\n", "image/png")
-    with pytest.raises(EndpointError, match="images are not supported"):
-        await _endpoint(ckpt).complete([Message.user("look", images=[png])])
-
     with pytest.raises(EndpointError, match="not embedded options"):
         _endpoint(ckpt, stream=True)
 
@@ -176,3 +172,69 @@ def test_shipped_model_names_resolve_under_the_models_dir(tmp_path, monkeypatch)
     assert resolve_model("step-tiny") == (tmp_path / "step-tiny").resolve()
     with pytest.raises(FileNotFoundError, match="ADVISOR_MODELS_DIR"):
         resolve_model("step-huge")
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("embedded_vision_ckpt")
+    tok = build_step_tokenizer(path, vocab_size=400)
+    text = copy.deepcopy(TEXT_C)
+    text.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = build_reference(text, seed=5)
+    model.config.image_token_id = tok.token_to_id("<im_patch>")
+    model.save_pretrained(path)
+    return path
+
+
+async def test_images_reach_the_vision_tower(vision_ckpt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from engine.image_processing import ImageProcessorConfig, preprocess
+    from engine.llm import LLM
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((160, 90)).save(buf, "PNG")
+    part = ImagePart(buf.getvalue(), "image/png", image_id="img_0")
+    ep = _endpoint(vision_ckpt)
+    resp = await ep.complete(
+        [Message.system("Describe."), Message.user("What is in img_0?", [part])], effort="low"
+    )
+
+    # the prompt carries the image's full token layout, and the pixels changed what the model saw
+    llm = LLM.from_pretrained(vision_ckpt)
+    cfg = ImageProcessorConfig.from_vision_config(llm.config.vision)
+    processed = preprocess([Image.open(io.BytesIO(part.data)).convert("RGB")], cfg)
+    n_patch = processed.token_texts()[0].count("<im_patch>")
+    assert n_patch == processed.num_image_tokens and processed.num_local_patches[0] >= 1
+    text_only = await ep.complete(
+        [Message.system("Describe."), Message.user("What is in img_0?")], effort="low"
+    )
+    ids = load_tokenizer(vision_ckpt).encode(processed.token_texts()[0])
+    assert resp.usage.input == text_only.usage.input + len(ids)  # the placeholder became the whole layout
+    with_img = llm.logits(
+        ids,
+        pixel_values=processed.pixel_values,
+        pixel_values_local=processed.pixel_values_local,
+        num_local_patches=processed.num_local_patches,
+    )
+    black = np.zeros_like(processed.pixel_values.numpy())
+    import torch
+
+    other = llm.logits(
+        ids,
+        pixel_values=torch.from_numpy(black),
+        pixel_values_local=processed.pixel_values_local,
+        num_local_patches=processed.num_local_patches,
+    )
+    assert not torch.allclose(with_img, other)
+
+
+async def test_images_refused_when_the_image_token_ids_disagree(ckpt):
+    # `ckpt`'s config image_token_id is not the tokenizer's <im_patch>: refused, naming both
+    part = ImagePart(b"\x89PNG", "image/png")
+    with pytest.raises(EndpointError, match="im_patch"):
+        await _endpoint(ckpt).complete([Message.user("look", [part])])
