@@ -20,6 +20,7 @@ import triton.language as tl
 
 from engine.kernels.align_kernel import moe_align_block_size_triton
 from engine.kernels.configs import GemmConfig, MoEConfig, dtype_name, get_config
+from engine.kernels.reference import check_moe_args
 
 
 @triton.jit
@@ -178,25 +179,8 @@ def _check(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> None:
-    dtype_name(x.dtype)
-    if x.dim() != 2:
-        raise ValueError(f"fused_moe: x must be [T, H], got shape {tuple(x.shape)}")
-    T, H = x.shape
-    E, inter = w_gate.shape[0], w_gate.shape[1]
-    for name, t, want in (
-        ("w_gate", w_gate, (E, inter, H)),
-        ("w_up", w_up, (E, inter, H)),
-        ("w_down", w_down, (E, H, inter)),
-    ):
-        if tuple(t.shape) != want:
-            raise ValueError(f"fused_moe: {name} has shape {tuple(t.shape)}, expected {want}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"fused_moe: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(
-            f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T={T}, k]"
-        )
+    dtype_name(x.dtype)  # a dtype the kernel has tiles for
+    check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids, where="fused_moe")
 
 
 def fused_moe(
