@@ -125,18 +125,18 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
         shutil.copy2(src / name, dst / name)
 
 
-def load_trainable(path: Path) -> StepTextModel:
+def load_trainable(path: Path, device: str | torch.device = "cpu") -> StepTextModel:
     """The engine's text model with the checkpoint's weights in fp32, in checkpoint layout, trainable."""
     cfg = load_config(path)
     with torch.device("meta"):
         model = StepTextModel(cfg.text)
     ckpt = Checkpoint(path)
     try:
-        load_spec(model, model.checkpoint_spec(), ckpt, torch.float32, torch.device("cpu"))
+        load_spec(model, model.checkpoint_spec(), ckpt, torch.float32, torch.device(device))
     finally:
         ckpt.close()
     # finalize() would also re-lay weights for fast inference; training keeps the checkpoint layout.
-    model.inv_freq = {t: rope_inv_freq(s, cfg.text.head_dim) for t, s in cfg.text.rope.items()}
+    model.inv_freq = {t: rope_inv_freq(s, cfg.text.head_dim).to(device) for t, s in cfg.text.rope.items()}
     for name, p in model.named_parameters():
         p.requires_grad_(not name.endswith("router_bias"))
     return model
@@ -164,7 +164,7 @@ def checkpoint_tensors(model: StepTextModel, dtype: torch.dtype = torch.float32)
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     for name, (parts, dim) in model.checkpoint_spec().items():
-        p = params[name].detach()
+        p = params[name].detach().cpu()
         if p.shape[dim] != sum(shape[dim] for _, shape in parts):
             raise ValueError(f"{name}: shape {list(p.shape)} does not match its checkpoint parts {parts}")
         pieces = torch.split(p, [shape[dim] for _, shape in parts], dim=dim) if len(parts) > 1 else (p,)

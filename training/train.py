@@ -65,6 +65,7 @@ class TrainConfig:
     max_len: int = 2048
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"  # "cuda" on a lent GPU: same modules, experts through the PyTorch path
     max_minutes: float = 0.0  # 0: no wall-clock cap; else stop (and still save) after this long
     log_every: int = 10
     save_dtype: str = "float32"
@@ -144,7 +145,7 @@ def collate(examples, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     """[B, T] -> [B, T, vocab] through the engine's forward, with the current weights (norm caches dropped)."""
     B, T = ids.shape
-    positions = torch.arange(T).expand(B, T)
+    positions = torch.arange(T, device=ids.device).expand(B, T)
     reset_norm_caches(model)
     return model(model.embed_tokens(ids), uncached_meta(model.cfg, positions))
 
@@ -158,7 +159,7 @@ def loss_of(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def train(cfg: TrainConfig) -> TrainLog:
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # seeds CUDA too
     work = Path(cfg.work) / cfg.model
     if work.exists():
         shutil.rmtree(work)
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig) -> TrainLog:
     tok_dir, examples, log.data = build_data(cfg, work)
     _say(f"data: {log.data} ({time.monotonic() - t0:.0f} s)")
     init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
-    model = load_trainable(init_dir)
+    model = load_trainable(init_dir, cfg.device)
     model.train()
     log.params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -191,6 +192,7 @@ def train(cfg: TrainConfig) -> TrainLog:
             if not plan:
                 plan = batches(examples, cfg.batch_size, rng)
             ids, labels = collate(examples, plan.pop(), pad_id)
+            ids, labels = ids.to(cfg.device), labels.to(cfg.device)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -253,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--device", default=d.device, help="torch device to train on (cpu, cuda)")
     p.add_argument("--effort", choices=("low", "medium", "high"), default=d.effort)
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=d.save_dtype)
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and the model card")
