@@ -1,0 +1,21 @@
+"""Every package imports on its own in a fresh interpreter (no import cycles between advisor and tools)."""
+
+import subprocess
+import sys
+
+import pytest
+
+MODULES = ["advisor", "advisor.messages", "advisor.cli", "tools.images", "tools.registry", "tools.profiles",
+           "engine", "engine.chat", "engine.image_plan", "evals.cli"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_imports_alone(module):
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
+
+
+def test_light_modules_do_not_import_torch():
+    code = "import sys, advisor.task, tools.profiles, engine.image_plan; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    assert out == "False"
