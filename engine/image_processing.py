@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.image_plan import PatchPlan
+from engine.image_plan import plan_patches as plan_geometry
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -102,58 +105,8 @@ def _tokens_per_side(pixels: int, vision_patch: int) -> int:
     return g
 
 
-@dataclass(frozen=True)
-class PatchPlan:
-    """Where one image's views come from (the reference's ``_plan_patches``)."""
-
-    global_size: tuple[int, int]  # (width, height) before squaring to image_size
-    crop_canvas: tuple[int, int]  # (width, height) the image is resized to before tiling
-    window: int  # tile side on that canvas; 0 = no local crops
-    cols: int
-    rows: int
-    square_pad: bool  # zero-pad to a square first (near-degenerate images)
-
-    @property
-    def num_crops(self) -> int:
-        return self.cols * self.rows if self.window else 0
-
-    @property
-    def newline_mask(self) -> list[bool]:
-        """After crop i, a ``<patch_newline>``? (row ends, except the last row)."""
-        if not self.window:
-            return []
-        return [c == self.cols - 1 and r < self.rows - 1 for r in range(self.rows) for c in range(self.cols)]
-
-
 def plan_patches(width: int, height: int, cfg: ImageProcessorConfig) -> PatchPlan:
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image has an empty side: {width}x{height}")
-    square_pad = min(width, height) < 32 and max(width / height, height / width) > 4
-    if square_pad:
-        width = height = max(width, height)
-    if max(width, height) > cfg.max_image_size:
-        scale = cfg.max_image_size / max(width, height)
-        width, height = int(width * scale), int(height * scale)
-    short, long = min(width, height), max(width, height)
-    if long <= cfg.image_size:
-        window = short if long / short > 1.5 else 0
-    elif long / short > 4:
-        window = min(short, cfg.crop_size)
-    else:
-        window = cfg.crop_size
-    if window == 0:
-        return PatchPlan((width, height), (width, height), 0, 0, 0, square_pad)
-
-    def snap(dim: int) -> int:
-        # Round to a whole number of windows, up only when the leftover is over 20 % of a window.
-        if dim < window:
-            return dim
-        return window * (dim // window + (dim % window > 0.2 * window))
-
-    cw, ch = snap(width), snap(height)
-    return PatchPlan(
-        (width, height), (cw, ch), window, max(1, cw // window), max(1, ch // window), square_pad
-    )
+    return plan_geometry(width, height, cfg.image_size, cfg.crop_size, cfg.max_image_size)
 
 
 def _to_uint8_chw(image: Image.Image | np.ndarray, where: str) -> torch.Tensor:

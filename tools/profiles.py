@@ -49,27 +49,10 @@ class Step3p7Profile:
 
     def plan(self, width: int, height: int) -> tuple[int, int, int]:
         """(window, patches_x, patches_y) exactly as the transformers processor plans them."""
-        if min(width, height) < 32 and max(width / height, height / width) > 4:
-            width = height = max(width, height)  # the processor pads these to a square
-        if max(width, height) > self.max_image_size:
-            scale = self.max_image_size / max(width, height)
-            width, height = int(width * scale), int(height * scale)
-        short, long = min(width, height), max(width, height)
-        if long <= self.image_size:
-            window = short if long / short > 1.5 else 0
-        elif long / short > 4:
-            window = min(short, self.patch_size)
-        else:
-            window = self.patch_size
-        if window == 0:
-            return 0, 0, 0
+        from engine.image_plan import plan_patches  # pure geometry, no torch
 
-        def snap(dim: int) -> int:
-            if dim < window:
-                return dim
-            return window * (dim // window + (dim % window > 0.2 * window))
-
-        return window, max(1, snap(width) // window), max(1, snap(height) // window)
+        p = plan_patches(width, height, self.image_size, self.patch_size, self.max_image_size)
+        return (p.window, p.cols, p.rows) if p.window else (0, 0, 0)
 
     def cost(self, width: int, height: int) -> ImageCost:
         _, nx, ny = self.plan(width, height)
