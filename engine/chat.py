@@ -318,13 +318,9 @@ def image_token_layout(
         raise ValueError(
             f"patch_newline_mask has {len(patch_newline_mask)} entries for {num_local_patches} local patches"
         )
-    text = []
-    for i in range(num_local_patches):
-        text.append("<patch_start>" + IMAGE_PLACEHOLDER * local_tokens + "<patch_end>")
-        if patch_newline_mask is not None and patch_newline_mask[i]:
-            text.append("<patch_newline>")
-    text.append("<im_start>" + IMAGE_PLACEHOLDER * global_tokens + "<im_end>")
-    return "".join(text)
+    from engine.image_plan import image_token_text
+
+    return image_token_text(num_local_patches, patch_newline_mask or (), global_tokens, local_tokens)
 
 
 def expand_image_placeholders(text: str, layouts: Sequence[str]) -> str:

@@ -1,12 +1,19 @@
-"""Where the Step 3.7 image processor takes its views from: pure geometry, no torch.
+"""Where the Step 3.7 image processor takes its views from, and the prompt tokens each image becomes:
+pure geometry and text, no torch.
 
 Shared by `engine.image_processing` (which builds the pixel inputs) and `tools.profiles` (which
-prices an image in tokens before it is sent), so both always agree on the number of crops.
+prices an image in tokens before it is sent), and by `engine.chat`, so all agree on crops and layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+IMAGE_TOKEN = "<im_patch>"
+IM_START, IM_END = "<im_start>", "<im_end>"
+PATCH_START, PATCH_END, PATCH_NEWLINE = "<patch_start>", "<patch_end>", "<patch_newline>"
+SPECIAL_TOKENS = (IMAGE_TOKEN, IM_START, IM_END, PATCH_START, PATCH_END, PATCH_NEWLINE)
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,46 @@ def plan_patches(width: int, height: int, image_size: int, crop_size: int, max_i
     return PatchPlan(
         (width, height), (cw, ch), window, max(1, cw // window), max(1, ch // window), square_pad
     )
+
+
+def _image_pieces(num_crops: int, newline_mask: Sequence[bool], image_tokens: int, crop_tokens: int):
+    if len(newline_mask) < num_crops and newline_mask:
+        raise ValueError(f"newline mask has {len(newline_mask)} entries for {num_crops} crops")
+    for i in range(num_crops):
+        yield PATCH_START, 1
+        yield IMAGE_TOKEN, crop_tokens
+        yield PATCH_END, 1
+        if newline_mask and newline_mask[i]:
+            yield PATCH_NEWLINE, 1
+    yield IM_START, 1
+    yield IMAGE_TOKEN, image_tokens
+    yield IM_END, 1
+
+
+def image_token_text(
+    num_crops: int,
+    newline_mask: Sequence[bool] = (),
+    image_tokens: int = 169,
+    crop_tokens: int = 81,
+) -> str:
+    """One image's prompt text: per crop ``<patch_start>`` + crop_tokens x ``<im_patch>`` + ``<patch_end>``
+    (+ ``<patch_newline>`` where the mask says), then ``<im_start>`` + image_tokens x ``<im_patch>`` + ``<im_end>``.
+    """
+    return "".join(tok * n for tok, n in _image_pieces(num_crops, newline_mask, image_tokens, crop_tokens))
+
+
+def image_token_ids(
+    num_crops: int,
+    newline_mask: Sequence[bool],
+    special_ids: Mapping[str, int],
+    image_tokens: int = 169,
+    crop_tokens: int = 81,
+) -> list[int]:
+    """Same layout as :func:`image_token_text`, as ids; ``special_ids`` maps each special token to its id."""
+    missing = [t for t in SPECIAL_TOKENS if t not in special_ids]
+    if missing:
+        raise ValueError(f"image token layout: tokenizer has no id for {', '.join(missing)}")
+    ids: list[int] = []
+    for tok, n in _image_pieces(num_crops, newline_mask, image_tokens, crop_tokens):
+        ids.extend([int(special_ids[tok])] * n)
+    return ids

@@ -19,16 +19,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.image_plan import PatchPlan
+from engine.image_plan import (  # noqa: F401 - re-exported: the image-token layout lives with the plan
+    IM_END,
+    IM_START,
+    IMAGE_TOKEN,
+    PATCH_END,
+    PATCH_NEWLINE,
+    PATCH_START,
+    SPECIAL_TOKENS,
+    PatchPlan,
+    image_token_ids,
+    image_token_text,
+)
 from engine.image_plan import plan_patches as plan_geometry
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-IMAGE_TOKEN = "<im_patch>"
-IM_START, IM_END = "<im_start>", "<im_end>"
-PATCH_START, PATCH_END, PATCH_NEWLINE = "<patch_start>", "<patch_end>", "<patch_newline>"
-SPECIAL_TOKENS = (IMAGE_TOKEN, IM_START, IM_END, PATCH_START, PATCH_END, PATCH_NEWLINE)
 
 # The released model: 728 px global view, 504 px crops, images capped at 3024 px, ViT patch 14,
 # two stride-2 downsamplers.
@@ -182,49 +189,6 @@ class ProcessedImages:
         """``<im_patch>`` positions all images fill (= rows of the vision features)."""
         c = self.config
         return len(self.plans) * c.image_tokens + sum(self.num_local_patches) * c.crop_tokens
-
-
-def _image_pieces(num_crops: int, newline_mask: Sequence[bool], image_tokens: int, crop_tokens: int):
-    if len(newline_mask) < num_crops and newline_mask:
-        raise ValueError(f"newline mask has {len(newline_mask)} entries for {num_crops} crops")
-    for i in range(num_crops):
-        yield PATCH_START, 1
-        yield IMAGE_TOKEN, crop_tokens
-        yield PATCH_END, 1
-        if newline_mask and newline_mask[i]:
-            yield PATCH_NEWLINE, 1
-    yield IM_START, 1
-    yield IMAGE_TOKEN, image_tokens
-    yield IM_END, 1
-
-
-def image_token_text(
-    num_crops: int,
-    newline_mask: Sequence[bool] = (),
-    image_tokens: int = 169,
-    crop_tokens: int = 81,
-) -> str:
-    """One image's prompt text: per crop ``<patch_start>`` + crop_tokens x ``<im_patch>`` + ``<patch_end>``
-    (+ ``<patch_newline>`` where the mask says), then ``<im_start>`` + image_tokens x ``<im_patch>`` + ``<im_end>``.
-    """
-    return "".join(tok * n for tok, n in _image_pieces(num_crops, newline_mask, image_tokens, crop_tokens))
-
-
-def image_token_ids(
-    num_crops: int,
-    newline_mask: Sequence[bool],
-    special_ids: Mapping[str, int],
-    image_tokens: int = 169,
-    crop_tokens: int = 81,
-) -> list[int]:
-    """Same layout as :func:`image_token_text`, as ids; ``special_ids`` maps each special token to its id."""
-    missing = [t for t in SPECIAL_TOKENS if t not in special_ids]
-    if missing:
-        raise ValueError(f"image token layout: tokenizer has no id for {', '.join(missing)}")
-    ids: list[int] = []
-    for tok, n in _image_pieces(num_crops, newline_mask, image_tokens, crop_tokens):
-        ids.extend([int(special_ids[tok])] * n)
-    return ids
 
 
 def _views(
