@@ -69,6 +69,10 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         "## Held-out metrics (turn level, greedy)",
         "",
+        "`python -m training.evaluate`: every assistant turn of held-out tasks (another seed stream), prompted "
+        "exactly as the embedded endpoint prompts; tool turns are scored on tool names and arguments, final "
+        "turns on the answer.",
+        "",
         "| metric | value |",
         "|---|---|",
     ]
@@ -78,8 +82,14 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         "## Use",
         "",
+        "In advisor.yaml (or a task's `endpoints:`), an endpoint on this checkpoint directory:",
+        "",
         "```yaml",
-        f"executor: {{provider: embedded, model: {out}}}",
+        "endpoints:",
+        "  flash:",
+        "    provider: embedded",
+        f"    model: {out}",
+        "    price: {input: 0.20, cached_input: 0.04, output: 1.15}",
         "```",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

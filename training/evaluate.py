@@ -2,10 +2,10 @@
 exact prompts the embedded endpoint would send, parsed with the engine's chat parser.
 
 Per assistant turn of held-out traces:
-- `well_formed`: the output parses without errors and ends its turn (`<|im_end|>`);
-- `right_tools`: the same tool names, in order, as the scripted turn (a final turn: no call);
-- `right_calls`: names and arguments equal;
-- `right_answer` (final turns only): the `Answer:` line equals the task's answer.
+- `well_formed` (all turns): the output parses without errors and ends its turn (`<|im_end|>`);
+- `right_tools` (turns whose script calls tools): the same tool names, in order;
+- `right_calls` (those turns): names and arguments equal;
+- `right_answer` (final turns, whose script answers): no tool call, and the `Answer:` line equals the answer.
 
     python -m training.evaluate models/step-nano --n 60
 """
@@ -48,31 +48,31 @@ def evaluate(
     prompts = [tok.encode(s.prompt) for _, s in rows]
     stops = llm.eos_token_ids
     outs = llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
-    counts = {
-        "turns": len(rows),
-        "well_formed": 0,
-        "right_tools": 0,
-        "right_calls": 0,
-        "final_turns": 0,
-        "right_answer": 0,
-    }
+    counts = dict.fromkeys(
+        ("turns", "well_formed", "call_turns", "right_tools", "right_calls", "final_turns", "right_answer"), 0
+    )
+    counts["turns"] = len(rows)
     for (tr, s), new in zip(rows, outs, strict=True):
         ended = bool(new) and new[-1] in stops
         got = parse_output(tok.decode(new[:-1] if ended else new), tr.schemas, in_reasoning=True)
         want = parse_output(s.target.removesuffix("<|im_end|>"), tr.schemas, in_reasoning=True)
         counts["well_formed"] += int(got.ok and ended)
-        names = [c.name for c in got.tool_calls]
-        counts["right_tools"] += int(names == [c.name for c in want.tool_calls])
-        counts["right_calls"] += int(
-            [(c.name, c.arguments) for c in got.tool_calls]
-            == [(c.name, c.arguments) for c in want.tool_calls]
-        )
-        if not want.tool_calls:
+        if want.tool_calls:
+            counts["call_turns"] += 1
+            counts["right_tools"] += int(
+                [c.name for c in got.tool_calls] == [c.name for c in want.tool_calls]
+            )
+            counts["right_calls"] += int(
+                [(c.name, c.arguments) for c in got.tool_calls]
+                == [(c.name, c.arguments) for c in want.tool_calls]
+            )
+        else:
             counts["final_turns"] += 1
-            counts["right_answer"] += int(_answer(got.content) == tr.task.answer)
+            counts["right_answer"] += int(not got.tool_calls and _answer(got.content) == tr.task.answer)
     out = dict(counts)
-    for k in ("well_formed", "right_tools", "right_calls"):
-        out[k + "_rate"] = round(counts[k] / max(1, counts["turns"]), 3)
+    out["well_formed_rate"] = round(counts["well_formed"] / max(1, counts["turns"]), 3)
+    for k in ("right_tools", "right_calls"):
+        out[k + "_rate"] = round(counts[k] / max(1, counts["call_turns"]), 3)
     out["right_answer_rate"] = round(counts["right_answer"] / max(1, counts["final_turns"]), 3)
     out["held_out_tasks"] = n
     out["seed"] = seed
