@@ -76,6 +76,9 @@ async def _run(tasks: list[Task], args: argparse.Namespace, console: Console) ->
         with live:
             results = await adv.run_many(tasks, strategy=args.strategy, concurrency=args.concurrency)
         console.print(results_table(results))
+        for r in results:  # why a task errored or stopped belongs on screen, not only in result.json
+            if r.error:
+                console.print(f"{r.task}: {r.outcome}: {r.error}", markup=False, highlight=False)
         console.print(f"outputs: {adv.run_dir}")
     return results
 

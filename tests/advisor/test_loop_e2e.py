@@ -172,6 +172,7 @@ def test_budget_never_overrun_by_more_than_one_call(tmp_path: Path):
             "run", str(task), "--runs-dir", str(tmp_path / "runs"), env_extra={"TEST_FLASH_KEY": KEY}
         )
         assert proc.returncode == 1
+        assert "six-times-seven: budget_exceeded: max_usd 0.0005 reached" in proc.stdout
     (rp,) = (tmp_path / "runs").glob("*/*/result.json")
     result = json.loads(rp.read_text())
     assert result["outcome"] == "budget_exceeded"
