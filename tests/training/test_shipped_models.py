@@ -1,0 +1,44 @@
+"""The shipped checkpoints: Step layout, every Step marker in the tokenizer, same logits in the engine and
+in transformers, and inside the repository's size budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.tokenizer import STEP_SPECIAL_TOKENS
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SHIPPED = sorted(p for p in MODELS.iterdir() if (p / "config.json").is_file())
+
+
+def test_models_fit_the_budget():
+    assert SHIPPED, f"no checkpoint under {MODELS}"
+    total = sum(f.stat().st_size for p in SHIPPED for f in p.rglob("*") if f.is_file())
+    assert total <= 40 * 2**20, f"{total / 2**20:.1f} MiB in models/"
+
+
+@pytest.mark.parametrize("ckpt", SHIPPED, ids=lambda p: p.name)
+def test_engine_and_transformers_agree(ckpt):
+    from transformers import Step3p7ForConditionalGeneration
+
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "loss.png",
+    ):
+        assert (ckpt / name).is_file(), f"{ckpt.name}: {name} missing"
+    llm = LLM.from_pretrained(ckpt)
+    tok = llm.tokenizer
+    assert [tok.token_to_id(t) for t in STEP_SPECIAL_TOKENS] == list(range(len(STEP_SPECIAL_TOKENS)))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], effort="low")
+    ref = Step3p7ForConditionalGeneration.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids])).logits[0].float()
+    assert torch.allclose(llm.logits(ids), want, atol=1e-3, rtol=1e-3)
