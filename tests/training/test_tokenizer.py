@@ -42,3 +42,14 @@ def test_transformers_agrees(tok_dir, all_samples):
     tok = load_tokenizer(tok_dir)
     text = all_samples[-1].prompt + all_samples[-1].target
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_tokenizer_build_is_reproducible(all_samples, tmp_path):
+    from training.tokenizer import build_project_tokenizer
+
+    a = build_project_tokenizer(tmp_path / "a", all_samples, vocab_size=500)
+    b = build_project_tokenizer(tmp_path / "b", all_samples, vocab_size=500)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
+    assert a.vocab_size == b.vocab_size == 500
