@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import uncached_meta
+from engine.layers import rope_cos_sin
 from engine.tokenizer import build_step_tokenizer
 from training.checkpoint import (
     PRESETS,
@@ -142,18 +143,34 @@ def collate(examples, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, labels
 
 
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B, T, vocab] through the engine's forward, with the current weights (norm caches dropped)."""
+def hidden_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> final hidden states [B, T, H]: `StepTextModel.forward` up to (not including) the final norm
+    and head, so the loss can run the head on the assistant positions only (a seventh of the compute at
+    step-nano's size). `tests/training/test_train.py` checks it against the engine's forward."""
     B, T = ids.shape
     positions = torch.arange(T, device=ids.device).expand(B, T)
     reset_norm_caches(model)
-    return model(model.embed_tokens(ids), uncached_meta(model.cfg, positions))
+    meta = uncached_meta(model.cfg, positions)
+    x = model.embed_tokens(ids)
+    cos_sin = {t: rope_cos_sin(f, positions, x.dtype) for t, f in model.inv_freq.items()}
+    for i, layer in enumerate(model.layers):
+        t = layer.attention_type
+        x = layer(x, cos_sin[t], meta.types[t], None, i)
+    return x
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T, vocab] with the current weights."""
+    return model.lm_head(model.norm(hidden_of(model, ids)))
 
 
 def loss_of(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the labelled (assistant) positions; right padding never reaches them."""
-    logits = logits_of(model, ids)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+    h = hidden_of(model, ids)[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.lm_head(model.norm(h[keep]))
+    return F.cross_entropy(logits.float(), target[keep])
 
 
 def train(cfg: TrainConfig) -> TrainLog:

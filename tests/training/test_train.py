@@ -60,6 +60,18 @@ def test_few_steps_lower_the_loss_and_save_a_loadable_checkpoint(tok_dir, init_d
     engine_logits = llm.logits(probe.tolist())
     with torch.no_grad(), trainable(model):
         direct = logits_of(model, probe[None])[0]  # the forward the loss used
+        from engine.cache import uncached_meta
+
+        engine_forward = model(
+            model.embed_tokens(probe[None]), uncached_meta(model.cfg, torch.arange(48)[None])
+        )[0]
+    assert torch.equal(direct, engine_forward)
+    with torch.no_grad(), trainable(model):  # the head on assistant positions only = the full loss
+        full = logits_of(model, ids)
+        ref = torch.nn.functional.cross_entropy(
+            full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1)
+        )
+        assert torch.allclose(loss_of(model, ids, labels), ref, atol=1e-5)
     assert torch.allclose(engine_logits, direct, atol=1e-4)
 
     from transformers import Step3p7ForConditionalGeneration
