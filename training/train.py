@@ -145,8 +145,8 @@ def collate(examples, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.
 
 def hidden_of(model, ids: torch.Tensor) -> torch.Tensor:
     """[B, T] -> final hidden states [B, T, H]: `StepTextModel.forward` up to (not including) the final norm
-    and head, so the loss can run the head on the assistant positions only (a seventh of the compute at
-    step-nano's size). `tests/training/test_train.py` checks it against the engine's forward."""
+    and head, so the loss can run the head on the assistant positions only (about 5% of the positions; the
+    head is [vocab, hidden], as wide as a layer's MoE at step-nano's size). `tests/training/test_train.py` checks it against the engine's forward."""
     B, T = ids.shape
     positions = torch.arange(T, device=ids.device).expand(B, T)
     reset_norm_caches(model)
