@@ -61,7 +61,8 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         f"AdamW (lr {cfg['lr']}, betas 0.9/0.95, weight decay {cfg['weight_decay']}), {cfg['warmup_steps']} warm-up "
         f"steps then cosine to {cfg['min_lr_ratio']} x lr, batch {cfg['batch_size']}, {log.steps[-1] if log.steps else 0} "
-        f"steps, {cfg['threads']} CPU thread(s), {log.wall_s:.0f} s wall. Final loss {log.loss[-1]:.4f}."
+        f"steps, {cfg['threads']} CPU thread(s), {log.wall_s:.0f} s wall. Loss over the last tenth of the logged "
+        f"windows: {sum(log.loss[-max(1, len(log.loss) // 10) :]) / max(1, len(log.loss) // 10):.4f}."
         if log.loss
         else "No steps logged.",
         "",
