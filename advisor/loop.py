@@ -306,10 +306,23 @@ class TaskLoop:
                 takeover_left = await self._consult("failures", messages, detail=check.detail)
 
     async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> tuple[str, str] | None:
-        """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None."""
+        """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None.
+
+        A malformed call (unparseable arguments, no usable name) does not stay in the history as a
+        structured tool call: no provider's format can carry it (an empty name fails to render, broken
+        JSON is rejected). Its raw markup stays in the assistant's text and its error follows as a user
+        message, so the tool-call / tool-result pairing of the rest stays valid everywhere.
+        """
         failure: tuple[str, str] | None = None
         new_images: list[str] = []
+        malformed: list[str] = []
         ctx = ToolContext(workspace=self.workspace, images=self.images)
+        assistant = messages[-1]
+        bad = [tc for tc in calls if tc.parse_error is not None or tc.arguments is None]
+        if bad:
+            assistant.tool_calls = [tc for tc in assistant.tool_calls if tc not in bad]
+            raw = "\n".join(tc.raw_arguments or f"<call to {tc.name or '?'}>" for tc in bad)
+            assistant.content = [*assistant.content, TextPart(raw)]
         for tc in calls:
             self.trace.emit(
                 "tool_call",
@@ -351,12 +364,17 @@ class TaskLoop:
                 text=text[:TEXT_IN_TRACE],
                 images=produced,
             )
-            messages.append(Message.tool(tc.id, tc.name, text, is_error=reason is not None))
+            if reason == "malformed_tool_call":
+                malformed.append(text)
+            else:
+                messages.append(Message.tool(tc.id, tc.name, text, is_error=reason is not None))
             self.digest.append(
                 f"step {self.steps}: {tc.name}({json.dumps(tc.arguments, default=str) if tc.arguments is not None else tc.raw_arguments[:200]}) -> {text[:300]}"
             )
             if reason and failure is None:
                 failure = (reason, text[:300])
+        if malformed:
+            messages.append(Message.user("\n".join(malformed)))
         if new_images:
             # OpenAI tool messages cannot carry images: they follow in a user message.
             parts = await asyncio.to_thread(

@@ -319,3 +319,27 @@ def test_library_run_checks_key_variables_unless_the_endpoint_is_given(tmp_path:
     result = asyncio.run(adv.run(task))
     assert result.outcome == "passed"
     assert out.getvalue().startswith("unit: passed after 1 steps, 0 consults, $0.0000")
+
+
+async def test_malformed_call_without_a_name_leaves_a_history_every_format_can_carry(tmp_path: Path):
+    from advisor.endpoints.openai import to_openai_messages
+    from engine.chat import render_chat
+
+    raw = "<tool_call>\n<function=>\n</function>\n</tool_call>"
+    ex = FakeEndpoint(
+        "ex",
+        [call("", None, raw, "missing function name"), call("add", {"a": 2, "b": 3}), Message.assistant("Answer: 5")],
+        EXEC_PRICE,
+    )
+    result, events = await run(tmp_path, make(ex), ex)
+    assert result.outcome == "passed"
+    assert [f["reason"] for f in kinds(events, "step_failed")] == ["malformed_tool_call"]
+    history = ex.calls[1]["messages"]  # what the executor saw after its malformed turn
+    assert all(tc.name for m in history for tc in m.tool_calls)
+    assert raw in history[-2].text and history[-2].role == "assistant"
+    assert history[-1].role == "user" and "malformed tool call" in history[-1].text
+    wire = to_openai_messages(history)
+    assert raw in render_chat(wire, [add.openai_schema()])  # renders in the Step format too
+    later = ex.calls[2]["messages"]
+    ids = [tc.id for m in later for tc in m.tool_calls]
+    assert ids == [m.tool_call_id for m in later if m.role == "tool"]  # every call has its result
