@@ -3,7 +3,7 @@
 `model` in the endpoint config is a checkpoint directory (HF layout: config.json, safetensors,
 tokenizer.json, tokenizer_config.json with the chat template), given as a path (absolute, `~`, or
 relative to the working directory), or the name of a directory under `$ADVISOR_MODELS_DIR`
-(default `~/.cache/advisor/models`). `device` picks the torch device (default cpu).
+(default `~/.cache/advisor/models`) or of a model shipped in the repository's `models/` folder. `device` picks the torch device (default cpu).
 
 `extra_body` takes the engine's sampling and loading options: temperature (default 0: greedy),
 top_p, seed, dtype, max_batch_size. Anything else there is an error, since no request body exists.
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 2048
 MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
+# the project's own small checkpoints (models/step-nano, ...), found by name without any set-up
+SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
 _OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size"}
 _FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
 
@@ -52,12 +54,13 @@ def resolve_model(model: str) -> Path:
     as_path = Path(model).expanduser()
     if as_path.is_dir():
         return as_path.resolve()
-    named = models_dir() / model
-    if "/" not in model and named.is_dir():
-        return named.resolve()
+    if "/" not in model:
+        for root in (models_dir(), SHIPPED_MODELS):
+            if (root / model).is_dir():
+                return (root / model).resolve()
     raise FileNotFoundError(
-        f"model {model!r}: no checkpoint directory at that path or under {models_dir()} "
-        f"(give a path, or set {MODELS_DIR_ENV})"
+        f"model {model!r}: no checkpoint directory at that path, under {models_dir()} or among the shipped "
+        f"models in {SHIPPED_MODELS} (give a path, or set {MODELS_DIR_ENV})"
     )
 
 

@@ -172,6 +172,11 @@ def test_shipped_model_names_resolve_under_the_models_dir(tmp_path, monkeypatch)
     assert resolve_model("step-tiny") == (tmp_path / "step-tiny").resolve()
     with pytest.raises(FileNotFoundError, match="ADVISOR_MODELS_DIR"):
         resolve_model("step-huge")
+    # the repository's own models resolve by name with no set-up
+    from advisor.endpoints.embedded import SHIPPED_MODELS
+
+    assert resolve_model("step-nano") == (SHIPPED_MODELS / "step-nano").resolve()
+    assert (SHIPPED_MODELS / "step-nano" / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
