@@ -10,22 +10,15 @@ tests defined.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.engine.interpreter import run_under_triton_interpreter
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
     def test_kernel_vs_reference_under_the_triton_interpreter_in_a_subprocess():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[2]
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        tail = (r.stdout + r.stderr)[-6000:]
-        assert r.returncode == 0, f"interpreter suite failed (rc={r.returncode}):\n{tail}"
-        assert " passed" in tail and "skipped" not in tail and "deselected" not in tail, tail
+        run_under_triton_interpreter(__file__)
 
 else:
     import torch
