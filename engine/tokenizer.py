@@ -243,12 +243,18 @@ def build_step_tokenizer(
     vocab_size: int = 1024,
     chat_template: str | None = None,
     model_max_length: int = 262144,
+    split_digits: bool = False,
+    split_newlines: bool = False,
 ) -> StepTokenizer:
     """Train a byte-level BPE with every Step marker and save it in the hub layout in `out_dir`.
 
     Writes `tokenizer.json` and `tokenizer_config.json` (tokenizer_class PreTrainedTokenizerFast, eos
     `<|im_end|>`, pad `<|endoftext|>`, `added_tokens_decoder`, and `chat_template`: the given Jinja2
     source, or the engine's default Step template). Byte-level means any text encodes, never an unk.
+    `split_digits` makes every digit its own token (no merges across digits), which small models need to
+    copy and compare numbers digit by digit. `split_newlines` makes every newline its own token, so that
+    `<think>\n` + `\n</think>` (a prompt, then what the model writes) encodes as the same ids as the
+    `<think>\n\n</think>` the chat template renders for that turn in later prompts.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +263,13 @@ def build_step_tokenizer(
     texts += [f"<|im_start|>user\n{t}<|im_end|>\n" for t in texts[:4]]
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    splits = []
+    if split_newlines:
+        splits.append(pre_tokenizers.Split("\n", behavior="isolated"))
+    if split_digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     tok.decoder = decoders.ByteLevel()
     added = [_Added(t, True) for t in CONTROL_TOKENS + IMAGE_MARKERS] + [
         _Added(t, False) for t in CHAT_MARKERS

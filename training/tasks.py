@@ -11,7 +11,12 @@ file), `order` (read two files, then compute a discounted total with python: the
 The eval suite's families (`evals.families`: arithmetic, lookup, multistep; named here
 `evals.arithmetic`, ...) are scripted too (`from_eval_spec`), so the executor can train on the distribution it is evaluated on. Training draws their
 seeds from `EVAL_SEED_BASE * (seed + 1) + i`, far from the small seeds the shipped suites use; `vision`
-is left out (the embedded endpoint sends no images yet).
+is left out (the tiny models' vision towers are untrained: reading a label off an image is beyond them).
+
+Tool-call turns carry no reasoning: the loop sends earlier turns back without it, so a whole task's turns
+are one training sequence (`training.traces.packed`). The final turn keeps a one-line reasoning.
+`with_recovery` plays a task the way the loop goes on after a wrong answer (check rejected, optionally a
+frontier takeover), so both models learn to re-read the context and answer right.
 """
 
 from __future__ import annotations
@@ -33,11 +38,17 @@ class Call:
 
 @dataclass
 class Turn:
-    """One assistant turn: reasoning, then tool calls, or (no calls) the final content."""
+    """One assistant turn: reasoning, then tool calls, or (no calls) the final content.
+
+    `train=False` marks a turn that is in the history but never a target (the wrong answer of a recovery
+    trace). `after` holds loop messages (prompt template, arguments) the loop adds after the turn.
+    """
 
     reasoning: str
     calls: list[Call] = field(default_factory=list)
     content: str = ""
+    train: bool = True
+    after: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -81,7 +92,7 @@ def _arith(rng: random.Random, i: int) -> ScriptedTask:
         answer=str(value),
         tools=["python"],
         turns=[
-            Turn("I will compute the expression with python.", [Call("python", {"code": code})]),
+            Turn("", [Call("python", {"code": code})]),
             Turn(f"The program printed {value}.", content=f"Answer: {value}"),
         ],
     )
@@ -110,7 +121,7 @@ def _lookup(rng: random.Random, i: int) -> ScriptedTask:
         tools=["read_file", "list_files", "python"],
         files={fname: body},
         turns=[
-            Turn(f"I need to read {fname} first.", [Call("read_file", {"path": fname})]),
+            Turn("", [Call("read_file", {"path": fname})]),
             Turn(f"The row for {target} says {stock[target]}.", content=f"Answer: {stock[target]}"),
         ],
     )
@@ -140,11 +151,11 @@ def _order(rng: random.Random, i: int) -> ScriptedTask:
         files={"prices.csv": price_csv, "order.txt": order_txt},
         turns=[
             Turn(
-                "I need the order and the price list.",
+                "",
                 [Call("read_file", {"path": "order.txt"}), Call("read_file", {"path": "prices.csv"})],
             ),
             Turn(
-                "Multiply each quantity by its unit price, sum, then apply the discount.",
+                "",
                 [Call("python", {"code": code})],
             ),
             Turn(f"The total is {answer}.", content=f"Answer: {answer}"),
@@ -185,7 +196,7 @@ def from_eval_spec(family: str, seed: int) -> ScriptedTask:
             raise ValueError(f"{s.name}: no expression in the goal {s.goal!r}")
         turns = [
             Turn(
-                "The numbers are large; python computes it exactly.",
+                "",
                 [Call("python", {"code": f"print({m.group(1)})"})],
             ),
             Turn(f"The program printed {s.answer}.", content=f"Answer: {s.answer}"),
@@ -196,14 +207,14 @@ def from_eval_spec(family: str, seed: int) -> ScriptedTask:
             raise ValueError(f"{s.name}: no field and item in the goal {s.goal!r}")
         (fname,) = files
         turns = [
-            Turn("I will read the inventory table.", [Call("read_file", {"path": fname})]),
+            Turn("", [Call("read_file", {"path": fname})]),
             Turn(f"The row for {m.group(2)} has {m.group(1)} {s.answer}.", content=f"Answer: {s.answer}"),
         ]
     elif family == "multistep":
         turns = [
-            Turn("I need the order's lines and discount.", [Call("read_file", {"path": "order.json"})]),
+            Turn("", [Call("read_file", {"path": "order.json"})]),
             Turn(
-                "A program can join the lines with prices.csv by sku, sum qty x price and apply the discount.",
+                "",
                 [Call("python", {"code": MULTISTEP_CODE})],
             ),
             Turn(f"The total is {s.answer}.", content=f"Answer: {s.answer}"),
@@ -213,8 +224,42 @@ def from_eval_spec(family: str, seed: int) -> ScriptedTask:
     return ScriptedTask(f"evals.{family}", s.name, s.goal, s.answer, list(s.tools), files, turns)
 
 
-def generate(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> Iterator[ScriptedTask]:
-    """`n` tasks, families in rotation, fully determined by `seed` (own and eval-suite families may mix)."""
+def _near_miss(answer: str, rng: random.Random) -> str:
+    """A wrong answer of the kind a small model writes: one digit of the right one changed."""
+    digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
+    i = rng.choice(digits)
+    wrong = rng.choice([d for d in "0123456789" if d != answer[i]])
+    return answer[:i] + wrong + answer[i + 1 :]
+
+
+def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool) -> ScriptedTask:
+    """The task as the loop plays it after a wrong answer: the check rejects it (and, with `takeover`, the
+    frontier takes the next step), then the right answer. The wrong answer is history only, never a target;
+    the right one is read again from the tool results in the context."""
+    *work, final = task.turns
+    wrong = _near_miss(task.answer, rng)
+    after: list[tuple[str, dict[str, Any]]] = [("check_rejected", {"answer": wrong})]
+    if takeover:
+        after.append(("takeover", {"steps": 1, "trigger": "failures"}))
+    bad = Turn("", content=f"Answer: {wrong}", train=False, after=after)
+    return ScriptedTask(
+        task.family,
+        task.name + "-recovery",
+        task.goal,
+        task.answer,
+        task.tools,
+        task.files,
+        [*work, bad, final],
+    )
+
+
+def generate(
+    n: int, seed: int, families: tuple[str, ...] = FAMILIES, recovery_every: int = 0
+) -> Iterator[ScriptedTask]:
+    """`n` tasks, families in rotation, fully determined by `seed` (own and eval-suite families may mix).
+
+    With `recovery_every=k`, every k-th task is played as a recovery (`with_recovery`), alternately with and
+    without a takeover message."""
     unknown = [f for f in families if f not in GENERATORS and f not in EVAL_FAMILIES]
     if unknown:
         known = ", ".join([*GENERATORS, *EVAL_FAMILIES])
@@ -223,6 +268,12 @@ def generate(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> Iterato
     for i in range(n):
         family = families[i % len(families)]
         if family in GENERATORS:
-            yield GENERATORS[family](rng, i)
+            task = GENERATORS[family](rng, i)
         else:
-            yield from_eval_spec(family, EVAL_SEED_BASE * (seed + 1) + i)
+            task = from_eval_spec(family, EVAL_SEED_BASE * (seed + 1) + i)
+        if recovery_every and i % recovery_every == recovery_every - 1:
+            # its own stream, so turning recovery on leaves the other tasks as they were
+            task = with_recovery(
+                task, random.Random(f"{seed}-recovery-{i}"), takeover=(i // recovery_every) % 2 == 0
+            )
+        yield task

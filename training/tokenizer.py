@@ -2,7 +2,9 @@
 
 Built by `engine.tokenizer.build_step_tokenizer` (markers get fixed ids 0..N-1, chat markers stay
 non-special so decoding keeps reasoning and tool calls). The markers are cut out of the corpus before
-training so that no merge is spent on pieces of `<|im_start|>` and friends.
+training so that no merge is spent on pieces of `<|im_start|>` and friends. Digits are single tokens:
+the models copy numbers from tool results into answers, digit by digit. Newlines are single tokens: a
+turn without reasoning then encodes the same as a prompt plus its target (`training.traces.packed`).
 """
 
 from __future__ import annotations
@@ -28,4 +30,6 @@ def corpus(samples: Iterable[Sample]) -> Iterable[str]:
 def build_project_tokenizer(
     out_dir: Path, samples: Iterable[Sample], vocab_size: int = 2048
 ) -> StepTokenizer:
-    return build_step_tokenizer(out_dir, list(corpus(samples)), vocab_size=vocab_size)
+    return build_step_tokenizer(
+        out_dir, list(corpus(samples)), vocab_size=vocab_size, split_digits=True, split_newlines=True
+    )

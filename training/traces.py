@@ -85,6 +85,8 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                         f"task {task.name}: scripted call {call.name} failed: {result.text[:200]}"
                     )
                 messages.append(Message.tool(call.id, call.name, result.text))
+            for template, args in turn.after:
+                messages.append(Message.user(render(template, **args)))
     return Trace(task, messages, [s.openai_schema() for s in specs], effort)
 
 
@@ -110,10 +112,13 @@ def render_prompt(
 
 
 def samples(trace: Trace, tokenizer: Any) -> list[Sample]:
-    """One sample per assistant turn of the trace."""
+    """One sample per trained assistant turn of the trace (a `train=False` turn is history only)."""
     out = []
+    turns = iter(trace.task.turns)
     for i, msg in enumerate(trace.messages):
         if msg.role != "assistant":
+            continue
+        if not next(turns).train:
             continue
         history = trace.messages[:i]
         prompt = render_prompt(tokenizer, history, trace.schemas, trace.effort)
@@ -142,6 +147,31 @@ def encode_sample(tokenizer: Any, sample: Sample) -> tuple[list[int], list[int]]
     p = list(tokenizer.encode(sample.prompt))
     t = list(tokenizer.encode(sample.target))
     return p + t, [-100] * len(p) + t
+
+
+def packed(tokenizer: Any, items: Sequence[Sample]) -> list[tuple[list[int], list[int]]]:
+    """A trace's samples as few sequences as possible, with exactly the labels the separate samples have.
+
+    Each sample's prompt holds the earlier turns the way the endpoint sends them back; where the last
+    sample's ids start with an earlier sample's prompt and target ids (a turn without reasoning, whose
+    history form is its target), the earlier sample is folded into it: causal attention gives its
+    positions the same context and so the same loss. A sample that does not line up stays on its own.
+    """
+    encoded = [encode_sample(tokenizer, s) for s in items]
+    if not encoded:
+        return []
+    ids, labels = encoded[-1]
+    labels = list(labels)
+    out = []
+    for e_ids, e_labels in encoded[:-1]:
+        if ids[: len(e_ids)] == e_ids:
+            for j, y in enumerate(e_labels):
+                if y != -100:
+                    labels[j] = y
+        else:
+            out.append((e_ids, e_labels))
+    out.append((ids, labels))
+    return out
 
 
 def write_jsonl(path: Path, items: Iterable[Sample]) -> int:

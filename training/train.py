@@ -41,7 +41,7 @@ from training.checkpoint import (
 )
 from training.tasks import FAMILIES, generate
 from training.tokenizer import build_project_tokenizer
-from training.traces import encode_sample, run_traces, samples
+from training.traces import packed, run_traces, samples
 
 HELD_OUT_SEED_OFFSET = 100_003  # held-out tasks come from a different stream than the training tasks
 
@@ -70,6 +70,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no wall-clock cap; else stop (and still save) after this long
     log_every: int = 10
     save_dtype: str = "float32"
+    recovery_every: int = 4  # every 4th task is played as a recovery after a wrong answer
 
 
 @dataclass
@@ -94,10 +95,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int], list[int]]], dict]:
     """Traces -> samples -> project tokenizer (in work/tokenizer) -> encoded examples."""
-    tasks = list(generate(cfg.tasks, cfg.seed, tuple(cfg.families)))
+    tasks = list(generate(cfg.tasks, cfg.seed, tuple(cfg.families), cfg.recovery_every))
     traces = asyncio.run(run_traces(tasks, cfg.effort))
     boot = build_step_tokenizer(work / "bootstrap_tokenizer")  # the default Step template; renders only
-    all_samples = [s for tr in traces for s in samples(tr, boot)]
+    per_trace = [samples(tr, boot) for tr in traces]
+    all_samples = [s for group in per_trace for s in group]
     tok_dir = work / "tokenizer"
     tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size)
     if tok.chat_template != boot.chat_template:
@@ -105,17 +107,17 @@ def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int]
             "the project tokenizer's chat template differs from the one the samples were rendered with"
         )
     examples = []
-    for s in all_samples:
-        ids, labels = encode_sample(tok, s)
-        if len(ids) <= cfg.max_len:
-            examples.append((ids, labels))
+    for group in per_trace:
+        for ids, labels in packed(tok, group):
+            if len(ids) <= cfg.max_len:
+                examples.append((ids, labels))
     n_tok = sum(len(i) for i, _ in examples)
     n_target = sum(sum(1 for x in lab if x != -100) for _, lab in examples)
     stats = {
         "tasks": len(tasks),
         "families": list(cfg.families),
         "samples": len(all_samples),
-        "examples_kept": len(examples),
+        "sequences": len(examples),  # samples of one trace packed together where they line up
         "tokens": n_tok,
         "target_tokens": n_target,
         "mean_len": round(n_tok / max(1, len(examples)), 1),
@@ -268,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "seed",
         "threads",
         "log_every",
+        "recovery_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes"):

@@ -78,7 +78,7 @@ async def test_prompt_and_target_match_the_embedded_endpoint(traces, tok_dir, in
             ids, labels = encode_sample(tok, s)
             assert seen["prompt"] == ids[: labels.count(-100)]
             assert tok.decode(seen["prompt"]) == s.prompt
-            assert resp.message.reasoning == msg.reasoning
+            assert (resp.message.reasoning or "") == (msg.reasoning or "")
             assert resp.message.text == msg.text
             assert [(c.name, c.arguments) for c in resp.message.tool_calls] == [
                 (c.name, c.arguments) for c in msg.tool_calls

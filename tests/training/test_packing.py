@@ -1,0 +1,85 @@
+"""A task's turns train as one sequence with the same loss as its separate samples; recovery traces; digits
+and newlines as single tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.tokenizer import load_tokenizer
+from training.checkpoint import load_trainable, trainable
+from training.tasks import generate, with_recovery
+from training.traces import encode_sample, packed, run_traces, samples
+from training.train import logits_of
+
+
+def test_digits_and_newlines_are_single_tokens(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    pieces = [tok.decode([i]) for i in tok.encode("Answer: 1475.25\n\n")]
+    assert pieces[-9:] == ["1", "4", "7", "5", ".", "2", "5", "\n", "\n"]
+    # a prompt ending in "<think>\n" plus a target starting "\n</think>" is the history's "<think>\n\n</think>"
+    assert tok.encode("<think>\n") + tok.encode("\n</think>\nx") == tok.encode("<think>\n\n</think>\nx")
+
+
+def test_packed_sequence_has_the_separate_samples_loss(traces, tok_dir, init_dir):
+    tok = load_tokenizer(tok_dir)
+    tr = next(t for t in traces if t.task.family == "order")  # three turns
+    ss = samples(tr, tok)
+    (seq,) = packed(tok, ss)  # all three line up: one sequence
+    ids, labels = seq
+    separate = [encode_sample(tok, s) for s in ss]
+    assert sum(y != -100 for y in labels) == sum(sum(y != -100 for y in lab) for _, lab in separate)
+    model = load_trainable(init_dir)
+    with torch.no_grad(), trainable(model):
+        big = logits_of(model, torch.tensor([ids]))[0]
+        for s_ids, s_labels in separate:
+            assert ids[: len(s_ids)] == s_ids
+            small = logits_of(model, torch.tensor([s_ids]))[0]
+            keep = [j for j in range(len(s_ids) - 1) if s_labels[j + 1] != -100]
+            assert all(labels[j + 1] == s_labels[j + 1] for j in keep)
+            want = F.cross_entropy(small[keep], torch.tensor([s_labels[j + 1] for j in keep]))
+            got = F.cross_entropy(big[keep], torch.tensor([labels[j + 1] for j in keep]))
+            assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_samples_that_do_not_line_up_stay_separate(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    task = with_recovery(next(generate(1, 3, ("lookup",))), random.Random(0), takeover=True)
+    (tr,) = asyncio.run(run_traces([task]))
+    ss = samples(tr, tok)
+    # after a user message the template drops the earlier turns' empty think blocks: no prefix, two sequences
+    assert len(packed(tok, ss)) == 2
+    assert [encode_sample(tok, s) for s in ss] == packed(tok, ss)
+
+
+@pytest.mark.parametrize("takeover", [False, True])
+def test_recovery_trace(tok_dir, takeover):
+    tok = load_tokenizer(tok_dir)
+    base = next(generate(1, 4, ("arith",)))
+    task = with_recovery(base, random.Random(1), takeover=takeover)
+    (tr,) = asyncio.run(run_traces([task]))
+    roles = [m.role for m in tr.messages]
+    n_after = 2 if takeover else 1
+    assert roles[-2 - n_after :] == ["assistant", *["user"] * n_after, "assistant"]
+    wrong = tr.messages[-2 - n_after].text.removeprefix("Answer: ")
+    assert wrong != task.answer and len(wrong) == len(task.answer)
+    assert f'The answer "{wrong}" was checked and is not correct.' in tr.messages[-1 - n_after].text
+    if takeover:
+        assert tr.messages[-2].text.startswith("A senior model takes over for the next 1 step(s) (failures)")
+    ss = samples(tr, tok)
+    assert len(ss) == 2  # the wrong answer is history, never a target
+    assert ss[-1].target.endswith(f"Answer: {task.answer}<|im_end|>")
+    assert f"Answer: {wrong}<|im_end|>" in ss[-1].prompt
+
+
+def test_recovery_every_leaves_other_tasks_alone():
+    plain = list(generate(8, 2))
+    mixed = list(generate(8, 2, recovery_every=4))
+    assert [t.name for t in mixed] == [
+        t.name + ("-recovery" if i % 4 == 3 else "") for i, t in enumerate(plain)
+    ]
+    assert [t.answer for t in mixed] == [t.answer for t in plain]
