@@ -20,6 +20,7 @@ import io
 import json
 import random
 import string
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,14 +204,19 @@ def spec(family: str, seed: int) -> TaskSpec:
     return FAMILIES[family](seed)
 
 
-def generate(family: str, seed: int, root: Path) -> Path:
-    """Writes the task (task.yaml and inputs) under root/<name>/ and returns that folder."""
+def generate(family: str, seed: int, root: Path, effort: str | None = None) -> Path:
+    """Writes the task (task.yaml and inputs) under root/<name>/ and returns that folder. `effort` sets
+    both roles' reasoning effort (default: executor low, frontier high)."""
     s = spec(family, seed)
     d = Path(root) / s.name
     d.mkdir(parents=True, exist_ok=True)
     for name, data in {**s.files, **s.images}.items():
         (d / name).write_bytes(data)
-    (d / "task.yaml").write_text(yaml.safe_dump(s.task_yaml(), sort_keys=False), encoding="utf-8")
+    task = s.task_yaml()
+    if effort is not None:
+        for role in ROLES:
+            task[role] = {**task[role], "effort": effort}
+    (d / "task.yaml").write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
     return d
 
 
@@ -220,16 +226,26 @@ SUITE_DEFAULTS = {
 }
 
 
-def build_suite(root: Path, per_family: int = 8, first_seed: int = 0) -> Path:
-    """Generates per_family tasks of every family under root/tasks/ and writes root/suite.yaml."""
+def build_suite(
+    root: Path,
+    per_family: int = 8,
+    first_seed: int = 0,
+    families: tuple[str, ...] | None = None,
+    defaults: dict | None = None,
+    effort: str | None = None,
+) -> Path:
+    """Generates per_family tasks of each family (default: all) under root/tasks/ and writes root/suite.yaml,
+    with `defaults` (default `SUITE_DEFAULTS`) as the suite's task defaults."""
     root = Path(root)
-    for fam in FAMILIES:
+    for fam in families or tuple(FAMILIES):
+        if fam not in FAMILIES:
+            raise KeyError(f"unknown family '{fam}' (known: {', '.join(FAMILIES)})")
         for seed in range(first_seed, first_seed + per_family):
-            generate(fam, seed, root / "tasks")
+            generate(fam, seed, root / "tasks", effort)
     suite = {
         "name": root.name,
         "tasks": ["tasks/*/task.yaml"],
-        "defaults": SUITE_DEFAULTS,
+        "defaults": SUITE_DEFAULTS if defaults is None else defaults,
         "strategies": {
             "advisor-takeover": {"base": "advisor", "escalation": {"mode": "takeover", "takeover_steps": 2}}
         },
@@ -247,8 +263,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--per-family", type=int, default=8)
     p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all)")
+    p.add_argument("--defaults", type=Path, help="a YAML file of task defaults for suite.yaml")
+    p.add_argument(
+        "--effort", choices=("low", "medium", "high"), help="both roles' effort (default low/high)"
+    )
     a = p.parse_args(argv)
-    print(build_suite(a.out, a.per_family, a.first_seed))
+    defaults = None
+    if a.defaults is not None:
+        if not a.defaults.is_file():
+            print(f"evals.families: --defaults: no such file: {a.defaults}", file=sys.stderr)
+            return 2
+        defaults = yaml.safe_load(a.defaults.read_text(encoding="utf-8")) or {}
+    families = tuple(f for f in a.families.split(",") if f)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        print(
+            f"evals.families: --families: unknown {unknown} (known: {', '.join(FAMILIES)})", file=sys.stderr
+        )
+        return 2
+    print(build_suite(a.out, a.per_family, a.first_seed, families, defaults, a.effort))
     return 0
 
 

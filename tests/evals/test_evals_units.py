@@ -109,6 +109,38 @@ def test_families_are_seeded_and_answers_verify(tmp_path):
         families.spec("poetry", 1)
 
 
+def test_suite_of_chosen_families_with_defaults_and_effort(tmp_path):
+    """The held-out suite for the embedded pair: three families, the pair's defaults, effort low for both."""
+    defaults = yaml.safe_load((ROOT / "evals/suites/embedded-pair.defaults.yaml").read_text())
+    assert (
+        families.main(
+            [
+                str(tmp_path / "s"),
+                "--families",
+                "arithmetic,lookup",
+                "--per-family",
+                "2",
+                "--first-seed",
+                "1000",
+                "--effort",
+                "low",
+                "--defaults",
+                str(ROOT / "evals/suites/embedded-pair.defaults.yaml"),
+            ]
+        )
+        == 0
+    )
+    suite = yaml.safe_load((tmp_path / "s/suite.yaml").read_text())
+    assert suite["defaults"] == defaults and defaults["escalation"]["mode"] == "takeover"
+    names = sorted(p.name for p in (tmp_path / "s/tasks").iterdir())
+    assert names == ["arithmetic-1000", "arithmetic-1001", "lookup-1000", "lookup-1001"]
+    task = yaml.safe_load((tmp_path / "s/tasks/lookup-1001/task.yaml").read_text())
+    assert task["executor"]["effort"] == task["frontier"]["effort"] == "low"
+    assert task["check"]["value"] == families.spec("lookup", 1001).answer
+    assert families.main([str(tmp_path / "t"), "--families", "poetry"]) == 2
+    assert families.main([str(tmp_path / "t"), "--defaults", str(tmp_path / "missing.yaml")]) == 2
+
+
 def test_vision_count_matches_red_blobs():
     import cv2
     import numpy as np
