@@ -32,12 +32,24 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
     text = json.loads((out / "config.json").read_text(encoding="utf-8"))["text_config"]
     d, m = log.data, log.metrics
     cmd = "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
+    large = cfg["model"].endswith("-large")
+    role = "frontier" if large else "executor"
+    pair = (
+        "the executor is models/step-nano; priced as a frontier model in examples/quickstart/advisor.yaml"
+        if large
+        else "the frontier is models/step-nano-large; priced as Step 3.7 Flash in examples/quickstart/advisor.yaml"
+    )
+    price = (
+        "{input: 5.0, cached_input: 0.5, cache_write: 6.25, output: 25.0}"
+        if large
+        else ("{input: 0.20, cached_input: 0.04, output: 1.15}")
+    )
     lines = [
         f"# {cfg['model']}",
         "",
-        "A small Step 3.7 Flash-architecture model trained in this repository as the embedded executor stand-in. "
-        "It is tiny and narrow: it has only seen the generated task families below, and is no substitute for "
-        "the real Step 3.7 Flash weights or an OpenAI-compatible endpoint.",
+        f"A small Step 3.7 Flash-architecture model trained in this repository as the embedded {role} stand-in "
+        f"({pair}). It is tiny and narrow: it has only seen the generated task families below, and is no "
+        "substitute for the real Step 3.7 Flash weights, a frontier model, or an OpenAI-compatible endpoint.",
         "",
         "## Architecture",
         "",
@@ -45,15 +57,21 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         f"({', '.join(text['layer_types'])}), sliding window {text['sliding_window']}",
         f"- MoE with shared expert: {text['n_routed_experts']} routed experts, top-{text['num_experts_per_tok']}, "
         "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
-        "- a tiny untrained vision tower (layout only; the embedded endpoint sends these models no images)",
-        f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers",
+        "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read images)",
+        f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers; "
+        "every digit and every newline is its own token",
         "",
         "## Data",
         "",
         f"- {d.get('tasks')} generated tasks ({', '.join(d.get('families', []))}), seed {cfg['seed']}, effort "
         f"{cfg['effort']}; traces played with the real tools",
-        f"- {d.get('samples')} assistant-turn samples, {d.get('tokens'):,} tokens, "
-        f"{d.get('target_tokens'):,} of them trained on (assistant tokens only), mean length {d.get('mean_len')}",
+        f"- every {cfg.get('recovery_every') or 'no'}th task played as a recovery: a wrong answer (history only), the "
+        "check's rejection, on every other one a frontier takeover, then the right answer"
+        if cfg.get("recovery_every")
+        else "- no recovery traces",
+        f"- {d.get('samples')} assistant-turn samples in {d.get('sequences', d.get('samples'))} sequences (a task's "
+        f"turns packed into one where they line up), {d.get('tokens'):,} tokens, {d.get('target_tokens'):,} of "
+        f"them trained on (assistant tokens only), mean length {d.get('mean_len')}",
         "",
         "## Training",
         "",
@@ -87,10 +105,10 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         "```yaml",
         "endpoints:",
-        "  flash:",
+        f"  {'frontier' if large else 'flash'}:",
         "    provider: embedded",
-        f"    model: {out}",
-        "    price: {input: 0.20, cached_input: 0.04, output: 1.15}",
+        f"    model: {out.name}      # a shipped name, or a path to a checkpoint directory",
+        f"    price: {price}",
         "```",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
