@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/heldout"))
     p.add_argument("--concurrency", type=int, default=40)
     p.add_argument("--endpoints", type=Path, default=ENDPOINTS)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="run these now (the table shows all run)")
     p.add_argument("--no-cards", action="store_true", help="print the table, leave the model cards alone")
     a = p.parse_args(argv)
     import yaml
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = a.out / "runs"
     cmd = [
         sys.executable, "-m", "advisor.cli", "eval", str(suite), "--endpoints", str(a.endpoints),
-        "--strategies", ",".join(STRATEGIES), "--concurrency", str(a.concurrency), "--out", str(runs), "--quiet",
+        "--strategies", a.strategies, "--concurrency", str(a.concurrency), "--out", str(runs), "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(cmd, text=True)
     results_file = runs / "results.json"
