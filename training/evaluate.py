@@ -38,7 +38,7 @@ def evaluate(
     effort: str = "low",
     max_new_tokens: int = 160,
 ) -> dict:
-    llm = LLM.from_pretrained(ckpt)
+    llm = LLM.from_pretrained(ckpt, dtype="float32")  # a bf16-stored checkpoint is run in fp32, as shipped
     tok = llm.tokenizer
     traces = asyncio.run(run_traces(list(generate(n, seed, families)), effort))
     rows = []
