@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.bench import active_bytes_per_token
+from engine.bench import decode_step_bytes
 
 
 def _cfg(E=64, k=8):
@@ -26,10 +26,10 @@ def _cfg(E=64, k=8):
 def test_batch_one_reads_k_experts_and_a_batch_reads_the_distinct_ones():
     cfg = _cfg()
     expert = 3 * 64 * 24 * 4  # gate, up, down of one expert, fp32
-    one, sixteen = active_bytes_per_token(cfg), active_bytes_per_token(cfg, batch=16)
+    one, sixteen = decode_step_bytes(cfg), decode_step_bytes(cfg, batch=16)
     distinct = 64 * (1 - (1 - 8 / 64) ** 16)  # about 56.5 of 64
     assert sixteen - one == pytest.approx(2 * (distinct - 8) * expert)
     attn = 64 * (4 * 16 + 2 * 2 * 16 + 4) + 4 * 16 * 64
     fixed = 1000 * 64 + 3 * attn + 3 * 64 * 128 + 2 * (64 * 64 + 3 * 64 * 32)
     assert one == pytest.approx((fixed + 2 * 8 * 3 * 64 * 24) * 4)
-    assert active_bytes_per_token(cfg, itemsize=2) == pytest.approx(one / 2)
+    assert decode_step_bytes(cfg, itemsize=2) == pytest.approx(one / 2)
