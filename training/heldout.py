@@ -4,7 +4,7 @@ Builds a seeded suite of the eval families the models trained on (`evals.familie
 multistep; seeds from 1000, far from both the shipped `evals/suites/basic` seeds and the training seeds
 10 000 and up), with the pair's task defaults (`evals/suites/embedded-pair.defaults.yaml`: after one failed
 step the frontier takes the next one) and effort low for both roles, as trained. Runs it with the
-Quickstart's endpoints (`examples/quickstart/advisor.yaml`: step-nano priced as Step 3.7 Flash,
+pair's endpoints (`models/embedded-pair.yaml`: step-nano priced as Step 3.7 Flash,
 step-nano-large priced as a frontier model), then writes the table into both model cards.
 
     python -m training.heldout --per-family 67 --out build/heldout        # 201 tasks x 3 strategies
@@ -19,12 +19,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from evals.families import build_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("arithmetic", "lookup", "multistep")
 DEFAULTS = ROOT / "evals" / "suites" / "embedded-pair.defaults.yaml"
-ENDPOINTS = ROOT / "examples" / "quickstart" / "advisor.yaml"
+ENDPOINTS = ROOT / "models" / "embedded-pair.yaml"
 CARDS = (ROOT / "models" / "step-nano" / "README.md", ROOT / "models" / "step-nano-large" / "README.md")
 BEGIN, END = "<!-- heldout:begin -->", "<!-- heldout:end -->"
 STRATEGIES = ("executor", "frontier", "advisor")
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/heldout"))
     p.add_argument("--concurrency", type=int, default=40)
     p.add_argument("--endpoints", type=Path, default=ENDPOINTS)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="run these now (the table shows all run)")
+    p.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="run these now (the table shows all run)"
+    )
     p.add_argument("--no-cards", action="store_true", help="print the table, leave the model cards alone")
     a = p.parse_args(argv)
-    import yaml
-
     defaults = yaml.safe_load(DEFAULTS.read_text(encoding="utf-8"))
     suite = build_suite(a.out / "suite", a.per_family, a.first_seed, FAMILIES, defaults, effort="low")
     runs = a.out / "runs"

@@ -6,6 +6,9 @@ seeded stream of `order` tasks (the `training.tasks` family with the Quickstart'
 far from the training and held-out streams) on which, greedy and deterministic on this CPU,
 `advisor run --strategy executor` fails and `advisor run` (the task's takeover policy) passes with at
 least one consult. It writes `prices.csv`, `order.txt` and the check value into `examples/quickstart/`.
+Candidates run on `models/embedded-pair.yaml` and take their policy from the Quickstart's task.yaml, so run
+it where that file carries the pair's takeover policy: the branch `wip/offline-quickstart` (main's
+task.yaml is the hosted one).
 
     python -m training.quickstart              # search, then write examples/quickstart/
 """
@@ -23,6 +26,7 @@ from training.tasks import GENERATORS, ScriptedTask
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart"
+PAIR = ROOT / "models" / "embedded-pair.yaml"  # the candidates run on the shipped pair
 SEED_BASE = 500_000
 
 
@@ -43,7 +47,7 @@ def write(task: ScriptedTask, folder: Path, endpoints: bool = True) -> Path:
         (folder / name).write_text(body, encoding="utf-8")
     (folder / "task.yaml").write_text(task_yaml(task.answer), encoding="utf-8")
     if endpoints:
-        (folder / "advisor.yaml").write_text((EXAMPLE / "advisor.yaml").read_text(encoding="utf-8"))
+        (folder / "advisor.yaml").write_text(PAIR.read_text(encoding="utf-8"), encoding="utf-8")
     return folder / "task.yaml"
 
 
