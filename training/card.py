@@ -13,9 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(steps: list[int], loss: list[float], path: Path, title: str) -> None:
+def plot_loss(
+    steps: list[int],
+    loss: list[float],
+    path: Path,
+    title: str,
+    drill_steps: list[int] | None = None,
+    drill_loss: list[float] | None = None,
+) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss)
+    ax.plot(steps, loss, label="agent traces")
+    if drill_steps:
+        ax.plot(drill_steps, drill_loss, label="copy drills", alpha=0.7)
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_yscale("log")
@@ -28,7 +38,14 @@ def plot_loss(steps: list[int], loss: list[float], path: Path, title: str) -> No
 
 def write_card(out: Path, log: Any, argv: list[str]) -> None:
     cfg = log.config
-    plot_loss(log.steps, log.loss, out / "loss.png", f"{cfg['model']} training loss")
+    plot_loss(
+        log.steps,
+        log.loss,
+        out / "loss.png",
+        f"{cfg['model']} training loss",
+        getattr(log, "drill_steps", None),
+        getattr(log, "drill_loss", None),
+    )
     text = json.loads((out / "config.json").read_text(encoding="utf-8"))["text_config"]
     d, m = log.data, log.metrics
     cmd = "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
@@ -72,6 +89,13 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         f"- {d.get('samples')} assistant-turn samples in {d.get('sequences', d.get('samples'))} sequences (a task's "
         f"turns packed into one where they line up), {d.get('tokens'):,} tokens, {d.get('target_tokens'):,} of "
         f"them trained on (assistant tokens only), mean length {d.get('mean_len')}",
+        (
+            f"- copy drills (`training.drills`): {cfg['drill_warmup']} drill-only steps first, the filler before "
+            f"the copy growing to {cfg['drill_max_filler']} tokens, then one drill batch after every "
+            f"{cfg['drill_every']} trace batches"
+            if cfg.get("drill_warmup") or cfg.get("drill_every")
+            else "- no copy drills"
+        ),
         "",
         "## Training",
         "",

@@ -5,7 +5,8 @@
 Pipeline (all seeded): task generators (`training.tasks`) -> traces with real tool results
 (`training.traces`) -> one sample per assistant turn, rendered exactly as the embedded endpoint renders
 it -> project BPE tokenizer (`training.tokenizer`) -> a freshly initialised Step3p7 checkpoint
-(`training.checkpoint.init_checkpoint`) -> AdamW with linear warm-up and cosine decay, cross-entropy on
+(`training.checkpoint.init_checkpoint`) -> copy drills first, their context growing (`training.drills`), then
+the traces with a drill batch after every few trace batches -> AdamW with linear warm-up and cosine decay, cross-entropy on
 the assistant's tokens only -> checkpoint in the Step layout (config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json with the chat template), `train_log.json`, `loss.png`, and a model
 card `README.md`, with held-out metrics from `training.evaluate`.
@@ -39,6 +40,7 @@ from training.checkpoint import (
     text_config,
     trainable,
 )
+from training.drills import drill_batch, filler_cap
 from training.tasks import FAMILIES, generate
 from training.tokenizer import build_project_tokenizer
 from training.traces import packed, run_traces, samples
@@ -71,6 +73,13 @@ class TrainConfig:
     log_every: int = 10
     save_dtype: str = "float32"
     recovery_every: int = 4  # every 4th task is played as a recovery after a wrong answer
+    # Copy drills (training.drills): drill batches only for the first `drill_warmup` steps, their filler
+    # growing from 16 tokens to `drill_max_filler`; afterwards one drill batch after every `drill_every`
+    # batches of traces (0: none).
+    drill_warmup: int = 300
+    drill_every: int = 4
+    drill_batch_tokens: int = 8192
+    drill_max_filler: int = 1024
 
 
 @dataclass
@@ -81,6 +90,8 @@ class TrainLog:
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    drill_steps: list[int] = field(default_factory=list)
+    drill_loss: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
 
@@ -91,6 +102,18 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def total_steps(trace_steps: int, cfg: TrainConfig) -> int:
+    """The drill warm-up, the trace batches, and one drill batch after every `drill_every` of them."""
+    mixed = trace_steps // cfg.drill_every if cfg.drill_every > 0 else 0
+    return cfg.drill_warmup + trace_steps + mixed
+
+
+def is_drill_step(step: int, cfg: TrainConfig) -> bool:
+    if step < cfg.drill_warmup:
+        return True
+    return cfg.drill_every > 0 and (step - cfg.drill_warmup) % (cfg.drill_every + 1) == cfg.drill_every
 
 
 def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int], list[int]]], dict]:
@@ -201,16 +224,26 @@ def train(cfg: TrainConfig) -> TrainLog:
         betas=(0.9, 0.95),
     )
     rng = random.Random(cfg.seed)
+    drill_rng = random.Random(cfg.seed + 1)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = max(1, int(per_epoch * cfg.epochs))
-    pad_id = _tok(tok_dir).pad_token_id or 0
-    step, running, plan = 0, [], []
+    trace_steps = max(1, int(per_epoch * cfg.epochs))
+    total = total_steps(trace_steps, cfg)
+    tok = _tok(tok_dir)
+    pad_id = tok.pad_token_id or 0
+    fillers = [ids for ids, _ in examples]
+    step, running, drill_running, plan = 0, [], [], []
     t_train = time.monotonic()
     with trainable(model):
         while step < total:
-            if not plan:
-                plan = batches(examples, cfg.batch_size, rng)
-            ids, labels = collate(examples, plan.pop(), pad_id)
+            is_drill = is_drill_step(step, cfg)
+            if is_drill:
+                cap = filler_cap(step, cfg.drill_warmup, 16, cfg.drill_max_filler)
+                group = drill_batch(drill_rng, tok, fillers, cap, cfg.drill_batch_tokens)
+                ids, labels = collate(group, list(range(len(group))), pad_id)
+            else:
+                if not plan:
+                    plan = batches(examples, cfg.batch_size, rng)
+                ids, labels = collate(examples, plan.pop(), pad_id)
             ids, labels = ids.to(cfg.device), labels.to(cfg.device)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
@@ -220,15 +253,24 @@ def train(cfg: TrainConfig) -> TrainLog:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            running.append(loss.item())
+            (drill_running if is_drill else running).append(loss.item())
             step += 1
             if step % cfg.log_every == 0 or step == total:
-                log.steps.append(step)
-                log.loss.append(sum(running) / len(running))
-                log.lr.append(lr)
-                running = []
+                if running:
+                    log.steps.append(step)
+                    log.loss.append(sum(running) / len(running))
+                    log.lr.append(lr)
+                if drill_running:
+                    log.drill_steps.append(step)
+                    log.drill_loss.append(sum(drill_running) / len(drill_running))
+                shown = [
+                    f"traces {log.loss[-1]:.4f}" if running else "",
+                    f"drills {log.drill_loss[-1]:.4f}" if drill_running else "",
+                ]
+                running, drill_running = [], []
                 _say(
-                    f"step {step}/{total} loss {log.loss[-1]:.4f} lr {lr:.2e} ({time.monotonic() - t_train:.0f} s)"
+                    f"step {step}/{total} loss {' '.join(x for x in shown if x)} lr {lr:.2e} "
+                    f"({time.monotonic() - t_train:.0f} s)"
                 )
             if cfg.max_minutes and time.monotonic() - t_train > cfg.max_minutes * 60:
                 _say(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
@@ -271,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "threads",
         "log_every",
         "recovery_every",
+        "drill_warmup",
+        "drill_every",
+        "drill_batch_tokens",
+        "drill_max_filler",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes"):
