@@ -85,17 +85,36 @@ def drill(
 
 
 def drill_batch(
-    rng: random.Random, tokenizer: Any, fillers: Sequence[Sequence[int]], max_filler: int, tokens: int
+    rng: random.Random,
+    tokenizer: Any,
+    fillers: Sequence[Sequence[int]],
+    max_filler: int,
+    tokens: int,
+    kinds: Sequence[str] = KINDS,
 ) -> list[tuple[list[int], list[int]]]:
     """Drills sharing one filler length drawn from [0, max_filler] (little padding), about `tokens` in all:
     short drills come many to a batch, long ones few, so a drill step costs about what a trace step does."""
     n = rng.randint(0, max(0, max_filler))
     size = max(4, min(32, tokens // (n + 64)))
-    return [drill(rng, tokenizer, fillers, n, rng.choice(KINDS)) for _ in range(size)]
+    return [drill(rng, tokenizer, fillers, n, rng.choice(kinds)) for _ in range(size)]
 
 
 def filler_cap(step: int, warmup: int, start: int, end: int) -> int:
-    """The longest filler at `step`: grows linearly from `start` to `end` over the warm-up, then stays."""
+    """The longest filler at `step`: `start` for the first half of the warm-up (the copy forms on short
+    contexts first), then growing linearly to `end` by its end, then staying there."""
     if warmup <= 0 or step >= warmup:
         return end
-    return int(start + (end - start) * step / warmup)
+    hold = warmup // 2
+    if step < hold:
+        return start
+    return int(start + (end - start) * (step - hold) / (warmup - hold))
+
+
+def kinds_at(step: int, warmup: int) -> tuple[str, ...]:
+    """The drill kinds in play at `step`: `result` alone for the first third of the warm-up, then `span`
+    too, then all. Mixed from the start, every kind was learnt several times more slowly."""
+    if warmup > 0 and step < warmup // 3:
+        return ("result",)
+    if warmup > 0 and step < 2 * warmup // 3:
+        return ("result", "span")
+    return KINDS

@@ -40,7 +40,7 @@ from training.checkpoint import (
     text_config,
     trainable,
 )
-from training.drills import drill_batch, filler_cap
+from training.drills import drill_batch, filler_cap, kinds_at
 from training.tasks import FAMILIES, generate
 from training.tokenizer import build_project_tokenizer
 from training.traces import packed, run_traces, samples
@@ -72,6 +72,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no wall-clock cap; else stop (and still save) after this long
     log_every: int = 10
     save_dtype: str = "float32"
+    init: str = ""  # continue from this checkpoint (same tokenizer) instead of a fresh initialisation
     recovery_every: int = 4  # every 4th task is played as a recovery after a wrong answer
     # Copy drills (training.drills): drill batches only for the first `drill_warmup` steps, their filler
     # growing from 16 tokens to `drill_max_filler`; afterwards one drill batch after every `drill_every`
@@ -102,6 +103,20 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def continue_from(checkpoint: Path, tok_dir: Path, dst: Path) -> Path:
+    """A copy of `checkpoint` to start from; its tokenizer must be the one this data was encoded with."""
+    theirs, ours = checkpoint / "tokenizer.json", tok_dir / "tokenizer.json"
+    if not theirs.is_file():
+        raise FileNotFoundError(f"--init {checkpoint}: no tokenizer.json there")
+    if theirs.read_bytes() != ours.read_bytes():
+        raise ValueError(
+            f"--init {checkpoint}: its tokenizer differs from the one built for this data "
+            "(same --tasks, --families, --seed and --vocab-size needed)"
+        )
+    shutil.copytree(checkpoint, dst)
+    return dst
 
 
 def total_steps(trace_steps: int, cfg: TrainConfig) -> int:
@@ -212,7 +227,10 @@ def train(cfg: TrainConfig) -> TrainLog:
 
     tok_dir, examples, log.data = build_data(cfg, work)
     _say(f"data: {log.data} ({time.monotonic() - t0:.0f} s)")
-    init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
+    if cfg.init:
+        init_dir = continue_from(Path(cfg.init), tok_dir, work / "init")
+    else:
+        init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
     model = load_trainable(init_dir, cfg.device)
     model.train()
     log.params = sum(p.numel() for p in model.parameters())
@@ -238,7 +256,8 @@ def train(cfg: TrainConfig) -> TrainLog:
             is_drill = is_drill_step(step, cfg)
             if is_drill:
                 cap = filler_cap(step, cfg.drill_warmup, 16, cfg.drill_max_filler)
-                group = drill_batch(drill_rng, tok, fillers, cap, cfg.drill_batch_tokens)
+                kinds = kinds_at(step, cfg.drill_warmup)
+                group = drill_batch(drill_rng, tok, fillers, cap, cfg.drill_batch_tokens, kinds)
                 ids, labels = collate(group, list(range(len(group))), pad_id)
             else:
                 if not plan:
@@ -321,6 +340,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--init", default=d.init, help="continue from this checkpoint directory (same tokenizer)")
     p.add_argument("--device", default=d.device, help="torch device to train on (cpu, cuda)")
     p.add_argument("--effort", choices=("low", "medium", "high"), default=d.effort)
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=d.save_dtype)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from training.drills import KINDS, drill, drill_batch, filler_cap
+from training.drills import KINDS, drill, drill_batch, filler_cap, kinds_at
 from training.traces import encode_sample
 from training.train import TrainConfig, is_drill_step, total_steps
 
@@ -61,9 +61,22 @@ def test_a_batch_shares_one_filler_length_and_keeps_to_its_token_budget(tok):
 
 def test_the_filler_grows_over_the_warm_up_then_stays():
     caps = [filler_cap(s, 100, 16, 1024) for s in range(150)]
-    assert caps[0] == 16 and caps[50] == 520 and caps[100:] == [1024] * 50
+    assert caps[:50] == [16] * 50 and caps[75] == 520 and caps[100:] == [1024] * 50
     assert all(a <= b for a, b in zip(caps, caps[1:], strict=False))
     assert filler_cap(0, 0, 16, 1024) == 1024
+
+
+def test_the_kinds_come_in_one_at_a_time():
+    assert [kinds_at(s, 90) for s in (0, 29, 30, 59, 60, 89, 90)] == [
+        ("result",),
+        ("result",),
+        ("result", "span"),
+        ("result", "span"),
+        KINDS,
+        KINDS,
+        KINDS,
+    ]
+    assert kinds_at(0, 0) == KINDS
 
 
 def test_the_schedule_drills_first_then_after_every_nth_trace_batch():

@@ -87,3 +87,17 @@ def test_few_steps_lower_the_loss_and_save_a_loadable_checkpoint(tok_dir, init_d
         not torch.equal(a, b)
         for a, b in zip(checkpoint_tensors(model).values(), checkpoint_tensors(init).values(), strict=True)
     )
+
+
+def test_continuing_needs_the_same_tokenizer(tok_dir, init_dir, tmp_path):
+    from training.train import continue_from
+
+    start = continue_from(init_dir, tok_dir, tmp_path / "start")
+    assert (start / "model.safetensors").read_bytes() == (init_dir / "model.safetensors").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        continue_from(other, tok_dir, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        continue_from(tmp_path / "missing", tok_dir, tmp_path / "y")
