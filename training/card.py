@@ -37,6 +37,8 @@ def plot_loss(
 
 
 def write_card(out: Path, log: Any, argv: list[str]) -> None:
+    from training.train import command_of
+
     cfg = log.config
     plot_loss(
         log.steps,
@@ -101,6 +103,16 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         f"```\n{cmd}\n```",
         "",
+        *(
+            [
+                "It continued a checkpoint trained (same data, same tokenizer) by:",
+                "",
+                f"```\n{command_of(cfg['init_config'])}\n```",
+                "",
+            ]
+            if cfg.get("init_config")
+            else []
+        ),
         f"AdamW (lr {cfg['lr']}, betas 0.9/0.95, weight decay {cfg['weight_decay']}), {cfg['warmup_steps']} warm-up "
         f"steps then cosine to {cfg['min_lr_ratio']} x lr, batch {cfg['batch_size']}, {log.steps[-1] if log.steps else 0} "
         f"steps, {cfg['threads']} CPU thread(s), {log.wall_s:.0f} s wall. Loss over the last tenth of the logged "

@@ -105,6 +105,27 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
+def command_of(config: dict) -> str:
+    """The `python -m training.train` command line for a run's recorded config (non-default options)."""
+    d = asdict(TrainConfig())
+    config = {
+        "drill_warmup": 0,
+        "drill_every": 0,
+        "init": "",
+        **config,
+    }  # records from before drills ran none
+    parts = ["python -m training.train"]
+    for key, value in config.items():
+        if key not in d or key in ("out", "work") or value == d[key]:
+            continue
+        if key == "families":
+            if tuple(value) == tuple(d[key]):
+                continue
+            value = ",".join(value)
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def continue_from(checkpoint: Path, tok_dir: Path, dst: Path) -> Path:
     """A copy of `checkpoint` to start from; its tokenizer must be the one this data was encoded with."""
     theirs, ours = checkpoint / "tokenizer.json", tok_dir / "tokenizer.json"
@@ -229,6 +250,9 @@ def train(cfg: TrainConfig) -> TrainLog:
     _say(f"data: {log.data} ({time.monotonic() - t0:.0f} s)")
     if cfg.init:
         init_dir = continue_from(Path(cfg.init), tok_dir, work / "init")
+        earlier = init_dir / "train_log.json"
+        if earlier.is_file():  # the card names the run this one continues
+            log.config["init_config"] = json.loads(earlier.read_text(encoding="utf-8"))["config"]
     else:
         init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
     model = load_trainable(init_dir, cfg.device)

@@ -101,3 +101,19 @@ def test_continuing_needs_the_same_tokenizer(tok_dir, init_dir, tmp_path):
         continue_from(other, tok_dir, tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         continue_from(tmp_path / "missing", tok_dir, tmp_path / "y")
+
+
+def test_a_recorded_config_gives_back_its_command():
+    from dataclasses import asdict
+
+    from training.train import command_of
+
+    cfg = asdict(parse_args(["--model", "step-nano-large", "--lr", "0.001", "--drill-every", "2"]))
+    cmd = command_of(cfg)
+    assert cmd.startswith("python -m training.train --")
+    assert sorted(cmd.split(" --")[1:]) == ["drill-every 2", "lr 0.001", "model step-nano-large"]
+    assert parse_args(command_of(cfg).split()[3:]) == parse_args(
+        ["--model", "step-nano-large", "--lr", "0.001", "--drill-every", "2"]
+    )
+    before_drills = {k: v for k, v in cfg.items() if not k.startswith("drill")}
+    assert "--drill-warmup 0 --drill-every 0" in command_of(before_drills)
