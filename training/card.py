@@ -93,8 +93,12 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         f"them trained on (assistant tokens only), mean length {d.get('mean_len')}",
         (
             f"- copy drills (`training.drills`): {cfg['drill_warmup']} drill-only steps first, the filler before "
-            f"the copy growing to {cfg['drill_max_filler']} tokens, then one drill batch after every "
-            f"{cfg['drill_every']} trace batches"
+            f"the copy growing to {cfg['drill_max_filler']} tokens, then "
+            + (
+                f"one drill batch after every {cfg['drill_every']} trace batches"
+                if cfg.get("drill_every")
+                else "none between the trace batches"
+            )
             if cfg.get("drill_warmup") or cfg.get("drill_every")
             else "- no copy drills"
         ),

@@ -23,12 +23,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from training.tasks import ITEMS, OPS
+
 KINDS = ("span", "result", "recall")
-_KEYS = (
-    "apples", "bolts", "cables", "chairs", "cups", "fans", "files", "gloves", "hammers", "keys", "knives",
-    "lamps", "magnets", "nails", "pencils", "plates", "pliers", "sheets", "spoons", "staples", "towels",
-    "valves", "wires", "boxes", "brushes", "clips", "forks", "jars", "mugs", "pens", "ropes", "tapes",
-)  # fmt: skip
 _ASK = ("Evaluate", "Compute", "Work out", "Use", "Copy", "Take")
 
 
@@ -42,7 +39,7 @@ def _number(rng: random.Random) -> str:
 def _expression(rng: random.Random) -> str:
     parts = [_number(rng).lstrip("-")]
     for _ in range(rng.randint(0, 3)):
-        parts += [rng.choice("+-*"), _number(rng).lstrip("-")]
+        parts += [rng.choice(OPS), _number(rng).lstrip("-")]
     return " ".join(parts)
 
 
@@ -57,7 +54,8 @@ def _pattern(rng: random.Random, kind: str) -> tuple[str, str]:
         n = _number(rng)
         ctx = f"<|im_start|>tool_response\n<tool_response>{n}\n</tool_response><|im_end|>\n{think}"
         return ctx, f"The program printed {n}.\n</think>\nAnswer: {n}<|im_end|>"
-    values = {k: _number(rng).lstrip("-") for k in rng.sample(_KEYS, rng.randint(3, 9))}
+    # the item names the lookup and order tasks use
+    values = {k: _number(rng).lstrip("-") for k in rng.sample(ITEMS, rng.randint(3, 9))}
     table = "".join(f"{k},{v}\n" for k, v in values.items())
     key = rng.choice(list(values))
     value = values[key]

@@ -62,19 +62,19 @@ class ScriptedTask:
     turns: list[Turn] = field(default_factory=list)
 
 
-_ITEMS = (
+ITEMS = (
     "apples bananas bolts brushes cables candles chairs clips cups desks drills envelopes fans files "
     "forks gloves hammers hooks jars keys knives lamps magnets markers mugs nails notebooks nuts pads "
     "pens pencils plates pliers ropes rulers saws screws sheets shelves spoons staples tapes tiles "
     "towels trays tubes valves washers wires"
 ).split()
-_OPS = ("+", "-", "*")
+OPS = ("+", "-", "*")
 
 
 def _arith(rng: random.Random, i: int) -> ScriptedTask:
     n = rng.randint(2, 4)
     nums = [rng.randint(2, 999) for _ in range(n)]
-    ops = [rng.choice(_OPS) for _ in range(n - 1)]
+    ops = [rng.choice(OPS) for _ in range(n - 1)]
     expr = str(nums[0]) + "".join(f" {o} {x}" for o, x in zip(ops, nums[1:], strict=True))
     value = eval(expr)  # noqa: S307 - digits and + - * only, built above
     phrasing = rng.choice(
@@ -99,7 +99,7 @@ def _arith(rng: random.Random, i: int) -> ScriptedTask:
 
 
 def _inventory(rng: random.Random, k: int) -> dict[str, int]:
-    return {item: rng.randint(0, 500) for item in rng.sample(_ITEMS, k)}
+    return {item: rng.randint(0, 500) for item in rng.sample(ITEMS, k)}
 
 
 def _lookup(rng: random.Random, i: int) -> ScriptedTask:
@@ -128,7 +128,7 @@ def _lookup(rng: random.Random, i: int) -> ScriptedTask:
 
 
 def _order(rng: random.Random, i: int) -> ScriptedTask:
-    prices = {item: round(rng.uniform(0.2, 40.0), 2) for item in rng.sample(_ITEMS, rng.randint(4, 7))}
+    prices = {item: round(rng.uniform(0.2, 40.0), 2) for item in rng.sample(ITEMS, rng.randint(4, 7))}
     lines = {item: rng.randint(1, 30) for item in rng.sample(list(prices), rng.randint(2, 4))}
     discount = rng.choice((0, 5, 10, 15, 20, 25))
     price_csv = "item,unit_price_usd\n" + "".join(f"{k},{v:.2f}\n" for k, v in prices.items())

@@ -306,13 +306,12 @@ def train(cfg: TrainConfig) -> TrainLog:
                 if drill_running:
                     log.drill_steps.append(step)
                     log.drill_loss.append(sum(drill_running) / len(drill_running))
-                shown = [
-                    f"traces {log.loss[-1]:.4f}" if running else "",
-                    f"drills {log.drill_loss[-1]:.4f}" if drill_running else "",
-                ]
+                shown = ([f"traces {log.loss[-1]:.4f}"] if running else []) + (
+                    [f"drills {log.drill_loss[-1]:.4f}"] if drill_running else []
+                )
                 running, drill_running = [], []
                 _say(
-                    f"step {step}/{total} loss {' '.join(x for x in shown if x)} lr {lr:.2e} "
+                    f"step {step}/{total} loss {' '.join(shown)} lr {lr:.2e} "
                     f"({time.monotonic() - t_train:.0f} s)"
                 )
             if cfg.max_minutes and time.monotonic() - t_train > cfg.max_minutes * 60:
