@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = [
     "CHAT_MARKERS",
@@ -244,6 +244,7 @@ def build_step_tokenizer(
     chat_template: str | None = None,
     model_max_length: int = 262144,
     split_digits: bool = False,
+    digit_group: int = 0,
     split_newlines: bool = False,
 ) -> StepTokenizer:
     """Train a byte-level BPE with every Step marker and save it in the hub layout in `out_dir`.
@@ -252,9 +253,13 @@ def build_step_tokenizer(
     `<|im_end|>`, pad `<|endoftext|>`, `added_tokens_decoder`, and `chat_template`: the given Jinja2
     source, or the engine's default Step template). Byte-level means any text encodes, never an unk.
     `split_digits` makes every digit its own token (no merges across digits), which small models need to
-    copy and compare numbers digit by digit. `split_newlines` makes every newline its own token, so that
-    `<think>\n` + `\n</think>` (a prompt, then what the model writes) encodes as the same ids as the
-    `<think>\n\n</think>` the chat template renders for that turn in later prompts.
+    copy and compare numbers digit by digit. `digit_group` N > 1 cuts every run of digits into groups of up
+    to N from the left (as the cl100k and Llama 3 tokenizers do with N = 3) and puts every group in the
+    vocabulary (on top of `vocab_size`): a number is then the same ids wherever it appears, and a copy of it
+    is a few tokens that rarely repeat, not a string of ten digits to keep in order. `split_newlines` makes
+    every newline its own token, so that `<think>\n` + `\n</think>` (a prompt, then what the model writes)
+    encodes as the same ids as the `<think>\n\n</think>` the chat template renders for that turn in later
+    prompts.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +274,12 @@ def build_step_tokenizer(
         splits.append(pre_tokenizers.Split("\n", behavior="isolated"))
     if split_digits:
         splits.append(pre_tokenizers.Digits(individual_digits=True))
+    elif digit_group > 1:
+        splits.append(pre_tokenizers.Split(Regex(rf"\d{{1,{digit_group}}}"), behavior="isolated"))
+        # every group, so that no number falls back to smaller pieces for want of a merge
+        groups = [[f"{i:0{n}d}" for i in range(10**n)] for n in range(2, digit_group + 1)]
+        texts += [" ".join(g) for g in groups]
+        vocab_size += sum(len(g) for g in groups)
     tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     tok.decoder = decoders.ByteLevel()
     added = [_Added(t, True) for t in CONTROL_TOKENS + IMAGE_MARKERS] + [

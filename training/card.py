@@ -78,7 +78,12 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
         "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read images)",
         f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers; "
-        "every digit and every newline is its own token",
+        + (
+            f"runs of digits cut into groups of up to {cfg['digit_group']} (every group one token); "
+            "every newline its own token"
+            if cfg.get("digit_group", 1) > 1
+            else "every digit and every newline is its own token"
+        ),
         "",
         "## Data",
         "",

@@ -2,8 +2,10 @@
 
 Built by `engine.tokenizer.build_step_tokenizer` (markers get fixed ids 0..N-1, chat markers stay
 non-special so decoding keeps reasoning and tool calls). The markers are cut out of the corpus before
-training so that no merge is spent on pieces of `<|im_start|>` and friends. Digits are single tokens:
-the models copy numbers from tool results into answers, digit by digit. Newlines are single tokens: a
+training so that no merge is spent on pieces of `<|im_start|>` and friends. Digits are single tokens by
+default (`digit_group=1`); with `digit_group=3` a number is groups of up to three digits, each one token.
+Copying digit by digit, the trained models kept a number's digits but not their order ("937.83" came out
+as "383.83"); in groups, a copy is a few tokens that rarely repeat. Newlines are single tokens: a
 turn without reasoning then encodes the same as a prompt plus its target (`training.traces.packed`).
 """
 
@@ -28,8 +30,13 @@ def corpus(samples: Iterable[Sample]) -> Iterable[str]:
 
 
 def build_project_tokenizer(
-    out_dir: Path, samples: Iterable[Sample], vocab_size: int = 2048
+    out_dir: Path, samples: Iterable[Sample], vocab_size: int = 2048, digit_group: int = 1
 ) -> StepTokenizer:
     return build_step_tokenizer(
-        out_dir, list(corpus(samples)), vocab_size=vocab_size, split_digits=True, split_newlines=True
+        out_dir,
+        list(corpus(samples)),
+        vocab_size=vocab_size,
+        split_digits=digit_group == 1,
+        digit_group=digit_group,
+        split_newlines=True,
     )

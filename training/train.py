@@ -58,6 +58,9 @@ class TrainConfig:
     families: tuple[str, ...] = FAMILIES
     effort: str = "low"
     vocab_size: int = 2048
+    # 1: every digit its own token; 3: runs of up to three digits, every group in the vocabulary
+    # (training.tokenizer). A model that copies digit by digit keeps the digits but loses their order.
+    digit_group: int = 1
     epochs: float = 1.0
     batch_size: int = 8
     lr: float = 2e-3
@@ -160,7 +163,7 @@ def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int]
     per_trace = [samples(tr, boot) for tr in traces]
     all_samples = [s for group in per_trace for s in group]
     tok_dir = work / "tokenizer"
-    tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size)
+    tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size, cfg.digit_group)
     if tok.chat_template != boot.chat_template:
         raise RuntimeError(
             "the project tokenizer's chat template differs from the one the samples were rendered with"
@@ -348,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "tasks",
         "held_out",
         "vocab_size",
+        "digit_group",
         "batch_size",
         "warmup_steps",
         "max_len",

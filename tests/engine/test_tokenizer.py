@@ -151,3 +151,30 @@ def test_command_line_trains_on_text_files(tmp_path, capsys):
     assert len(tok.encode("zebra")) == 1  # learned from the given corpus, not the built-in one
     assert main([str(tmp_path / "out2"), str(tmp_path / "missing.txt")]) == 2
     assert "corpus file not found" in capsys.readouterr().out
+
+
+def test_digit_groups_are_whole_tokens_wherever_a_number_appears(tmp_path):
+    """digit_group=3: runs of digits cut into threes from the left, every group one token on top of
+    vocab_size, the same ids in code, a tool response and an answer; transformers tokenizes the same."""
+    from transformers import AutoTokenizer
+
+    build_step_tokenizer(tmp_path, ["print(263 * 761)\nAnswer: 42"], vocab_size=300, digit_group=3)
+    tok = load_tokenizer(tmp_path)
+
+    def pieces(text: str) -> list[str]:
+        return [tok.decode([i]) for i in tok.encode(text)]
+
+    assert pieces("60263857872") == ["602", "638", "578", "72"]
+    assert pieces("1000007") == ["100", "000", "7"]
+    assert [p for p in pieces("x 12.05 -7") if p.isdigit()] == ["12", "05", "7"]
+    for n in ("0", "7", "09", "99", "000", "431", "999"):
+        assert pieces(n) == [n]
+    number = tok.encode("60263857872")
+    for text in ("print(60263857872)", "<tool_response>60263857872\n", "Answer: 60263857872"):
+        ids = tok.encode(text)
+        assert any(ids[i : i + len(number)] == number for i in range(len(ids)))
+        assert tok.decode(ids) == text
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.encode(CHAT_TEXT + " 60263857872", add_special_tokens=False) == tok.encode(
+        CHAT_TEXT + " 60263857872"
+    )

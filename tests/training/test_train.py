@@ -26,6 +26,19 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_cli_defaults():
     cfg = parse_args(["--model", "step-nano-large", "--tasks", "10", "--families", "arith"])
     assert cfg.out == "models/step-nano-large" and cfg.tasks == 10 and cfg.families == ("arith",)
+    assert cfg.digit_group == 1 and parse_args(["--digit-group", "3"]).digit_group == 3
+
+
+def test_the_data_uses_the_configured_digit_groups(tmp_path):
+    from training.train import TrainConfig, build_data
+
+    cfg = TrainConfig(tasks=4, families=("arith",), digit_group=3, recovery_every=0)
+    tok_dir, examples, stats = build_data(cfg, tmp_path)
+    tok = load_tokenizer(tok_dir)
+    assert stats["sequences"] == len(examples) > 0
+    assert [tok.decode([i]) for i in tok.encode("1234567")] == ["123", "456", "7"]
+    digit_tokens = {tok.decode([i]) for ids, _ in examples for i in ids if tok.decode([i]).isdigit()}
+    assert max(map(len, digit_tokens)) == 3  # the numbers of the traces come in groups, not digit by digit
 
 
 def test_few_steps_lower_the_loss_and_save_a_loadable_checkpoint(tok_dir, init_dir, all_samples, tmp_path):
