@@ -5,7 +5,8 @@ non-special so decoding keeps reasoning and tool calls). The markers are cut out
 training so that no merge is spent on pieces of `<|im_start|>` and friends. Digits are single tokens by
 default (`digit_group=1`); with `digit_group=3` a number is groups of up to three digits, each one token.
 Copying digit by digit, the trained models kept a number's digits but not their order ("937.83" came out
-as "383.83"); in groups, a copy is a few tokens that rarely repeat. Newlines are single tokens: a
+as "383.83"); in groups a copy is a few tokens that rarely repeat, but each group is rare in the data, and
+in the runs so far groups were copied worse (training/README.md). Newlines are single tokens: a
 turn without reasoning then encodes the same as a prompt plus its target (`training.traces.packed`).
 """
 
