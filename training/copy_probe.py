@@ -57,9 +57,10 @@ def run(a: argparse.Namespace) -> float:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.tokenizer)
-    digits = {tok.encode(str(d))[0] for d in range(10)}
+    digits = torch.tensor([tok.encode(str(d))[0] for d in range(10)])
     # ordinary tokens other than digits: the copied number is the only one in the context
-    pool = [i for i in range(max(tok.special_ids.values()) + 1, tok.vocab_size) if i not in digits]
+    not_pool = set(digits.tolist())
+    pool = [i for i in range(max(tok.special_ids.values()) + 1, tok.vocab_size) if i not in not_pool]
     with tempfile.TemporaryDirectory() as tmp:
         init = init_checkpoint(
             Path(tmp), text_config(preset(a.model, a.layer_types, a.window), tok), Path(a.tokenizer), a.seed
@@ -80,7 +81,7 @@ def run(a: argparse.Namespace) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if step % a.every == 0 or step == a.steps:
-                acc = accuracy(model, tok, test)
+                acc = accuracy(model, tok, test, digits)
                 print(
                     f"filler {a.filler} step {step} loss {loss.item():.3f} digit accuracy {acc:.3f} "
                     f"({time.monotonic() - t0:.0f} s)",
@@ -89,13 +90,12 @@ def run(a: argparse.Namespace) -> float:
     return acc
 
 
-def accuracy(model, tok, test) -> float:
-    """Greedy next-token accuracy on the copied digits (teacher-forced)."""
+def accuracy(model, tok, test, digits: torch.Tensor) -> float:
+    """Greedy next-token accuracy on the copied digits (`digits`: their token ids), teacher-forced."""
     ids, labels = collate(test, list(range(len(test))), tok.pad_token_id or 0)
     with torch.no_grad():
         pred = logits_of(model, ids)[:, :-1].argmax(-1)
     target = labels[:, 1:]
-    digits = torch.tensor([tok.encode(str(d))[0] for d in range(10)])
     keep = torch.isin(target, digits)
     return (pred[keep] == target[keep]).float().mean().item()
 

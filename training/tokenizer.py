@@ -37,7 +37,6 @@ def build_project_tokenizer(
         out_dir,
         list(corpus(samples)),
         vocab_size=vocab_size,
-        split_digits=digit_group == 1,
         digit_group=digit_group,
         split_newlines=True,
     )
