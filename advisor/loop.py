@@ -175,7 +175,6 @@ class TaskLoop:
         self.profile = profile_for(cfg.model, cfg.provider)
         system = render(
             "executor_system",
-            task_name=self.task.name,
             tools=[t.name for t in self.tools],
             has_images=bool(ids),
         )

@@ -67,6 +67,16 @@ class KVCache:
             t: torch.full((batch, n), -1, dtype=torch.long, device=device) for t, n in self.cap.items()
         }
 
+    def repeat_rows(self, batch: int) -> None:
+        """A one-row cache becomes `batch` identical rows: a prompt prefix shared by every row is computed
+        once, then each row goes on from it (`repeat`, not `expand`: the rows' own keys are written in place)."""
+        if self.batch != 1:
+            raise ValueError(f"repeat_rows needs a one-row cache, this one has {self.batch} rows")
+        self.k = [k.repeat(batch, 1, 1, 1) for k in self.k]
+        self.v = [v.repeat(batch, 1, 1, 1) for v in self.v]
+        self.pos = {t: p.repeat(batch, 1) for t, p in self.pos.items()}
+        self.batch = batch
+
     def plan(self, positions: torch.Tensor) -> StepMeta:
         """Metadata for appending T columns with the given positions; updates the slot positions."""
         _, T = positions.shape

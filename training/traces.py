@@ -49,7 +49,7 @@ class Sample:
 
 def initial_messages(task: ScriptedTask) -> list[Message]:
     """The loop's first two messages for this task (as `advisor.loop` `_prepare` renders them)."""
-    system = render("executor_system", task_name=task.name, tools=task.tools, has_images=False)
+    system = render("executor_system", tools=task.tools, has_images=False)
     user = render("task_user", goal=task.goal.strip(), images=[], files=sorted(task.files))
     return [Message.system(system), Message.user(user)]
 

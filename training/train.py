@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.cache import uncached_meta
+from engine.cache import KVCache, uncached_meta
 from engine.layers import rope_cos_sin
 from engine.tokenizer import build_step_tokenizer
 from training.checkpoint import (
@@ -163,7 +163,15 @@ def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int]
     per_trace = [samples(tr, boot) for tr in traces]
     all_samples = [s for group in per_trace for s in group]
     tok_dir = work / "tokenizer"
-    tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size, cfg.digit_group)
+    if cfg.init:  # a continued run keeps its model's tokenizer, whatever the data now is
+        tok_dir.mkdir(parents=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (Path(cfg.init) / name).is_file():
+                raise FileNotFoundError(f"--init {cfg.init}: no {name} there")
+            shutil.copy2(Path(cfg.init) / name, tok_dir / name)
+        tok = _tok(tok_dir)
+    else:
+        tok = build_project_tokenizer(tok_dir, all_samples, cfg.vocab_size, cfg.digit_group)
     if tok.chat_template != boot.chat_template:
         raise RuntimeError(
             "the project tokenizer's chat template differs from the one the samples were rendered with"
@@ -188,9 +196,14 @@ def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int]
     return tok_dir, examples, stats
 
 
-def batches(examples, batch_size: int, rng: random.Random):
-    """Length-bucketed batches (little padding), in a seeded random order."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+def batches(examples, batch_size: int, rng: random.Random, key_tokens: int = 128):
+    """Length-bucketed batches (little padding), in a seeded random order. Sequences are first grouped by
+    their opening tokens (the system prompt names the tools), so a batch's rows share that prefix and
+    `hidden_of` runs it once."""
+    order = sorted(
+        range(len(examples)),
+        key=lambda i: (examples[i][0][:key_tokens], len(examples[i][0]), rng.random()),
+    )
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
     return groups
@@ -207,20 +220,46 @@ def collate(examples, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, labels
 
 
-def hidden_of(model, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> final hidden states [B, T, H]: `StepTextModel.forward` up to (not including) the final norm
-    and head, so the loss can run the head on the assistant positions only (about 5% of the positions; the
-    head is [vocab, hidden], as wide as a layer's MoE at step-nano's size). `tests/training/test_train.py` checks it against the engine's forward."""
-    B, T = ids.shape
-    positions = torch.arange(T, device=ids.device).expand(B, T)
-    reset_norm_caches(model)
-    meta = uncached_meta(model.cfg, positions)
+def shared_prefix_len(ids: torch.Tensor) -> int:
+    """How many leading tokens every row of `ids` [B, T] has in common (at most T - 1)."""
+    same = (ids == ids[:1]).all(0)
+    differ = (~same).nonzero()
+    n = int(differ[0]) if len(differ) else ids.shape[1]
+    return min(n, ids.shape[1] - 1)
+
+
+def _run_layers(model, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    meta = cache.plan(positions) if cache is not None else uncached_meta(model.cfg, positions)
     x = model.embed_tokens(ids)
     cos_sin = {t: rope_cos_sin(f, positions, x.dtype) for t, f in model.inv_freq.items()}
     for i, layer in enumerate(model.layers):
         t = layer.attention_type
-        x = layer(x, cos_sin[t], meta.types[t], None, i)
+        x = layer(x, cos_sin[t], meta.types[t], cache, i)
     return x
+
+
+def hidden_of(model, ids: torch.Tensor, min_shared: int = 64) -> torch.Tensor:
+    """[B, T] -> final hidden states [B, T, H]: `StepTextModel.forward` up to (not including) the final norm
+    and head, so the loss can run the head on the assistant positions only (about 5% of the positions; the
+    head is [vocab, hidden], as wide as a layer's MoE at step-nano's size).
+
+    Rows that open with the same tokens (the system prompt and tool schemas: about two thirds of a trace)
+    run that prefix once: one row through the engine's KV cache, the cache repeated to every row, then the
+    rest of each row as a chunked prefill against it. Same values and gradients as the plain forward (the
+    prefix's keys and values collect every row's gradient), about 3x faster on the traces.
+    `tests/training/test_train.py` checks both paths against the engine's forward."""
+    B, T = ids.shape
+    reset_norm_caches(model)
+    shared = shared_prefix_len(ids) if B > 1 else 0
+    if shared < min_shared:
+        return _run_layers(model, ids, torch.arange(T, device=ids.device).expand(B, T), None)
+    dtype = model.embed.dtype
+    cache = KVCache(model.cfg, 1, T, dtype, ids.device)
+    head = _run_layers(model, ids[:1, :shared], torch.arange(shared, device=ids.device)[None], cache)
+    cache.repeat_rows(B)
+    rest = torch.arange(shared, T, device=ids.device).expand(B, T - shared)
+    tail = _run_layers(model, ids[:, shared:], rest, cache)
+    return torch.cat([head.expand(B, -1, -1), tail], dim=1)
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,12 @@ async def test_prompt_and_target_match_the_embedded_endpoint(traces, tok_dir, in
 def test_initial_messages_are_the_loops(traces):
     tr = traces[0]
     system, user = initial_messages(tr.task)
-    assert tr.task.name in system.text and "Answer: <the answer only>" in system.text
+    assert "Answer: <the answer only>" in system.text and ", ".join(tr.task.tools) in system.text
     assert user.text.startswith(tr.task.goal.strip())
+    # nothing task-specific in the system prompt: tasks with the same tools share it (and its tokens)
+    same_tools = [t for t in traces if t.task.tools == tr.task.tools and t.task.name != tr.task.name]
+    assert same_tools and tr.task.name not in system.text
+    assert initial_messages(same_tools[0].task)[0].text == system.text
 
 
 def test_eval_suite_families_are_scripted_with_their_own_answers():

@@ -130,3 +130,49 @@ def test_a_recorded_config_gives_back_its_command():
     )
     before_drills = {k: v for k, v in cfg.items() if not k.startswith("drill")}
     assert "--drill-warmup 0 --drill-every 0" in command_of(before_drills)
+
+
+def test_a_shared_prefix_runs_once_with_the_same_values_and_gradients(init_dir):
+    """Rows that open alike run their prefix once (one-row KV cache, repeated to every row, then a chunked
+    prefill); past the sliding window (64 here) too, the hidden states and every gradient equal the plain
+    forward's."""
+    from training.train import hidden_of, shared_prefix_len
+
+    torch.manual_seed(0)
+    model = load_trainable(init_dir)
+    V = model.cfg.vocab_size
+    ids = torch.cat([torch.randint(10, V, (1, 100)).expand(3, 100), torch.randint(10, V, (3, 40))], 1)
+    ids[2, 120:] = 0  # right padding, as collate leaves it
+    assert shared_prefix_len(ids) == 100 and shared_prefix_len(ids[:1]) == 139
+
+    def run(min_shared):
+        model.zero_grad(set_to_none=True)
+        with trainable(model):
+            h = hidden_of(model, ids, min_shared=min_shared)
+            (h[:, 90:].pow(2).mean() + h[:, :90].mean()).backward()
+        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (plain, plain_grads), (shared, shared_grads) = run(10**9), run(64)
+    assert torch.allclose(plain, shared, atol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name, g in plain_grads.items():
+        assert torch.allclose(g, shared_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_batches_keep_rows_with_the_same_opening_together():
+    # two system prompts (say, two tool sets) of mixed lengths: every batch comes from one of them
+    examples = [([1] * 5 + [i % 2] * 3 + [7] * (i % 7), []) for i in range(32)]
+    for group in batches(examples, 4, random.Random(0), key_tokens=8):
+        assert len({tuple(examples[i][0][:8]) for i in group}) == 1
+    assert sorted(i for g in batches(examples, 4, random.Random(0)) for i in g) == list(range(32))
+
+
+def test_a_continued_run_encodes_its_data_with_its_models_tokenizer(init_dir, tmp_path):
+    from training.train import build_data
+
+    cfg = TrainConfig(tasks=3, families=("arith",), recovery_every=0, init=str(init_dir), vocab_size=4096)
+    tok_dir, examples, _ = build_data(cfg, tmp_path)
+    assert (tok_dir / "tokenizer.json").read_bytes() == (init_dir / "tokenizer.json").read_bytes()
+    assert max(i for ids, _ in examples for i in ids) < load_tokenizer(init_dir).vocab_size
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        build_data(TrainConfig(tasks=1, families=("arith",), init=str(tmp_path / "none")), tmp_path / "w")
