@@ -13,20 +13,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(
-    steps: list[int],
-    loss: list[float],
-    path: Path,
-    title: str,
-    drill_steps: list[int] | None = None,
-    drill_loss: list[float] | None = None,
-) -> None:
+def plot_loss(runs: list[dict], path: Path, title: str) -> None:
+    """One curve over all the runs (each continuing the one before), steps counted from the first."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, label="agent traces")
-    if drill_steps:
-        ax.plot(drill_steps, drill_loss, label="copy drills", alpha=0.7)
-        ax.legend()
-    ax.set_xlabel("step")
+    offset, labelled = 0, False
+    for i, run in enumerate(runs):
+        steps, drill_steps = run.get("steps") or [], run.get("drill_steps") or []
+        if not steps and not drill_steps:
+            continue
+        if i and offset:
+            ax.axvline(offset, color="grey", lw=0.8, ls=":")
+        ax.plot(
+            [offset + s for s in steps],
+            run.get("loss") or [],
+            color="C0",
+            label=None if labelled else "agent traces",
+        )
+        if drill_steps:
+            ax.plot(
+                [offset + s for s in drill_steps],
+                run.get("drill_loss") or [],
+                color="C1",
+                alpha=0.7,
+                label=None if labelled else "copy drills",
+            )
+        labelled = True
+        offset += max(steps[-1:] + drill_steps[-1:])
+    ax.legend()
+    ax.set_xlabel("step (dotted: a continued run starts)" if len(runs) > 1 else "step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_yscale("log")
     ax.set_title(title)
@@ -36,21 +50,38 @@ def plot_loss(
     plt.close(fig)
 
 
-def write_card(out: Path, log: Any, argv: list[str]) -> None:
+def run_lines(runs: list[dict]) -> list[str]:
+    """Every run's command (a continued run's --init is the checkpoint of the run before), steps and time."""
+    from training.train import command_of
+
+    lines = []
+    for i, run in enumerate(runs):
+        config = {k: v for k, v in run["config"].items() if k != "init"}
+        cmd = command_of(config) + (f" --init <checkpoint of run {i}>" if i else "")
+        steps = max((run.get("steps") or [0])[-1:] + (run.get("drill_steps") or [0])[-1:])
+        done = f"{steps} steps, {run['wall_s']:.0f} s wall" if run.get("wall_s") else "step log not kept"
+        lines += [f"{i + 1}. {done}:", "", f"   ```\n   {cmd}\n   ```", ""]
+    return lines
+
+
+def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
     from training.train import command_of
 
     cfg = log.config
-    plot_loss(
-        log.steps,
-        log.loss,
-        out / "loss.png",
-        f"{cfg['model']} training loss",
-        getattr(log, "drill_steps", None),
-        getattr(log, "drill_loss", None),
-    )
+    this = {
+        "config": cfg,
+        **{k: getattr(log, k) for k in ("steps", "loss", "drill_steps", "drill_loss", "wall_s")},
+    }
+    runs = [*log.earlier, this]
+    plot_loss(runs, out / "loss.png", f"{cfg['model']} training loss")
     text = json.loads((out / "config.json").read_text(encoding="utf-8"))["text_config"]
     d, m = log.data, log.metrics
-    cmd = "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
+    cmd = (
+        "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
+        if argv is not None
+        else command_of({k: v for k, v in cfg.items() if k != "init"})
+        + (f" --init <checkpoint of run {len(log.earlier)}>" if log.earlier else "")
+    )
     large = cfg["model"].endswith("-large")
     role = "frontier" if large else "executor"
     pair = (
@@ -110,19 +141,22 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "",
         "## Training",
         "",
-        f"```\n{cmd}\n```",
-        "",
         *(
-            [
-                "It continued a checkpoint trained (same data, same tokenizer) by:",
+            [f"```\n{cmd}\n```", ""]
+            if len(runs) == 1
+            else [
+                f"In {len(runs)} runs, each continuing the checkpoint of the one before (same tokenizer, the "
+                "same task generators and seed), the last one:",
                 "",
-                f"```\n{command_of(cfg['init_config'])}\n```",
+                f"```\n{cmd}\n```",
                 "",
+                "All the runs:",
+                "",
+                *run_lines(runs),
             ]
-            if cfg.get("init_config")
-            else []
         ),
-        f"AdamW (lr {cfg['lr']}, betas 0.9/0.95, weight decay {cfg['weight_decay']}), {cfg['warmup_steps']} warm-up "
+        ("The last run: " if len(runs) > 1 else "")
+        + f"AdamW (lr {cfg['lr']}, betas 0.9/0.95, weight decay {cfg['weight_decay']}), {cfg['warmup_steps']} warm-up "
         f"steps then cosine to {cfg['min_lr_ratio']} x lr, batch {cfg['batch_size']}, {log.steps[-1] if log.steps else 0} "
         f"steps, {cfg['threads']} CPU thread(s), {log.wall_s:.0f} s wall. Loss over the last tenth of the logged "
         f"windows: {sum(log.loss[-max(1, len(log.loss) // 10) :]) / max(1, len(log.loss) // 10):.4f}."
@@ -157,3 +191,43 @@ def write_card(out: Path, log: Any, argv: list[str]) -> None:
         "```",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """(Re)write a checkpoint's card from its train_log.json, evaluating it first when asked (for runs
+    trained with --no-eval)."""
+    import argparse
+    from dataclasses import asdict
+
+    from training.train import HELD_OUT_SEED_OFFSET, TrainLog, earlier_runs
+
+    p = argparse.ArgumentParser(prog="python -m training.card", description=main.__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--evaluate", action="store_true", help="run training.evaluate and keep its metrics")
+    a = p.parse_args(argv)
+    path = a.checkpoint / "train_log.json"
+    if not path.is_file():
+        raise SystemExit(f"python -m training.card: no train_log.json in {a.checkpoint}")
+    d = json.loads(path.read_text(encoding="utf-8"))
+    log = TrainLog(**{k: v for k, v in d.items() if k in TrainLog.__dataclass_fields__})
+    if not log.earlier and log.config.get("init"):
+        log.earlier = earlier_runs(Path(log.config["init"]))
+    log.config.pop("init_config", None)
+    if a.evaluate:
+        from training.evaluate import evaluate
+
+        cfg = log.config
+        log.metrics = evaluate(
+            a.checkpoint,
+            n=cfg["held_out"],
+            seed=cfg["seed"] + HELD_OUT_SEED_OFFSET,
+            families=tuple(cfg["families"]),
+            effort=cfg["effort"],
+        )
+    path.write_text(json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8")
+    write_card(a.checkpoint, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

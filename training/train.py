@@ -98,6 +98,27 @@ class TrainLog:
     drill_loss: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
+    earlier: list[dict] = field(default_factory=list)  # the runs this one continued (--init), oldest first
+
+
+RUN_KEYS = ("params", "data", "steps", "loss", "drill_steps", "drill_loss", "wall_s")
+
+
+def earlier_runs(checkpoint: Path) -> list[dict]:
+    """The runs that trained `checkpoint`, oldest first, from its train_log.json: each run's config, step
+    log and wall time, so a continued run's card can give every command and one loss curve."""
+    path = checkpoint / "train_log.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text(encoding="utf-8"))
+    config = {k: v for k, v in d["config"].items() if k != "init_config"}
+    if d.get("earlier"):
+        before = d["earlier"]
+    elif config.get("init"):  # logs from before `earlier` was kept: follow the --init path
+        before = earlier_runs(Path(config["init"]))
+    else:
+        before = []
+    return [*before, {"config": config, **{k: d.get(k) for k in RUN_KEYS}}]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -292,9 +313,7 @@ def train(cfg: TrainConfig) -> TrainLog:
     _say(f"data: {log.data} ({time.monotonic() - t0:.0f} s)")
     if cfg.init:
         init_dir = continue_from(Path(cfg.init), tok_dir, work / "init")
-        earlier = init_dir / "train_log.json"
-        if earlier.is_file():  # the card names the run this one continues
-            log.config["init_config"] = json.loads(earlier.read_text(encoding="utf-8"))["config"]
+        log.earlier = earlier_runs(Path(cfg.init))  # the card gives every run's command and loss
     else:
         init_dir = init_checkpoint(work / "init", text_config(cfg.model, _tok(tok_dir)), tok_dir, cfg.seed)
     model = load_trainable(init_dir, cfg.device)
