@@ -108,6 +108,7 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
         f"- MoE with shared expert: {text['n_routed_experts']} routed experts, top-{text['num_experts_per_tok']}, "
         "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
         "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read images)",
+        f"- weights stored in {json.loads((out / 'config.json').read_text(encoding='utf-8')).get('dtype', 'float32')}",
         f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers; "
         + (
             f"runs of digits cut into groups of up to {cfg['digit_group']} (every group one token); "
@@ -124,6 +125,14 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
         "check's rejection, on every other one a frontier takeover, then the right answer"
         if cfg.get("recovery_every")
         else "- no recovery traces",
+        *(
+            [
+                f"- every {cfg['redo_every']}th pair of recoveries from a miscopied program (one digit of a number "
+                "copied from the goal or a file changed): after the rejection the calls run again, then the answer"
+            ]
+            if cfg.get("recovery_every") and cfg.get("redo_every")
+            else []
+        ),
         f"- {d.get('samples')} assistant-turn samples in {d.get('sequences', d.get('samples'))} sequences (a task's "
         f"turns packed into one where they line up), {d.get('tokens'):,} tokens, {d.get('target_tokens'):,} of "
         f"them trained on (assistant tokens only), mean length {d.get('mean_len')}",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 FAMILIES = ("arith", "lookup", "order")
@@ -42,6 +42,8 @@ class Turn:
 
     `train=False` marks a turn that is in the history but never a target (the wrong answer of a recovery
     trace). `after` holds loop messages (prompt template, arguments) the loop adds after the turn.
+    `answer_from_tool` makes the content "Answer: " + the last line the last tool call printed (a wrong
+    attempt's answer, known only once its code has run), unless that is the task's answer.
     """
 
     reasoning: str
@@ -49,6 +51,7 @@ class Turn:
     content: str = ""
     train: bool = True
     after: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    answer_from_tool: bool = False
 
 
 @dataclass
@@ -232,34 +235,72 @@ def _near_miss(answer: str, rng: random.Random) -> str:
     return answer[:i] + wrong + answer[i + 1 :]
 
 
-def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool) -> ScriptedTask:
+def _miscopied(turn: Turn, rng: random.Random, source: str) -> Turn | None:
+    """The turn with one digit changed in one python call's code, in a number the program copied from
+    `source` (the goal and the files), as a small model miscopies it (None: no such number)."""
+    spots = []
+    for j, c in enumerate(turn.calls):
+        code = c.arguments.get("code", "") if c.name == "python" else ""
+        for m in re.finditer(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", code):
+            if re.search(rf"(?<![\d.]){re.escape(m[0])}(?![\d])", source):
+                spots += [(j, i) for i in range(m.start(), m.end()) if code[i].isdigit()]
+    if not spots:
+        return None
+    j, i = rng.choice(spots)
+    code = turn.calls[j].arguments["code"]
+    leading = i + 1 < len(code) and code[i + 1].isdigit() and (i == 0 or not code[i - 1].isdigit())
+    digits = (
+        [d for d in "123456789" if d != code[i]] if leading else [d for d in "0123456789" if d != code[i]]
+    )
+    code = code[:i] + rng.choice(digits) + code[i + 1 :]  # no leading zero: 05 is a SyntaxError
+    calls = list(turn.calls)
+    calls[j] = Call("python", {**calls[j].arguments, "code": code})
+    return replace(turn, calls=calls, train=False)
+
+
+def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool, redo: bool = False) -> ScriptedTask:
     """The task as the loop plays it after a wrong answer: the check rejects it (and, with `takeover`, the
     frontier takes the next step), then the right answer. The wrong answer is history only, never a target;
-    the right one is read again from the tool results in the context."""
+    the right one is read again from the tool results in the context.
+
+    With `redo` (and a python call with a digit in it), the wrong answer comes from a wrong program: the
+    attempt's last python call has one digit changed in a number it copied from the goal or the files, and
+    its answer is what that program printed. After the rejection the task's own calls run again (the targets: copy the numbers anew), then
+    the right answer. The whole attempt is history only."""
     *work, final = task.turns
     wrong = _near_miss(task.answer, rng)
     after: list[tuple[str, dict[str, Any]]] = [("check_rejected", {"answer": wrong})]
     if takeover:
         after.append(("takeover", {"steps": 1, "trigger": "failures"}))
     bad = Turn("", content=f"Answer: {wrong}", train=False, after=after)
+    turns = [*work, bad, final]
+    with_code = [k for k, t in enumerate(work) if any(c.name == "python" for c in t.calls)]
+    source = "\n".join([task.goal, *task.files.values()])
+    if redo and with_code and (miss := _miscopied(work[with_code[-1]], rng, source)) is not None:
+        attempt = [replace(t, train=False) for t in work]
+        attempt[with_code[-1]] = miss
+        # what the miscopied program prints (the near miss stays if it happens to print the right answer)
+        bad = replace(bad, answer_from_tool=True)
+        turns = [*attempt, bad, *work, final]
     return ScriptedTask(
         task.family,
-        task.name + "-recovery",
+        task.name + ("-redo" if len(turns) > len(task.turns) + 1 else "-recovery"),
         task.goal,
         task.answer,
         task.tools,
         task.files,
-        [*work, bad, final],
+        turns,
     )
 
 
 def generate(
-    n: int, seed: int, families: tuple[str, ...] = FAMILIES, recovery_every: int = 0
+    n: int, seed: int, families: tuple[str, ...] = FAMILIES, recovery_every: int = 0, redo_every: int = 0
 ) -> Iterator[ScriptedTask]:
     """`n` tasks, families in rotation, fully determined by `seed` (own and eval-suite families may mix).
 
     With `recovery_every=k`, every k-th task is played as a recovery (`with_recovery`), alternately with and
-    without a takeover message."""
+    without a takeover message; with `redo_every=r` as well, every r-th pair of recoveries (one with, one
+    without a takeover) comes from a wrong program and runs the calls again."""
     unknown = [f for f in families if f not in GENERATORS and f not in EVAL_FAMILIES]
     if unknown:
         known = ", ".join([*GENERATORS, *EVAL_FAMILIES])
@@ -273,7 +314,11 @@ def generate(
             task = from_eval_spec(family, EVAL_SEED_BASE * (seed + 1) + i)
         if recovery_every and i % recovery_every == recovery_every - 1:
             # its own stream, so turning recovery on leaves the other tasks as they were
+            r = i // recovery_every
             task = with_recovery(
-                task, random.Random(f"{seed}-recovery-{i}"), takeover=(i // recovery_every) % 2 == 0
+                task,
+                random.Random(f"{seed}-recovery-{i}"),
+                takeover=r % 2 == 0,
+                redo=bool(redo_every) and (r // 2) % redo_every == 0,
             )
         yield task

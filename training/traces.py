@@ -64,7 +64,7 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
         for name, body in task.files.items():
             (ws / name).write_text(body, encoding="utf-8")
         ctx = ToolContext(workspace=ws)
-        n = 0
+        n, printed = 0, ""
         for turn in task.turns:
             calls = []
             for c in turn.calls:
@@ -77,7 +77,12 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                     )
                 )
                 n += 1
-            messages.append(Message.assistant(turn.content, calls, reasoning=turn.reasoning))
+            content, after = turn.content, turn.after
+            got = (printed.strip().splitlines() or [""])[-1].strip()
+            if turn.answer_from_tool and got != task.answer:  # and the check's rejection quotes it
+                content = f"Answer: {got}"
+                after = [(t, {**a, "answer": got} if "answer" in a else a) for t, a in after]
+            messages.append(Message.assistant(content, calls, reasoning=turn.reasoning))
             for call in calls:
                 result = await by_name[call.name].invoke(call.arguments, ctx)
                 if result.is_error:
@@ -85,7 +90,8 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                         f"task {task.name}: scripted call {call.name} failed: {result.text[:200]}"
                     )
                 messages.append(Message.tool(call.id, call.name, result.text))
-            for template, args in turn.after:
+                printed = result.text
+            for template, args in after:
                 messages.append(Message.user(render(template, **args)))
     return Trace(task, messages, [s.openai_schema() for s in specs], effort)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     init: str = ""  # continue from this checkpoint (same tokenizer) instead of a fresh initialisation
     recovery_every: int = 4  # every 4th task is played as a recovery after a wrong answer
+    redo_every: int = 0  # every r-th pair of recoveries comes from a miscopied program, and redoes the calls
     # Copy drills (training.drills): drill batches only for the first `drill_warmup` steps, their filler
     # growing from 16 tokens to `drill_max_filler`; afterwards one drill batch after every `drill_every`
     # batches of traces (0: none).
@@ -178,7 +179,7 @@ def is_drill_step(step: int, cfg: TrainConfig) -> bool:
 
 def build_data(cfg: TrainConfig, work: Path) -> tuple[Path, list[tuple[list[int], list[int]]], dict]:
     """Traces -> samples -> project tokenizer (in work/tokenizer) -> encoded examples."""
-    tasks = list(generate(cfg.tasks, cfg.seed, tuple(cfg.families), cfg.recovery_every))
+    tasks = list(generate(cfg.tasks, cfg.seed, tuple(cfg.families), cfg.recovery_every, cfg.redo_every))
     traces = asyncio.run(run_traces(tasks, cfg.effort))
     boot = build_step_tokenizer(work / "bootstrap_tokenizer")  # the default Step template; renders only
     per_trace = [samples(tr, boot) for tr in traces]
@@ -417,6 +418,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "threads",
         "log_every",
         "recovery_every",
+        "redo_every",
         "drill_warmup",
         "drill_every",
         "drill_batch_tokens",

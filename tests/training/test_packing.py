@@ -83,3 +83,36 @@ def test_recovery_every_leaves_other_tasks_alone():
         t.name + ("-recovery" if i % 4 == 3 else "") for i, t in enumerate(plain)
     ]
     assert [t.answer for t in mixed] == [t.answer for t in plain]
+
+
+def test_a_redo_recovery_runs_the_calls_again_after_a_miscopied_program(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    base = next(generate(1, 4, ("arith",)))
+    task = with_recovery(base, random.Random(1), takeover=True, redo=True)
+    assert task.name.endswith("-redo")
+    (tr,) = asyncio.run(run_traces([task]))
+    calls = [m.tool_calls[0].arguments["code"] for m in tr.messages if m.role == "assistant" and m.tool_calls]
+    right = base.turns[0].calls[0].arguments["code"]
+    assert calls[1] == right and len(calls[0]) == len(right)
+    assert sum(a != b for a, b in zip(calls[0], right, strict=True)) == 1  # one digit miscopied
+    printed = [m.text.strip() for m in tr.messages if m.role == "tool"]
+    assert printed[0] != printed[1] == task.answer
+    answers = [m.text for m in tr.messages if m.role == "assistant" and m.text]
+    # the wrong answer is what the miscopied program printed, and the check's rejection quotes it
+    assert answers == [f"Answer: {printed[0]}", f"Answer: {task.answer}"]
+    assert any(f'The answer "{printed[0]}" was checked' in m.text for m in tr.messages if m.role == "user")
+    ss = samples(tr, tok)
+    assert len(ss) == 2  # the redone call and the right answer; the whole attempt is history
+    assert right in ss[0].target and calls[0] in ss[0].prompt and "takes over" in ss[0].prompt
+    assert ss[1].target.endswith(f"Answer: {task.answer}<|im_end|>")
+
+
+def test_redo_every_turns_some_recoveries_into_redos():
+    plain = list(generate(16, 2, recovery_every=2))
+    mixed = list(generate(16, 2, recovery_every=2, redo_every=1))
+    assert [t.answer for t in mixed] == [t.answer for t in plain]
+    kinds = [t.name.rsplit("-", 1)[-1] for t in mixed]
+    assert kinds[1::2].count("redo") >= 2 and "redo" not in kinds[0::2]
+    assert [t.name for t in mixed if not t.name.endswith("-redo")] == [
+        t.name for t in plain if t.name.replace("-recovery", "") + "-redo" not in {m.name for m in mixed}
+    ]
