@@ -199,7 +199,15 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
         f"    price: {price}",
         "```",
     ]
-    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    card = out / "README.md"
+    if card.is_file():  # keep the held-out agent table training.heldout wrote into the old card
+        from training.heldout import BEGIN, END
+
+        old = card.read_text(encoding="utf-8")
+        if BEGIN in old and END in old:
+            block = old[old.index(BEGIN) : old.index(END) + len(END)]
+            lines += ["", "## Held-out agent results (`advisor eval`)", "", block]
+    card.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

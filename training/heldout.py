@@ -76,6 +76,19 @@ def table(results: dict, command: str) -> str:
             f"({100 * h['success_delta']:+.1f} points), at {h['cost_per_solved_ratio']:.2f}x the frontier-only "
             f"cost per solved task ({h['cost_per_task_ratio']:.2f}x per task).",
         ]
+    by_task = results["per_task"].values()
+    if all("executor" in by and "advisor" in by for by in by_task):
+        rescued = sum(
+            by["advisor"]["outcome"] == "passed" and by["executor"]["outcome"] != "passed" for by in by_task
+        )
+        out += ["", f"Tasks the advisor solved that the executor alone failed (rescues): {rescued}."]
+    ex, fr = stats.get("executor"), stats.get("frontier")
+    if ex and fr and fr["success_rate"] <= ex["success_rate"]:
+        out += [
+            "",
+            f"Here the frontier stand-in solves no more than the executor alone ({fr['success_rate']:.1%} against "
+            f"{ex['success_rate']:.1%}): the comparison is with a weaker frontier, not the case Advisor Mode is for.",
+        ]
     return "\n".join(out)
 
 

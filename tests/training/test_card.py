@@ -54,6 +54,14 @@ def test_a_continued_runs_card_gives_every_run_and_one_curve(init_dir, tmp_path)
     kept = json.loads((third / "train_log.json").read_text(encoding="utf-8"))
     assert [r["wall_s"] for r in kept["earlier"]] == [2.0, 1.0]
 
+    # the held-out agent table that training.heldout wrote into the card survives a rewrite
+    from training.heldout import write_into
+
+    write_into(third / "README.md", "| strategy | the table |")
+    assert card_main([str(third)]) == 0
+    again = (third / "README.md").read_text(encoding="utf-8")
+    assert again.count("| strategy | the table |") == 1 and again.startswith("# step-nano\n")
+
     missing = tmp_path / "none"
     missing.mkdir()
     try:

@@ -35,6 +35,16 @@ def test_table_rows_and_families():
     assert rows[1] == "| executor | 1/2 | 50.0% | 1/1 | 0/1 | $0.00100 | $0.00200 | 0.00 |"
     assert rows[3] == "| advisor | 2/2 | 100.0% | 1/1 | 1/1 | $0.00800 | $0.00800 | 0.50 |"
     assert "at 0.27x the frontier-only cost per solved task" in md
+    assert "weaker frontier" not in md
+    assert "the executor alone failed (rescues): 1." in md  # lookup-1000
+
+
+def test_a_frontier_weaker_than_the_executor_is_said_so():
+    r = _results()
+    r["stats"]["frontier"]["success_rate"] = 0.25
+    assert "Here the frontier stand-in solves no more than the executor alone (25.0% against 50.0%)" in table(
+        r, "cmd"
+    )
 
 
 def test_write_into_replaces_its_block(tmp_path):
