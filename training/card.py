@@ -13,6 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _last_step(run: dict) -> int:
+    """The run's last logged step, trace or drill (0 when it kept no step log)."""
+    return max((run.get("steps") or [0])[-1:] + (run.get("drill_steps") or [0])[-1:])
+
+
+def _command(config: dict, index: int) -> str:
+    """Run `index`'s command (0-based); a continued run's --init is the checkpoint of the run before."""
+    from training.train import command_of
+
+    cmd = command_of({k: v for k, v in config.items() if k != "init"})
+    return cmd + (f" --init <checkpoint of run {index}>" if index else "")
+
+
 def plot_loss(runs: list[dict], path: Path, title: str) -> None:
     """One curve over all the runs (each continuing the one before), steps counted from the first."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -38,7 +51,7 @@ def plot_loss(runs: list[dict], path: Path, title: str) -> None:
                 label=None if labelled else "copy drills",
             )
         labelled = True
-        offset += max(steps[-1:] + drill_steps[-1:])
+        offset += _last_step(run)
     ax.legend()
     ax.set_xlabel("step (dotted: a continued run starts)" if len(runs) > 1 else "step")
     ax.set_ylabel("loss (assistant tokens)")
@@ -52,21 +65,18 @@ def plot_loss(runs: list[dict], path: Path, title: str) -> None:
 
 def run_lines(runs: list[dict]) -> list[str]:
     """Every run's command (a continued run's --init is the checkpoint of the run before), steps and time."""
-    from training.train import command_of
-
     lines = []
     for i, run in enumerate(runs):
-        config = {k: v for k, v in run["config"].items() if k != "init"}
-        cmd = command_of(config) + (f" --init <checkpoint of run {i}>" if i else "")
-        steps = max((run.get("steps") or [0])[-1:] + (run.get("drill_steps") or [0])[-1:])
-        done = f"{steps} steps, {run['wall_s']:.0f} s wall" if run.get("wall_s") else "step log not kept"
-        lines += [f"{i + 1}. {done}:", "", f"   ```\n   {cmd}\n   ```", ""]
+        done = (
+            f"{_last_step(run)} steps, {run['wall_s']:.0f} s wall"
+            if run.get("wall_s")
+            else "step log not kept"
+        )
+        lines += [f"{i + 1}. {done}:", "", f"   ```\n   {_command(run['config'], i)}\n   ```", ""]
     return lines
 
 
 def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
-    from training.train import command_of
-
     cfg = log.config
     this = {
         "config": cfg,
@@ -74,13 +84,13 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
     }
     runs = [*log.earlier, this]
     plot_loss(runs, out / "loss.png", f"{cfg['model']} training loss")
-    text = json.loads((out / "config.json").read_text(encoding="utf-8"))["text_config"]
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    text = config["text_config"]
     d, m = log.data, log.metrics
     cmd = (
         "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
         if argv is not None
-        else command_of({k: v for k, v in cfg.items() if k != "init"})
-        + (f" --init <checkpoint of run {len(log.earlier)}>" if log.earlier else "")
+        else _command(cfg, len(log.earlier))
     )
     large = cfg["model"].endswith("-large")
     role = "frontier" if large else "executor"
@@ -108,7 +118,7 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
         f"- MoE with shared expert: {text['n_routed_experts']} routed experts, top-{text['num_experts_per_tok']}, "
         "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
         "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read images)",
-        f"- weights stored in {json.loads((out / 'config.json').read_text(encoding='utf-8')).get('dtype', 'float32')}",
+        f"- weights stored in {config.get('dtype', 'float32')}",
         f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers; "
         + (
             f"runs of digits cut into groups of up to {cfg['digit_group']} (every group one token); "
@@ -227,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"python -m training.card: no train_log.json in {a.checkpoint}")
     d = json.loads(path.read_text(encoding="utf-8"))
     log = TrainLog(**{k: v for k, v in d.items() if k in TrainLog.__dataclass_fields__})
-    if not log.earlier and log.config.get("init"):
-        log.earlier = earlier_runs(Path(log.config["init"]))
+    log.earlier = earlier_runs(a.checkpoint)[:-1]  # the last entry is this run itself
     log.config.pop("init_config", None)
     if a.evaluate:
         from training.evaluate import evaluate

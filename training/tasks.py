@@ -273,7 +273,7 @@ def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool, redo: 
     if takeover:
         after.append(("takeover", {"steps": 1, "trigger": "failures"}))
     bad = Turn("", content=f"Answer: {wrong}", train=False, after=after)
-    turns = [*work, bad, final]
+    turns, kind = [*work, bad, final], "recovery"
     with_code = [k for k, t in enumerate(work) if any(c.name == "python" for c in t.calls)]
     source = "\n".join([task.goal, *task.files.values()])
     if redo and with_code and (miss := _miscopied(work[with_code[-1]], rng, source)) is not None:
@@ -281,10 +281,10 @@ def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool, redo: 
         attempt[with_code[-1]] = miss
         # what the miscopied program prints (the near miss stays if it happens to print the right answer)
         bad = replace(bad, answer_from_tool=True)
-        turns = [*attempt, bad, *work, final]
+        turns, kind = [*attempt, bad, *work, final], "redo"
     return ScriptedTask(
         task.family,
-        task.name + ("-redo" if len(turns) > len(task.turns) + 1 else "-recovery"),
+        f"{task.name}-{kind}",
         task.goal,
         task.answer,
         task.tools,

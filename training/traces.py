@@ -78,10 +78,11 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                 )
                 n += 1
             content, after = turn.content, turn.after
-            got = (printed.strip().splitlines() or [""])[-1].strip()
-            if turn.answer_from_tool and got != task.answer:  # and the check's rejection quotes it
-                content = f"Answer: {got}"
-                after = [(t, {**a, "answer": got} if "answer" in a else a) for t, a in after]
+            if turn.answer_from_tool:
+                got = (printed.strip().splitlines() or [""])[-1].strip()
+                if got != task.answer:  # and the check's rejection quotes it
+                    content = f"Answer: {got}"
+                    after = [(t, {**a, "answer": got} if "answer" in a else a) for t, a in after]
             messages.append(Message.assistant(content, calls, reasoning=turn.reasoning))
             for call in calls:
                 result = await by_name[call.name].invoke(call.arguments, ctx)
