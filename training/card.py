@@ -22,6 +22,10 @@ def _command(config: dict, index: int) -> str:
     """Run `index`'s command (0-based); a continued run's --init is the checkpoint of the run before."""
     from training.train import command_of
 
+    if config.get("grow"):
+        from training.grow import grow_command
+
+        return grow_command(config, index)
     cmd = command_of({k: v for k, v in config.items() if k != "init"})
     return cmd + (f" --init <checkpoint of run {index}>" if index else "")
 
@@ -67,11 +71,12 @@ def run_lines(runs: list[dict]) -> list[str]:
     """Every run's command (a continued run's --init is the checkpoint of the run before), steps and time."""
     lines = []
     for i, run in enumerate(runs):
-        done = (
-            f"{_last_step(run)} steps, {run['wall_s']:.0f} s wall"
-            if run.get("wall_s")
-            else "step log not kept"
-        )
+        if run["config"].get("grow"):
+            done = f"grown into the {run['config']['model']} shape, same function (training/grow.py)"
+        elif run.get("wall_s"):
+            done = f"{_last_step(run)} steps, {run['wall_s']:.0f} s wall"
+        else:
+            done = "step log not kept"
         lines += [f"{i + 1}. {done}:", "", f"   ```\n   {_command(run['config'], i)}\n   ```", ""]
     return lines
 
