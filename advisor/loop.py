@@ -77,6 +77,7 @@ class TaskLoop:
         self.tools: list[ToolSpec] = self.task.tool_specs()
         self.by_name = {t.name: t for t in self.tools}
         self.steps = 0
+        self._opening = 0  # set when the steps start: the messages before the first step
         self.model_calls = 0
         self.answer: str | None = None
         self.digest: list[str] = []
@@ -245,6 +246,7 @@ class TaskLoop:
         rejected = 0
         takeover_left = 0
         handing_back = False  # the previous step was the frontier's: tell the executor it has the turn again
+        self._opening = len(messages)  # system prompt, goal, images: where a restart consult starts over
         if policy.wants("plan"):
             takeover_left = await self._consult("plan", messages)
         while True:
@@ -256,7 +258,8 @@ class TaskLoop:
             acting = self.frontier if takeover_left > 0 and self.frontier else self.executor
             purpose = "takeover" if acting is not self.executor else "step"
             takeover_left = max(0, takeover_left - 1)
-            if acting is self.executor and handing_back:
+            # a restart hands over one clean attempt, which the executor continues as its own: no note
+            if acting is self.executor and handing_back and policy.config.mode != "restart":
                 messages.append(Message.user(render("handback")))
             handing_back = acting is not self.executor
             resp = await self._call(acting, purpose, messages, self.tools)
@@ -418,8 +421,9 @@ class TaskLoop:
         )
         consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
         mode = policy.config.mode
-        if mode == "takeover" and trigger != "final":
-            est_in = _estimate_tokens(messages)
+        acts = mode in ("takeover", "restart") and trigger != "final"
+        if acts:
+            est_in = _estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
         else:
             est_in = _estimate_tokens(consult_msgs)
         cap = policy.config.advice_max_tokens
@@ -433,7 +437,7 @@ class TaskLoop:
             return 0
         policy.consults += 1
         policy.reset()
-        if mode == "takeover" and trigger != "final":
+        if acts:
             steps = policy.config.takeover_steps
             self.trace.emit(
                 "consult",
@@ -443,7 +447,11 @@ class TaskLoop:
                 estimated_cost_usd=estimate,
                 advice=None,
             )
-            messages.append(Message.user(render("takeover", steps=steps, trigger=trigger)))
+            if mode == "restart":  # the failed attempt leaves the context (the trace keeps it); files stay
+                self.trace.emit("restart", step=self.steps, dropped_messages=len(messages) - self._opening)
+                del messages[self._opening :]
+            else:
+                messages.append(Message.user(render("takeover", steps=steps, trigger=trigger)))
             return steps
         resp = await self._call(self.frontier, "consult", consult_msgs, None, max_tokens=cap)
         advice = resp.message.text.strip()

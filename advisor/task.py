@@ -53,9 +53,13 @@ class Escalation(_Strict):
         default_factory=list,
         description="inflection points: plan, replan (after a failed check), final (before accepting)",
     )
-    mode: Literal["advise", "takeover"] = Field(
+    mode: Literal["advise", "takeover", "restart"] = Field(
         default="advise",
-        description="advise: guidance only; takeover: the frontier acts for takeover_steps steps",
+        description=(
+            "advise: guidance only; takeover: the frontier acts for takeover_steps steps in the executor's "
+            "conversation; restart: the conversation starts over from the goal (the failed attempt dropped, "
+            "workspace files kept) and the frontier takes its first takeover_steps steps"
+        ),
     )
     max_consults: int = Field(default=3, ge=0, description="consults allowed per task")
     takeover_steps: int = Field(default=1, ge=1, description="steps the frontier acts for in takeover mode")

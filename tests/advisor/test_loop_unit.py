@@ -307,6 +307,23 @@ async def test_takeover_hands_back_and_rejections_count_as_failures(tmp_path: Pa
     ].text
 
 
+async def test_restart_drops_the_failed_attempt_and_the_executor_continues_the_frontiers(tmp_path: Path):
+    ex = FakeEndpoint("ex", [Message.assistant("Answer: 4"), Message.assistant("Answer: 5")], EXEC_PRICE)
+    fr = FakeEndpoint("fr", [call("add", {"a": 2, "b": 3})], FRONT_PRICE)
+    task = make(ex, fr, escalation={"after_failures": 1, "mode": "restart", "takeover_steps": 1})
+    result, events = await run(tmp_path, task, ex, fr)
+    assert result.outcome == "passed" and result.consults == 1 and result.steps == 3
+    assert [(c["trigger"], c["mode"]) for c in kinds(events, "consult")] == [("failures", "restart")]
+    assert [r["dropped_messages"] for r in kinds(events, "restart")] == [2]  # the answer and its rejection
+    assert [c["purpose"] for c in kinds(events, "model_call")] == ["step", "takeover", "step"]
+    opening = [m.role for m in ex.calls[0]["messages"]]
+    assert [m.role for m in fr.calls[0]["messages"]] == opening and fr.calls[0]["tools"]
+    # one clean attempt: the opening, the frontier's call and its result; no rejection, no hand-back note
+    assert [m.role for m in ex.calls[-1]["messages"]] == [*opening, "assistant", "tool"]
+    assert not any("Answer: 4" in m.text for m in ex.calls[-1]["messages"])
+    assert kinds(events, "answer")[0]["answer"] == "4"  # the trace keeps what was dropped
+
+
 def test_library_run_checks_key_variables_unless_the_endpoint_is_given(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("UNIT_TEST_KEY", raising=False)
     ex = FakeEndpoint("ex", [Message.assistant("Answer: 5")], EXEC_PRICE)
