@@ -169,8 +169,14 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
             [f"```\n{cmd}\n```", ""]
             if len(runs) == 1
             else [
-                f"In {len(runs)} runs, each continuing the checkpoint of the one before (same tokenizer, the "
-                "same task generators and seed), the last one:",
+                f"In {len(runs)} runs, each continuing the checkpoint of the one before (same tokenizer and task "
+                "generators; the seed is in each command"
+                + (
+                    "; the runs before the grow step trained the smaller model it was grown from"
+                    if any(r["config"].get("grow") for r in runs)
+                    else ""
+                )
+                + "), the last one:",
                 "",
                 f"```\n{cmd}\n```",
                 "",

@@ -36,7 +36,7 @@ def _usd(x: float | None) -> str:
     return "n/a" if x is None else f"${x:.5f}"
 
 
-def table(results: dict, command: str) -> str:
+def table(results: dict, command: str, policy: dict | None = None) -> str:
     """Markdown: one row per strategy, success per family, and the advisor-versus-frontier headline."""
     stats = results["stats"]
     fams = sorted({name.rsplit("-", 1)[0] for name in results["per_task"]})
@@ -67,7 +67,11 @@ def table(results: dict, command: str) -> str:
             + " | ".join(per_fam)
             + f" | {_usd(st['usd_per_task'])} | {_usd(st['usd_per_solved'])} | {st['consults_per_task']:.2f} |"
         )
-    out = [f"`{command}`", "", *lines]
+    out = [f"`{command}`", ""]
+    if policy:  # the advisor row depends on it
+        shown = ", ".join(f"{k}: {v}" for k, v in policy.items())
+        out += [f"The advisor's escalation ({DEFAULTS.relative_to(ROOT)}): `{{{shown}}}`.", ""]
+    out += lines
     h = results.get("headline", {}).get("advisor")
     if h and h.get("cost_per_solved_ratio") is not None:
         out += [
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m training.heldout --per-family {a.per_family} --first-seed {a.first_seed}"
         f"  # {a.per_family * len(FAMILIES)} tasks x {len(STRATEGIES)} strategies via advisor eval"
     )
-    body = table(json.loads(results_file.read_text(encoding="utf-8")), shown)
+    body = table(json.loads(results_file.read_text(encoding="utf-8")), shown, defaults.get("escalation"))
     print(body)
     if not a.no_cards:
         for card in CARDS:

@@ -29,7 +29,11 @@ def _results():
 
 
 def test_table_rows_and_families():
-    md = table(_results(), "cmd")
+    md = table(_results(), "cmd", {"mode": "restart", "takeover_steps": 2})
+    assert (
+        "The advisor's escalation (evals/suites/embedded-pair.defaults.yaml): `{mode: restart, takeover_steps: 2}`"
+        in md
+    )
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| strategy | solved | success | arithmetic | lookup |")
     assert rows[1] == "| executor | 1/2 | 50.0% | 1/1 | 0/1 | $0.00100 | $0.00200 | 0.00 |"
