@@ -1,8 +1,10 @@
-"""The Quickstart task runs through the real tools (read_file, python) with scripted models."""
+"""The Quickstart task: its check value is the goal's expression, and it runs through the real python tool
+with scripted models: a miscopied program, the check's rejection, a restart the frontier solves."""
 
-import csv
 import re
 from pathlib import Path
+
+import yaml
 
 from advisor import Advisor, load_task
 from advisor.endpoints import make_endpoint
@@ -11,42 +13,59 @@ from advisor.testing import Reply, ScriptedServer, ScriptedToolCall
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
 
 
-def test_check_value_matches_the_files():
-    prices = {r["item"]: float(r["unit_price_usd"]) for r in csv.DictReader(open(EXAMPLE / "prices.csv"))}
-    order = (EXAMPLE / "order.txt").read_text()
-    total = sum(prices[m[1]] * int(m[2]) for m in re.finditer(r"^(\w+) x (\d+)$", order, re.M))
-    discount = float(re.search(r"(\d+)% off", order)[1]) / 100
+def _expression(goal: str) -> str:
+    m = re.search(r"Compute (.+?) exactly", goal)
+    assert m, goal
+    return m[1]
+
+
+def test_check_value_is_the_goals_expression():
     task = load_task(EXAMPLE / "task.yaml", check_env=False)
-    assert task.check.value == f"{total * (1 - discount):.2f}"
+    expr = _expression(task.goal)
+    assert re.fullmatch(r"[\d\s()*%+\-]+", expr)  # digits and operators only: safe to evaluate
+    assert task.check.value == str(eval(expr))  # noqa: S307
+    assert task.escalation.mode == "restart" and [t.name for t in task.tool_specs()] == ["python"]
 
 
-async def test_quickstart_runs_with_real_tools(tmp_path: Path):
-    code = (
-        "import csv, re\n"
-        "p = {r['item']: float(r['unit_price_usd']) for r in csv.DictReader(open('prices.csv'))}\n"
-        "o = open('order.txt').read()\n"
-        "t = sum(p[m[1]] * int(m[2]) for m in re.finditer(r'^(\\w+) x (\\d+)$', o, re.M))\n"
-        "print(f'{t * 0.9:.2f}')\n"
-    )
+def test_endpoints_are_the_shipped_embedded_pair():
+    eps = yaml.safe_load((EXAMPLE / "advisor.yaml").read_text())["endpoints"]
+    assert {k: (v["provider"], v["model"]) for k, v in eps.items()} == {
+        "flash": ("embedded", "step-nano"),
+        "frontier": ("embedded", "step-nano-large"),
+    }
+    assert eps["flash"]["price"] == {"input": 0.20, "cached_input": 0.04, "output": 1.15}
+    hosted = yaml.safe_load((EXAMPLE / "advisor.hosted.yaml").read_text())["endpoints"]
+    assert hosted["flash"]["provider"] == "openai" and hosted["frontier"]["provider"] == "anthropic"
+
+
+async def test_quickstart_runs_with_the_real_python_tool(tmp_path: Path):
+    task = load_task(EXAMPLE / "task.yaml", check_env=False)
+    expr = _expression(task.goal)
+    wrong = expr.replace("*", "+", 1)  # a miscopied program
+
+    def printed(req) -> str:
+        return [m for m in req["messages"] if m["role"] == "tool"][-1]["content"].strip()
 
     def executor(req):
-        tool_turns = [m for m in req["messages"] if m["role"] == "tool"]
-        if len(tool_turns) == 2:
-            return Reply(text=f"Answer: {re.findall(r'[0-9.]+', tool_turns[-1]['content'])[-1]}")
-        if len(tool_turns) == 1:
-            return Reply(tool_calls=[ScriptedToolCall("python", {"code": code})])
-        return Reply(tool_calls=[ScriptedToolCall("read_file", {"path": "order.txt"})])
+        if any(m["role"] == "tool" for m in req["messages"]):
+            return Reply(text=f"Answer: {printed(req)}")
+        return Reply(tool_calls=[ScriptedToolCall("python", {"code": f"print({wrong})"})])
 
-    task = load_task(EXAMPLE / "task.yaml", check_env=False)
-    with ScriptedServer({"flash": executor, "frontier": ["APPROVE"]}) as server:
+    def frontier(req):  # the restart: the opening messages only, no trace of the failed attempt
+        assert [m["role"] for m in req["messages"]][:2] == ["system", "user"]
+        assert not any("not correct" in str(m["content"]) for m in req["messages"])
+        if any(m["role"] == "tool" for m in req["messages"]):
+            return Reply(text=f"Answer: {printed(req)}")
+        return Reply(tool_calls=[ScriptedToolCall("python", {"code": f"print({expr})"})])
+
+    with ScriptedServer({"flash": executor, "frontier": frontier}) as server:
         endpoints = {
             "flash": make_endpoint("flash", server.endpoint_config("flash")),
-            "frontier": make_endpoint("frontier", server.endpoint_config("frontier", "anthropic")),
+            "frontier": make_endpoint("frontier", server.endpoint_config("frontier")),
         }
         async with Advisor(runs_dir=tmp_path, endpoints=endpoints) as adv:
             result = await adv.run(task)
         for ep in endpoints.values():
             await ep.aclose()
     assert result.outcome == "passed", result
-    assert result.answer == "115.45" and result.consults == 1  # the final review
-    assert (Path(result.out_dir) / "workspace" / "prices.csv").is_file()
+    assert result.answer == task.check.value and result.consults == 1 and result.steps == 4
