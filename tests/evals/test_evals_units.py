@@ -131,7 +131,7 @@ def test_suite_of_chosen_families_with_defaults_and_effort(tmp_path):
         == 0
     )
     suite = yaml.safe_load((tmp_path / "s/suite.yaml").read_text())
-    assert suite["defaults"] == defaults and defaults["escalation"]["mode"] == "takeover"
+    assert suite["defaults"] == defaults and defaults["escalation"]["mode"] == "restart"
     names = sorted(p.name for p in (tmp_path / "s/tasks").iterdir())
     assert names == ["arithmetic-1000", "arithmetic-1001", "lookup-1000", "lookup-1001"]
     task = yaml.safe_load((tmp_path / "s/tasks/lookup-1001/task.yaml").read_text())
