@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_moe
 from engine.layers import MLP, Spec, swiglu
 
 
@@ -167,5 +168,9 @@ class MoE(nn.Module):
             gu, dn = self.gate_up, self.down
             if self.layout == "checkpoint":
                 gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-            routed = experts_torch(x, gu, dn, weights, ids, self.limit)
+            op = cpu_moe.kernel() if cpu_moe.usable(x, gu, ids.numel()) else None
+            if op is not None and dn.is_contiguous():  # decode at batch 1-2 on the CPU
+                routed = op(x.contiguous(), gu, dn, weights, ids, float(self.limit))
+            else:
+                routed = experts_torch(x, gu, dn, weights, ids, self.limit)
         return (routed + self.shared(x)).reshape(shape)
