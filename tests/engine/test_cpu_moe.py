@@ -13,7 +13,7 @@ needs_op = pytest.mark.skipif(op is None, reason="no C++ toolchain: the PyTorch 
 
 
 @needs_op
-@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 2, 16])  # 16 x 4 pairs on 16 experts: experts shared by tokens
 @pytest.mark.parametrize("limit", [0.0, 0.5])
 def test_matches_the_pytorch_experts(tokens, limit):
     g = torch.Generator().manual_seed(tokens)
@@ -45,11 +45,12 @@ def test_the_moe_block_takes_it_for_a_few_tokens_only(monkeypatch):
     monkeypatch.setitem(cpu_moe._state, "op", lambda *a: calls.append(a[0].shape[0]) or op(*a))
     x = torch.randn(9, 32)
     with torch.inference_mode():
-        one, many = m(x[:1]), m(x)  # 2 pairs: the op; 18 pairs: the PyTorch schedules
-    assert calls == [1]
+        one, four, many = m(x[:1]), m(x[:4]), m(x)  # 2 and 8 pairs on 8 experts: the op; 18: PyTorch
+    assert calls == [1, 4]
     monkeypatch.setitem(cpu_moe._state, "op", None)
     with torch.inference_mode():
         torch.testing.assert_close(m(x[:1]), one, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m(x[:4]), four, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m(x)[:1], many[:1], rtol=1e-5, atol=1e-6)
 
 
@@ -58,7 +59,7 @@ def test_not_under_autograd_nor_for_other_dtypes():
     assert cpu_moe.usable(torch.zeros(1, 8), w, 2)
     assert not cpu_moe.usable(torch.zeros(1, 8, requires_grad=True), w, 2)
     assert not cpu_moe.usable(torch.zeros(1, 8, dtype=torch.bfloat16), w.bfloat16(), 2)
-    assert not cpu_moe.usable(torch.zeros(9, 8), w, 9 * 2)
+    assert cpu_moe.usable(torch.zeros(2, 8), w, 4) and not cpu_moe.usable(torch.zeros(3, 8), w, 6)
 
 
 def test_it_can_be_turned_off(monkeypatch):
