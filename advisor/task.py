@@ -62,7 +62,9 @@ class Escalation(_Strict):
         ),
     )
     max_consults: int = Field(default=3, ge=0, description="consults allowed per task")
-    takeover_steps: int = Field(default=1, ge=1, description="steps the frontier acts for in takeover mode")
+    takeover_steps: int = Field(
+        default=1, ge=1, description="steps the frontier acts for in takeover and restart modes"
+    )
     advice_max_tokens: int = Field(
         default=1024, gt=0, description="output cap of one consult, also used to price it beforehand"
     )

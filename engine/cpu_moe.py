@@ -88,14 +88,15 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
   auto et = ids.to(torch::kInt64).contiguous();
   const int64_t n = T * k;
   const int64_t* e = et.data_ptr<int64_t>();
-  std::vector<int64_t> count(E + 1, 0), order(n), rows(n);
+  std::vector<int64_t> count(E + 1, 0), rows(n);
   std::vector<float> pw(n);
   for (int64_t p = 0; p < n; ++p) count[e[p] + 1]++;
   for (int64_t i = 0; i < E; ++i) count[i + 1] += count[i];
   std::vector<int64_t> fill(count.begin(), count.end() - 1);
   for (int64_t p = 0; p < n; ++p) {
     const int64_t s = fill[e[p]]++;
-    order[s] = p; rows[s] = p / k; pw[s] = wt.data_ptr<float>()[p];
+    rows[s] = p / k;
+    pw[s] = wt.data_ptr<float>()[p];
   }
   std::vector<int64_t> hit;
   for (int64_t i = 0; i < E; ++i) if (count[i + 1] > count[i]) hit.push_back(i);
@@ -160,13 +161,14 @@ def _build():
         return None
 
 
-def usable(x: torch.Tensor, gate_up_t: torch.Tensor, n_pairs: int) -> bool:
-    """Whether this call can take the compiled op: at most one pair per expert, fp32 on the CPU, no
-    autograd."""
+def usable(x: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor, n_pairs: int) -> bool:
+    """Whether this call can take the compiled op: at most one pair per expert, fp32 on the CPU, K-major
+    weights laid out contiguously, no autograd."""
     return (
         n_pairs <= gate_up_t.shape[0]
         and x.device.type == "cpu"
-        and x.dtype == gate_up_t.dtype == torch.float32
+        and x.dtype == gate_up_t.dtype == down_t.dtype == torch.float32
         and gate_up_t.is_contiguous()
+        and down_t.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or gate_up_t.requires_grad))
     )

@@ -168,8 +168,8 @@ class MoE(nn.Module):
             gu, dn = self.gate_up, self.down
             if self.layout == "checkpoint":
                 gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-            op = cpu_moe.kernel() if cpu_moe.usable(x, gu, ids.numel()) else None
-            if op is not None and dn.is_contiguous():  # decode at batch 1-2 on the CPU
+            op = cpu_moe.kernel() if cpu_moe.usable(x, gu, dn, ids.numel()) else None
+            if op is not None:  # decode at small batches on the CPU
                 routed = op(x.contiguous(), gu, dn, weights, ids, float(self.limit))
             else:
                 routed = experts_torch(x, gu, dn, weights, ids, self.limit)

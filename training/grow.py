@@ -141,17 +141,16 @@ def grown_tensors(src_dir: Path, fresh_dir: Path, seed: int = 0) -> dict[str, to
             if p + name in src:  # head_dim and expert count are the same in both
                 out[p + name] = src[p + name].to(out[p + name].dtype)
         if a.mlp == "dense":
-            mlps = [("mlp.", I_dense)]
-        else:
-            mlps = [("share_expert.", I_shared)]
+            prefix, neurons = "mlp.", I_dense
+        else:  # the routed experts keep their width; the shared expert grows like the dense MLP
+            prefix, neurons = "share_expert.", I_shared
             grow(p + "moe.gate.weight", (1, H, True))
             for w in ("gate_proj", "up_proj"):
                 grow(p + f"moe.{w}.weight", (2, H, True))
             grow(p + "moe.down_proj.weight", (1, H, False))
-        for prefix, neurons in mlps:
-            for w in ("gate_proj", "up_proj"):
-                grow(p + prefix + w + ".weight", (0, neurons, False), (1, H, True))
-            grow(p + prefix + "down_proj.weight", (0, H, False), (1, neurons, True))
+        for w in ("gate_proj", "up_proj"):
+            grow(p + prefix + w + ".weight", (0, neurons, False), (1, H, True))
+        grow(p + prefix + "down_proj.weight", (0, H, False), (1, neurons, True))
     for i in range(len(s.layers), len(d.layers)):  # new layers start as identities
         for name in list(out):
             if name.startswith(f"model.layers.{i}.") and name.endswith(

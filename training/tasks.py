@@ -265,8 +265,8 @@ def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool, redo: 
 
     With `redo` (and a python call with a digit in it), the wrong answer comes from a wrong program: the
     attempt's last python call has one digit changed in a number it copied from the goal or the files, and
-    its answer is what that program printed. After the rejection the task's own calls run again (the targets: copy the numbers anew), then
-    the right answer. The whole attempt is history only."""
+    its answer is what that program printed. After the rejection the task's own calls run again (the
+    targets: copy the numbers anew), then the right answer. The whole attempt is history only."""
     *work, final = task.turns
     wrong = _near_miss(task.answer, rng)
     after: list[tuple[str, dict[str, Any]]] = [("check_rejected", {"answer": wrong})]

@@ -55,11 +55,12 @@ def test_the_moe_block_takes_it_for_a_few_tokens_only(monkeypatch):
 
 
 def test_not_under_autograd_nor_for_other_dtypes():
-    w = torch.zeros(4, 8, 16)
-    assert cpu_moe.usable(torch.zeros(1, 8), w, 2)
-    assert not cpu_moe.usable(torch.zeros(1, 8, requires_grad=True), w, 2)
-    assert not cpu_moe.usable(torch.zeros(1, 8, dtype=torch.bfloat16), w.bfloat16(), 2)
-    assert cpu_moe.usable(torch.zeros(2, 8), w, 4) and not cpu_moe.usable(torch.zeros(3, 8), w, 6)
+    w, d = torch.zeros(4, 8, 16), torch.zeros(4, 8, 8)
+    assert cpu_moe.usable(torch.zeros(1, 8), w, d, 2)
+    assert not cpu_moe.usable(torch.zeros(1, 8, requires_grad=True), w, d, 2)
+    assert not cpu_moe.usable(torch.zeros(1, 8, dtype=torch.bfloat16), w.bfloat16(), d.bfloat16(), 2)
+    assert cpu_moe.usable(torch.zeros(2, 8), w, d, 4) and not cpu_moe.usable(torch.zeros(3, 8), w, d, 6)
+    assert not cpu_moe.usable(torch.zeros(1, 8), w, d.transpose(1, 2), 2)  # down not K-major contiguous
 
 
 def test_it_can_be_turned_off(monkeypatch):
