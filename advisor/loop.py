@@ -18,7 +18,16 @@ from advisor.checks import extract_answer, run_check
 from advisor.endpoints.base import Endpoint, EndpointError
 from advisor.escalation import EscalationPolicy
 from advisor.ledger import Ledger
-from advisor.messages import Attempt, Effort, Message, ModelResponse, TextPart, ToolCall, Usage
+from advisor.messages import (
+    Attempt,
+    Effort,
+    Message,
+    ModelResponse,
+    TextPart,
+    ToolCall,
+    Usage,
+    without_images,
+)
 from advisor.pricing import Price
 from advisor.prompts import render
 from advisor.result import TaskResult
@@ -115,6 +124,8 @@ class TaskLoop:
             "model": slot.endpoint.config.model,
             "step": self.steps,
         }
+        if not slot.endpoint.config.vision:
+            messages = without_images(messages)
         try:
             resp = await asyncio.wait_for(
                 slot.endpoint.complete(

@@ -7,7 +7,7 @@ template for the embedded engine) and back; nothing else in `advisor/` knows a w
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -86,6 +86,14 @@ class Message:
     @classmethod
     def tool(cls, tool_call_id: str, name: str, text: str, is_error: bool = False) -> Message:
         return cls("tool", [TextPart(text)], tool_call_id=tool_call_id, name=name, is_error=is_error)
+
+
+def without_images(messages: list[Message]) -> list[Message]:
+    """The messages as a text-only model gets them: image parts dropped, the text that names them kept."""
+    return [
+        replace(m, content=[p for p in m.content if not isinstance(p, ImagePart)]) if m.images else m
+        for m in messages
+    ]
 
 
 @dataclass

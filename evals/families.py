@@ -10,6 +10,8 @@ Families:
 - lookup: one value from a CSV table in the workspace (list_files, read_file).
 - multistep: an order total from a price list and an order file, with a discount (read_file, python).
 - vision: a tiny code label somewhere on a large generated image, or a count of red circles (crop, zoom).
+- marks: a count of the coloured dots on a large generated image among grey outlines (find_regions: its
+  OpenCV mark finder sees every dot and no outline, so a model that cannot read pixels can still solve it).
 """
 
 from __future__ import annotations
@@ -190,11 +192,31 @@ def vision(seed: int) -> TaskSpec:
     return TaskSpec(f"vision-{seed:03d}", goal, str(n), ["crop", "zoom"], images={"image.png": _png(img)})
 
 
+MARK_COLOURS = ((210, 30, 30), (40, 70, 200), (30, 150, 60), (230, 140, 20), (150, 40, 170), (20, 160, 170))
+
+
+def marks(seed: int) -> TaskSpec:
+    r = _rng("marks", seed)
+    img, d = _canvas(r)
+    n = r.randint(2, 12)
+    placed: list[tuple[int, int]] = []
+    while len(placed) < n:  # 60 px apart: the mark finder never merges two dots
+        x, y = r.randint(30, 1170), r.randint(30, 770)
+        if all((x - a) ** 2 + (y - b) ** 2 > 60**2 for a, b in placed):
+            placed.append((x, y))
+    for x, y in placed:
+        rad = r.randint(8, 14)
+        d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=r.choice(MARK_COLOURS))
+    goal = "How many coloured dots are on the image? The grey outlines do not count. Answer with the number only."
+    return TaskSpec(f"marks-{seed:03d}", goal, str(n), ["find_regions"], images={"image.png": _png(img)})
+
+
 FAMILIES: dict[str, Callable[[int], TaskSpec]] = {
     "arithmetic": arithmetic,
     "lookup": lookup,
     "multistep": multistep,
     "vision": vision,
+    "marks": marks,
 }
 
 

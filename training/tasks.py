@@ -8,10 +8,13 @@ tools on a real workspace to get them.
 Own families: `arith` (arithmetic through the python tool), `lookup` (a value read from a workspace
 file), `order` (read two files, then compute a discounted total with python: the Quickstart's shape).
 
-The eval suite's families (`evals.families`: arithmetic, lookup, multistep; named here
-`evals.arithmetic`, ...) are scripted too (`from_eval_spec`), so the executor can train on the distribution it is evaluated on. Training draws their
-seeds from `EVAL_SEED_BASE * (seed + 1) + i`, far from the small seeds the shipped suites use; `vision`
-is left out (the tiny models' vision towers are untrained: reading a label off an image is beyond them).
+The eval suite's families (`evals.families`: arithmetic, lookup, multistep, marks; named here
+`evals.arithmetic`, ...) are scripted too (`from_eval_spec`), so the executor can train on the distribution
+it is evaluated on. Training draws their seeds from `EVAL_SEED_BASE * (seed + 1) + i`, far from the small
+seeds the shipped suites use. `marks` is the image family: the model counts the dots with the
+`find_regions` tool, whose text result it reads; the image itself reaches these text-only models as its
+name and size (`vision: false` on their endpoints). `vision` is left out: reading a label off pixels needs
+a trained vision tower, and the tiny models' towers are untrained.
 
 Tool-call turns carry no reasoning: the loop sends earlier turns back without it, so a whole task's turns
 are one training sequence (`training.traces.packed`). The final turn keeps a one-line reasoning.
@@ -63,6 +66,7 @@ class ScriptedTask:
     tools: list[str]
     files: dict[str, str] = field(default_factory=dict)
     turns: list[Turn] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)  # input images: name -> PNG bytes
 
 
 ITEMS = (
@@ -173,7 +177,7 @@ GENERATORS: dict[str, Callable[[random.Random, int], ScriptedTask]] = {
 }
 
 # ------------------------------------------------------------------------------ the eval suite's families
-EVAL_FAMILIES = ("evals.arithmetic", "evals.lookup", "evals.multistep")
+EVAL_FAMILIES = ("evals.arithmetic", "evals.lookup", "evals.multistep", "evals.marks")
 EVAL_SEED_BASE = 10_000
 _COMPUTE = re.compile(r"Compute (.+?) exactly")
 _FIELD = re.compile(r"What is the (\w+) of the item named '([^']+)'")
@@ -222,9 +226,15 @@ def from_eval_spec(family: str, seed: int) -> ScriptedTask:
             ),
             Turn(f"The total is {s.answer}.", content=f"Answer: {s.answer}"),
         ]
+    elif family == "marks":
+        turns = [
+            Turn("", [Call("find_regions", {"image": "img_0", "kind": "elements", "draw": False})]),
+            Turn(f"find_regions found {s.answer} coloured marks.", content=f"Answer: {s.answer}"),
+        ]
     else:
         raise ValueError(f"family {family!r} cannot be scripted here (scripted: {', '.join(EVAL_FAMILIES)})")
-    return ScriptedTask(f"evals.{family}", s.name, s.goal, s.answer, list(s.tools), files, turns)
+    images = dict(s.images)
+    return ScriptedTask(f"evals.{family}", s.name, s.goal, s.answer, list(s.tools), files, turns, images)
 
 
 def _near_miss(answer: str, rng: random.Random) -> str:
@@ -290,6 +300,7 @@ def with_recovery(task: ScriptedTask, rng: random.Random, takeover: bool, redo: 
         task.tools,
         task.files,
         turns,
+        task.images,
     )
 
 

@@ -2,7 +2,8 @@
 
 A trace is the neutral `advisor.messages.Message` list the Advisor loop would hold: the loop's own
 system and user prompts (prompts/executor_system.jinja, task_user.jinja), assistant turns with
-reasoning and tool calls, and the tool messages the real tools return.
+reasoning and tool calls, and the tool messages the real tools return. Images appear as a text-only
+endpoint (`vision: false`) gets them: the loop's lines naming them, no pixels.
 
 A sample is one assistant turn as the embedded endpoint sees it: `prompt` is exactly the text
 `advisor.endpoints.embedded` renders for the messages before that turn (`to_openai_messages`, the
@@ -26,6 +27,7 @@ from typing import Any
 from advisor.endpoints.openai import to_openai_messages
 from advisor.messages import Message, ToolCall
 from advisor.prompts import render
+from tools.images import ImageLedger
 from tools.registry import resolve
 from tools.spec import ToolContext
 from training.tasks import ScriptedTask
@@ -47,23 +49,45 @@ class Sample:
     target: str
 
 
-def initial_messages(task: ScriptedTask) -> list[Message]:
-    """The loop's first two messages for this task (as `advisor.loop` `_prepare` renders them)."""
-    system = render("executor_system", tools=task.tools, has_images=False)
-    user = render("task_user", goal=task.goal.strip(), images=[], files=sorted(task.files))
+def initial_messages(task: ScriptedTask, images: ImageLedger | None = None) -> list[Message]:
+    """The loop's first two messages for this task (as `advisor.loop` `_prepare` renders them), as a
+    text-only endpoint (`vision: false`) gets them: the input images named and sized, no pixels. `images`
+    holds the task's input images, loaded in order (`input_ledger`)."""
+    ids = list(images.ids()) if images is not None else []
+    system = render("executor_system", tools=task.tools, has_images=bool(ids))
+    user = render(
+        "task_user",
+        goal=task.goal.strip(),
+        images=[images.describe(i) for i in ids] if images is not None else [],
+        files=sorted(task.files),
+    )
     return [Message.system(system), Message.user(user)]
+
+
+def input_ledger(task: ScriptedTask, folder: Path) -> ImageLedger | None:
+    """The task's input images written to `folder` and loaded as the loop loads them (None: it has none)."""
+    if not task.images:
+        return None
+    ledger = ImageLedger()
+    for name, data in task.images.items():
+        (folder / name).write_bytes(data)
+        ledger.load(folder / name)
+    return ledger
 
 
 async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
     """Play the task's script with the real tools in a fresh workspace; the results are what they return."""
     specs = resolve(task.tools)
     by_name = {s.name: s for s in specs}
-    messages = initial_messages(task)
     with tempfile.TemporaryDirectory(prefix="trace-") as tmp:
-        ws = Path(tmp)
+        ws, inputs = Path(tmp) / "workspace", Path(tmp) / "inputs"
+        ws.mkdir()
+        inputs.mkdir()
         for name, body in task.files.items():
             (ws / name).write_text(body, encoding="utf-8")
-        ctx = ToolContext(workspace=ws)
+        ledger = input_ledger(task, inputs)
+        messages = initial_messages(task, ledger)
+        ctx = ToolContext(workspace=ws, images=ledger)
         n, printed = 0, ""
         for turn in task.turns:
             calls = []
@@ -84,6 +108,7 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                     content = f"Answer: {got}"
                     after = [(t, {**a, "answer": got} if "answer" in a else a) for t, a in after]
             messages.append(Message.assistant(content, calls, reasoning=turn.reasoning))
+            produced: list[str] = []
             for call in calls:
                 result = await by_name[call.name].invoke(call.arguments, ctx)
                 if result.is_error:
@@ -92,6 +117,11 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                     )
                 messages.append(Message.tool(call.id, call.name, result.text))
                 printed = result.text
+                produced += [i for i, _ in result.images]
+            if produced and ledger is not None:  # as the loop names them (their pixels stay out: text-only)
+                messages.append(
+                    Message.user("Images from the tools: " + "; ".join(ledger.describe(i) for i in produced))
+                )
             for template, args in after:
                 messages.append(Message.user(render(template, **args)))
     return Trace(task, messages, [s.openai_schema() for s in specs], effort)

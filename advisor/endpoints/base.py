@@ -34,6 +34,7 @@ class EndpointConfig(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (no secrets: use api_key_env)")
     extra_body: dict = Field(default_factory=dict, description="extra JSON fields merged into each request body")
     device: str | None = Field(default=None, description="embedded only: torch device (cpu, cuda)")
+    vision: bool = Field(default=True, description="false for a text-only model: images are named and sized in the text but never sent; it works with them through the vision tools' text results")
 
 
 AttemptHook = Callable[[Attempt], None]

@@ -234,6 +234,37 @@ async def test_tool_images_follow_the_tool_messages_as_image_parts(tmp_path: Pat
     assert kinds(events, "tool_result")[0]["images"] == ["img_1"]
 
 
+async def test_a_text_only_endpoint_gets_the_image_lines_but_no_pixels(tmp_path: Path):
+    """`vision: false`: the frontier (a vision model) still gets the pixels of the same conversation."""
+    img = tmp_path / "in" / "photo.png"
+    img.parent.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
+    ex = FakeEndpoint(
+        "ex",
+        [call("crop", {"image": "img_0", "box": [0, 0, 32, 24]}), Message.assistant("Answer: blue")],
+        EXEC_PRICE,
+    )
+    ex.config = ex.config.model_copy(update={"vision": False})
+    fr = FakeEndpoint("fr", [Message.assistant("Answer: red")], FRONT_PRICE)
+    task = make(
+        ex,
+        fr,
+        tools=["crop"],
+        inputs={"images": [str(img)]},
+        check={"type": "contains", "value": "red"},
+        escalation={"after_failures": 1, "mode": "takeover", "takeover_steps": 1},
+    )
+    result, _ = await run(tmp_path, task, ex, fr)
+    assert result.outcome == "passed", result.error
+    for sent in (ex.calls[0]["messages"], ex.calls[1]["messages"]):
+        assert not any(m.images for m in sent)
+    first, second = ex.calls[0]["messages"], ex.calls[1]["messages"]
+    assert "img_0: 64x48 px (input photo.png)" in first[1].text
+    assert second[-1].role == "user" and second[-1].text.startswith("Images from the tools: img_1: ")
+    seen = fr.calls[0]["messages"]
+    assert [p.image_id for m in seen for p in m.images] == ["img_0", "img_1"]
+
+
 async def test_a_slow_tool_is_cut_at_max_wall_s(tmp_path: Path):
     @tool
     async def wait(seconds: float) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 import advisor  # noqa: F401  (import order: advisor before tools)
 from advisor.result import TaskResult
@@ -150,6 +151,24 @@ def test_vision_count_matches_red_blobs():
     red = ((img[:, :, 2] > 180) & (img[:, :, 1] < 80) & (img[:, :, 0] < 80)).astype(np.uint8)
     n, _ = cv2.connectedComponents(red)
     assert n - 1 == int(s.answer)
+
+
+def test_marks_answer_is_what_the_mark_finder_counts():
+    """The marks family is solvable through find_regions alone: its count is the answer on every seed
+    tried (independently: the coloured pixels' connected components agree too)."""
+    import cv2
+    import numpy as np
+
+    from tools.vision import find_regions
+
+    for seed in range(0, 400, 10):
+        s = families.spec("marks", seed)
+        assert s.tools == ["find_regions"]
+        img = Image.open(io.BytesIO(s.images["image.png"]))
+        assert len(find_regions(img, "elements", 30)) == int(s.answer)
+        hsv = cv2.cvtColor(np.asarray(img.convert("RGB")), cv2.COLOR_RGB2HSV)
+        n, _ = cv2.connectedComponents((hsv[..., 1] > 70).astype(np.uint8))
+        assert n - 1 == int(s.answer)
 
 
 def test_shipped_suite_loads(tmp_path):

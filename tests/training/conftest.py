@@ -38,7 +38,9 @@ TINY = dict(
 
 @pytest.fixture(scope="session")
 def traces():
-    return asyncio.run(run_traces(list(generate(6, seed=11))))
+    # the own families, and the image family (a find_regions call on a generated PNG)
+    tasks = [*generate(6, seed=11), *generate(1, seed=11, families=("evals.marks",))]
+    return asyncio.run(run_traces(tasks))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from advisor.endpoints import make_endpoint
@@ -107,7 +109,7 @@ def test_eval_suite_families_are_scripted_with_their_own_answers():
     from training.tasks import EVAL_FAMILIES, EVAL_SEED_BASE
     from training.traces import run_traces
 
-    tasks = list(generate(3, seed=0, families=EVAL_FAMILIES))
+    tasks = list(generate(len(EVAL_FAMILIES), seed=0, families=EVAL_FAMILIES))
     assert [t.name for t in tasks] == [
         f"{f.removeprefix('evals.')}-{EVAL_SEED_BASE + i}" for i, f in enumerate(EVAL_FAMILIES)
     ]
@@ -119,5 +121,43 @@ def test_eval_suite_families_are_scripted_with_their_own_answers():
         assert tr.messages[-1].text == f"Answer: {tr.task.answer}"
         if tr.task.family == "evals.lookup":
             assert f",{tr.task.answer}" in results[0]
+        elif tr.task.family == "evals.marks":  # the mark finder counted every dot on the image
+            assert results[0].startswith(f"{tr.task.answer} region(s) in img_0")
         else:  # the python tool printed exactly the suite's answer
             assert results[-1].strip() == tr.task.answer
+
+
+async def test_an_image_task_opens_as_the_loop_opens_it_for_a_text_only_endpoint(tmp_path):
+    """The marks family's trace starts with exactly the messages the loop sends a `vision: false` executor
+    for the same eval task: the image named and sized, no pixels."""
+    from advisor import Advisor, load_task
+    from advisor.endpoints.base import Endpoint
+    from advisor.messages import Attempt, Message, ModelResponse, Usage
+    from evals.families import generate as write_task
+    from training.tasks import from_eval_spec
+    from training.traces import input_ledger
+
+    class Recorder(Endpoint):
+        def __init__(self):
+            super().__init__("flash", EndpointConfig(provider="openai", model="m", free=True, vision=False))
+            self.seen: list[list[Message]] = []
+
+        async def complete(self, messages, **kw):
+            self.seen.append(list(messages))
+            return ModelResponse(
+                Message.assistant("Answer: 0"), Usage(), "m", "stop", 0.0, [Attempt(1, True, 200)]
+            )
+
+    folder = write_task("marks", 4, tmp_path / "tasks")
+    ep = {"provider": "openai", "model": "m", "free": True, "vision": False}
+    (folder / "advisor.yaml").write_text(json.dumps({"endpoints": {"flash": ep, "frontier": ep}}))
+    task = load_task(folder / "task.yaml", check_env=False, strategies=("executor",))
+    rec = Recorder()
+    runner = Advisor(runs_dir=tmp_path / "runs", run_id="r", endpoints={"flash": rec, "frontier": rec}, fsync=False)
+    await runner.run(task, "executor")
+    scripted = from_eval_spec("evals.marks", 4)
+    (tmp_path / "inputs").mkdir()
+    expected = initial_messages(scripted, input_ledger(scripted, tmp_path / "inputs"))
+    opening = rec.seen[0][:2]
+    assert [(m.role, m.text, m.images) for m in opening] == [(m.role, m.text, []) for m in expected]
+    assert "img_0: 1200x800 px (input image.png)" in expected[1].text
