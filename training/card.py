@@ -122,7 +122,9 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
         f"({', '.join(text['layer_types'])}), sliding window {text['sliding_window']}",
         f"- MoE with shared expert: {text['n_routed_experts']} routed experts, top-{text['num_experts_per_tok']}, "
         "sigmoid router with selection bias; head-wise attention gate; partial RoPE on full-attention layers",
-        "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read images)",
+        "- a tiny untrained vision tower (the checkpoint layout only: these models cannot read pixels; their"
+        " endpoints say `vision: false`, so images reach them as the lines naming them, and they work with"
+        " images through the `find_regions` tool's text)",
         f"- weights stored in {config.get('dtype', 'float32')}",
         f"- vocabulary {d.get('vocab_size')}: byte-level BPE trained on the traces, with all Step chat markers; "
         + (

@@ -1,13 +1,14 @@
 """The shipped pair on a held-out suite through `advisor eval`: executor-only, frontier-only and advisor.
 
 Builds a seeded suite of the eval families the models trained on (`evals.families`: arithmetic, lookup,
-multistep; seeds from 1000, far from both the shipped `evals/suites/basic` seeds and the training seeds
-10 000 and up), with the pair's task defaults (`evals/suites/embedded-pair.defaults.yaml`: after one failed
-step the frontier takes the next one) and effort low for both roles, as trained. Runs it with the
-pair's endpoints (`models/embedded-pair.yaml`: step-nano priced as Step 3.7 Flash,
-step-nano-large priced as a frontier model), then writes the table into both model cards.
+multistep, marks; seeds from 1000, far from both the shipped `evals/suites/basic` seeds and the training
+seeds 10 000 and up), with the pair's task defaults (`evals/suites/embedded-pair.defaults.yaml`: after one
+failed step the conversation restarts from the goal with the frontier's first two steps) and effort low
+for both roles, as trained. Runs it with the pair's endpoints (`models/embedded-pair.yaml`: step-nano
+priced as Step 3.7 Flash, step-nano-large priced as a frontier model, both text-only), then writes the
+table into both model cards.
 
-    python -m training.heldout --per-family 67 --out build/heldout        # 201 tasks x 3 strategies
+    python -m training.heldout --per-family 67 --out build/heldout        # 268 tasks x 3 strategies
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import yaml
 from evals.families import build_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("arithmetic", "lookup", "multistep")
+FAMILIES = ("arithmetic", "lookup", "multistep", "marks")
 DEFAULTS = ROOT / "evals" / "suites" / "embedded-pair.defaults.yaml"
 ENDPOINTS = ROOT / "models" / "embedded-pair.yaml"
 CARDS = (ROOT / "models" / "step-nano" / "README.md", ROOT / "models" / "step-nano-large" / "README.md")
