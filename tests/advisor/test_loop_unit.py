@@ -213,15 +213,17 @@ async def test_max_steps_and_max_wall_s(tmp_path: Path):
     assert kinds(events, "budget_exceeded")[-1]["limit"] == "max_wall_s"
 
 
-async def test_tool_images_follow_the_tool_messages_as_image_parts(tmp_path: Path):
+def cropper(tmp_path: Path, answer: str) -> tuple[Path, FakeEndpoint]:
+    """A red 64x48 input image, and an executor that crops it and then answers `answer`."""
     img = tmp_path / "in" / "photo.png"
     img.parent.mkdir()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
-    ex = FakeEndpoint(
-        "ex",
-        [call("crop", {"image": "img_0", "box": [0, 0, 32, 24]}), Message.assistant("Answer: red")],
-        EXEC_PRICE,
-    )
+    turns = [call("crop", {"image": "img_0", "box": [0, 0, 32, 24]}), Message.assistant(f"Answer: {answer}")]
+    return img, FakeEndpoint("ex", turns, EXEC_PRICE)
+
+
+async def test_tool_images_follow_the_tool_messages_as_image_parts(tmp_path: Path):
+    img, ex = cropper(tmp_path, "red")
     task = make(ex, tools=["crop"], inputs={"images": [str(img)]}, check={"type": "contains", "value": "red"})
     result, events = await run(tmp_path, task, ex)
     assert result.outcome == "passed", result.error
@@ -236,14 +238,7 @@ async def test_tool_images_follow_the_tool_messages_as_image_parts(tmp_path: Pat
 
 async def test_a_text_only_endpoint_gets_the_image_lines_but_no_pixels(tmp_path: Path):
     """`vision: false`: the frontier (a vision model) still gets the pixels of the same conversation."""
-    img = tmp_path / "in" / "photo.png"
-    img.parent.mkdir()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
-    ex = FakeEndpoint(
-        "ex",
-        [call("crop", {"image": "img_0", "box": [0, 0, 32, 24]}), Message.assistant("Answer: blue")],
-        EXEC_PRICE,
-    )
+    img, ex = cropper(tmp_path, "blue")
     ex.config = ex.config.model_copy(update={"vision": False})
     fr = FakeEndpoint("fr", [Message.assistant("Answer: red")], FRONT_PRICE)
     task = make(
