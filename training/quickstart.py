@@ -36,11 +36,13 @@ def candidate(i: int, family: str = "evals.arithmetic") -> ScriptedTask:
 
 
 def task_yaml(task: ScriptedTask, template: str) -> str:
-    """`template` (the Quickstart's task.yaml) with this task's goal, input files, tools and check value;
-    comments, roles, escalation and budget kept."""
+    """`template` (the Quickstart's task.yaml) with this task's goal, input images and files, tools and check
+    value; comments, roles, escalation and budget kept."""
     goal = "goal: |\n" + "".join(f"  {line}\n" for line in task.goal.strip().splitlines())
     text = re.sub(r"^goal: \|\n(?:  .*\n)+", lambda _: goal, template, count=1, flags=re.M)
-    inputs = f"inputs:\n  files: [{', '.join(sorted(task.files))}]\n" if task.files else ""
+    kinds = [(kind, names) for kind, names in (("images", task.images), ("files", task.files)) if names]
+    inputs = "".join(f"  {kind}: [{', '.join(sorted(names))}]\n" for kind, names in kinds)
+    inputs = "inputs:\n" + inputs if inputs else ""
     text = re.sub(r"^inputs:\n(?:  .*\n)*", lambda _: inputs, text, count=1, flags=re.M)
     if inputs and "\ninputs:" not in text:
         text = text.replace("\ntools:", "\n" + inputs.rstrip("\n") + "\ntools:", 1)
@@ -53,6 +55,8 @@ def write(task: ScriptedTask, folder: Path, endpoints: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, body in task.files.items():
         (folder / name).write_text(body, encoding="utf-8")
+    for name, data in task.images.items():
+        (folder / name).write_bytes(data)
     template = (EXAMPLE / "task.yaml").read_text(encoding="utf-8")
     (folder / "task.yaml").write_text(task_yaml(task, template), encoding="utf-8")
     if endpoints:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     task = candidate(found, a.family)
     for old in EXAMPLE.glob("*"):  # the previous pick's input files
-        if old.suffix in (".txt", ".csv", ".json") and old.name not in task.files:
+        if old.suffix in (".txt", ".csv", ".json", ".png") and old.name not in {*task.files, *task.images}:
             old.unlink()
     write(task, EXAMPLE, endpoints=False)
     print(
