@@ -63,6 +63,12 @@ def _estimate_tokens(messages: list[Message]) -> int:
     return chars // 4 + 200 * images + 16 * len(messages)
 
 
+def tool_images_note(images: ImageLedger, ids: list[str]) -> str:
+    """The user message that follows a turn's tool results when they made images (it carries their pixels
+    too, where the model takes them)."""
+    return "Images from the tools: " + "; ".join(images.describe(i) for i in ids)
+
+
 def _call_key(tc: ToolCall) -> str:
     return tc.name + json.dumps(tc.arguments, sort_keys=True, default=str)
 
@@ -393,11 +399,7 @@ class TaskLoop:
             parts = await asyncio.to_thread(
                 lambda: [self.images.to_image_part(i, self.profile) for i in new_images]
             )
-            messages.append(
-                Message.user(
-                    "Images from the tools: " + "; ".join(self.images.describe(i) for i in new_images), parts
-                )
-            )
+            messages.append(Message.user(tool_images_note(self.images, new_images), parts))
         return failure
 
     async def _invoke_within_budget(self, spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResult:

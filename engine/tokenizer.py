@@ -255,11 +255,11 @@ def build_step_tokenizer(
     `split_digits` makes every digit its own token (no merges across digits), which small models need to
     copy and compare numbers digit by digit (the same as `digit_group=1`). `digit_group` N > 1 cuts every
     run of digits into groups of up to N from the left (as the cl100k and Llama 3 tokenizers do with
-    N = 3) and puts every group in the vocabulary (on top of `vocab_size`): a number is then the same ids wherever it appears, and a copy of it
-    is a few tokens that rarely repeat, not a string of ten digits to keep in order. `split_newlines` makes
-    every newline its own token, so that `<think>\n` + `\n</think>` (a prompt, then what the model writes)
-    encodes as the same ids as the `<think>\n\n</think>` the chat template renders for that turn in later
-    prompts.
+    N = 3) and puts every group in the vocabulary (on top of `vocab_size`): a number is then the same ids
+    wherever it appears, and a copy of it is a few tokens that rarely repeat, not a string of ten digits to
+    keep in order. `split_newlines` makes every newline its own token, so that `<think>\n` + `\n</think>`
+    (a prompt, then what the model writes) encodes as the same ids as the `<think>\n\n</think>` the chat
+    template renders for that turn in later prompts.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.endpoints.openai import to_openai_messages
+from advisor.loop import tool_images_note
 from advisor.messages import Message, ToolCall
 from advisor.prompts import render
 from tools.images import ImageLedger
@@ -58,7 +59,7 @@ def initial_messages(task: ScriptedTask, images: ImageLedger | None = None) -> l
     user = render(
         "task_user",
         goal=task.goal.strip(),
-        images=[images.describe(i) for i in ids] if images is not None else [],
+        images=[images.describe(i) for i in ids],
         files=sorted(task.files),
     )
     return [Message.system(system), Message.user(user)]
@@ -119,9 +120,7 @@ async def run_trace(task: ScriptedTask, effort: str | None = "low") -> Trace:
                 printed = result.text
                 produced += [i for i, _ in result.images]
             if produced and ledger is not None:  # as the loop names them (their pixels stay out: text-only)
-                messages.append(
-                    Message.user("Images from the tools: " + "; ".join(ledger.describe(i) for i in produced))
-                )
+                messages.append(Message.user(tool_images_note(ledger, produced)))
             for template, args in after:
                 messages.append(Message.user(render(template, **args)))
     return Trace(task, messages, [s.openai_schema() for s in specs], effort)
