@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_decode
 from engine.cache import KVCache, TypeMeta
-from engine.layers import Linear, RMSNorm, Spec, apply_rope
+from engine.layers import Linear, RMSNorm, Rope, Spec, apply_rope
 
 
 class Attention(nn.Module):
@@ -41,17 +42,22 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
         meta: TypeMeta,
         cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        if cache is not None and meta.slot is not None:
+            ops = cpu_decode.ops()
+            ck, cv = cache.k[layer], cache.v[layer]
+            if ops is not None and cpu_decode.usable(x, ck) and ck.is_contiguous() and cv.is_contiguous():
+                return self._decode_cpu(ops, x, rope, meta, ck, cv)
         q, k, v, g = self.qkvg(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.h, self.d))
         k = self.k_norm(k.view(B, T, self.hkv, self.d))
         v = v.view(B, T, self.hkv, self.d)
-        cos, sin = cos_sin
+        cos, sin = rope.cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
 
@@ -77,3 +83,25 @@ class Attention(nn.Module):
         out = out.view(B, self.hkv, G, T, self.d).permute(0, 3, 1, 2, 4).reshape(B, T, self.h, self.d)
         out = out * torch.sigmoid(g)[..., None]
         return self.o(out.reshape(B, T, self.h * self.d))
+
+    def _decode_cpu(
+        self, ops, x, rope: Rope, meta: TypeMeta, ck: torch.Tensor, cv: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token per row through the compiled op: the same maths as `forward`, one call."""
+        B = x.shape[0]
+        out = ops.decode_attention(
+            self.qkvg(x).reshape(B, -1),
+            self.q_norm.scale(),
+            self.k_norm.scale(),
+            rope.inv_freq,
+            rope.positions.reshape(B).contiguous(),
+            ck,
+            cv,
+            meta.slot,
+            meta.kpos,
+            meta.window or 0,
+            self.h,
+            self.q_norm.eps,
+            self.scale,
+        )
+        return self.o(out.view(B, 1, -1))

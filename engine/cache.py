@@ -12,6 +12,7 @@ keep a ring of `window` slots (column c lives in slot c % window): exactly the k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,13 +21,22 @@ from engine.config import FULL, SLIDING, TextConfig
 
 @dataclass
 class TypeMeta:
-    """How one attention type (full or sliding) reads and writes keys during one forward step."""
+    """How one attention type (full or sliding) reads and writes keys during one forward step (valid for
+    that step: `kpos` may view the cache's live slot positions)."""
 
-    mask: torch.Tensor  # bool [B, 1, T, S]: query t may see key s
+    qpos: torch.Tensor  # [B, T] positions of the queries
+    kpos: torch.Tensor  # [B, S] positions of the keys attended, -1 for padding or an empty slot
+    window: int | None  # sliding window, None for full attention
     write: slice | torch.Tensor | None  # cache slots receiving this step's keys (None: no cache)
     write_from: int  # first of this step's T tokens that is stored (rings keep only the last `window`)
     attend_cache: bool  # True: attend over the cache after writing; False: over [old cache keys, new keys]
     read: slice | None  # cache slots to read when attend_cache (or the old keys otherwise)
+    slot: int | None = None  # decode (one new token per row): the one cache slot written, as an int
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """bool [B, 1, T, S]: query t may see key s (built on first use: the CPU decode op needs none)."""
+        return _mask(self.qpos, self.kpos, self.window)
 
 
 @dataclass
@@ -86,28 +96,31 @@ class KVCache:
         types: dict[str, TypeMeta] = {}
         for t in {layer.attention for layer in self.cfg.layers}:
             cap, pos = self.cap[t], self.pos[t]
+            window = _window(self.cfg, t)
             if cap == self.max_len:  # linear buffer: write then attend over [0, L+T)
                 pos[:, L : L + T] = positions
                 types[t] = TypeMeta(
-                    _mask(positions, pos[:, : L + T], None if t == FULL else _window(self.cfg, t)),
+                    positions,
+                    pos[:, : L + T],
+                    window,
                     slice(L, L + T),
                     0,
                     True,
                     slice(0, L + T),
+                    L if T == 1 else None,
                 )
                 continue
-            first = max(0, T - cap)  # only the last `cap` new tokens survive in the ring
-            slots = torch.arange(L + first, L + T, device=positions.device) % cap
             if T == 1:  # decode: the ring already holds everything this query can see
-                pos[:, slots] = positions[:, first:]
+                slot = L % cap
+                pos[:, slot] = positions[:, 0]
                 types[t] = TypeMeta(
-                    _mask(positions, pos, _window(self.cfg, t)), slots, first, True, slice(0, cap)
+                    positions, pos, window, slice(slot, slot + 1), 0, True, slice(0, cap), slot
                 )
             else:  # prefill/chunk: attend over [old ring, new keys], then store the tail
+                first = max(0, T - cap)  # only the last `cap` new tokens survive in the ring
+                slots = torch.arange(L + first, L + T, device=positions.device) % cap
                 kpos = torch.cat([pos, positions], dim=1)
-                types[t] = TypeMeta(
-                    _mask(positions, kpos, _window(self.cfg, t)), slots, first, False, slice(0, cap)
-                )
+                types[t] = TypeMeta(positions, kpos, window, slots, first, False, slice(0, cap))
                 pos[:, slots] = positions[:, first:]
         self.length = L + T
         return StepMeta(positions, types)
@@ -116,7 +129,7 @@ class KVCache:
 def uncached_meta(cfg: TextConfig, positions: torch.Tensor) -> StepMeta:
     """Metadata for a forward pass over a whole sequence without any cache."""
     types = {
-        t: TypeMeta(_mask(positions, positions, _window(cfg, t)), None, 0, False, None)
+        t: TypeMeta(positions, positions, _window(cfg, t), None, 0, False, None)
         for t in {layer.attention for layer in cfg.layers}
     }
     return StepMeta(positions, types)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_decode
 from engine.config import RopeSpec
 
 # parameter name -> ([(checkpoint tensor name, expected shape), ...], dim the parts are concatenated on)
@@ -19,14 +21,14 @@ class Linear(nn.Module):
     """A bias-free projection whose weight may be stored transposed, or packed for oneDNN.
 
     Loaded as [out, in] (checkpoint layout). On the CPU, `relayout` picks the layout this CPU's kernels
-    read fastest. Measured on the 2-core AVX2 CPU here (fp32, 1 to 16 rows), against MKL on [in, out]:
-    - wide projections (out >= 4 x in: the LM head, a dense MLP's gate and up) are packed once into
-      oneDNN's blocked layout and run through its linear: the 16384 x 512 head 1.8 against 2.0 ms for
-      one row and 3.6 against 9.4 ms for sixteen, a dense MLP's 2816 x 512 0.37 against 0.66 ms for
-      sixteen. The plain weight is dropped: one copy, not two.
-    - other projections with out > in are stored as [in, out]: a matrix-vector product through MKL streams
-      them about twice as fast as [out, in], and batched matmuls are no slower (oneDNN is slower here at
-      one row). `ADVISOR_CPU_ONEDNN=0` keeps every projection on MKL.
+    read fastest. Measured on the 2-core AVX2 CPU here (fp32, weights not in cache, one row / sixteen):
+    - projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked layout
+      and run through its linear: the 16384 x 512 head 1.8 against 2.0 ms for one row and 3.6 against
+      9.4 ms for sixteen; attention's 1036 x 512 131 / 238 us against 128 / 326 us for MKL on [in, out],
+      its 512 x 768 output 95 / 178 against 123 / 209 us for MKL on [out, in]. The plain weight is
+      dropped: one copy, not two. `ADVISOR_CPU_ONEDNN=0` keeps every projection on MKL.
+    - smaller projections with out > in are stored as [in, out] (a shared expert's 512 x 128 down:
+      23 us through MKL, 35 on [out, in], 39 through oneDNN), the rest stay [out, in].
     """
 
     def __init__(self, out_features: int, in_features: int):
@@ -40,11 +42,17 @@ class Linear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
+    def to_k_major(self) -> None:
+        """Store the weight as [in, out] whatever its shape (for kernels that read it that way)."""
+        if not self.transposed and self.packed is None:
+            self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
+            self.transposed = True
+
     def relayout(self) -> None:
         if self.transposed or self.packed is not None:
             return
         out_f, in_f = self.weight.shape
-        if out_f >= 4 * in_f and self.weight.dtype == torch.float32 and _onednn_linear():
+        if in_f >= 512 and out_f * in_f >= 2**18 and self.weight.dtype == torch.float32 and _onednn_linear():
             try:  # the batch hint only tunes the packing; any number of rows runs
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
                 self.weight = None
@@ -52,8 +60,7 @@ class Linear(nn.Module):
             except RuntimeError:  # an op this build lacks at runtime: MKL below
                 self.packed = None
         if out_f > in_f:
-            self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
-            self.transposed = True
+            self.to_k_major()
 
 
 def _onednn_linear() -> bool:
@@ -75,12 +82,28 @@ class RMSNorm(nn.Module):
         self._scale: torch.Tensor | None = None  # (1 + w) in fp32, derived once from the loaded weight
         self._scale_of: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self) -> torch.Tensor:
         if self._scale_of is not self.weight:
             self._scale, self._scale_of = 1.0 + self.weight.float(), self.weight
+        return self._scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = cpu_decode.ops()
+        if ops is not None and cpu_decode.usable(x, self.weight):
+            return ops.rms_norm(x.contiguous(), None, self.scale(), self.eps)[1]
         # Written out: on the CPU, F.rms_norm falls back to a slower composite of more ops.
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self._scale).type_as(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale()).type_as(x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of that sum): a block's residual add and the next norm, in one pass
+        where the compiled CPU ops run."""
+        ops = cpu_decode.ops()
+        if ops is not None and cpu_decode.usable(x, residual, self.weight) and x.shape == residual.shape:
+            s, y = ops.rms_norm(x.contiguous(), residual.contiguous(), self.scale(), self.eps)
+            return s, y
+        s = x + residual
+        return s, self(s)
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -97,6 +120,25 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
     medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
     return torch.where(medium, smoothed, scaled)
+
+
+class Rope:
+    """RoPE of one attention type at a step's positions [B, T]; the cos/sin tables are built on first use
+    (the CPU decode op computes its own from `inv_freq` and the positions)."""
+
+    def __init__(self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+        self.inv_freq, self.positions, self.dtype = inv_freq, positions, dtype
+
+    @functools.cached_property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, self.positions, self.dtype)
+
+
+def rope_tables(
+    inv_freq: dict[str, torch.Tensor], positions: torch.Tensor, dtype: torch.dtype
+) -> dict[str, Rope]:
+    """One `Rope` per attention type."""
+    return {t: Rope(f, positions, dtype) for t, f in inv_freq.items()}
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):

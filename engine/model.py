@@ -9,7 +9,7 @@ from torch import nn
 from engine.attention import Attention
 from engine.cache import KVCache, StepMeta
 from engine.config import LayerSpec, TextConfig
-from engine.layers import MLP, Linear, RMSNorm, Spec, rope_cos_sin, rope_inv_freq
+from engine.layers import MLP, Linear, RMSNorm, Spec, rope_inv_freq, rope_tables
 from engine.moe import MoE, fused_moe_kernel
 
 
@@ -58,9 +58,9 @@ class DecoderLayer(nn.Module):
         spec.update(_prefixed("mlp", self.mlp.checkpoint_spec(mlp_prefix)))
         return spec
 
-    def forward(self, x, cos_sin, meta, cache, index):
-        x = x + self.attn(self.input_norm(x), cos_sin, meta, cache, index)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, x, rope, meta, cache, index):
+        x, h = self.post_attn_norm.add(x, self.attn(self.input_norm(x), rope, meta, cache, index))
+        return x + self.mlp(h)
 
 
 class MTPLayer(nn.Module):
@@ -138,10 +138,10 @@ class StepTextModel(nn.Module):
     ) -> torch.Tensor:
         """embeds [B, T, H] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only), in the model dtype."""
         x = embeds
-        cos_sin = {t: rope_cos_sin(f, meta.positions, x.dtype) for t, f in self.inv_freq.items()}
+        ropes = rope_tables(self.inv_freq, meta.positions, x.dtype)
         for i, layer in enumerate(self.layers):
             t = layer.attention_type
-            x = layer(x, cos_sin[t], meta.types[t], cache, i)
+            x = layer(x, ropes[t], meta.types[t], cache, i)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

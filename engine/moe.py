@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_moe
+from engine import cpu_decode
 from engine.layers import MLP, Spec, swiglu
 
 
@@ -154,11 +154,38 @@ class MoE(nn.Module):
         else:
             self.gate_up = nn.Parameter(self.gate_up.transpose(1, 2).contiguous(), requires_grad=False)
             self.down = nn.Parameter(self.down.transpose(1, 2).contiguous(), requires_grad=False)
+            # The shared expert too: the compiled decode op runs it beside the routed ones.
+            self.shared.gate_up.to_k_major()
+            self.shared.down.to_k_major()
             self.layout = "k_major"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.layout == "k_major":
+            ops = cpu_decode.ops()
+            if (
+                ops is not None
+                and cpu_decode.usable(x, self.gate_up, self.down, self.router)
+                and cpu_decode.experts_fit(x.shape[0] * self.top_k, self.gate_up, self.down)
+                and self.shared.gate_up.transposed
+                and self.shared.down.transposed
+            ):  # decode at small batches on the CPU: router, routed and shared experts in two calls
+                x = x.contiguous()
+                weights, ids = ops.route(x, self.router, self.router_bias.float(), self.top_k, self.scale)
+                sh = self.shared
+                routed_and_shared = ops.decode_experts(
+                    x,
+                    self.gate_up,
+                    self.down,
+                    weights,
+                    ids,
+                    float(self.limit),
+                    sh.gate_up.weight,
+                    sh.down.weight,
+                    float(sh.limit),
+                )
+                return routed_and_shared.reshape(shape)
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
         if self.layout == "split":
             routed = fused_moe_kernel()(
@@ -168,9 +195,5 @@ class MoE(nn.Module):
             gu, dn = self.gate_up, self.down
             if self.layout == "checkpoint":
                 gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-            op = cpu_moe.kernel() if cpu_moe.usable(x, gu, dn, ids.numel()) else None
-            if op is not None:  # decode at small batches on the CPU
-                routed = op(x.contiguous(), gu, dn, weights, ids, float(self.limit))
-            else:
-                routed = experts_torch(x, gu, dn, weights, ids, self.limit)
+            routed = experts_torch(x, gu, dn, weights, ids, self.limit)
         return (routed + self.shared(x)).reshape(shape)

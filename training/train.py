@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import KVCache, uncached_meta
-from engine.layers import rope_cos_sin
+from engine.layers import rope_tables
 from engine.tokenizer import build_step_tokenizer
 from training.checkpoint import (
     PRESETS,
@@ -253,10 +253,10 @@ def shared_prefix_len(ids: torch.Tensor) -> int:
 def _run_layers(model, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     meta = cache.plan(positions) if cache is not None else uncached_meta(model.cfg, positions)
     x = model.embed_tokens(ids)
-    cos_sin = {t: rope_cos_sin(f, positions, x.dtype) for t, f in model.inv_freq.items()}
+    ropes = rope_tables(model.inv_freq, positions, x.dtype)
     for i, layer in enumerate(model.layers):
         t = layer.attention_type
-        x = layer(x, cos_sin[t], meta.types[t], cache, i)
+        x = layer(x, ropes[t], meta.types[t], cache, i)
     return x
 
 
