@@ -9,9 +9,11 @@ These ops collapse each cluster into one call:
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights read
   once, in place, for all of its tokens (experts split across ATen's threads). Measured on the 2-core
-  CPU here (E=64, top-8, H=512, I=128, weights not in cache), per layer: 0.56 against 1.13 ms for one
-  token, 1.9 against 2.8 ms for four, 3.5 against 4.4 ms for eight, and 5.5 against 4.9 ms for sixteen,
-  where the padded batched matmuls win. So it runs while there is at most about one pair per expert.
+  CPU here (E=64, top-8, H=512, I=128, weights not in cache; the machine's speed drifts by a third from
+  hour to hour, so each pair comes from one run), routed experts per layer against
+  `engine.moe.experts_torch`: 0.36-0.47 against 1.1 ms for one token, 1.8 against 3.7-4.9 ms for four,
+  5.3-6.0 against 8.8-9.7 ms for sixteen (two pairs per expert), 9.6-11.2 against 10.2-11.0 ms for 32,
+  and 11-18 against 10-13 ms for 64. So it runs while there are at most two pairs per expert.
 The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
@@ -67,14 +69,13 @@ def _build():
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can go through the compiled ops: fp32 on the CPU, no autograd."""
-    grad = torch.is_grad_enabled()
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad)
-        for t in tensors
-    )
+    for t in tensors:
+        if not t.is_cpu or t.dtype is not torch.float32:
+            return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def experts_fit(n_pairs: int, gate_up_t: torch.Tensor, down_t: torch.Tensor) -> bool:
-    """Whether the routed experts of a call go through `decode_experts`: at most one (token, expert) pair
-    per expert (beyond that the padded batched matmuls win), K-major weights laid out contiguously."""
-    return n_pairs <= gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()
+    """Whether the routed experts of a call go through `decode_experts`: at most two (token, expert) pairs
+    per expert (beyond that the batched matmuls catch up), K-major weights laid out contiguously."""
+    return n_pairs <= 2 * gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()

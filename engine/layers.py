@@ -83,8 +83,10 @@ class RMSNorm(nn.Module):
         self._scale_of: torch.Tensor | None = None
 
     def scale(self) -> torch.Tensor:
-        if self._scale_of is not self.weight:
-            self._scale, self._scale_of = 1.0 + self.weight.float(), self.weight
+        w = self.weight
+        if self._scale_of is not w:
+            self._scale = 1.0 + w.float()
+            object.__setattr__(self, "_scale_of", w)  # a plain attribute, not a second registered parameter
         return self._scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
