@@ -8,12 +8,12 @@ These ops collapse each cluster into one call:
   for one new token per row;
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights read
-  once, in place, for all of its tokens (experts split across ATen's threads). Measured on the 2-core
-  CPU here (E=64, top-8, H=512, I=128, weights not in cache; the machine's speed drifts by a third from
-  hour to hour, so each pair comes from one run), routed experts per layer against
-  `engine.moe.experts_torch`: 0.36-0.47 against 1.1 ms for one token, 1.8 against 3.7-4.9 ms for four,
-  5.3-6.0 against 8.8-9.7 ms for sixteen (two pairs per expert), 9.6-11.2 against 10.2-11.0 ms for 32,
-  and 11-18 against 10-13 ms for 64. So it runs while there are at most two pairs per expert.
+  once, in place, for all of its tokens (experts split across ATen's threads; register tiles of four
+  tokens when an expert has several). Measured on the 2-core CPU here (E=64, top-8, H=512, I=128,
+  weights not in cache, one run), routed experts per layer against `engine.moe.experts_torch`:
+  0.34 ms for one token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7
+  for 64, 21 against 28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024.
+  So it runs while there are at most 32 pairs per expert: decode, and prefills of a few hundred tokens.
 The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
@@ -76,6 +76,6 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def experts_fit(n_pairs: int, gate_up_t: torch.Tensor, down_t: torch.Tensor) -> bool:
-    """Whether the routed experts of a call go through `decode_experts`: at most two (token, expert) pairs
-    per expert (beyond that the batched matmuls catch up), K-major weights laid out contiguously."""
-    return n_pairs <= 2 * gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()
+    """Whether the routed experts of a call go through `decode_experts`: at most 32 (token, expert) pairs
+    per expert (beyond that MKL's GEMMs catch up), K-major weights laid out contiguously."""
+    return n_pairs <= 32 * gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()

@@ -12,13 +12,28 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ADVISOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// An AVX2 + FMA build of the hot loops beside the baseline one, picked at load time. "arch=x86-64-v3" and
+// not "arch=haswell": GCC dispatches the latter on the CPU model (Intel Haswell only), so every AMD CPU
+// would get the baseline SSE2 code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ADVISOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define ADVISOR_CLONES
 #endif
 
 namespace {
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any alignment
+
+inline v8 load8(const float* p) {
+  v8 v;
+  __builtin_memcpy(&v, p, 32);
+  return v;
+}
+
+inline float hsum(v8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
 
 void check_f32(const torch::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous(), op, ": ", name,
@@ -46,14 +61,69 @@ void rope_head(float* x, const float* cos, const float* sin, int64_t rd) {
   }
 }
 
+// out[r] (+)= a[rows[r]] @ W for c rows, W K-major [K, N] row-major, a rows of stride lda, out rows of
+// stride N. Register tiles of up to 4 rows x 16 columns, accumulated over blocks of 16 weight rows (16 KiB
+// of W at N = 256, in L1): each weight is loaded once per 4 rows instead of once per row, and the
+// accumulators stay in registers instead of going through memory at every step.
+template <int R>
+ADVISOR_CLONES void tile(const float* const* a, const float* W, int64_t k0, int64_t k1, int64_t N, int64_t n0,
+                         float* const* out) {
+  v8 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    __builtin_memcpy(&acc[r][0], out[r] + n0, 32);
+    __builtin_memcpy(&acc[r][1], out[r] + n0 + 8, 32);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    v8 w0, w1;
+    __builtin_memcpy(&w0, W + k * N + n0, 32);
+    __builtin_memcpy(&w1, W + k * N + n0 + 8, 32);
+    for (int r = 0; r < R; ++r) {
+      const float ar = a[r][k];
+      acc[r][0] += ar * w0;
+      acc[r][1] += ar * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __builtin_memcpy(out[r] + n0, &acc[r][0], 32);
+    __builtin_memcpy(out[r] + n0 + 8, &acc[r][1], 32);
+  }
+}
+
+void small_gemm(const float* a, const int64_t* rows, int64_t c, int64_t lda, const float* W, int64_t K, int64_t N,
+                float* out) {
+  std::fill(out, out + c * N, 0.f);
+  for (int64_t r0 = 0; r0 < c; r0 += 4) {
+    const int R = (int)std::min<int64_t>(4, c - r0);
+    const float* ar[4];
+    float* orow[4];
+    for (int r = 0; r < R; ++r) {
+      ar[r] = a + (rows ? rows[r0 + r] : r0 + r) * lda;
+      orow[r] = out + (r0 + r) * N;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + 16);
+      for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        switch (R) {
+          case 4: tile<4>(ar, W, k0, k1, N, n0, orow); break;
+          case 3: tile<3>(ar, W, k0, k1, N, n0, orow); break;
+          case 2: tile<2>(ar, W, k0, k1, N, n0, orow); break;
+          default: tile<1>(ar, W, k0, k1, N, n0, orow); break;
+        }
+      }
+    }
+  }
+}
+
 // One expert (or the shared expert) on its c tokens: y[r] = w[r] * down(swiglu(x[rows[r]] @ gate_up)),
 // with K-major weights (gate_up [H, 2I], down [I, H]) so each weight row is read once for all c tokens.
 ADVISOR_CLONES
 void expert(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gu, const float* dn,
             float limit, int64_t H, int64_t I, float* h, float* y) {
   const int64_t I2 = 2 * I;
-  std::fill(h, h + c * I2, 0.f);
-  for (int64_t i = 0; i < H; ++i) {
+  const bool tiled = c > 1 && I2 % 16 == 0 && H % 16 == 0;
+  if (tiled) small_gemm(x, rows, c, H, gu, H, I2, h);
+  else std::fill(h, h + c * I2, 0.f);
+  for (int64_t i = 0; i < H && !tiled; ++i) {
     const float* row = gu + i * I2;
     for (int64_t r = 0; r < c; ++r) {
       const float xi = x[rows[r] * H + i];
@@ -74,6 +144,11 @@ void expert(const float* x, const int64_t* rows, const float* w, int64_t c, cons
       hr[j] = g * u * w[r];
     }
   }
+  if (tiled) {
+    // the SwiGLU output sits in the first I columns of each h row (stride 2I)
+    small_gemm(h, nullptr, c, I2, dn, I, H, y);
+    return;
+  }
   std::fill(y, y + c * H, 0.f);
   for (int64_t i = 0; i < I; ++i) {
     const float* row = dn + i * H;
@@ -83,6 +158,73 @@ void expert(const float* x, const int64_t* rows, const float* w, int64_t c, cons
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) yr[j] += ai * row[j];
     }
+  }
+}
+
+// dot(a, b) over n floats, four independent accumulators (one chain would wait on each FMA's latency).
+ADVISOR_CLONES
+float dot(const float* a, const float* b, int64_t n) {
+  v8 acc[4] = {};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32)
+    for (int u = 0; u < 4; ++u) acc[u] += load8(a + j + 8 * u) * load8(b + j + 8 * u);
+  for (; j + 8 <= n; j += 8) acc[0] += load8(a + j) * load8(b + j);
+  float tail = 0.f;
+  for (; j < n; ++j) tail += a[j] * b[j];
+  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
+}
+
+// The G query heads that share one KV head, for one row: each key and value row is read once for all G.
+// q [G, D], K/V [S, D] (cache rows), visible [S], gate logits [G] -> out [G, D]; p is [G, S] scratch.
+ADVISOR_CLONES
+void attend_group(const float* q, const float* K, const float* V, const char* visible, const float* gate_logit,
+                  int64_t G, int64_t S, int64_t D, float scale, float* p, float* out) {
+  // q . k for four keys at a time: four independent FMA chains per query head.
+  int64_t s0 = 0;
+  if (D % 8 == 0) {
+    for (; s0 + 4 <= S; s0 += 4) {
+      const float* k0 = K + s0 * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * D;
+        v8 acc[4] = {};
+        for (int64_t j = 0; j < D; j += 8) {
+          const v8 qv = load8(qg + j);
+          for (int u = 0; u < 4; ++u) acc[u] += qv * load8(k0 + u * D + j);
+        }
+        for (int u = 0; u < 4; ++u) p[g * S + s0 + u] = hsum(acc[u]) * scale;
+      }
+    }
+  }
+  for (int64_t s = s0; s < S; ++s)
+    for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot(q + g * D, K + s * D, D) * scale;
+  std::vector<float> den(G);
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * S;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; ++s)
+      if (visible[s]) mx = std::max(mx, pg[s]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < S; ++s) {
+      pg[s] = visible[s] ? std::exp(pg[s] - mx) : 0.f;
+      sum += pg[s];
+    }
+    den[g] = sum;
+  }
+  std::fill(out, out + G * D, 0.f);
+  for (int64_t s = 0; s < S; ++s) {
+    if (!visible[s]) continue;
+    const float* vs = V + s * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float ps = p[g * S + s];
+      float* o = out + g * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) o[j] += ps * vs[j];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float f = 1.f / (1.f + std::exp(-gate_logit[g])) / den[g];
+    float* o = out + g * D;
+    for (int64_t j = 0; j < D; ++j) o[j] *= f;
   }
 }
 
@@ -192,41 +334,13 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   auto out = torch::empty({B, Hq * D}, qkvg.options());
   float* op_ = out.data_ptr<float>();
   const char* mp = visible.data();
-  at::parallel_for(0, B * Hq, 4, [&](int64_t lo, int64_t hi) {
-    std::vector<float> p(S);
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / Hq, h = bh % Hq, kvh = h / G;
-      const float* qh = qp + bh * D;
-      const float* K = kc + (b * Hkv + kvh) * cap * D;
-      const float* V = vc + (b * Hkv + kvh) * cap * D;
-      const char* m = mp + b * S;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; ++s) {
-        if (!m[s]) continue;
-        float dot = 0.f;
-        const float* ks_ = K + s * D;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < D; ++j) dot += qh[j] * ks_[j];
-        p[s] = dot * (float)scale;
-        mx = std::max(mx, p[s]);
-      }
-      float den = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = m[s] ? std::exp(p[s] - mx) : 0.f;
-        den += p[s];
-      }
-      float* o = op_ + b * Hq * D + h * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t s = 0; s < S; ++s) {
-        if (p[s] == 0.f) continue;
-        const float ps = p[s];
-        const float* vs = V + s * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) o[j] += ps * vs[j];
-      }
-      const float gate = 1.f / (1.f + std::exp(-in[b * W + Hq * D + 2 * Hkv * D + h]));
-      const float f = gate / den;
-      for (int64_t j = 0; j < D; ++j) o[j] *= f;
+  const int64_t gate_at = Hq * D + 2 * Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> p(G * S);
+    for (int64_t bk = lo; bk < hi; ++bk) {
+      const int64_t b = bk / Hkv, kvh = bk % Hkv;
+      attend_group(qp + (b * Hq + kvh * G) * D, kc + bk * cap * D, vc + bk * cap * D, mp + b * S,
+                   in + b * W + gate_at + kvh * G, G, S, D, (float)scale, p.data(), op_ + (b * Hq + kvh * G) * D);
     }
   });
   return out;
@@ -323,11 +437,7 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, torch::Tensor
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = xp + t * H;
     for (int64_t i = 0; i < E; ++i) {
-      float dot = 0.f;
-      const float* wi = wp + i * H;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < H; ++j) dot += xt[j] * wi[j];
-      score[i] = 1.f / (1.f + std::exp(-dot));
+      score[i] = 1.f / (1.f + std::exp(-dot(xt, wp + i * H, H)));
       order[i] = i;
     }
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {

@@ -35,11 +35,13 @@ def test_rms_norm_matches_the_pytorch_norm(residual, monkeypatch):
 
 
 @needs_ops
-@pytest.mark.parametrize("tokens", [1, 2, 16])  # 16 x 4 pairs on 16 experts: experts shared by tokens
+# 16 x 4 pairs on 16 experts: experts shared by tokens (register tiles of 1-4 tokens); 40 x 4: ten per
+# expert; hidden 40: no 16-wide tiles, the row-at-a-time loop.
+@pytest.mark.parametrize(("tokens", "H"), [(1, 48), (2, 48), (16, 48), (40, 48), (16, 40)])
 @pytest.mark.parametrize("limit", [0.0, 0.5])
-def test_experts_match_the_pytorch_experts(tokens, limit):
+def test_experts_match_the_pytorch_experts(tokens, H, limit):
     g = torch.Generator().manual_seed(tokens)
-    E, H, inter, k, shared = 16, 48, 24, 4, 20
+    E, inter, k, shared = 16, 24, 4, 20
     gu, dn = torch.randn(E, H, 2 * inter, generator=g), torch.randn(E, inter, H, generator=g)
     sgu, sdn = torch.randn(H, 2 * shared, generator=g), torch.randn(shared, H, generator=g)
     x = torch.randn(tokens, H, generator=g)
@@ -90,9 +92,13 @@ def test_the_moe_block_takes_the_ops_for_a_few_tokens_only(monkeypatch):
             return lambda *a: calls.append((name, a[0].shape[0])) or fn(*a)
 
     monkeypatch.setitem(cpu_decode._state, "ops", Counting())
-    x = torch.randn(9, 32)
+    x = torch.randn(130, 32)
     with torch.inference_mode():
-        one, four, many = m(x[:1]), m(x[:4]), m(x)  # 2 and 8 pairs on 8 experts: the ops; 18 > 16: PyTorch
+        one, four, many = (
+            m(x[:1]),
+            m(x[:4]),
+            m(x),
+        )  # 2 and 8 pairs on 8 experts: the ops; 260 > 32 x 8: PyTorch
     assert calls == [("route", 1), ("decode_experts", 1), ("route", 4), ("decode_experts", 4)]
     monkeypatch.setitem(cpu_decode._state, "ops", None)
     with torch.inference_mode():
@@ -149,7 +155,7 @@ def test_only_fp32_cpu_tensors_outside_autograd():
     assert not cpu_decode.usable(torch.zeros(1, 8, requires_grad=True), w)
     assert not cpu_decode.usable(torch.zeros(1, 8, dtype=torch.bfloat16), w)
     d = torch.zeros(4, 8, 8)
-    assert cpu_decode.experts_fit(8, w, d) and not cpu_decode.experts_fit(9, w, d)  # two pairs per expert
+    assert cpu_decode.experts_fit(128, w, d) and not cpu_decode.experts_fit(129, w, d)  # 32 pairs per expert
     assert not cpu_decode.experts_fit(2, w, d.transpose(1, 2))  # down not K-major contiguous
 
 
