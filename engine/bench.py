@@ -145,7 +145,7 @@ def _timed(fn) -> float:
 def decode_step_bytes(cfg, itemsize: int = 4, batch: int = 1) -> float:
     """Weight bytes one decode step of `batch` sequences must read (attention, MLPs, the experts the batch
     routes to, shared experts, lm_head). With uniform routing a batch touches E * (1 - (1 - k/E)^B) distinct
-    experts per layer: k at batch 1, nearly all 64 at batch 16 (47 of them)."""
+    experts per layer: k at batch 1, most of the 64 at batch 16 (56 of them)."""
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     experts = E * (1 - (1 - k / E) ** batch) if E else 0
     total = cfg.vocab_size * cfg.hidden_size  # lm_head

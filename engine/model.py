@@ -59,8 +59,19 @@ class DecoderLayer(nn.Module):
         return spec
 
     def forward(self, x, rope, meta, cache, index):
-        x, h = self.post_attn_norm.add(x, self.attn(self.input_norm(x), rope, meta, cache, index))
-        return x + self.mlp(h)
+        x, out = self.step(x, None, rope, meta, cache, index)
+        return x + out
+
+    def step(self, x, pending, rope, meta, cache, index):
+        """The layer with its last residual add left to the caller: returns (stream, MLP output). `pending`
+        is the previous layer's MLP output, not yet added to x: its add goes into this layer's first norm
+        (one pass where the CPU ops run, one op fewer per layer at decode)."""
+        if pending is None:
+            h = self.input_norm(x)
+        else:
+            x, h = self.input_norm.add(pending, x)
+        x, h = self.post_attn_norm.add(x, self.attn(h, rope, meta, cache, index))
+        return x, self.mlp(h)
 
 
 class MTPLayer(nn.Module):
@@ -137,11 +148,11 @@ class StepTextModel(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """embeds [B, T, H] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only), in the model dtype."""
-        x = embeds
+        x, pending = embeds, None
         ropes = rope_tables(self.inv_freq, meta.positions, x.dtype)
         for i, layer in enumerate(self.layers):
             t = layer.attention_type
-            x = layer(x, ropes[t], meta.types[t], cache, i)
+            x, pending = layer.step(x, pending, ropes[t], meta.types[t], cache, i)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            x, pending = x[:, -1:], pending[:, -1:]
+        return self.lm_head(self.norm.add(pending, x)[1])

@@ -170,22 +170,22 @@ class MoE(nn.Module):
                 and cpu_decode.experts_fit(x.shape[0] * self.top_k, self.gate_up, self.down)
                 and self.shared.gate_up.transposed
                 and self.shared.down.transposed
-            ):  # decode at small batches on the CPU: router, routed and shared experts in two calls
-                x = x.contiguous()
-                weights, ids = ops.route(x, self.router, self.router_bias.float(), self.top_k, self.scale)
+            ):  # decode at small batches on the CPU: router, routed and shared experts in one call
                 sh = self.shared
-                routed_and_shared = ops.decode_experts(
-                    x,
+                out = ops.decode_moe(
+                    x.contiguous(),
+                    self.router,
+                    self.router_bias,
+                    self.top_k,
+                    self.scale,
                     self.gate_up,
                     self.down,
-                    weights,
-                    ids,
                     float(self.limit),
                     sh.gate_up.weight,
                     sh.down.weight,
                     float(sh.limit),
                 )
-                return routed_and_shared.reshape(shape)
+                return out.reshape(shape)
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
         if self.layout == "split":
             routed = fused_moe_kernel()(

@@ -99,7 +99,7 @@ def test_the_moe_block_takes_the_ops_for_a_few_tokens_only(monkeypatch):
             m(x[:4]),
             m(x),
         )  # 2 and 8 pairs on 8 experts: the ops; 260 > 32 x 8: PyTorch
-    assert calls == [("route", 1), ("decode_experts", 1), ("route", 4), ("decode_experts", 4)]
+    assert calls == [("decode_moe", 1), ("decode_moe", 4)]
     monkeypatch.setitem(cpu_decode._state, "ops", None)
     with torch.inference_mode():
         _close(m(x[:1]), one)
@@ -141,7 +141,7 @@ def test_decode_steps_through_the_ops_match_the_pytorch_path(text, tmp_path, mon
 
     monkeypatch.setitem(cpu_decode._state, "ops", Counting())
     got, got_cache = _decode_logits(llm, prompts, 12)
-    assert "decode_attention" in calls and "decode_experts" in calls
+    assert "decode_attention" in calls and "decode_moe" in calls
     monkeypatch.setitem(cpu_decode._state, "ops", None)
     want, want_cache = _decode_logits(llm, prompts, 12)
     _close(got, want, 1e-4)
