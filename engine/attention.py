@@ -89,11 +89,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One new token per row through the compiled op: the same maths as `forward`, one call."""
         B = x.shape[0]
+        cos, sin = rope.cos_sin  # built once per step for all the layers of this attention type
         out = ops.decode_attention(
             self.qkvg(x).reshape(B, -1),
             self.q_norm.scale(),
             self.k_norm.scale(),
-            rope.inv_freq,
+            cos.reshape(B, -1),
+            sin.reshape(B, -1),
             rope.positions.reshape(B).contiguous(),
             ck,
             cv,

@@ -125,8 +125,8 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
 
 
 class Rope:
-    """RoPE of one attention type at a step's positions [B, T]; the cos/sin tables are built on first use
-    (the CPU decode op computes its own from `inv_freq` and the positions)."""
+    """RoPE of one attention type at a step's positions [B, T]; the cos/sin tables are built on first use,
+    once per step for all the layers of that type (an attention type with no layer builds none)."""
 
     def __init__(self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
         self.inv_freq, self.positions, self.dtype = inv_freq, positions, dtype

@@ -72,6 +72,12 @@ ADVISOR_INLINE v16 vexp(v16 x) {
   return p * two_n;
 }
 
+// vexp, with 0 below -87 (for -inf: a masked attention slot).
+ADVISOR_INLINE v16 vexp0(v16 x) {
+  const v16 e = vexp(x);
+  return x < -87.f ? v16{} : e;
+}
+
 void check_f32(const torch::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous(), op, ": ", name,
               " must be a contiguous fp32 CPU tensor");
@@ -229,12 +235,90 @@ ADVISOR_INLINE void exp_inplace(float* p, int64_t n) {
   for (; s < n; ++s) p[s] = std::exp(p[s]);
 }
 
+ADVISOR_INLINE float hsum16(v16 v) {
+  v8 lo, hi;
+  __builtin_memcpy(&lo, &v, 32);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  return hsum(lo + hi);
+}
+
+// One head's attention weights in place: p holds its scores plus `mask` (0 at visible slots, -inf at the
+// others); softmax over the row (the masked slots come out 0), times f (the head's sigmoid gate, folded in
+// here rather than applied to the output).
+ADVISOR_INLINE void softmax_row(float* p, int64_t S, float f) {
+  int64_t s = 0;
+  v16 mv = v16{} - std::numeric_limits<float>::infinity();
+  for (; s + 16 <= S; s += 16) {
+    const v16 x = load16(p + s);
+    mv = x > mv ? x : mv;
+  }
+  float mx = mv[0];
+  for (int j = 1; j < 16; ++j) mx = std::max(mx, mv[j]);
+  for (; s < S; ++s) mx = std::max(mx, p[s]);
+  v16 sv = {};
+  for (s = 0; s + 16 <= S; s += 16) {
+    const v16 e = vexp0(load16(p + s) - mx);
+    store16(p + s, e);
+    sv += e;
+  }
+  float sum = hsum16(sv);
+  for (; s < S; ++s) {
+    p[s] = std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  f /= sum;
+  for (s = 0; s + 16 <= S; s += 16) store16(p + s, load16(p + s) * f);
+  for (; s < S; ++s) p[s] *= f;
+}
+
+// Attention of G query heads (q [G, 16 * DV]) over one KV head's slots K, V [S, 16 * DV], in passes of up to
+// HP heads whose queries (for q . k) and outputs (for p @ V) stay in registers while each key and value
+// row is read once for all of them: HP * DV <= 24 of AVX-512's 32 vector registers.
+template <int DV>
+ADVISOR_INLINE void attend_heads(const float* q, const float* K, const float* V, const char* visible,
+                                 const float* mask, const float* gate, int64_t G, int64_t S, float scale, float* p,
+                                 float* out) {
+  constexpr int64_t D = 16 * DV;
+  constexpr int HP = DV >= 8 ? 3 : (24 / DV > 8 ? 8 : 24 / DV);
+  for (int64_t g0 = 0; g0 < G; g0 += HP) {
+    const int nh = (int)std::min<int64_t>(HP, G - g0);
+    v16 r[HP][DV];
+    for (int h = 0; h < HP; ++h)
+      for (int d = 0; d < DV; ++d) r[h][d] = h < nh ? load16(q + (g0 + h) * D + 16 * d) : v16{};
+    for (int64_t s = 0; s < S; ++s) {
+      v16 k[DV];
+      for (int d = 0; d < DV; ++d) k[d] = load16(K + s * D + 16 * d);
+      for (int h = 0; h < HP; ++h) {
+        if (h >= nh) break;
+        v16 t = r[h][0] * k[0];
+        for (int d = 1; d < DV; ++d) t += r[h][d] * k[d];
+        p[(g0 + h) * S + s] = hsum16(t) * scale + mask[s];
+      }
+    }
+    for (int h = 0; h < nh; ++h) softmax_row(p + (g0 + h) * S, S, 1.f / (1.f + std::exp(-gate[g0 + h])));
+    for (int h = 0; h < HP; ++h)
+      for (int d = 0; d < DV; ++d) r[h][d] = v16{};
+    for (int64_t s = 0; s < S; ++s) {
+      if (!visible[s]) continue;
+      v16 v[DV];
+      for (int d = 0; d < DV; ++d) v[d] = load16(V + s * D + 16 * d);
+      for (int h = 0; h < HP; ++h) {
+        if (h >= nh) break;
+        const float ph = p[(g0 + h) * S + s];
+        for (int d = 0; d < DV; ++d) r[h][d] += ph * v[d];
+      }
+    }
+    for (int h = 0; h < nh; ++h)
+      for (int d = 0; d < DV; ++d) store16(out + (g0 + h) * D + 16 * d, r[h][d]);
+  }
+}
+
 // Everything one decode step of attention does for one row b and one KV head (the G query heads that
 // share it): the new key's q/k RMSNorm and RoPE, its key and value written to the cache slot, q . k over
 // the visible slots (each key and value row read once for all G heads), the softmax, p @ V and the
 // head-wise sigmoid gate. The tasks are independent: a (row, KV head) owns its cache rows.
 struct AttentionStep {
-  const float *qkvg, *q_scale, *k_scale, *inv_freq;
+  const float *qkvg, *q_scale, *k_scale, *cos, *sin;
   const int64_t *qpos, *kpos;
   float *k_cache, *v_cache, *out;
   int64_t B, Hq, Hkv, G, D, rd, cap, S, slot, window, kpos_stride, W;
@@ -244,19 +328,12 @@ struct AttentionStep {
 ADVISOR_CLONES
 void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work) {
   const int64_t G = a.G, D = a.D, S = a.S, rd = a.rd;
-  float* cosv = work;
-  float* sinv = cosv + rd;
-  float* q = sinv + rd;  // [G, D]
-  float* p = q + G * D;  // [G, S]
-  char* visible = reinterpret_cast<char*>(p + G * S);
-  // cos/sin of the row's position, NeoX layout (the same angle for dims j and j + rd/2).
+  float* q = work;          // [G, D]
+  float* p = q + G * D;     // [G, S]
+  float* mask = p + G * S;  // [S]: 0 where visible, -inf elsewhere
+  char* visible = reinterpret_cast<char*>(mask + S);
   const int64_t qp = a.qpos[b];
-  const float pos = (float)std::max<int64_t>(qp, 0);
-  for (int64_t j = 0; j < rd / 2; ++j) {
-    const float f = pos * a.inv_freq[j];
-    cosv[j] = cosv[j + rd / 2] = std::cos(f);
-    sinv[j] = sinv[j + rd / 2] = std::sin(f);
-  }
+  const float *cosv = a.cos + b * rd, *sinv = a.sin + b * rd;
   const float* row = a.qkvg + b * a.W;
   const int64_t bk = b * a.Hkv + kvh;
   float* K = a.k_cache + bk * a.cap * D;
@@ -279,42 +356,23 @@ void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work) {
     any |= visible[s];
   }
   if (!any) std::fill(visible, visible + S, 1);
-  // q . k for four keys at a time: four independent FMA chains per query head.
-  int64_t s0 = 0;
-  if (D % 8 == 0) {
-    for (; s0 + 4 <= S; s0 += 4) {
-      const float* k0 = K + s0 * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * D;
-        v8 acc[4] = {};
-        for (int64_t j = 0; j < D; j += 8) {
-          const v8 qv = load8(qg + j);
-          for (int u = 0; u < 4; ++u) acc[u] += qv * load8(k0 + u * D + j);
-        }
-        for (int u = 0; u < 4; ++u) p[g * S + s0 + u] = hsum(acc[u]) * a.scale;
-      }
-    }
-  }
-  for (int64_t s = s0; s < S; ++s)
-    for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot(q + g * D, K + s * D, D) * a.scale;
+  for (int64_t s = 0; s < S; ++s) mask[s] = visible[s] ? 0.f : -std::numeric_limits<float>::infinity();
+  const float* gate = row + a.Hq * D + 2 * a.Hkv * D + kvh * G;
   float* out = a.out + (b * a.Hq + kvh * G) * D;
-  std::fill(out, out + G * D, 0.f);
-  for (int64_t g = 0; g < G; ++g) {
-    float* pg = p + g * S;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < S; ++s)
-      if (visible[s]) mx = std::max(mx, pg[s]);
-    for (int64_t s = 0; s < S; ++s) pg[s] -= mx;
-    exp_inplace(pg, S);
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) {
-      pg[s] = visible[s] ? pg[s] : 0.f;
-      sum += pg[s];
-    }
-    const float gate = 1.f / (1.f + std::exp(-row[a.Hq * D + 2 * a.Hkv * D + kvh * G + g]));
-    const float f = gate / sum;
-    for (int64_t s = 0; s < S; ++s) pg[s] *= f;
+  const float sc = a.scale;
+  switch (D) {  // head sizes of 16 to 128: the query heads and their outputs held in registers
+    case 16: return attend_heads<1>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 32: return attend_heads<2>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 48: return attend_heads<3>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 64: return attend_heads<4>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 96: return attend_heads<6>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 128: return attend_heads<8>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    default: break;
   }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot(q + g * D, K + s * D, D) * sc + mask[s];
+  for (int64_t g = 0; g < G; ++g) softmax_row(p + g * S, S, 1.f / (1.f + std::exp(-gate[g])));
+  std::fill(out, out + G * D, 0.f);
   for (int64_t s = 0; s < S; ++s) {
     if (!visible[s]) continue;
     const float* vs = V + s * D;
@@ -381,21 +439,23 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
 }
 
 // One decode step of Step attention for B rows, one new token each, from the fused projection
-// qkvg [B, Hq*D + 2*Hkv*D + Hq] (q, k, v, gate): q/k RMSNorm, partial NeoX RoPE at the query positions
-// qpos [B] (inv_freq [rotary dims / 2]), the new k/v written to cache slot `slot`, attention over cache
+// qkvg [B, Hq*D + 2*Hkv*D + Hq] (q, k, v, gate): q/k RMSNorm, partial NeoX RoPE with the rows' tables
+// cos, sin [B, rotary dims] (NeoX layout, halves repeated: one table per attention type and step, shared by
+// its layers), the new k/v written to cache slot `slot`, attention over cache
 // slots [0, S) whose key positions kpos [B, S] are visible from the query (causal, within `window` when
 // > 0; a padding row with nothing visible sees everything, its output unused), the head-wise sigmoid
 // gate. Returns [B, Hq*D]. Query head h reads KV head h / (Hq / Hkv). The (row, KV head) pairs split
 // across ATen's threads.
 torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch::Tensor k_scale,
-                               torch::Tensor inv_freq, torch::Tensor qpos, torch::Tensor k_cache,
+                               torch::Tensor cos, torch::Tensor sin, torch::Tensor qpos, torch::Tensor k_cache,
                                torch::Tensor v_cache, int64_t slot, torch::Tensor kpos, int64_t window, int64_t Hq,
                                double eps, double scale) {
   const char* op = "decode_attention";
   check_f32(qkvg, op, "qkvg");
   check_f32(q_scale, op, "q_scale");
   check_f32(k_scale, op, "k_scale");
-  check_f32(inv_freq, op, "inv_freq");
+  check_f32(cos, op, "cos");
+  check_f32(sin, op, "sin");
   check_f32(k_cache, op, "k_cache");
   check_f32(v_cache, op, "v_cache");
   TORCH_CHECK(kpos.dtype() == torch::kInt64 && kpos.dim() == 2 && kpos.stride(1) == 1 && qpos.dtype() == torch::kInt64 &&
@@ -408,20 +468,22 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   a.cap = k_cache.size(2);
   a.D = k_cache.size(3);
   a.S = kpos.size(1);
-  a.rd = 2 * inv_freq.numel();
+  a.rd = cos.numel() / std::max<int64_t>(a.B, 1);
   TORCH_CHECK(a.Hkv > 0 && Hq % a.Hkv == 0, op, ": ", Hq, " query heads do not group over ", a.Hkv, " KV heads");
   a.G = Hq / a.Hkv;
   a.W = qkvg.size(1);
   TORCH_CHECK(a.W == Hq * a.D + 2 * a.Hkv * a.D + Hq, op, ": qkvg width ", a.W, " does not match ", Hq,
               " query heads, ", a.Hkv, " KV heads of ", a.D);
   TORCH_CHECK(kpos.size(0) == a.B && qpos.numel() == a.B && a.S <= a.cap && slot >= 0 && slot < a.cap &&
-                  k_cache.size(0) == a.B && v_cache.sizes() == k_cache.sizes() && a.rd <= a.D,
+                  k_cache.size(0) == a.B && v_cache.sizes() == k_cache.sizes() && a.rd <= a.D && a.rd % 2 == 0 &&
+                  cos.numel() == a.B * a.rd && sin.numel() == a.B * a.rd,
               op, ": cache, positions, slot or rotary dims out of range");
   auto out = torch::empty({a.B, Hq * a.D}, qkvg.options());
   a.qkvg = qkvg.data_ptr<float>();
   a.q_scale = q_scale.data_ptr<float>();
   a.k_scale = k_scale.data_ptr<float>();
-  a.inv_freq = inv_freq.data_ptr<float>();
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
   a.qpos = qpos.data_ptr<int64_t>();
   a.kpos = kpos.data_ptr<int64_t>();
   a.kpos_stride = kpos.stride(0);
@@ -432,8 +494,8 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   a.window = window;
   a.eps = (float)eps;
   a.scale = (float)scale;
-  // cos, sin, q [G, D], p [G, S], then S visibility bytes
-  const int64_t work = 2 * a.rd + a.G * a.D + a.G * a.S + (a.S + 3) / 4;
+  // q [G, D], p [G, S], the mask [S], then S visibility bytes
+  const int64_t work = a.G * a.D + a.G * a.S + a.S + (a.S + 3) / 4;
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(work);
     for (int64_t bk = lo; bk < hi; ++bk) attend(a, bk / a.Hkv, bk % a.Hkv, buf.data());

@@ -125,8 +125,19 @@ def _decode_logits(llm, prompts, steps):
     return torch.stack(out), cache
 
 
+# Head sizes the op holds in registers (16, 64, and 128 in passes of 3 heads: 10 and 8 query heads on 2 KV
+# heads), and one it does not (24: the plain loops).
+_HEADS = {
+    "sliding+partial-rotary": TEXT_A,
+    "full": TEXT_B,
+    "head-64": dict(TEXT_A, head_dim=64),
+    "head-128-passes": dict(TEXT_A, head_dim=128, num_attention_heads=10),
+    "head-24-plain": dict(TEXT_A, head_dim=24),
+}
+
+
 @needs_ops
-@pytest.mark.parametrize("text", [TEXT_A, TEXT_B], ids=["sliding+partial-rotary", "full"])
+@pytest.mark.parametrize("text", list(_HEADS.values()), ids=list(_HEADS))
 def test_decode_steps_through_the_ops_match_the_pytorch_path(text, tmp_path, monkeypatch):
     """Whole decode steps (attention with its cache writes and rings, norms, router, experts) with the ops
     and without: left-padded rows, past the sliding window."""
