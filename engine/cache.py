@@ -119,8 +119,10 @@ class KVCache:
             else:  # prefill/chunk: attend over [old ring, new keys], then store the tail
                 first = max(0, T - cap)  # only the last `cap` new tokens survive in the ring
                 slots = torch.arange(L + first, L + T, device=positions.device) % cap
-                kpos = torch.cat([pos, positions], dim=1)
-                types[t] = TypeMeta(positions, kpos, window, slots, first, False, slice(0, cap))
+                # A fresh cache's ring is empty: attend over the new keys alone, not `cap` empty slots too.
+                old = slice(0, cap if L else 0)
+                kpos = torch.cat([pos[:, old], positions], dim=1)
+                types[t] = TypeMeta(positions, kpos, window, slots, first, False, old)
                 pos[:, slots] = positions[:, first:]
         self.length = L + T
         return StepMeta(positions, types)

@@ -49,7 +49,6 @@ def experts_torch(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=E)
     tok = order // k
-    xs = x[tok]
     n = T * k
     if schedule is None:
         # Measured on CPU (E=64, top-8): the loop wins while few experts are hit; padding wins from about
@@ -64,15 +63,23 @@ def experts_torch(
         if schedule == "grouped" and not _HAS_GROUPED_MM:
             schedule = "padded"
     if schedule == "loop":
-        out = torch.empty_like(xs)
+        # Expert by expert, gathering its tokens and adding its outputs straight into the result: no
+        # [T * k, H] intermediates. At long prefills those pass 32 MB, where glibc maps every allocation
+        # afresh, and the page faults cost more than the GEMMs (16 x 128 tokens: 0.61 -> 0.50 s here).
+        w_sorted = weights.reshape(-1)[order, None].to(x.dtype)
+        result = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
             seg = slice(start, start + c)
-            torch.mm(swiglu(xs[seg] @ w_gate_up_t[e], limit), w_down_t[e], out=out[seg])
+            rows = tok[seg]
+            y = swiglu(x.index_select(0, rows) @ w_gate_up_t[e], limit) @ w_down_t[e]
+            result.index_add_(0, rows, y * w_sorted[seg])
             start += c
-    elif schedule == "padded":
+        return result
+    xs = x[tok]
+    if schedule == "padded":
         cap = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
         sorted_e = flat[order]
