@@ -277,7 +277,7 @@ ADVISOR_INLINE void softmax_row(float* p, int64_t S, float f) {
 template <int DV>
 ADVISOR_INLINE void attend_heads(const float* q, const float* K, const float* V, const char* visible,
                                  const float* mask, const float* gate, int64_t G, int64_t S, float scale, float* p,
-                                 float* out) {
+                                 float* out, const float* next_K) {
   constexpr int64_t D = 16 * DV;
   constexpr int HP = DV >= 8 ? 3 : (24 / DV > 8 ? 8 : 24 / DV);
   for (int64_t g0 = 0; g0 < G; g0 += HP) {
@@ -288,6 +288,8 @@ ADVISOR_INLINE void attend_heads(const float* q, const float* K, const float* V,
     for (int64_t s = 0; s < S; ++s) {
       v16 k[DV];
       for (int d = 0; d < DV; ++d) k[d] = load16(K + s * D + 16 * d);
+      if (g0 == 0)
+        for (int d = 0; d < DV; ++d) __builtin_prefetch(V + s * D + 16 * d, 0, 3);
       for (int h = 0; h < HP; ++h) {
         if (h >= nh) break;
         v16 t = r[h][0] * k[0];
@@ -299,6 +301,8 @@ ADVISOR_INLINE void attend_heads(const float* q, const float* K, const float* V,
     for (int h = 0; h < HP; ++h)
       for (int d = 0; d < DV; ++d) r[h][d] = v16{};
     for (int64_t s = 0; s < S; ++s) {
+      if (next_K && g0 + HP >= G)
+        for (int d = 0; d < DV; ++d) __builtin_prefetch(next_K + s * D + 16 * d, 0, 3);
       if (!visible[s]) continue;
       v16 v[DV];
       for (int d = 0; d < DV; ++d) v[d] = load16(V + s * D + 16 * d);
@@ -326,7 +330,7 @@ struct AttentionStep {
 };
 
 ADVISOR_CLONES
-void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work) {
+void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work, int64_t next) {
   const int64_t G = a.G, D = a.D, S = a.S, rd = a.rd;
   float* q = work;          // [G, D]
   float* p = q + G * D;     // [G, S]
@@ -360,13 +364,16 @@ void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work) {
   const float* gate = row + a.Hq * D + 2 * a.Hkv * D + kvh * G;
   float* out = a.out + (b * a.Hq + kvh * G) * D;
   const float sc = a.scale;
+  // The next task's keys, fetched while this one's values are summed (its values are fetched during its
+  // q . k): the cache rows come from memory at every step, and the two loads then overlap the arithmetic.
+  const float* next_K = next >= 0 ? a.k_cache + next * a.cap * D : nullptr;
   switch (D) {  // head sizes of 16 to 128: the query heads and their outputs held in registers
-    case 16: return attend_heads<1>(q, K, V, visible, mask, gate, G, S, sc, p, out);
-    case 32: return attend_heads<2>(q, K, V, visible, mask, gate, G, S, sc, p, out);
-    case 48: return attend_heads<3>(q, K, V, visible, mask, gate, G, S, sc, p, out);
-    case 64: return attend_heads<4>(q, K, V, visible, mask, gate, G, S, sc, p, out);
-    case 96: return attend_heads<6>(q, K, V, visible, mask, gate, G, S, sc, p, out);
-    case 128: return attend_heads<8>(q, K, V, visible, mask, gate, G, S, sc, p, out);
+    case 16: return attend_heads<1>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 32: return attend_heads<2>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 48: return attend_heads<3>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 64: return attend_heads<4>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 96: return attend_heads<6>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 128: return attend_heads<8>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
     default: break;
   }
   for (int64_t s = 0; s < S; ++s)
@@ -498,7 +505,7 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   const int64_t work = a.G * a.D + a.G * a.S + a.S + (a.S + 3) / 4;
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(work);
-    for (int64_t bk = lo; bk < hi; ++bk) attend(a, bk / a.Hkv, bk % a.Hkv, buf.data());
+    for (int64_t bk = lo; bk < hi; ++bk) attend(a, bk / a.Hkv, bk % a.Hkv, buf.data(), bk + 1 < hi ? bk + 1 : -1);
   });
   return out;
 }
