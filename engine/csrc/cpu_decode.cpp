@@ -189,8 +189,12 @@ void expert(const float* x, const int64_t* rows, const float* w, int64_t c, cons
   const bool tiled = c > 1 && I2 % 16 == 0 && H % 16 == 0;
   if (tiled) small_gemm(x, rows, c, H, gu, H, I2, h);
   else std::fill(h, h + c * I2, 0.f);
+  // One token: the weight rows are read one after the other, each a few cache lines; asking for the rows
+  // a few ahead keeps more loads in flight than the prefetchers do (MoE layer at batch 1: 257 -> 233 us).
   for (int64_t i = 0; i < H && !tiled; ++i) {
     const float* row = gu + i * I2;
+    if (i + 8 < H)
+      for (int64_t j = 0; j < I2; j += 16) __builtin_prefetch(row + 8 * I2 + j, 0, 3);
     for (int64_t r = 0; r < c; ++r) {
       const float xi = x[rows[r] * H + i];
       float* hr = h + r * I2;
@@ -207,6 +211,8 @@ void expert(const float* x, const int64_t* rows, const float* w, int64_t c, cons
   std::fill(y, y + c * H, 0.f);
   for (int64_t i = 0; i < I; ++i) {
     const float* row = dn + i * H;
+    if (i + 4 < I)
+      for (int64_t j = 0; j < H; j += 16) __builtin_prefetch(row + 4 * H + j, 0, 3);
     for (int64_t r = 0; r < c; ++r) {
       const float ai = h[r * I2 + i];
       float* yr = y + r * H;
