@@ -4,16 +4,20 @@ At decode a Step layer is dozens of tiny tensors: the PyTorch path spends most o
 elementwise ops (a norm is five, RoPE eight, the router seven) and GEMVs too small for the thread pool.
 These ops collapse each cluster into one call:
 - `rms_norm(x, residual, scale, eps)`: the residual add and the norm, one pass;
-- `decode_attention(...)`: q/k norm, RoPE, the cache write, attention over the cache and the sigmoid gate
-  for one new token per row;
+- `decode_attention(...)`: q/k norm, RoPE (from the step's tables), the cache write, attention over the
+  cache and the sigmoid gate for one new token per row, split over (row, KV head) pairs; each pass of
+  query heads and its outputs held in registers, the next pair's keys prefetched;
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights read
   once, in place, for all of its tokens (experts split across ATen's threads; register tiles of four
-  tokens when an expert has several). Measured on the 2-core CPU here (E=64, top-8, H=512, I=128,
-  weights not in cache, one run), routed experts per layer against `engine.moe.experts_torch`:
-  0.34 ms for one token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7
-  for 64, 21 against 28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024.
-  So it runs while there are at most 32 pairs per expert: decode, and prefills of a few hundred tokens.
+  tokens when an expert has several). Measured on a 2-core AVX2 CPU (E=64, top-8, H=512, I=128, weights
+  not in cache, one run), routed experts per layer against `engine.moe.experts_torch`: 0.34 ms for one
+  token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7 for 64, 21 against
+  28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024. So it runs while there
+  are at most 32 pairs per expert: decode, and prefills of a few hundred tokens;
+- `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call.
+The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
+at load time; exp is vectorised (softmax, SwiGLU).
 The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
@@ -39,7 +43,7 @@ _state: dict[str, object] = {}
 
 
 def ops():
-    """The compiled module (`rms_norm`, `decode_attention`, `route`, `decode_experts`), or None."""
+    """The compiled module (`rms_norm`, `decode_attention`, `route`, `decode_experts`, `decode_moe`), or None."""
     if "ops" in _state:
         return _state["ops"]
     with _lock:
