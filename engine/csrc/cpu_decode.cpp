@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -518,7 +519,7 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
 
 // Routed experts for the (token, slot) pairs in ids [T, k] with routing weights [T, k], plus, when given,
 // the shared expert (weight 1) on every token: out = sum over slots + shared. Experts and the shared one
-// split across ATen's threads; each token's pairs are summed in expert order.
+// split across ATen's threads (taken one at a time); each token's pairs are summed in expert order.
 torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn, torch::Tensor weights,
                              torch::Tensor ids, double limit, c10::optional<torch::Tensor> shared_gu,
                              c10::optional<torch::Tensor> shared_dn, double shared_limit) {
@@ -552,10 +553,10 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
     rows[s] = p / k;
     pw[s] = wt.data_ptr<float>()[p];
   }
-  std::vector<int64_t> tasks;  // experts with tokens, then -1 for the shared expert
+  std::vector<int64_t> tasks;  // -1 for the shared expert (the most tokens: first), then experts with tokens
+  if (has_shared) tasks.push_back(-1);
   for (int64_t i = 0; i < E; ++i)
     if (count[i + 1] > count[i]) tasks.push_back(i);
-  if (has_shared) tasks.push_back(-1);
   std::vector<int64_t> all_rows(T);
   std::vector<float> ones(T, 1.f);
   for (int64_t t = 0; t < T; ++t) all_rows[t] = t;
@@ -563,9 +564,12 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
   auto shared_y = torch::empty({has_shared ? T : 0, H}, x.options());
   const float *xp = x.data_ptr<float>(), *gup = gu.data_ptr<float>(), *dnp = dn.data_ptr<float>();
   float* yp = ys.data_ptr<float>();
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t b, int64_t f) {
+  // Tasks taken one at a time from a shared counter: experts differ in tokens, the shared one has them all.
+  std::atomic<int64_t> next{0};
+  const int64_t n_tasks = (int64_t)tasks.size();
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> h;
-    for (int64_t q = b; q < f; ++q) {
+    for (int64_t q; (q = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       const int64_t ex = tasks[q];
       if (ex < 0) {
         h.resize(T * 2 * Is);
