@@ -5,7 +5,8 @@
 Builds a Step-shaped random model (~95M parameters: dense first layer, then MoE layers; full attention
 every 4th layer, sliding elsewhere, with more query heads on sliding layers, partial RoPE and llama3
 scaling on full layers), saves it once with `save_pretrained`, loads it into both implementations and
-times greedy prefill and decode. transformers is a dev dependency; the engine itself does not use it.
+times greedy prefill and decode: the best run of each, and the ratio of each pair of neighbouring runs.
+transformers is a dev dependency; the engine itself does not use it.
 """
 
 from __future__ import annotations
@@ -114,16 +115,21 @@ def engine_runner(llm, ids: torch.Tensor, n_decode: int):
     return run
 
 
-def best_of(runners: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Alternate the implementations run by run (so a noisy neighbour hurts both alike); keep each best."""
-    best = {name: (float("inf"), float("inf")) for name in runners}
+def timed_runs(runners: dict, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Alternate the implementations run by run (so a noisy neighbour hurts both alike); every run's
+    (prefill seconds, decode seconds), in order, after one warm-up run each."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for run in runners.values():
         run()  # warm-up
     for _ in range(repeats):
         for name, run in runners.items():
-            p, d = run()
-            best[name] = (min(best[name][0], p), min(best[name][1], d))
-    return best
+            runs[name].append(run())
+    return runs
+
+
+def paired_ratios(ref: list[tuple[float, float]], eng: list[tuple[float, float]], col: int) -> list[float]:
+    """Speed ratio engine / reference of each pair of neighbouring runs (col 0 prefill, 1 decode)."""
+    return sorted(r[col] / e[col] for r, e in zip(ref, eng, strict=True))
 
 
 def streaming_rate() -> float:
@@ -186,18 +192,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads, prompt {args.prompt}, decode {args.decode} tokens, "
         f"best of {args.repeats} alternating runs"
     )
-    rows = []
+    rows, spread = [], []
     for B in args.batches:
         ids = torch.randint(
             1, BENCH_TEXT["vocab_size"], (B, args.prompt), generator=torch.Generator().manual_seed(B)
         )
-        best = best_of(
+        runs = timed_runs(
             {"ref": reference_runner(ref, ids, args.decode), "engine": engine_runner(llm, ids, args.decode)},
             args.repeats,
         )
-        (r_pre, r_dec), (e_pre, e_dec) = best["ref"], best["engine"]
+        (r_pre, r_dec), (e_pre, e_dec) = (tuple(map(min, zip(*runs[n], strict=True))) for n in ("ref", "engine"))
         n_pre, n_dec = B * args.prompt, B * args.decode
         rows.append((B, n_pre / r_pre, n_pre / e_pre, n_dec / r_dec, n_dec / e_dec))
+        spread.append((B, paired_ratios(runs["ref"], runs["engine"], 1)))
 
     head = (
         f"{'batch':>5} | {'prefill tok/s ref':>17} {'engine':>10} {'ratio':>6} | "
@@ -207,6 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(head))
     for B, rp, ep, rd, ed in rows:
         print(f"{B:>5} | {rp:>17.1f} {ep:>10.1f} {ep / rp:>5.2f}x | {rd:>16.1f} {ed:>10.1f} {ed / rd:>5.2f}x")
+    # On a shared machine the rate varies from minute to minute: the decode ratio of each pair of
+    # neighbouring runs shows how much (the table above is best run against best run).
+    for B, ratios in spread:
+        print(
+            f"batch {B}: decode ratio of each of the {len(ratios)} paired runs: "
+            f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {ratios[len(ratios) // 2]:.2f}x)"
+        )
     # The roofline: a decode step cannot beat reading the weights it touches once, at the rate this
     # machine streams them into a gemv. Against the targets (3x the reference at batch 1, 5x at 16).
     targets = {1: 3.0, 16: 5.0}

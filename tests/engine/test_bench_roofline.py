@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.bench import decode_step_bytes
+from engine.bench import decode_step_bytes, paired_ratios
 
 
 def _cfg(E=64, k=8):
@@ -33,3 +33,10 @@ def test_batch_one_reads_k_experts_and_a_batch_reads_the_distinct_ones():
     fixed = 1000 * 64 + 3 * attn + 3 * 64 * 128 + 2 * (64 * 64 + 3 * 64 * 32)
     assert one == pytest.approx((fixed + 2 * 8 * 3 * 64 * 24) * 4)
     assert decode_step_bytes(cfg, itemsize=2) == pytest.approx(one / 2)
+
+
+def test_paired_ratios_compare_neighbouring_runs():
+    ref = [(1.0, 10.0), (1.0, 30.0), (1.0, 12.0)]  # the second pair ran while the machine was busy
+    eng = [(0.5, 2.0), (0.5, 5.0), (0.5, 3.0)]
+    assert paired_ratios(ref, eng, 1) == [4.0, 5.0, 6.0]
+    assert paired_ratios(ref, eng, 0) == [2.0, 2.0, 2.0]
