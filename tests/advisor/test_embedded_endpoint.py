@@ -243,3 +243,31 @@ async def test_images_refused_when_the_image_token_ids_disagree(ckpt):
     part = ImagePart(b"\x89PNG", "image/png")
     with pytest.raises(EndpointError, match="im_patch"):
         await _endpoint(ckpt).complete([Message.user("look", [part])])
+
+
+
+def test_a_call_runs_in_its_own_batch_even_behind_identical_queued_calls():
+    """Queued calls are told apart by identity, not by value: tasks that open the same way send the same
+    prompt, and with more of them queued than one batch holds, a value-equal job once stood in for the
+    caller's own in the batch it ran, and the caller came back with nothing (an AssertionError)."""
+    from pathlib import Path
+
+    from advisor.endpoints.embedded import _Engine, _Job
+
+    class LLM:
+        max_batch_size = 2
+        batches: list[list[list[int]]] = []
+
+        def generate(self, prompts, **kw):
+            self.batches.append(prompts)
+            return [p[::-1] for p in prompts]
+
+    llm = LLM()
+    eng = _Engine(llm, None, Path("."))
+    key = (4, 0.0, 1.0, None, ())
+    queued = [_Job([1, 2, 3], key) for _ in range(3)]  # other callers', waiting for the model
+    eng._pending.extend(queued)
+    assert eng.generate([1, 2, 3], 4, 0.0, 1.0, None, ()) == [3, 2, 1]
+    assert len(llm.batches) == 1 and len(llm.batches[0]) == 2
+    assert [j.done for j in queued] == [True, False, False]  # the caller's job and the first queued one ran
+    assert eng._pending == queued[1:] and all(a is b for a, b in zip(eng._pending, queued[1:], strict=True))
