@@ -153,6 +153,8 @@ class StepTextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             t = layer.attention_type
             x, pending = layer.step(x, pending, ropes[t], meta.types[t], cache, i)
+        if pending is None:  # no layers
+            pending = torch.zeros_like(x)
         if last_only:
             x, pending = x[:, -1:], pending[:, -1:]
         return self.lm_head(self.norm.add(pending, x)[1])
