@@ -235,13 +235,6 @@ ADVISOR_INLINE float dot(const float* a, const float* b, int64_t n) {
   return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
 }
 
-// exp over n floats in place: 16 at a time, the tail with std::exp.
-ADVISOR_INLINE void exp_inplace(float* p, int64_t n) {
-  int64_t s = 0;
-  for (; s + 16 <= n; s += 16) store16(p + s, vexp(load16(p + s)));
-  for (; s < n; ++s) p[s] = std::exp(p[s]);
-}
-
 ADVISOR_INLINE float hsum16(v16 v) {
   v8 lo, hi;
   __builtin_memcpy(&lo, &v, 32);
