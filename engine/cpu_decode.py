@@ -8,8 +8,9 @@ These ops collapse each cluster into one call:
   cache and the sigmoid gate for one new token per row, split over (row, KV head) pairs; each pass of
   query heads and its outputs held in registers, the next pair's keys prefetched;
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
-- `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights read
-  once, in place, for all of its tokens (experts split across ATen's threads; register tiles of four
+- `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights (or
+  the same in 16 x 16 tiles, `engine.moe.block16`, one sequential stream) read once, in place, for all
+  of its tokens (experts split across ATen's threads; register tiles of four
   tokens when an expert has several). Measured on a 2-core AVX2 CPU (E=64, top-8, H=512, I=128, weights
   not in cache, one run), routed experts per layer against `engine.moe.experts_torch`: 0.34 ms for one
   token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7 for 64, 21 against
@@ -81,5 +82,5 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def experts_fit(n_pairs: int, gate_up_t: torch.Tensor, down_t: torch.Tensor) -> bool:
     """Whether the routed experts of a call go through `decode_experts`: at most 32 (token, expert) pairs
-    per expert (beyond that MKL's GEMMs catch up), K-major weights laid out contiguously."""
+    per expert (beyond that MKL's GEMMs catch up), K-major or blocked weights laid out contiguously."""
     return n_pairs <= 32 * gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()

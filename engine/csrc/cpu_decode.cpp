@@ -135,24 +135,25 @@ ADVISOR_INLINE void swiglu_row(float* h, int64_t I, float limit, float w) {
   }
 }
 
-// out[r] (+)= a[rows[r]] @ W for c rows, W K-major [K, N] row-major, a rows of stride lda, out rows of
-// stride N. Register tiles of up to 4 rows x 16 columns, accumulated over blocks of 16 weight rows (16 KiB
-// of W at N = 256, in L1): each weight is loaded once per 4 rows instead of once per row, and the
-// accumulators stay in registers instead of going through memory at every step.
+// out[r] (+)= a[rows[r]] @ W for c rows, a rows of stride lda, out rows of stride N; W [K, N] either
+// K-major row-major, or blocked: [K/16][N/16][16][16], each 16 x 16 tile contiguous (1 KiB) and the tiles
+// in the order the loops read them. Register tiles of up to 4 rows x 16 columns, accumulated over blocks
+// of 16 weight rows: each weight is loaded once per 4 rows instead of once per row, and the accumulators
+// stay in registers instead of going through memory at every step.
 template <int R>
-ADVISOR_INLINE void tile(const float* const* a, const float* W, int64_t k0, int64_t k1, int64_t N, int64_t n0,
+ADVISOR_INLINE void tile(const float* const* a, const float* Wt, int64_t ws, int64_t k0, int64_t k1, int64_t n0,
                          float* const* out) {
   v16 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = load16(out[r] + n0);
-  for (int64_t k = k0; k < k1; ++k) {
-    const v16 w = load16(W + k * N + n0);
+  for (int64_t k = k0; k < k1; ++k, Wt += ws) {
+    const v16 w = load16(Wt);
     for (int r = 0; r < R; ++r) acc[r] += a[r][k] * w;
   }
   for (int r = 0; r < R; ++r) store16(out[r] + n0, acc[r]);
 }
 
 ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, int64_t lda, const float* W,
-                               int64_t K, int64_t N, float* out) {
+                               bool blocked, int64_t K, int64_t N, float* out) {
   std::fill(out, out + c * N, 0.f);
   for (int64_t r0 = 0; r0 < c; r0 += 4) {
     const int R = (int)std::min<int64_t>(4, c - r0);
@@ -165,16 +166,19 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const int64_t k1 = std::min<int64_t>(K, k0 + 16);
       for (int64_t n0 = 0; n0 < N; n0 += 16) {
-        // The tiles walk a 16-row block column by column: sixteen strided streams, more than the hardware
-        // prefetchers follow. Ask for the next block's lines of this column while this one computes
-        // (measured: 2.0 -> 1.3 ms per MoE layer at batch 16, E=64, H=512, I=128).
-        if (r0 == 0)
+        const float* Wt = blocked ? W + (k0 * N + n0 * 16) : W + k0 * N + n0;
+        // K-major, the tiles walk a 16-row block column by column: sixteen strided streams, more than the
+        // hardware prefetchers follow. Ask for the next block's lines of this column while this one
+        // computes (measured: 2.0 -> 1.3 ms per MoE layer at batch 16, E=64, H=512, I=128). Blocked, the
+        // reads are one sequential stream, which the prefetchers follow alone (1.17 -> 1.04 ms).
+        if (!blocked && r0 == 0)
           for (int64_t t = k1; t < std::min<int64_t>(K, k1 + 16); ++t) __builtin_prefetch(W + t * N + n0, 0, 3);
+        const int64_t ws = blocked ? 16 : N;
         switch (R) {
-          case 4: tile<4>(ar, W, k0, k1, N, n0, orow); break;
-          case 3: tile<3>(ar, W, k0, k1, N, n0, orow); break;
-          case 2: tile<2>(ar, W, k0, k1, N, n0, orow); break;
-          default: tile<1>(ar, W, k0, k1, N, n0, orow); break;
+          case 4: tile<4>(ar, Wt, ws, k0, k1, n0, orow); break;
+          case 3: tile<3>(ar, Wt, ws, k0, k1, n0, orow); break;
+          case 2: tile<2>(ar, Wt, ws, k0, k1, n0, orow); break;
+          default: tile<1>(ar, Wt, ws, k0, k1, n0, orow); break;
         }
       }
     }
@@ -182,13 +186,14 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
 }
 
 // One expert (or the shared expert) on its c tokens: y[r] = w[r] * down(swiglu(x[rows[r]] @ gate_up)),
-// with K-major weights (gate_up [H, 2I], down [I, H]) so each weight row is read once for all c tokens.
+// with K-major weights (gate_up [H, 2I], down [I, H]), so each weight row is read once for all c tokens,
+// or the same blocked (then always in register tiles, one token too).
 ADVISOR_CLONES
 void expert(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gu, const float* dn,
-            float limit, int64_t H, int64_t I, float* h, float* y) {
+            bool blocked, float limit, int64_t H, int64_t I, float* h, float* y) {
   const int64_t I2 = 2 * I;
-  const bool tiled = c > 1 && I2 % 16 == 0 && H % 16 == 0;
-  if (tiled) small_gemm(x, rows, c, H, gu, H, I2, h);
+  const bool tiled = blocked || (c > 1 && I2 % 16 == 0 && H % 16 == 0);
+  if (tiled) small_gemm(x, rows, c, H, gu, blocked, H, I2, h);
   else std::fill(h, h + c * I2, 0.f);
   // One token: the weight rows are read one after the other, each a few cache lines; asking for the rows
   // a few ahead keeps more loads in flight than the prefetchers do (MoE layer at batch 1: 257 -> 233 us).
@@ -206,7 +211,7 @@ void expert(const float* x, const int64_t* rows, const float* w, int64_t c, cons
   for (int64_t r = 0; r < c; ++r) swiglu_row(h + r * I2, I, limit, w[r]);
   if (tiled) {
     // the SwiGLU output sits in the first I columns of each h row (stride 2I)
-    small_gemm(h, nullptr, c, I2, dn, I, H, y);
+    small_gemm(h, nullptr, c, I2, dn, blocked, I, H, y);
     return;
   }
   std::fill(y, y + c * H, 0.f);
@@ -520,10 +525,16 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
   check_f32(x, op, "x");
   check_f32(gu, op, "gate_up");
   check_f32(dn, op, "down");
-  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gu.size(0), I = gu.size(2) / 2;
-  TORCH_CHECK(gu.size(1) == H && dn.size(0) == E && dn.size(1) == I && dn.size(2) == H && ids.size(0) == T &&
-                  weights.sizes() == ids.sizes(),
-              op, ": expert weights, ids or routing weights do not match x");
+  // K-major [E, H, 2I] and [E, I, H], or blocked [E, H/16, 2I/16, 16, 16] and [E, I/16, H/16, 16, 16]
+  const bool blocked = gu.dim() == 5;
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gu.size(0);
+  const int64_t I = blocked ? gu.size(2) * 8 : gu.size(2) / 2;
+  const auto want_gu = blocked ? std::vector<int64_t>{E, H / 16, I / 8, 16, 16} : std::vector<int64_t>{E, H, 2 * I};
+  const auto want_dn = blocked ? std::vector<int64_t>{E, I / 16, H / 16, 16, 16} : std::vector<int64_t>{E, I, H};
+  TORCH_CHECK(gu.sizes() == want_gu && dn.sizes() == want_dn && (!blocked || (H % 16 == 0 && I % 16 == 0)) &&
+                  ids.dim() == 2 && ids.size(0) == T && weights.sizes() == ids.sizes(),
+              op, ": expert weights ", gu.sizes(), " and ", dn.sizes(), ", ids or routing weights do not match x ",
+              x.sizes());
   const bool has_shared = shared_gu.has_value();
   int64_t Is = 0;
   if (has_shared) {
@@ -567,12 +578,12 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
       if (ex < 0) {
         h.resize(T * 2 * Is);
         expert(xp, all_rows.data(), ones.data(), T, shared_gu->data_ptr<float>(), shared_dn->data_ptr<float>(),
-               (float)shared_limit, H, Is, h.data(), shared_y.data_ptr<float>());
+               false, (float)shared_limit, H, Is, h.data(), shared_y.data_ptr<float>());
         continue;
       }
       const int64_t s = count[ex], c = count[ex + 1] - s;
       h.resize(c * 2 * I);
-      expert(xp, rows.data() + s, pw.data() + s, c, gup + ex * H * 2 * I, dnp + ex * I * H, (float)limit, H, I,
+      expert(xp, rows.data() + s, pw.data() + s, c, gup + ex * H * 2 * I, dnp + ex * I * H, blocked, (float)limit, H, I,
              h.data(), yp + s * H);
     }
   });

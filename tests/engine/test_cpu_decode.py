@@ -8,7 +8,7 @@ import torch
 from engine import LLM, cpu_decode
 from engine.cache import KVCache
 from engine.layers import RMSNorm
-from engine.moe import MoE, experts_torch, route
+from engine.moe import MoE, block16, experts_torch, route, unblock16
 from tests.engine.step_models import TEXT_A, TEXT_B, build_reference, save_reference
 
 ops = cpu_decode.ops()
@@ -56,6 +56,31 @@ def test_experts_match_the_pytorch_experts(tokens, H, limit):
 
 
 @needs_ops
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
+def test_blocked_experts_match_the_k_major_ones(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    E, H, inter, k, shared = 8, 48, 32, 2, 20
+    gu, dn = (
+        torch.randn(E, 2 * inter, H, generator=g),
+        torch.randn(E, H, inter, generator=g),
+    )  # checkpoint layout
+    gu_t, dn_t = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
+    gu_b, dn_b = block16(gu), block16(dn)
+    assert torch.equal(unblock16(gu_b[3]), gu_t[3]) and torch.equal(unblock16(dn_b[5]), dn_t[5])
+    sgu, sdn = torch.randn(H, 2 * shared, generator=g), torch.randn(shared, H, generator=g)
+    x = torch.randn(tokens, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g)
+    want = experts_torch(x, gu_t, dn_t, w, ids, 0.5)
+    _close(experts_torch(x, gu_b, dn_b, w, ids, 0.5), want)
+    _close(ops.decode_experts(x, gu_b, dn_b, w, ids, 0.5, None, None, 0.0), want)
+    with_shared = ops.decode_experts(x, gu_t, dn_t, w, ids, 0.5, sgu, sdn, 0.0)
+    _close(ops.decode_experts(x, gu_b, dn_b, w, ids, 0.5, sgu, sdn, 0.0), with_shared)
+    with pytest.raises(RuntimeError, match="expert weights .* do not match x"):
+        ops.decode_experts(x, gu_b[:, :2].contiguous(), dn_b, w, ids, 0.5, None, None, 0.0)
+
+
+@needs_ops
 def test_the_router_picks_and_weighs_as_the_pytorch_router():
     g = torch.Generator().manual_seed(2)
     x, w, bias = (
@@ -84,6 +109,7 @@ def _moe() -> MoE:
 @needs_ops
 def test_the_moe_block_takes_the_ops_for_a_few_tokens_only(monkeypatch):
     m = _moe()
+    assert m.layout == "blocked"  # hidden 32, experts 16 wide: the 16 x 16 tiles
     calls = []
 
     class Counting:
