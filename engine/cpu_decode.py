@@ -16,10 +16,12 @@ These ops collapse each cluster into one call:
   token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7 for 64, 21 against
   28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024. So it runs while there
   are at most 32 pairs per expert: decode, and prefills of a few hundred tokens;
-- `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call.
+- `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
+- `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
+  (`engine.layers.to_panels`), one sequential weight stream per thread, read ahead.
 The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
 at load time; exp is vectorised (softmax, SwiGLU).
-The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm`) take them only where `usable`
+The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm` and `Linear`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
 Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_extension`, with ninja;
@@ -44,7 +46,8 @@ _state: dict[str, object] = {}
 
 
 def ops():
-    """The compiled module (`rms_norm`, `decode_attention`, `route`, `decode_experts`, `decode_moe`), or None."""
+    """The compiled module (`rms_norm`, `decode_attention`, `route`, `decode_experts`, `decode_moe`,
+    `panel_linear`), or None."""
     if "ops" in _state:
         return _state["ops"]
     with _lock:

@@ -18,49 +18,94 @@ Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
 
 
 class Linear(nn.Module):
-    """A bias-free projection whose weight may be stored transposed, or packed for oneDNN.
+    """A bias-free projection whose weight may be stored in column panels, transposed, or packed for oneDNN.
 
     Loaded as [out, in] (checkpoint layout). On the CPU, `relayout` picks the layout this CPU's kernels
-    read fastest. Measured on the 2-core AVX2 CPU here (fp32, weights not in cache, one row / sixteen):
-    - projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked layout
-      and run through its linear: the 16384 x 512 head 1.8 against 2.0 ms for one row and 3.6 against
-      9.4 ms for sixteen; attention's 1036 x 512 131 / 238 us against 128 / 326 us for MKL on [in, out],
-      its 512 x 768 output 95 / 178 against 123 / 209 us for MKL on [out, in]. The plain weight is
-      dropped: one copy, not two. `ADVISOR_CPU_ONEDNN=0` keeps every projection on MKL.
+    read fastest:
+    - fp32 with the compiled CPU ops there: column panels [ceil(out/16), in, 16] (`to_panels`), which the
+      `panel_linear` op reads as one sequential stream for up to 128 rows (decode, short prompts); longer
+      inputs unpack the panels for the call and run oneDNN's linear on the plain weight (as fast as on its
+      packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured on the 2-core
+      Zen 5 here (weights not in cache, 16 rows / one): the 16384 x 512 head 0.96 / 0.84 ms against
+      1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512 68 / 63 us against 104 / 82.
+    - otherwise, projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked
+      layout and run through its linear (on the 2-core AVX2 CPU measured before: the head 3.6 against
+      9.4 ms for sixteen rows through MKL). `ADVISOR_CPU_ONEDNN=0` keeps those on MKL.
     - smaller projections with out > in are stored as [in, out] (a shared expert's 512 x 128 down:
       23 us through MKL, 35 on [out, in], 39 through oneDNN), the rest stay [out, in].
+    The plain weight is dropped once re-laid: one copy, not two.
     """
 
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.transposed = False
         self.packed: torch.Tensor | None = None  # oneDNN-packed weight (inference on the CPU only)
+        self.panels: torch.Tensor | None = None  # column panels for the compiled op (fp32 on the CPU only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None:
+            return self._panel_forward(x)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
+    def _panel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.out_features
+        rows = x.reshape(-1, x.shape[-1])
+        ops = cpu_decode.ops()
+        if rows.shape[0] <= PANEL_ROWS and ops is not None and cpu_decode.usable(rows):
+            return ops.panel_linear(rows.contiguous(), self.panels, n).view(*x.shape[:-1], n)
+        w = from_panels(self.panels, n)
+        if _onednn_linear() and x.dtype is torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return F.linear(x, w)
+
     def to_k_major(self) -> None:
         """Store the weight as [in, out] whatever its shape (for kernels that read it that way)."""
-        if not self.transposed and self.packed is None:
+        if not self.transposed and self.packed is None and self.panels is None:
             self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
             self.transposed = True
 
     def relayout(self) -> None:
-        if self.transposed or self.packed is not None:
+        if self.transposed or self.packed is not None or self.panels is not None:
             return
-        out_f, in_f = self.weight.shape
-        if in_f >= 512 and out_f * in_f >= 2**18 and self.weight.dtype == torch.float32 and _onednn_linear():
+        w = self.weight
+        out_f, in_f = w.shape
+        if w.is_cpu and w.dtype is torch.float32 and cpu_decode.ops() is not None:
+            self.panels = to_panels(w.detach())
+            self.weight = None
+            return
+        if in_f >= 512 and out_f * in_f >= 2**18 and w.dtype == torch.float32 and _onednn_linear():
             try:  # the batch hint only tunes the packing; any number of rows runs
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
                 self.weight = None
                 return
             except RuntimeError:  # an op this build lacks at runtime: MKL below
                 self.packed = None
         if out_f > in_f:
             self.to_k_major()
+
+
+# Up to this many rows a panel-laid projection runs the compiled op. Measured here against the unpacked
+# weight through oneDNN (the alternative for these layouts, before the copy): 128 rows of the 1036 x 512
+# qkvg 0.37 against 0.45 ms, the head 10.9 against 11.7; at 2048 rows oneDNN leads (5.3 against 6.1).
+PANEL_ROWS = 128
+
+
+def to_panels(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> column panels [ceil(out/16), in, 16]: panel p holds output columns p*16.., zeros past out."""
+    n, k = w.shape
+    p = -(-n // 16)
+    padded = w if n == p * 16 else torch.cat([w, w.new_zeros(p * 16 - n, k)])
+    return padded.view(p, 16, k).transpose(1, 2).contiguous()
+
+
+def from_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """Column panels -> the [out, in] weight (a copy)."""
+    p, k, _ = panels.shape
+    return panels.transpose(1, 2).reshape(p * 16, k)[:n]
 
 
 def _onednn_linear() -> bool:

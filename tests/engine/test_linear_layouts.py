@@ -1,4 +1,5 @@
-"""The CPU projection layouts: oneDNN-packed large projections, [in, out] for the rest, same results."""
+"""The CPU projection layouts: column panels for the compiled op; without it oneDNN-packed large
+projections and [in, out] for the rest; the same results."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers import Linear, _onednn_linear
+from engine import cpu_decode
+from engine.layers import PANEL_ROWS, Linear, _onednn_linear, from_panels, to_panels
 
 
 def _linear(out_f: int, in_f: int, seed: int = 0) -> tuple[Linear, torch.Tensor]:
@@ -16,9 +18,50 @@ def _linear(out_f: int, in_f: int, seed: int = 0) -> tuple[Linear, torch.Tensor]
     return m, w
 
 
+@pytest.fixture
+def no_ops(monkeypatch):
+    monkeypatch.setitem(cpu_decode._state, "ops", None)
+
+
+@pytest.mark.skipif(cpu_decode.ops() is None, reason="no C++ toolchain: the other layouts run instead")
+@pytest.mark.parametrize(("out_f", "in_f"), [(512, 512), (2100, 128), (37, 24), (16, 16)])
+def test_fp32_projections_take_column_panels_for_any_number_of_rows(out_f, in_f, monkeypatch):
+    m, w = _linear(out_f, in_f)
+    m.relayout()
+    assert m.weight is None and m.panels.shape == (-(-out_f // 16), in_f, 16)  # one copy of the weights
+    assert torch.equal(from_panels(to_panels(w), out_f), w)
+    calls = []
+    real = cpu_decode.ops()
+
+    class Counting:
+        def panel_linear(self, x, p, n):
+            calls.append(x.shape[0])
+            return real.panel_linear(x, p, n)
+
+    monkeypatch.setitem(cpu_decode._state, "ops", Counting())
+    # up to PANEL_ROWS rows through the op (groups of 16, a padded rest of 1, 2, 4, 8 or 16), beyond: unpacked
+    for shape in (
+        (1, in_f),
+        (3, in_f),
+        (2, 5, in_f),
+        (16, in_f),
+        (37, in_f),
+        (PANEL_ROWS, in_f),
+        (2, PANEL_ROWS // 2 + 1, in_f),
+    ):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert calls == [1, 3, 10, 16, 37, PANEL_ROWS]
+    m.relayout()  # idempotent
+    assert m.panels is not None
+    with pytest.raises(RuntimeError, match="do not match"):
+        real.panel_linear(torch.randn(2, in_f + 1), m.panels, out_f)
+
+
 @pytest.mark.skipif(not _onednn_linear(), reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("out_f", [512, 2100])
-def test_a_large_projection_is_packed_once_and_matches_the_plain_matmul(out_f):
+def test_a_large_projection_is_packed_once_and_matches_the_plain_matmul(out_f, no_ops):
     m, w = _linear(out_f, 512)
     m.relayout()
     assert m.packed is not None and m.weight is None  # one copy of the weights, not two
@@ -30,7 +73,7 @@ def test_a_large_projection_is_packed_once_and_matches_the_plain_matmul(out_f):
     assert m.packed is not None
 
 
-def test_smaller_projections_are_stored_in_out_and_can_opt_out(monkeypatch):
+def test_smaller_projections_are_stored_in_out_and_can_opt_out(monkeypatch, no_ops):
     m, w = _linear(2100, 128)  # wide, but from few inputs (a shared expert's down is 512 x 128)
     m.relayout()
     assert m.packed is None and m.transposed and m.weight.shape == (128, 2100)
@@ -51,4 +94,4 @@ def test_smaller_projections_are_stored_in_out_and_can_opt_out(monkeypatch):
 def test_bf16_projections_are_not_packed():
     m = Linear(2100, 512).to(torch.bfloat16)
     m.relayout()
-    assert m.packed is None and m.transposed
+    assert m.packed is None and m.panels is None and m.transposed
