@@ -447,8 +447,8 @@ ADVISOR_INLINE void panel_rows(const float* xt, const float* Wp, int64_t K, floa
   }
 }
 
-// Panels [p0, p1) for all M rows: groups of 16 rows (xt holds them as [M/16][K][16]), the last group R
-// rows padded to 1, 2, 4, 8 or 16 (its xt block [K][R]). Each panel stays in L1 across the groups.
+// Panels [p0, p1) for all M rows: groups of 16 rows (xt holds them as [M/16][K][16]), the rest padded to
+// tail_r = 1, 2, 4, 8 or 16 rows (its xt block [K][tail_r]). Each panel stays in L1 across the groups.
 ADVISOR_CLONES
 void panel_cols(const float* xt, int64_t M, const float* W, int64_t K, int64_t N, int64_t p0, int64_t p1,
                 int64_t tail_r, float* out) {
@@ -462,6 +462,7 @@ void panel_cols(const float* xt, int64_t M, const float* W, int64_t K, int64_t N
       float* o = out + m * N + p * 16;
       // rows past M in the padded group land in scratch rows of `out` (it has tail_r - (M - m) spare)
       switch (tail_r) {
+        case 16: panel_rows<16>(t, Wp, K, o, N, cols); break;
         case 8: panel_rows<8>(t, Wp, K, o, N, cols); break;
         case 4: panel_rows<4>(t, Wp, K, o, N, cols); break;
         case 2: panel_rows<2>(t, Wp, K, o, N, cols); break;
@@ -517,21 +518,13 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
     const int64_t g = m < full ? m / 16 * 16 : full, R = m < full ? 16 : tail_r, r = m - g;
     for (int64_t k = 0; k < K; ++k) xt[g * K + k * R + r] = xp[m * K + k];
   }
-  if (tail_r == 16) {  // 9..15 rows left: a whole group of 16
-    auto out = torch::empty({full + 16, N}, x.options());
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, P, std::max<int64_t>(1, (1 << 14) / (16 * K)), [&](int64_t b, int64_t e) {
-      panel_cols(xt.data(), full + 16, panels.data_ptr<float>(), K, N, b, e, 0, op);
-    });
-    return out.narrow(0, 0, M);
-  }
   auto out = torch::empty({full + tail_r, N}, x.options());
   float* op = out.data_ptr<float>();
   // at least ~64 KiB of weights per task: below that, waking a second thread costs more than it saves
   at::parallel_for(0, P, std::max<int64_t>(1, (1 << 14) / (16 * K)), [&](int64_t b, int64_t e) {
     panel_cols(xt.data(), M, panels.data_ptr<float>(), K, N, b, e, tail_r, op);
   });
-  return tail_r > rest ? out.narrow(0, 0, M) : out;
+  return out.narrow(0, 0, M);  // without the padded group's spare rows
 }
 
 // One decode step of Step attention for B rows, one new token each, from the fused projection
