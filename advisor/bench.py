@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from advisor.endpoints.base import Endpoint, EndpointConfig
+from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig
 from advisor.messages import Attempt, Message, ModelResponse, ToolCall, Usage
 from advisor.pricing import Price
 from advisor.runner import Advisor
@@ -31,10 +31,8 @@ class InstantEndpoint(Endpoint):
         super().__init__(name, EndpointConfig(provider="openai", model="instant", price=PRICE))
         self.steps = steps
 
-    async def complete(
-        self, messages, *, tools=None, tool_choice=None, effort=None, max_tokens=None, on_attempt=None
-    ):
-        done = sum(1 for m in messages if m.role == "tool")
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        done = sum(1 for m in request.messages if m.role == "tool")
         if done < self.steps - 1:
             msg = Message.assistant(tool_calls=[ToolCall(f"c{done}", "add", {"a": done, "b": 1})])
         else:

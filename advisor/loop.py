@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
-from advisor.endpoints.base import Endpoint, EndpointError
+from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
 from advisor.escalation import EscalationPolicy
 from advisor.ledger import Ledger
 from advisor.messages import (
@@ -135,10 +135,7 @@ class TaskLoop:
         try:
             resp = await asyncio.wait_for(
                 slot.endpoint.complete(
-                    messages,
-                    tools=tools or None,
-                    effort=slot.effort,
-                    max_tokens=max_tokens,
+                    ChatRequest(messages, tools=tools or None, effort=slot.effort, max_tokens=max_tokens),
                     on_attempt=attempts.append,
                 ),
                 timeout=max(remaining, 0.001),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from advisor.endpoints.base import Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
 
-__all__ = ["Endpoint", "EndpointConfig", "EndpointError", "make_endpoint"]
+__all__ = ["ChatRequest", "Endpoint", "EndpointConfig", "EndpointError", "make_endpoint"]
 
 
 def make_endpoint(name: str, config: EndpointConfig, **options: Any) -> Endpoint:

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from advisor.endpoints.base import AttemptHook, EndpointConfig
+from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed
 from advisor.endpoints.retry import AttemptFailed
-from advisor.messages import Effort, ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
-
-if TYPE_CHECKING:
-    from tools.spec import ToolSpec
+from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -180,17 +177,10 @@ class AnthropicEndpoint(HTTPEndpoint):
             return True
         return any(c.id in self._thinking for c in last.tool_calls)
 
-    def build_body(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-    ) -> dict:
+    def build_body(self, request: ChatRequest) -> dict:
+        messages, tools, tool_choice, effort = request.messages, request.tools, request.tool_choice, request.effort
         system, wire = self.to_anthropic(messages, native_tools=bool(tools))
-        cap = max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS
+        cap = request.max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS
         body: dict[str, Any] = {"model": self.config.model, "messages": wire, "max_tokens": cap}
         if system:
             body["system"] = system
@@ -258,26 +248,15 @@ class AnthropicEndpoint(HTTPEndpoint):
         while len(self._thinking) > _THINKING_CACHE:
             self._thinking.popitem(last=False)
 
-    async def complete(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-        on_attempt: AttemptHook | None = None,
-    ) -> ModelResponse:
-        body, payload = await self.prepare(
-            messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
-        )
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        body, payload = await self.prepare(request)
         schemas = body.get("tools") or []
 
         def parse(data: dict) -> Parsed:
             message, finish = self.parse_reply(data)
             usage = parse_usage(data.get("usage"))
             if usage is None:
-                usage = estimate_usage(messages, schemas, message)
+                usage = estimate_usage(request.messages, schemas, message)
                 usage.output, usage.reasoning = usage.output + usage.reasoning, 0  # thinking bills as output
             return Parsed(message, usage, finish, data.get("model") or "")
 

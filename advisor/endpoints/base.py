@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +16,19 @@ if TYPE_CHECKING:
     from tools.spec import ToolSpec
 
 Provider = Literal["openai", "anthropic", "embedded"]
+ToolChoice = Literal["auto", "none", "required"]
+
+
+@dataclass
+class ChatRequest:
+    """One chat turn, as every endpoint takes it (the loop builds one per call; a proxy builds one from
+    a wire request). `max_tokens` None means the endpoint config's cap."""
+
+    messages: list[Message]
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    effort: Effort | None = None
+    max_tokens: int | None = None
 
 
 class EndpointConfig(BaseModel):
@@ -47,22 +61,24 @@ class Endpoint(ABC):
         self.name = name
         self.config = config
 
-    @abstractmethod
     async def complete(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-        on_attempt: AttemptHook | None = None,
+        self, request: ChatRequest | list[Message], *, on_attempt: AttemptHook | None = None, **options
     ) -> ModelResponse:
         """Send one chat turn; retries happen inside, each attempt reported to `on_attempt`.
 
+        `complete(messages, tools=..., effort=...)` is shorthand for `complete(ChatRequest(messages, ...))`.
         Raises `EndpointError` when the call finally fails (after retries, or at once on a 4xx
         other than 429). The error text is one line and never holds a secret.
         """
+        if not isinstance(request, ChatRequest):
+            request = ChatRequest(list(request), **options)
+        elif options:
+            raise TypeError(f"complete() takes a ChatRequest or messages with options, not both: {sorted(options)}")
+        return await self.send(request, on_attempt)
+
+    @abstractmethod
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        """What a provider implements: one chat turn for `complete`, which normalises the request."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""

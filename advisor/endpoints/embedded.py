@@ -28,14 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from advisor.endpoints.base import AttemptHook, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.openai import to_openai_messages
 from advisor.messages import Attempt, Effort, Message, ModelResponse, ToolCall, Usage
-
-if TYPE_CHECKING:
-    from tools.spec import ToolSpec
 
 DEFAULT_MAX_TOKENS = 2048
 MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
@@ -195,28 +192,21 @@ class EmbeddedEndpoint(Endpoint):
                     )
         return self._engine
 
-    async def complete(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-        on_attempt: AttemptHook | None = None,
-    ) -> ModelResponse:
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
         start = time.perf_counter()
         attempt = Attempt(number=1, ok=False)
         try:
             engine = await self._get_engine()
-            schemas = [t.openai_schema() for t in tools or []] if tool_choice != "none" else []
+            schemas = (
+                [t.openai_schema() for t in request.tools or []] if request.tool_choice != "none" else []
+            )
             call = functools.partial(
                 self._complete_sync,
                 engine,
-                messages,
+                request.messages,
                 schemas,
-                effort,
-                max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS,
+                request.effort,
+                request.max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS,
             )
             response = await asyncio.get_running_loop().run_in_executor(engine.executor, call)
         except Exception as e:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from advisor.endpoints.base import AttemptHook, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.retry import (
     AttemptFailed,
     RetryPolicy,
@@ -146,15 +146,15 @@ class HTTPEndpoint(Endpoint):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def build_body(self, messages: list[Message], **options) -> dict:
+    def build_body(self, request: ChatRequest) -> dict:
         raise NotImplementedError
 
-    async def prepare(self, messages: list[Message], **options) -> tuple[dict, bytes]:
+    async def prepare(self, request: ChatRequest) -> tuple[dict, bytes]:
         """Build the request body and encode it in a worker thread: images make it megabytes of
         base64, which must not be encoded on the event loop."""
 
         def build() -> tuple[dict, bytes]:
-            body = self.build_body(messages, **options)
+            body = self.build_body(request)
             try:
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as e:

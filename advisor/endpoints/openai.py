@@ -25,18 +25,15 @@ length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import httpx
 
-from advisor.endpoints.base import AttemptHook, EndpointConfig
+from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed
 from advisor.endpoints.retry import AttemptFailed, retryable_status
-from advisor.messages import Effort, ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
-
-if TYPE_CHECKING:
-    from tools.spec import ToolSpec
+from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
 
 
 def parse_arguments(raw: Any) -> tuple[dict | None, str, str | None]:
@@ -270,23 +267,15 @@ class OpenAIEndpoint(HTTPEndpoint):
         super().__init__(name, config, **kwargs)
         self.stream = bool(config.extra_body.get("stream")) if stream is None else stream
 
-    def build_body(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-    ) -> dict:
-        body: dict[str, Any] = {"model": self.config.model, "messages": to_openai_messages(messages)}
-        if tools:
-            body["tools"] = [t.openai_schema() for t in tools]
-            if tool_choice:
-                body["tool_choice"] = tool_choice
-        if effort:
-            body["reasoning_effort"] = effort
-        cap = max_tokens or self.config.max_tokens
+    def build_body(self, request: ChatRequest) -> dict:
+        body: dict[str, Any] = {"model": self.config.model, "messages": to_openai_messages(request.messages)}
+        if request.tools:
+            body["tools"] = [t.openai_schema() for t in request.tools]
+            if request.tool_choice:
+                body["tool_choice"] = request.tool_choice
+        if request.effort:
+            body["reasoning_effort"] = request.effort
+        cap = request.max_tokens or self.config.max_tokens
         if cap:
             body["max_tokens"] = cap
         if self.stream:
@@ -302,24 +291,13 @@ class OpenAIEndpoint(HTTPEndpoint):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    async def complete(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[ToolSpec] | None = None,
-        tool_choice: Literal["auto", "none", "required"] | None = None,
-        effort: Effort | None = None,
-        max_tokens: int | None = None,
-        on_attempt: AttemptHook | None = None,
-    ) -> ModelResponse:
-        body, payload = await self.prepare(
-            messages, tools=tools, tool_choice=tool_choice, effort=effort, max_tokens=max_tokens
-        )
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        body, payload = await self.prepare(request)
         schemas = body.get("tools") or []
 
         def parse(data: dict) -> Parsed:
             message, finish = parse_reply(data)
-            usage = parse_usage(data.get("usage")) or estimate_usage(messages, schemas, message)
+            usage = parse_usage(data.get("usage")) or estimate_usage(request.messages, schemas, message)
             return Parsed(message, usage, finish, data.get("model") or "")
 
         return await self.post(

@@ -30,10 +30,9 @@ class FakeEndpoint(Endpoint):
         self.delay_s = delay_s
         self.calls: list[dict] = []
 
-    async def complete(
-        self, messages, *, tools=None, tool_choice=None, effort=None, max_tokens=None, on_attempt=None
-    ):
-        self.calls.append({"messages": list(messages), "tools": tools, "max_tokens": max_tokens})
+    async def send(self, request, on_attempt):
+        messages = request.messages
+        self.calls.append({"messages": list(messages), "tools": request.tools, "max_tokens": request.max_tokens})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         turn = self.turns.pop(0)

@@ -142,8 +142,8 @@ async def test_an_image_task_opens_as_the_loop_opens_it_for_a_text_only_endpoint
             super().__init__("flash", EndpointConfig(provider="openai", model="m", free=True, vision=False))
             self.seen: list[list[Message]] = []
 
-        async def complete(self, messages, **kw):
-            self.seen.append(list(messages))
+        async def send(self, request, on_attempt):
+            self.seen.append(list(request.messages))
             return ModelResponse(
                 Message.assistant("Answer: 0"), Usage(), "m", "stop", 0.0, [Attempt(1, True, 200)]
             )
