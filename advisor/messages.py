@@ -1,40 +1,33 @@
 """Provider-neutral chat messages: what the loop builds and every endpoint translates.
 
 Endpoints convert these to their wire format (OpenAI chat, Anthropic Messages, the Step chat
-template for the embedded engine) and back; nothing else in `advisor/` knows a wire format.
+template for the embedded engine) and back; nothing else in `advisor/` knows a wire format. The content
+parts (`TextPart`, `ImagePart`) come from `tools.content`, below both, since tools make them too.
 """
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tools.content import ImagePart, Part, TextPart
+
+__all__ = [
+    "Attempt",
+    "Effort",
+    "ImagePart",
+    "Message",
+    "ModelResponse",
+    "Part",
+    "Role",
+    "TextPart",
+    "ToolCall",
+    "Usage",
+    "without_images",
+]
+
 Role = Literal["system", "user", "assistant", "tool"]
 Effort = Literal["low", "medium", "high"]
-
-
-@dataclass
-class TextPart:
-    text: str
-
-
-@dataclass
-class ImagePart:
-    """An encoded image (PNG or JPEG bytes), already downscaled for the model that will see it."""
-
-    data: bytes
-    media_type: str = "image/png"
-    image_id: str | None = None  # the image ledger id (img_0, img_1, ...) when it came from one
-
-    def base64(self) -> str:
-        return base64.b64encode(self.data).decode("ascii")
-
-    def data_url(self) -> str:
-        return f"data:{self.media_type};base64,{self.base64()}"
-
-
-Part = TextPart | ImagePart
 
 
 @dataclass
@@ -80,7 +73,9 @@ class Message:
         return cls("user", parts + list(images or []))
 
     @classmethod
-    def assistant(cls, text: str = "", tool_calls: list[ToolCall] | None = None, reasoning: str | None = None) -> Message:
+    def assistant(
+        cls, text: str = "", tool_calls: list[ToolCall] | None = None, reasoning: str | None = None
+    ) -> Message:
         return cls("assistant", [TextPart(text)] if text else [], list(tool_calls or []), reasoning=reasoning)
 
     @classmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from advisor.messages import ImagePart
+from tools.content import ImagePart
 from tools.profiles import ImageCost, Profile, get_profile
 from tools.spec import ToolError
 from tools.vision import is_photo
