@@ -1,11 +1,56 @@
-"""When to consult the frontier: consecutive failures, inflection points, and the consult budget."""
+"""When to consult the frontier, and what a consult hands over: the escalation state machine as data.
+
+`EscalationPolicy` holds the rules of one conversation (consecutive failures, inflection points, the
+consult budget, repeated calls) and their counters; `TurnState` says who acts at the next step;
+`ConsultOutcome` is what one consult changed. The task loop drives them step by step; a proxy that sees
+only the conversation reuses the same objects, so both follow one copy of the rules.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from advisor.task import Escalation
 from advisor.trace import Trace
+
+ConsultKind = Literal["skipped", "advice", "approved", "objected", "takeover"]
+
+
+@dataclass(frozen=True)
+class ConsultOutcome:
+    """What one consult changed.
+
+    skipped: not made (`skip_reason`: max_consults or budget); advice: the frontier's guidance is in the
+    conversation and the executor goes on; approved / objected: a final-answer review's verdict (an
+    objection's advice is in the conversation); takeover: the frontier acts for `takeover_steps` steps
+    (takeover and restart modes).
+    """
+
+    kind: ConsultKind
+    takeover_steps: int = 0
+    skip_reason: str | None = None
+
+
+@dataclass
+class TurnState:
+    """Who acts at the next step: the frontier while takeover steps are left, else the executor."""
+
+    takeover_left: int = 0  # steps the frontier still takes
+    frontier_acted: bool = False  # the previous step was the frontier's
+    rejected: int = 0  # answers the check turned down
+
+    def start_step(self, has_frontier: bool) -> tuple[bool, bool]:
+        """(frontier acts now, the executor takes the turn back now); spends one takeover step."""
+        frontier = self.takeover_left > 0 and has_frontier
+        self.takeover_left = max(0, self.takeover_left - 1)
+        handback = not frontier and self.frontier_acted
+        self.frontier_acted = frontier
+        return frontier, handback
+
+    def apply(self, outcome: ConsultOutcome) -> None:
+        # a consult replaces what an earlier one granted: advice or a skip ends a takeover in progress
+        self.takeover_left = outcome.takeover_steps
 
 
 @dataclass
@@ -46,9 +91,43 @@ class EscalationPolicy:
     def remember_ok(self, key: str) -> None:
         self._last_ok = key
 
+    # -- consults ----------------------------------------------------------------------------
+    def hands_over(self, trigger: str) -> bool:
+        """Whether a consult at `trigger` gives the frontier the turn (takeover, restart) instead of
+        asking it for advice; a final-answer review always asks."""
+        return self.config.mode in ("takeover", "restart") and trigger != "final"
+
+    @property
+    def notes_handback(self) -> bool:
+        """Whether the executor is told it has the turn again after the frontier's steps: not after a
+        restart, whose one clean attempt the executor continues as its own."""
+        return self.config.mode != "restart"
+
     def skip_reason(self, spent: float, estimate: float, max_usd: float) -> str | None:
         if self.consults >= self.config.max_consults:
             return "max_consults"
         if spent + estimate > max_usd:
             return "budget"
         return None
+
+    def begin_consult(
+        self, trigger: str, spent: float, estimate: float, max_usd: float
+    ) -> ConsultOutcome | None:
+        """Decides a consult priced at `estimate`: a skipped or takeover outcome, or None when the frontier
+        is to be asked for advice (then `advised` gives the outcome). A consult made resets the streak."""
+        reason = self.skip_reason(spent, estimate, max_usd)
+        if reason:
+            self.skipped += 1
+            return ConsultOutcome("skipped", skip_reason=reason)
+        self.consults += 1
+        self.reset()
+        if self.hands_over(trigger):
+            return ConsultOutcome("takeover", takeover_steps=self.config.takeover_steps)
+        return None
+
+    @staticmethod
+    def advised(trigger: str, advice: str) -> ConsultOutcome:
+        """The outcome of the frontier's advice; a final-answer review approves with APPROVE."""
+        if trigger != "final":
+            return ConsultOutcome("advice")
+        return ConsultOutcome("approved" if advice.upper().startswith("APPROVE") else "objected")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
-from advisor.escalation import EscalationPolicy
+from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState
 from advisor.ledger import Ledger
 from advisor.messages import (
     Attempt,
@@ -89,6 +89,7 @@ class TaskLoop:
         self.policy = EscalationPolicy(
             self.task.escalation, enabled=self.strategy == "advisor" and self.frontier is not None
         )
+        self.turn = TurnState()
         self.tools: list[ToolSpec] = self.task.tool_specs()
         self.by_name = {t.name: t for t in self.tools}
         self.steps = 0
@@ -256,54 +257,45 @@ class TaskLoop:
         result.write(self.out_dir)
 
     async def _steps(self, messages: list[Message]) -> str:
-        policy = self.policy
-        rejected = 0
-        takeover_left = 0
-        handing_back = False  # the previous step was the frontier's: tell the executor it has the turn again
+        policy, turn = self.policy, self.turn
         self._opening = len(messages)  # system prompt, goal, images: where a restart consult starts over
         if policy.wants("plan"):
-            takeover_left = await self._consult("plan", messages)
+            turn.apply(await self._consult("plan", messages))
         while True:
             if self.steps >= self.task.budget.max_steps:
                 self.trace.emit("budget_exceeded", limit="max_steps", value=self.steps)
                 return "budget_exceeded"
             self._check_limits()  # before counting: a step is a call actually made
             self.steps += 1
-            acting = self.frontier if takeover_left > 0 and self.frontier else self.executor
-            purpose = "takeover" if acting is not self.executor else "step"
-            takeover_left = max(0, takeover_left - 1)
-            # a restart hands over one clean attempt, which the executor continues as its own: no note
-            if acting is self.executor and handing_back and policy.config.mode != "restart":
+            by_frontier, handback = turn.start_step(self.frontier is not None)
+            acting = self.frontier if by_frontier else self.executor
+            if handback and policy.notes_handback:
                 messages.append(Message.user(render("handback")))
-            handing_back = acting is not self.executor
-            resp = await self._call(acting, purpose, messages, self.tools)
+            resp = await self._call(acting, "takeover" if by_frontier else "step", messages, self.tools)
             msg = resp.message
             messages.append(msg)
             if msg.tool_calls:
                 failure = await self._run_tools(msg.tool_calls, messages)
                 if failure is None:
                     policy.success()
-                    continue
-                if policy.failure(self.steps, *failure, self.trace):
-                    takeover_left = await self._consult("failures", messages, detail=failure[1])
+                elif policy.failure(self.steps, *failure, self.trace):
+                    turn.apply(await self._consult("failures", messages, detail=failure[1]))
                 continue
             answer = extract_answer(msg.text)
             if not answer:
                 messages.append(Message.user(render("empty_reply")))
                 if policy.failure(self.steps, "no_progress", "empty reply", self.trace):
-                    takeover_left = await self._consult("failures", messages, detail="empty reply")
+                    turn.apply(await self._consult("failures", messages, detail="empty reply"))
                 continue
             self.answer = answer
-            by = "frontier" if acting is not self.executor else "executor"
+            by = "frontier" if by_frontier else "executor"
             self.trace.emit("answer", step=self.steps, answer=answer, by=by)
             if by == "executor" and policy.wants("final") and not policy.final_done:
                 policy.final_done = True
-                verdict = await self._consult("final", messages, answer=answer)
-                if verdict == -1:  # the planner objected: its advice is in context, the executor goes on
-                    continue
-                takeover_left = max(takeover_left, verdict)
-                if takeover_left:
-                    continue
+                review = await self._consult("final", messages, answer=answer)
+                turn.apply(review)
+                if review.kind == "objected" or turn.takeover_left:
+                    continue  # the objection's advice is in context: the executor goes on
             check = await run_check(self.task.check, answer, self.task.base_dir)
             # `check_type`, not `type`: the event's own `type` key is "check"
             self.trace.emit(
@@ -311,15 +303,15 @@ class TaskLoop:
             )
             if check.passed:
                 return "passed"
-            rejected += 1
-            if rejected >= self.task.check.max_attempts:
+            turn.rejected += 1
+            if turn.rejected >= self.task.check.max_attempts:
                 return "failed"
             messages.append(Message.user(render("check_rejected", answer=answer)))
             due = policy.failure(self.steps, "check_rejected", check.detail, self.trace)
             if policy.wants("replan"):
-                takeover_left = await self._consult("replan", messages, answer=answer, detail=check.detail)
+                turn.apply(await self._consult("replan", messages, answer=answer, detail=check.detail))
             elif due:
-                takeover_left = await self._consult("failures", messages, detail=check.detail)
+                turn.apply(await self._consult("failures", messages, detail=check.detail))
 
     async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> tuple[str, str] | None:
         """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None.
@@ -412,9 +404,8 @@ class TaskLoop:
 
     async def _consult(
         self, trigger: str, messages: list[Message], answer: str | None = None, detail: str = ""
-    ) -> int:
-        """Consults the frontier. Returns takeover steps granted, 0 for advice (or a skip), -1 when a
-        final-answer review objected."""
+    ) -> ConsultOutcome:
+        """Consults the frontier at `trigger`, priced before it is made; the outcome says what changed."""
         assert self.frontier is not None
         policy = self.policy
         request = render(
@@ -431,24 +422,23 @@ class TaskLoop:
         )
         consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
         mode = policy.config.mode
-        acts = mode in ("takeover", "restart") and trigger != "final"
-        if acts:
+        if policy.hands_over(trigger):
             est_in = _estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
         else:
             est_in = _estimate_tokens(consult_msgs)
         cap = policy.config.advice_max_tokens
         estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
-        skip = policy.skip_reason(self.ledger.total_usd, estimate, self.task.budget.max_usd)
-        if skip:
-            policy.skipped += 1
+        outcome = policy.begin_consult(trigger, self.ledger.total_usd, estimate, self.task.budget.max_usd)
+        if outcome is not None and outcome.kind == "skipped":
             self.trace.emit(
-                "consult_skipped", step=self.steps, trigger=trigger, reason=skip, estimated_cost_usd=estimate
+                "consult_skipped",
+                step=self.steps,
+                trigger=trigger,
+                reason=outcome.skip_reason,
+                estimated_cost_usd=estimate,
             )
-            return 0
-        policy.consults += 1
-        policy.reset()
-        if acts:
-            steps = policy.config.takeover_steps
+            return outcome
+        if outcome is not None:  # takeover or restart: the frontier acts in the executor's conversation
             self.trace.emit(
                 "consult",
                 step=self.steps,
@@ -461,8 +451,10 @@ class TaskLoop:
                 self.trace.emit("restart", step=self.steps, dropped_messages=len(messages) - self._opening)
                 del messages[self._opening :]
             else:
-                messages.append(Message.user(render("takeover", steps=steps, trigger=trigger)))
-            return steps
+                messages.append(
+                    Message.user(render("takeover", steps=outcome.takeover_steps, trigger=trigger))
+                )
+            return outcome
         resp = await self._call(self.frontier, "consult", consult_msgs, None, max_tokens=cap)
         advice = resp.message.text.strip()
         self.trace.emit(
@@ -473,11 +465,11 @@ class TaskLoop:
             estimated_cost_usd=estimate,
             advice=advice[:TEXT_IN_TRACE],
         )
-        if trigger == "final" and advice.upper().startswith("APPROVE"):
-            return 0
-        messages.append(Message.user(render("advice", trigger=trigger, advice=advice)))
-        self.digest.append(f"planner ({trigger}): {advice[:300]}")
-        return -1 if trigger == "final" else 0
+        outcome = policy.advised(trigger, advice)
+        if outcome.kind != "approved":
+            messages.append(Message.user(render("advice", trigger=trigger, advice=advice)))
+            self.digest.append(f"planner ({trigger}): {advice[:300]}")
+        return outcome
 
     @staticmethod
     def _role_info(slot: Slot | None) -> dict | None:
