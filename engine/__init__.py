@@ -1,6 +1,6 @@
 """Embedded Step 3.7 Flash inference engine (PyTorch, with Triton kernels on CUDA).
 
-Public names are imported lazily so that light users of the package (e.g. `engine.chat`) do not pay for
+Public names are imported lazily so that light users of the package (e.g. `engine.text.chat`) do not pay for
 importing torch.
 """
 
@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.config import ConfigError
     from engine.llm import LLM
-    from engine.loader import CheckpointError
+    from engine.model.config import ConfigError
+    from engine.model.loader import CheckpointError
 
 __all__ = ["LLM", "CheckpointError", "ConfigError"]
 
-_LAZY = {"LLM": "engine.llm", "CheckpointError": "engine.loader", "ConfigError": "engine.config"}
+_LAZY = {"LLM": "engine.llm", "CheckpointError": "engine.model.loader", "ConfigError": "engine.model.config"}
 
 
 def __getattr__(name: str) -> Any:

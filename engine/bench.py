@@ -92,7 +92,7 @@ def reference_runner(model, ids: torch.Tensor, n_decode: int):
 
 def engine_runner(llm, ids: torch.Tensor, n_decode: int):
     """One timed greedy run of the engine (what LLM.generate does, minus bookkeeping)."""
-    from engine.cache import KVCache
+    from engine.model.cache import KVCache
 
     B, T = ids.shape
     positions = torch.arange(T).expand(B, -1)

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from engine.cache import KVCache, uncached_meta
-from engine.config import ModelConfig, load_config
-from engine.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
-from engine.model import StepTextModel
-from engine.sampling import sample
+from engine.model.backbone import StepTextModel
+from engine.model.cache import KVCache, uncached_meta
+from engine.model.config import ModelConfig, load_config
+from engine.model.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
+from engine.model.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,13 @@ class LLM:
 
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
-    """The vision tower + projector (engine.vision), when the checkpoint has one; with the keys it used."""
+    """The vision tower + projector (engine.model.vision), when the checkpoint has one; with the keys it used."""
     if cfg.vision is None or not any(k.startswith(_VISION_PREFIXES) for k in ckpt.keys()):
         return None, set()
     try:
-        from engine.vision import build_vision, vision_keys
+        from engine.model.vision import build_vision, vision_keys
     except ImportError:
-        log.warning("checkpoint has a vision tower but engine.vision is unavailable; images are disabled")
+        log.warning("checkpoint has a vision tower but engine.model.vision is unavailable; images are disabled")
         return None, set()
     vision = build_vision(cfg.vision, cfg.text.hidden_size, cfg.projector_bias, device="meta", dtype=dtype)
     spec = {}
@@ -298,11 +298,11 @@ def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device:
 
 
 def _load_tokenizer(path: Path):
-    """engine.tokenizer's loader when present, else the raw `tokenizers` tokenizer; None without tokenizer.json."""
+    """engine.text.tokenizer's loader when present, else the raw `tokenizers` tokenizer; None without tokenizer.json."""
     if not (path / "tokenizer.json").exists():
         return None
     try:
-        from engine import tokenizer as tok_mod
+        from engine.text import tokenizer as tok_mod
     except ImportError:
         tok_mod = None
     if tok_mod is not None:
@@ -317,7 +317,7 @@ def _load_tokenizer(path: Path):
                     return fn(path)
                 except Exception as e:  # a tokenizer problem must not make the weights unusable
                     log.warning(
-                        "engine.tokenizer could not load %s (%s); using the raw tokenizer.json", path, e
+                        "engine.text.tokenizer could not load %s (%s); using the raw tokenizer.json", path, e
                     )
                 break
     from tokenizers import Tokenizer

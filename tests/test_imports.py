@@ -6,7 +6,7 @@ import sys
 import pytest
 
 MODULES = ["advisor", "advisor.messages", "advisor.cli", "tools.images", "tools.registry", "tools.profiles",
-           "engine", "engine.chat", "engine.image_plan", "evals.cli"]
+           "engine", "engine.text.chat", "engine.text.image_plan", "engine.model.config", "engine.serving", "evals.cli"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -16,6 +16,6 @@ def test_module_imports_alone(module):
 
 
 def test_light_modules_do_not_import_torch():
-    code = "import sys, advisor.task, tools.profiles, engine.image_plan; print('torch' in sys.modules)"
+    code = "import sys, advisor.task, tools.profiles, engine.text.image_plan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
     assert out == "False"

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from engine import LLM
-from engine.chat import parse_output
+from engine.text.chat import parse_output
 from training.tasks import FAMILIES, generate
 from training.traces import run_traces, samples
 

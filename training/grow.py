@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import load_config
-from engine.tokenizer import load_tokenizer
+from engine.model.config import load_config
+from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS, copy_tokenizer, init_checkpoint, text_config
 from training.train import earlier_runs
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.cache import KVCache, uncached_meta
-from engine.layers import rope_tables
-from engine.tokenizer import build_step_tokenizer
+from engine.model.cache import KVCache, uncached_meta
+from engine.model.layers import rope_tables
+from engine.text.tokenizer import build_step_tokenizer
 from training.checkpoint import (
     PRESETS,
     init_checkpoint,
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig) -> TrainLog:
 
 
 def _tok(path: Path):
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

@@ -147,7 +147,7 @@ def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int
         if engine is not None:
             return engine
         from engine import LLM
-        from engine.tokenizer import StepTokenizer, load_tokenizer
+        from engine.text.tokenizer import StepTokenizer, load_tokenizer
 
         kwargs = {"max_batch_size": max_batch_size} if max_batch_size else {}
         llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
@@ -232,7 +232,7 @@ class EmbeddedEndpoint(Endpoint):
         max_new: int,
     ) -> ModelResponse:
         """Render -> tokens -> generate -> parse; runs in a worker thread."""
-        from engine.chat import parse_output
+        from engine.text.chat import parse_output
 
         tok = engine.tokenizer
         text = tok.apply_chat_template(
@@ -291,8 +291,8 @@ def _image_inputs(engine: _Engine, messages: list[Message], text: str) -> tuple[
 
     from PIL import Image
 
-    from engine.chat import expand_image_placeholders
-    from engine.image_processing import ImageProcessorConfig, preprocess
+    from engine.text.chat import expand_image_placeholders
+    from engine.text.image_processing import ImageProcessorConfig, preprocess
 
     pils = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in parts]
     processed = preprocess(pils, ImageProcessorConfig.from_vision_config(llm.config.vision))

@@ -7,5 +7,5 @@
 - `configs.get_config`: tile sizes from the JSON tables in `configs/`, or a heuristic.
 - `bench_moe`: `python -m engine.kernels.bench_moe`, Triton vs PyTorch at the release shapes on a GPU.
 
-Nothing here imports triton at package import: `engine.moe` probes `engine.kernels.fused_moe` lazily.
+Nothing here imports triton at package import: `engine.model.moe` probes `engine.kernels.fused_moe` lazily.
 """

@@ -129,7 +129,7 @@ def bench(
     warmup: int = 3,
 ) -> list[Row]:
     from engine.kernels.fused_moe import fused_moe
-    from engine.moe import experts_torch
+    from engine.model.moe import experts_torch
 
     wt = make_weights(shape, dtype, device)
     per_expert = 3 * shape.inter * shape.hidden * torch.finfo(dtype).bits // 8

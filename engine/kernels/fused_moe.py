@@ -9,7 +9,7 @@ Four launches: the alignment (`align_kernel`, same result as `align.moe_align_bl
    writes act(...) for those pairs in the activation dtype (the reference rounds there too);
 2. down grouped GEMM on those rows, times the pair's routing weight (fp32), written per pair;
 3. the combine: each token sums its k pair rows in fp32.
-The router and the shared expert stay in PyTorch (engine/moe.py).
+The router and the shared expert stay in PyTorch (engine/model/moe.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig, EndpointError
 from advisor.endpoints.embedded import EmbeddedEndpoint, resolve_model
 from advisor.messages import ImagePart, Message
-from engine.tokenizer import build_step_tokenizer, load_tokenizer
+from engine.text.tokenizer import build_step_tokenizer, load_tokenizer
 from tests.engine.step_models import TEXT_C, build_reference
 from tools.spec import tool
 
@@ -198,8 +198,8 @@ async def test_images_reach_the_vision_tower(vision_ckpt):
     from PIL import Image
     from skimage import data
 
-    from engine.image_processing import ImageProcessorConfig, preprocess
     from engine.llm import LLM
+    from engine.text.image_processing import ImageProcessorConfig, preprocess
 
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).resize((160, 90)).save(buf, "PNG")

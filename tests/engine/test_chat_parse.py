@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.chat import ParsedOutput, StreamingParser, parse_output
+from engine.text.chat import ParsedOutput, StreamingParser, parse_output
 
 TOOLS = [
     {

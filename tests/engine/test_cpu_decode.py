@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, cpu_decode
-from engine.cache import KVCache
-from engine.layers import RMSNorm
-from engine.moe import MoE, block16, experts_torch, route, unblock16
+from engine import LLM
+from engine.model import cpu_decode
+from engine.model.cache import KVCache
+from engine.model.layers import RMSNorm
+from engine.model.moe import MoE, block16, experts_torch, route, unblock16
 from tests.engine.step_models import TEXT_A, TEXT_B, build_reference, save_reference
 
 ops = cpu_decode.ops()

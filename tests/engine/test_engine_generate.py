@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.cache import KVCache
-from engine.sampling import sample
+from engine.model.cache import KVCache
+from engine.model.sampling import sample
 from tests.engine.step_models import TEXT_A, build_reference, save_reference
 
 

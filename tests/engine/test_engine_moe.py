@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import moe
-from engine.moe import experts_torch, route
+from engine.model import moe
+from engine.model.moe import experts_torch, route
 
 
 def _naive(x, w_gate_up, w_down, weights, ids, limit):

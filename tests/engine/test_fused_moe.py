@@ -28,13 +28,13 @@ else:
     import torch
     from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
-    from engine import moe
     from engine.kernels import bench_moe, configs
     from engine.kernels.align import moe_align_block_size
     from engine.kernels.align_kernel import moe_align_block_size_triton
     from engine.kernels.configs import GemmConfig, MoEConfig
     from engine.kernels.fused_moe import fused_moe
-    from engine.moe import experts_torch
+    from engine.model import moe
+    from engine.model.moe import experts_torch
 
     E = 8
     TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # relative to the output's scale
@@ -159,7 +159,7 @@ else:
 
     @pytest.mark.parametrize("limit", [0.0, 0.3])
     def test_moe_block_dispatches_to_the_kernel(limit):
-        """engine.moe.MoE with the kernel layout ("split", as finalize picks on CUDA) runs the real kernel
+        """engine.model.moe.MoE with the kernel layout ("split", as finalize picks on CUDA) runs the real kernel
         through moe.fused_moe_kernel(); it matches the same block on the PyTorch layout."""
         assert moe.fused_moe_kernel() is fused_moe
         H, inter = 32, 16

@@ -10,7 +10,7 @@ import torch
 from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
 from engine.kernels.reference import fused_moe_torch
-from engine.moe import experts_torch
+from engine.model.moe import experts_torch
 
 E = 8
 

@@ -1,4 +1,4 @@
-"""engine.image_processing against transformers' Step3p7ImageProcessor / Step3p7Processor logic, on real images.
+"""engine.text.image_processing against transformers' Step3p7ImageProcessor / Step3p7Processor logic, on real images.
 
 torchvision cannot be installed beside our torch, so the reference processor's own orchestration
 (`_plan_patches`, `_preprocess`: padding, views, tiling, grouping, newline masks) runs with its three
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
 
-from engine.image_processing import (
+from engine.text.image_processing import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessorConfig,

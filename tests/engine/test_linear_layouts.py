@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_decode
-from engine.layers import PANEL_ROWS, Linear, _onednn_linear, from_panels, to_panels
+from engine.model import cpu_decode
+from engine.model.layers import PANEL_ROWS, Linear, _onednn_linear, from_panels, to_panels
 
 
 def _linear(out_f: int, in_f: int, seed: int = 0) -> tuple[Linear, torch.Tensor]:

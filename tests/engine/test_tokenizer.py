@@ -1,4 +1,4 @@
-"""engine.tokenizer: the Step tokenizer files we build, load, and hand to transformers."""
+"""engine.text.tokenizer: the Step tokenizer files we build, load, and hand to transformers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.tokenizer import (
+from engine.text.tokenizer import (
     CHAT_MARKERS,
     STEP_SPECIAL_TOKENS,
     StepTokenizer,
@@ -141,7 +141,7 @@ def test_bad_directories_give_one_line_errors(tmp_path):
 
 
 def test_command_line_trains_on_text_files(tmp_path, capsys):
-    from engine.tokenizer import main
+    from engine.text.tokenizer import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("zebra crossing zebra crossing zebra\n" * 20 + "<|im_start|>user\nzebra<|im_end|>\n")

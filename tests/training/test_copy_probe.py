@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from engine.tokenizer import load_tokenizer
+from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS
 from training.copy_probe import preset, sample
 

@@ -8,7 +8,7 @@ import pytest
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig
-from engine.tokenizer import load_tokenizer
+from engine.text.tokenizer import load_tokenizer
 from tools.registry import resolve
 from training.tasks import FAMILIES, generate
 from training.traces import encode_sample, initial_messages, samples

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.tokenizer import STEP_SPECIAL_TOKENS
+from engine.text.tokenizer import STEP_SPECIAL_TOKENS
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = sorted(p for p in MODELS.iterdir() if (p / "config.json").is_file())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.tokenizer import CHAT_MARKERS, STEP_SPECIAL_TOKENS, load_tokenizer
+from engine.text.tokenizer import CHAT_MARKERS, STEP_SPECIAL_TOKENS, load_tokenizer
 from training.traces import encode_sample
 
 

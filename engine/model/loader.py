@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.layers import Spec
+from engine.model.layers import Spec
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,

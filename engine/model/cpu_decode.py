@@ -9,19 +9,19 @@ These ops collapse each cluster into one call:
   query heads and its outputs held in registers, the next pair's keys prefetched;
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights (or
-  the same in 16 x 16 tiles, `engine.moe.block16`, one sequential stream) read once, in place, for all
+  the same in 16 x 16 tiles, `engine.model.moe.block16`, one sequential stream) read once, in place, for all
   of its tokens (experts split across ATen's threads; register tiles of four
   tokens when an expert has several). Measured on a 2-core AVX2 CPU (E=64, top-8, H=512, I=128, weights
-  not in cache, one run), routed experts per layer against `engine.moe.experts_torch`: 0.34 ms for one
+  not in cache, one run), routed experts per layer against `engine.model.moe.experts_torch`: 0.34 ms for one
   token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7 for 64, 21 against
   28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024. So it runs while there
   are at most 32 pairs per expert: decode, and prefills of a few hundred tokens;
 - `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
 - `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
-  (`engine.layers.to_panels`), one sequential weight stream per thread, read ahead.
+  (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead.
 The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
 at load time; exp is vectorised (softmax, SwiGLU).
-The callers (`engine.attention`, `engine.moe`, `engine.layers.RMSNorm` and `Linear`) take them only where `usable`
+The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.RMSNorm` and `Linear`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
 Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_extension`, with ninja;

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_decode
-from engine.cache import KVCache, TypeMeta
-from engine.layers import Linear, RMSNorm, Rope, Spec, apply_rope
+from engine.model import cpu_decode
+from engine.model.cache import KVCache, TypeMeta
+from engine.model.layers import Linear, RMSNorm, Rope, Spec, apply_rope
 
 
 class Attention(nn.Module):

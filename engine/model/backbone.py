@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import Attention
-from engine.cache import KVCache, StepMeta
-from engine.config import LayerSpec, TextConfig
-from engine.layers import MLP, Linear, RMSNorm, Spec, rope_inv_freq, rope_tables
-from engine.moe import MoE, fused_moe_kernel
+from engine.model.attention import Attention
+from engine.model.cache import KVCache, StepMeta
+from engine.model.config import LayerSpec, TextConfig
+from engine.model.layers import MLP, Linear, RMSNorm, Spec, rope_inv_freq, rope_tables
+from engine.model.moe import MoE, fused_moe_kernel
 
 
 def _prefixed(prefix: str, spec: Spec) -> Spec:

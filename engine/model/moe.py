@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_decode
-from engine.layers import MLP, Spec, swiglu
+from engine.model import cpu_decode
+from engine.model.layers import MLP, Spec, swiglu
 
 
 def route(

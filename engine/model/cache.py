@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from engine.config import FULL, SLIDING, TextConfig
+from engine.model.config import FULL, SLIDING, TextConfig
 
 
 @dataclass

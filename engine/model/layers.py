@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_decode
-from engine.config import RopeSpec
+from engine.model import cpu_decode
+from engine.model.config import RopeSpec
 
 # parameter name -> ([(checkpoint tensor name, expected shape), ...], dim the parts are concatenated on)
 Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
