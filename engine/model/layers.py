@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,41 +18,55 @@ from engine.model.config import RopeSpec
 Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
 
 
-class Linear(nn.Module):
-    """A bias-free projection whose weight may be stored in column panels, transposed, or packed for oneDNN.
+class WeightLayout:
+    """How a `Linear` stores its weight and multiplies by it. One is chosen per projection at load
+    (`Linear.relayout`, `Linear.to_k_major`) and `Linear.forward` goes through it.
 
-    Loaded as [out, in] (checkpoint layout). On the CPU, `relayout` picks the layout this CPU's kernels
-    read fastest:
-    - fp32 with the compiled CPU ops there: column panels [ceil(out/16), in, 16] (`to_panels`), which the
-      `panel_linear` op reads as one sequential stream for up to 128 rows (decode, short prompts); longer
-      inputs unpack the panels for the call and run oneDNN's linear on the plain weight (as fast as on its
-      packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured on the 2-core
-      Zen 5 here (weights not in cache, 16 rows / one): the 16384 x 512 head 0.96 / 0.84 ms against
-      1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512 68 / 63 us against 104 / 82.
-    - otherwise, projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked
-      layout and run through its linear (on the 2-core AVX2 CPU measured before: the head 3.6 against
-      9.4 ms for sixteen rows through MKL). `ADVISOR_CPU_ONEDNN=0` keeps those on MKL.
-    - smaller projections with out > in are stored as [in, out] (a shared expert's 512 x 128 down:
-      23 us through MKL, 35 on [out, in], 39 through oneDNN), the rest stay [out, in].
-    The plain weight is dropped once re-laid: one copy, not two.
+    The layouts that keep a plain matrix ([out, in] or [in, out]) read it from the Linear's registered
+    `weight` parameter and hold nothing themselves, so the loader (which replaces parameters), `.to()` and
+    training keep seeing it; the others hold their re-laid tensor and the parameter is None (the plain copy
+    dropped: one copy of the weights). `forward` takes the Linear rather than its weight: the parameter
+    lookup costs ~0.5 us a call, which a decode step's projections do not pay where they do not use it.
     """
 
-    def __init__(self, out_features: int, in_features: int):
-        super().__init__()
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.transposed = False
-        self.packed: torch.Tensor | None = None  # oneDNN-packed weight (inference on the CPU only)
-        self.panels: torch.Tensor | None = None  # column panels for the compiled op (fp32 on the CPU only)
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None:
-            return self._panel_forward(x)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
-    def _panel_forward(self, x: torch.Tensor) -> torch.Tensor:
+class RowMajor(WeightLayout):
+    """The checkpoint layout, weight [out, in]: until a projection is re-laid, and where nothing is faster."""
+
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return F.linear(x, linear.weight)
+
+
+class KMajor(WeightLayout):
+    """Weight stored transposed, [in, out]: MKL streams those matrix-vector products faster when out > in;
+    the compiled expert op reads the shared expert this way."""
+
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return x @ linear.weight
+
+
+@dataclass(eq=False)
+class OneDNNPacked(WeightLayout):
+    """The weight packed once into oneDNN's blocked layout, run through its linear."""
+
+    packed: torch.Tensor
+
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+@dataclass(eq=False)
+class ColumnPanels(WeightLayout):
+    """The weight in 16-column panels [ceil(out/16), in, 16] (`to_panels`) for the compiled `panel_linear`
+    op, up to `PANEL_ROWS` rows; more rows unpack the panels for the call and run oneDNN (or MKL)."""
+
+    panels: torch.Tensor
+    out_features: int
+
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         n = self.out_features
         rows = x.reshape(-1, x.shape[-1])
         ops = cpu_decode.ops()
@@ -62,30 +77,62 @@ class Linear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return F.linear(x, w)
 
+
+class Linear(nn.Module):
+    """A bias-free projection whose weight is held in one `WeightLayout`, chosen at load.
+
+    Loaded as [out, in] (checkpoint layout, `RowMajor`). On the CPU, `relayout` picks the layout this CPU's
+    kernels read fastest:
+    - fp32 with the compiled CPU ops there: `ColumnPanels` [ceil(out/16), in, 16] (`to_panels`), which the
+      `panel_linear` op reads as one sequential stream for up to 128 rows (decode, short prompts); longer
+      inputs unpack the panels for the call and run oneDNN's linear on the plain weight (as fast as on its
+      packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured on the 2-core
+      Zen 5 here (weights not in cache, 16 rows / one): the 16384 x 512 head 0.96 / 0.84 ms against
+      1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512 68 / 63 us against 104 / 82.
+    - otherwise, projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked
+      layout (`OneDNNPacked`) and run through its linear (on the 2-core AVX2 CPU measured before: the head
+      3.6 against 9.4 ms for sixteen rows through MKL). `ADVISOR_CPU_ONEDNN=0` keeps those on MKL.
+    - smaller projections with out > in are stored as [in, out] (`KMajor`; a shared expert's 512 x 128 down:
+      23 us through MKL, 35 on [out, in], 39 through oneDNN), the rest stay `RowMajor`.
+    """
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.layout: WeightLayout = RowMajor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layout.forward(x, self)
+
     def to_k_major(self) -> None:
         """Store the weight as [in, out] whatever its shape (for kernels that read it that way)."""
-        if not self.transposed and self.packed is None and self.panels is None:
+        if isinstance(self.layout, RowMajor):
             self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
-            self.transposed = True
+            self.layout = KMajor()
 
     def relayout(self) -> None:
-        if self.transposed or self.packed is not None or self.panels is not None:
+        """Choose this CPU's layout (once: a projection already re-laid keeps its layout)."""
+        if not isinstance(self.layout, RowMajor):
             return
         w = self.weight
         out_f, in_f = w.shape
         if w.is_cpu and w.dtype is torch.float32 and cpu_decode.ops() is not None:
-            self.panels = to_panels(w.detach())
-            self.weight = None
+            self._hold(ColumnPanels(to_panels(w.detach()), out_f))
             return
         if in_f >= 512 and out_f * in_f >= 2**18 and w.dtype == torch.float32 and _onednn_linear():
             try:  # the batch hint only tunes the packing; any number of rows runs
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
-                self.weight = None
+                self._hold(OneDNNPacked(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)))
                 return
             except RuntimeError:  # an op this build lacks at runtime: MKL below
-                self.packed = None
+                pass
         if out_f > in_f:
             self.to_k_major()
+
+    def _hold(self, layout: WeightLayout) -> None:
+        """Adopt a layout that holds its own tensor; the plain weight is dropped (one copy, not two)."""
+        self.layout = layout
+        self.weight = None
 
 
 # Up to this many rows a panel-laid projection runs the compiled op. Measured here against the unpacked

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model import cpu_decode
-from engine.model.layers import MLP, Spec, swiglu
+from engine.model.layers import MLP, KMajor, Spec, swiglu
 
 
 def route(
@@ -217,8 +217,8 @@ class MoE(nn.Module):
                 ops is not None
                 and cpu_decode.usable(x, self.gate_up, self.down, self.router)
                 and cpu_decode.experts_fit(x.shape[0] * self.top_k, self.gate_up, self.down)
-                and self.shared.gate_up.transposed
-                and self.shared.down.transposed
+                and isinstance(self.shared.gate_up.layout, KMajor)
+                and isinstance(self.shared.down.layout, KMajor)
             ):  # decode at small batches on the CPU: router, routed and shared experts in one call
                 sh = self.shared
                 out = ops.decode_moe(

@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import cpu_decode
-from engine.model.layers import PANEL_ROWS, Linear, _onednn_linear, from_panels, to_panels
+from engine.model.layers import (
+    PANEL_ROWS,
+    ColumnPanels,
+    KMajor,
+    Linear,
+    OneDNNPacked,
+    RowMajor,
+    _onednn_linear,
+    from_panels,
+    to_panels,
+)
 
 
 def _linear(out_f: int, in_f: int, seed: int = 0) -> tuple[Linear, torch.Tensor]:
@@ -28,7 +38,8 @@ def no_ops(monkeypatch):
 def test_fp32_projections_take_column_panels_for_any_number_of_rows(out_f, in_f, monkeypatch):
     m, w = _linear(out_f, in_f)
     m.relayout()
-    assert m.weight is None and m.panels.shape == (-(-out_f // 16), in_f, 16)  # one copy of the weights
+    assert isinstance(m.layout, ColumnPanels)
+    assert m.weight is None and m.layout.panels.shape == (-(-out_f // 16), in_f, 16)  # one copy of the weights
     assert torch.equal(from_panels(to_panels(w), out_f), w)
     calls = []
     real = cpu_decode.ops()
@@ -53,10 +64,11 @@ def test_fp32_projections_take_column_panels_for_any_number_of_rows(out_f, in_f,
         with torch.inference_mode():
             torch.testing.assert_close(m(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
     assert calls == [1, 3, 10, 16, 37, PANEL_ROWS]
+    panels = m.layout
     m.relayout()  # idempotent
-    assert m.panels is not None
+    assert m.layout is panels
     with pytest.raises(RuntimeError, match="do not match"):
-        real.panel_linear(torch.randn(2, in_f + 1), m.panels, out_f)
+        real.panel_linear(torch.randn(2, in_f + 1), m.layout.panels, out_f)
 
 
 @pytest.mark.skipif(not _onednn_linear(), reason="this torch build has no oneDNN linear")
@@ -64,34 +76,35 @@ def test_fp32_projections_take_column_panels_for_any_number_of_rows(out_f, in_f,
 def test_a_large_projection_is_packed_once_and_matches_the_plain_matmul(out_f, no_ops):
     m, w = _linear(out_f, 512)
     m.relayout()
-    assert m.packed is not None and m.weight is None  # one copy of the weights, not two
+    assert isinstance(m.layout, OneDNNPacked) and m.weight is None  # one copy of the weights, not two
     for shape in ((1, 512), (5, 512), (40, 512), (2, 3, 512)):
         x = torch.randn(*shape)
         with torch.inference_mode():
             torch.testing.assert_close(m(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    packed = m.layout
     m.relayout()  # idempotent
-    assert m.packed is not None
+    assert m.layout is packed
 
 
 def test_smaller_projections_are_stored_in_out_and_can_opt_out(monkeypatch, no_ops):
     m, w = _linear(2100, 128)  # wide, but from few inputs (a shared expert's down is 512 x 128)
     m.relayout()
-    assert m.packed is None and m.transposed and m.weight.shape == (128, 2100)
+    assert isinstance(m.layout, KMajor) and m.weight.shape == (128, 2100)
     x = torch.randn(3, 128)
     torch.testing.assert_close(m(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
     narrow, w1 = _linear(100, 512)  # out < in and small: the checkpoint layout
     narrow.relayout()
-    assert narrow.packed is None and not narrow.transposed
+    assert isinstance(narrow.layout, RowMajor) and narrow.weight.shape == (100, 512)
     x1 = torch.randn(3, 512)
     torch.testing.assert_close(narrow(x1), F.linear(x1, w1), rtol=1e-5, atol=1e-4)
     monkeypatch.setenv("ADVISOR_CPU_ONEDNN", "0")
     large, w2 = _linear(2100, 512)
     large.relayout()
-    assert large.packed is None and large.transposed
+    assert isinstance(large.layout, KMajor)
     torch.testing.assert_close(large(x1), F.linear(x1, w2), rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_projections_are_not_packed():
     m = Linear(2100, 512).to(torch.bfloat16)
     m.relayout()
-    assert m.packed is None and m.panels is None and m.transposed
+    assert isinstance(m.layout, KMajor)
