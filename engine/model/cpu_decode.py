@@ -25,14 +25,20 @@ The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
 Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_extension`, with ninja;
-cached under the torch extensions directory, ~40 s the first time). Where no compiler works, or
-`ADVISOR_CPU_OPS=0` is set, `ops()` returns None and the PyTorch path runs.
+cached under the torch extensions directory, ~40 s the first time). Where the machine has no toolchain (no
+ninja, no C++ compiler, or one that cannot build an OpenMP program), or `ADVISOR_CPU_OPS=0` is set, `ops()`
+returns None and the PyTorch path runs, after one log line. A toolchain that works but fails on our source
+is a bug in the source, not a missing feature: the compiler's output is logged as an error, and with
+`ADVISOR_CPU_OPS_STRICT=1` (set for the tests, `tests/conftest.py`) `CpuOpsBuildError` is raised instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -56,23 +62,69 @@ def ops():
     return _state["ops"]
 
 
-def _build():
+class CpuOpsBuildError(RuntimeError):
+    """The toolchain works but the ops' source did not build (raised under `ADVISOR_CPU_OPS_STRICT=1`)."""
+
+
+def _build(source: Path = _SOURCE, name: str = "advisor_cpu_decode", build_directory: str | None = None):
     if os.environ.get("ADVISOR_CPU_OPS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
-
+    except ImportError as e:  # a torch without its extension tooling (setuptools missing)
+        log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", e)
+        return None
+    missing = _toolchain_problem(probe=False)  # before torch's own multi-line warning about the compiler
+    if missing is not None:
+        log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+        return None
+    try:
         log.info("engine: compiling the CPU decode ops (once per machine)")
         return load(
-            "advisor_cpu_decode",
-            sources=[str(_SOURCE)],
+            name,
+            sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            build_directory=build_directory,
             verbose=False,
         )
-    except Exception as e:  # no compiler, or a toolchain problem: the PyTorch path is always there
-        log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", str(e).splitlines()[0])
+    except Exception as e:  # torch reports a missing compiler and an error in our source alike; tell them apart
+        missing = _toolchain_problem()
+        if missing is not None:  # nothing to fix here: the PyTorch path is always there
+            log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+            return None
+        if os.environ.get("ADVISOR_CPU_OPS_STRICT", "0") == "1":
+            raise CpuOpsBuildError(f"engine: {source} does not build with a working toolchain:\n{e}") from e
+        log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
+                  source, e)
         return None
+
+
+def _toolchain_problem(probe: bool = True) -> str | None:
+    """Why this machine cannot build C++ extensions at all, or None when it can: ninja and the compiler
+    torch would use (`CXX`, else c++) there, and with `probe` that compiler building and linking a trivial
+    OpenMP program (a subprocess: run only once a build has failed)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja not found"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx} not found"
+    if not probe:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(
+                [cxx, "-x", "c++", "-fopenmp", "-", "-o", str(Path(tmp) / "probe")],
+                input=b"int main() { return 0; }\n",
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{cxx} cannot build an OpenMP program ({type(e).__name__})"
+    return None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
