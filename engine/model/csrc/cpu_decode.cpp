@@ -1,9 +1,9 @@
-// Fused CPU ops for decode steps (a few tokens per call), fp32, built by engine/cpu_decode.py.
+// Fused CPU ops for decode steps (a few tokens per call), fp32, built by engine/model/cpu_decode.py.
 //
 // At decode a step is dozens of tiny tensors: the PyTorch path spends most of its time dispatching
 // elementwise ops and GEMVs too small for the thread pool. Each op here replaces one such cluster with a
-// single call that reads its weights once, in place. Same maths as the PyTorch path (engine/layers.py,
-// engine/attention.py, engine/moe.py), summed in other orders: fp32 rounding differences only.
+// single call that reads its weights once, in place. Same maths as the PyTorch path (engine/model/layers.py,
+// engine/model/attention.py, engine/model/moe.py), summed in other orders: fp32 rounding differences only.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -27,56 +27,56 @@
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));   // 8 floats, any alignment
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register, two AVX2
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));   // 8 floats, any alignment
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register, two AVX2
+typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));  // 16 int32s: exp16's integer parts
 
-ADVISOR_INLINE v8 load8(const float* p) {
-  v8 v;
+ADVISOR_INLINE f32x8 load_f32x8(const float* p) {
+  f32x8 v;
   __builtin_memcpy(&v, p, 32);
   return v;
 }
 
-ADVISOR_INLINE v16 load16(const float* p) {
-  v16 v;
+ADVISOR_INLINE f32x16 load_f32x16(const float* p) {
+  f32x16 v;
   __builtin_memcpy(&v, p, 64);
   return v;
 }
 
-ADVISOR_INLINE void store16(float* p, v16 v) { __builtin_memcpy(p, &v, 64); }
+ADVISOR_INLINE void store_f32x16(float* p, f32x16 v) { __builtin_memcpy(p, &v, 64); }
 
-ADVISOR_INLINE float hsum(v8 v) {
+ADVISOR_INLINE float sum_lanes8(f32x8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 // exp of 16 floats: 2^n * e^r with |r| <= ln2 / 2, e^r by the Cephes polynomial (within 2 ulp of expf
 // over the range; inputs below -87 give exp(-87), above 88 exp(88)). A softmax row or a SwiGLU block calls
 // std::exp hundreds of times; scalar, that was a fifth of a decode step's attention and experts.
-ADVISOR_INLINE v16 vexp(v16 x) {
-  const v16 lo = v16{} - 87.f, hi = v16{} + 88.f;
+ADVISOR_INLINE f32x16 exp16(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.f, hi = f32x16{} + 88.f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 fx = x * 1.44269504088896341f + 0.5f;
-  v16 fn = __builtin_convertvector(__builtin_convertvector(fx, i16), v16);
+  const f32x16 fx = x * 1.44269504088896341f + 0.5f;
+  f32x16 fn = __builtin_convertvector(__builtin_convertvector(fx, i32x16), f32x16);
   fn = fn > fx ? fn - 1.f : fn;  // floor: the conversion truncated towards zero
-  const v16 r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  const f32x16 r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  f32x16 p = f32x16{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.f;
-  const i16 bits = (__builtin_convertvector(fn, i16) + 127) << 23;
-  v16 two_n;
+  const i32x16 bits = (__builtin_convertvector(fn, i32x16) + 127) << 23;
+  f32x16 two_n;
   __builtin_memcpy(&two_n, &bits, 64);
   return p * two_n;
 }
 
-// vexp, with 0 below -87 (for -inf: a masked attention slot).
-ADVISOR_INLINE v16 vexp0(v16 x) {
-  const v16 e = vexp(x);
-  return x < -87.f ? v16{} : e;
+// exp16, with 0 below -87 (for -inf: a masked attention slot).
+ADVISOR_INLINE f32x16 exp16_or_zero(f32x16 x) {
+  const f32x16 e = exp16(x);
+  return x < -87.f ? f32x16{} : e;
 }
 
 void check_f32(const torch::Tensor& t, const char* op, const char* name) {
@@ -99,9 +99,9 @@ void norm_rows(const float* x, const float* scale, float eps, int64_t D, float* 
   for (int64_t t = lo; t < hi; ++t) norm_row(x + t * D, scale, eps, D, y + t * D);
 }
 
-// NeoX rotate-halves on the first rd dims of one head, in place (cos/sin hold the halves repeated).
-ADVISOR_INLINE void rope_head(float* x, const float* cos, const float* sin, int64_t rd) {
-  const int64_t half = rd / 2;
+// NeoX rotate-halves on the first rot_dims dims of one head, in place (cos/sin hold the halves repeated).
+ADVISOR_INLINE void rope_head(float* x, const float* cos, const float* sin, int64_t rot_dims) {
+  const int64_t half = rot_dims / 2;
   for (int64_t j = 0; j < half; ++j) {
     const float x1 = x[j], x2 = x[j + half];
     x[j] = x1 * cos[j] - x2 * sin[j];
@@ -113,16 +113,16 @@ ADVISOR_INLINE void rope_head(float* x, const float* cos, const float* sin, int6
 // g = h[0, I) and u = h[I, 2I) (no clamp when limit <= 0).
 ADVISOR_INLINE void swiglu_row(float* h, int64_t I, float limit, float w) {
   int64_t j = 0;
-  const v16 hi = v16{} + limit, lo = v16{} - limit;
+  const f32x16 hi = f32x16{} + limit, lo = f32x16{} - limit;
   for (; j + 16 <= I; j += 16) {
-    v16 g = load16(h + j), u = load16(h + I + j);
-    g = g / (1.f + vexp(-g));
+    f32x16 g = load_f32x16(h + j), u = load_f32x16(h + I + j);
+    g = g / (1.f + exp16(-g));
     if (limit > 0) {
       g = g > hi ? hi : g;
       u = u > hi ? hi : u;
       u = u < lo ? lo : u;
     }
-    store16(h + j, g * u * w);
+    store_f32x16(h + j, g * u * w);
   }
   for (; j < I; ++j) {
     float g = h[j], u = h[I + j];
@@ -141,15 +141,15 @@ ADVISOR_INLINE void swiglu_row(float* h, int64_t I, float limit, float w) {
 // of 16 weight rows: each weight is loaded once per 4 rows instead of once per row, and the accumulators
 // stay in registers instead of going through memory at every step.
 template <int R>
-ADVISOR_INLINE void tile(const float* const* a, const float* Wt, int64_t ws, int64_t k0, int64_t k1, int64_t n0,
-                         float* const* out) {
-  v16 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = load16(out[r] + n0);
-  for (int64_t k = k0; k < k1; ++k, Wt += ws) {
-    const v16 w = load16(Wt);
+ADVISOR_INLINE void gemm_tile(const float* const* a, const float* w_tile, int64_t w_stride, int64_t k0, int64_t k1,
+                               int64_t n0,                         float* const* out) {
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = load_f32x16(out[r] + n0);
+  for (int64_t k = k0; k < k1; ++k, w_tile += w_stride) {
+    const f32x16 w = load_f32x16(w_tile);
     for (int r = 0; r < R; ++r) acc[r] += a[r][k] * w;
   }
-  for (int r = 0; r < R; ++r) store16(out[r] + n0, acc[r]);
+  for (int r = 0; r < R; ++r) store_f32x16(out[r] + n0, acc[r]);
 }
 
 ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, int64_t lda, const float* W,
@@ -157,28 +157,28 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
   std::fill(out, out + c * N, 0.f);
   for (int64_t r0 = 0; r0 < c; r0 += 4) {
     const int R = (int)std::min<int64_t>(4, c - r0);
-    const float* ar[4];
-    float* orow[4];
+    const float* a_rows[4];
+    float* out_rows[4];
     for (int r = 0; r < R; ++r) {
-      ar[r] = a + (rows ? rows[r0 + r] : r0 + r) * lda;
-      orow[r] = out + (r0 + r) * N;
+      a_rows[r] = a + (rows ? rows[r0 + r] : r0 + r) * lda;
+      out_rows[r] = out + (r0 + r) * N;
     }
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const int64_t k1 = std::min<int64_t>(K, k0 + 16);
       for (int64_t n0 = 0; n0 < N; n0 += 16) {
-        const float* Wt = blocked ? W + (k0 * N + n0 * 16) : W + k0 * N + n0;
+        const float* w_tile = blocked ? W + (k0 * N + n0 * 16) : W + k0 * N + n0;
         // K-major, the tiles walk a 16-row block column by column: sixteen strided streams, more than the
         // hardware prefetchers follow. Ask for the next block's lines of this column while this one
         // computes (measured: 2.0 -> 1.3 ms per MoE layer at batch 16, E=64, H=512, I=128). Blocked, the
         // reads are one sequential stream, which the prefetchers follow alone (1.17 -> 1.04 ms).
         if (!blocked && r0 == 0)
           for (int64_t t = k1; t < std::min<int64_t>(K, k1 + 16); ++t) __builtin_prefetch(W + t * N + n0, 0, 3);
-        const int64_t ws = blocked ? 16 : N;
+        const int64_t w_stride = blocked ? 16 : N;
         switch (R) {
-          case 4: tile<4>(ar, Wt, ws, k0, k1, n0, orow); break;
-          case 3: tile<3>(ar, Wt, ws, k0, k1, n0, orow); break;
-          case 2: tile<2>(ar, Wt, ws, k0, k1, n0, orow); break;
-          default: tile<1>(ar, Wt, ws, k0, k1, n0, orow); break;
+          case 4: gemm_tile<4>(a_rows, w_tile, w_stride, k0, k1, n0, out_rows); break;
+          case 3: gemm_tile<3>(a_rows, w_tile, w_stride, k0, k1, n0, out_rows); break;
+          case 2: gemm_tile<2>(a_rows, w_tile, w_stride, k0, k1, n0, out_rows); break;
+          default: gemm_tile<1>(a_rows, w_tile, w_stride, k0, k1, n0, out_rows); break;
         }
       }
     }
@@ -189,62 +189,62 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
 // with K-major weights (gate_up [H, 2I], down [I, H]), so each weight row is read once for all c tokens,
 // or the same blocked (then always in register tiles, one token too).
 ADVISOR_CLONES
-void expert(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gu, const float* dn,
-            bool blocked, float limit, int64_t H, int64_t I, float* h, float* y) {
+void expert(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gate_up, const float* down,
+            bool blocked, float limit, int64_t H, int64_t I, float* inter, float* y) {
   const int64_t I2 = 2 * I;
   const bool tiled = blocked || (c > 1 && I2 % 16 == 0 && H % 16 == 0);
-  if (tiled) small_gemm(x, rows, c, H, gu, blocked, H, I2, h);
-  else std::fill(h, h + c * I2, 0.f);
+  if (tiled) small_gemm(x, rows, c, H, gate_up, blocked, H, I2, inter);
+  else std::fill(inter, inter + c * I2, 0.f);
   // One token: the weight rows are read one after the other, each a few cache lines; asking for the rows
   // a few ahead keeps more loads in flight than the prefetchers do (MoE layer at batch 1: 257 -> 233 us).
   for (int64_t i = 0; i < H && !tiled; ++i) {
-    const float* row = gu + i * I2;
+    const float* row = gate_up + i * I2;
     if (i + 8 < H)
       for (int64_t j = 0; j < I2; j += 16) __builtin_prefetch(row + 8 * I2 + j, 0, 3);
     for (int64_t r = 0; r < c; ++r) {
       const float xi = x[rows[r] * H + i];
-      float* hr = h + r * I2;
+      float* inter_row = inter + r * I2;
 #pragma omp simd
-      for (int64_t j = 0; j < I2; ++j) hr[j] += xi * row[j];
+      for (int64_t j = 0; j < I2; ++j) inter_row[j] += xi * row[j];
     }
   }
-  for (int64_t r = 0; r < c; ++r) swiglu_row(h + r * I2, I, limit, w[r]);
+  for (int64_t r = 0; r < c; ++r) swiglu_row(inter + r * I2, I, limit, w[r]);
   if (tiled) {
-    // the SwiGLU output sits in the first I columns of each h row (stride 2I)
-    small_gemm(h, nullptr, c, I2, dn, blocked, I, H, y);
+    // the SwiGLU output sits in the first I columns of each inter row (stride 2I)
+    small_gemm(inter, nullptr, c, I2, down, blocked, I, H, y);
     return;
   }
   std::fill(y, y + c * H, 0.f);
   for (int64_t i = 0; i < I; ++i) {
-    const float* row = dn + i * H;
+    const float* row = down + i * H;
     if (i + 4 < I)
       for (int64_t j = 0; j < H; j += 16) __builtin_prefetch(row + 4 * H + j, 0, 3);
     for (int64_t r = 0; r < c; ++r) {
-      const float ai = h[r * I2 + i];
-      float* yr = y + r * H;
+      const float ai = inter[r * I2 + i];
+      float* y_row = y + r * H;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) yr[j] += ai * row[j];
+      for (int64_t j = 0; j < H; ++j) y_row[j] += ai * row[j];
     }
   }
 }
 
 // dot(a, b) over n floats, four independent accumulators (one chain would wait on each FMA's latency).
 ADVISOR_INLINE float dot(const float* a, const float* b, int64_t n) {
-  v8 acc[4] = {};
+  f32x8 acc[4] = {};
   int64_t j = 0;
   for (; j + 32 <= n; j += 32)
-    for (int u = 0; u < 4; ++u) acc[u] += load8(a + j + 8 * u) * load8(b + j + 8 * u);
-  for (; j + 8 <= n; j += 8) acc[0] += load8(a + j) * load8(b + j);
+    for (int u = 0; u < 4; ++u) acc[u] += load_f32x8(a + j + 8 * u) * load_f32x8(b + j + 8 * u);
+  for (; j + 8 <= n; j += 8) acc[0] += load_f32x8(a + j) * load_f32x8(b + j);
   float tail = 0.f;
   for (; j < n; ++j) tail += a[j] * b[j];
-  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
+  return sum_lanes8((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
 }
 
-ADVISOR_INLINE float hsum16(v16 v) {
-  v8 lo, hi;
+ADVISOR_INLINE float sum_lanes16(f32x16 v) {
+  f32x8 lo, hi;
   __builtin_memcpy(&lo, &v, 32);
   __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  return hsum(lo + hi);
+  return sum_lanes8(lo + hi);
 }
 
 // One head's attention weights in place: p holds its scores plus `mask` (0 at visible slots, -inf at the
@@ -252,73 +252,75 @@ ADVISOR_INLINE float hsum16(v16 v) {
 // here rather than applied to the output).
 ADVISOR_INLINE void softmax_row(float* p, int64_t S, float f) {
   int64_t s = 0;
-  v16 mv = v16{} - std::numeric_limits<float>::infinity();
+  f32x16 max_vec = f32x16{} - std::numeric_limits<float>::infinity();
   for (; s + 16 <= S; s += 16) {
-    const v16 x = load16(p + s);
-    mv = x > mv ? x : mv;
+    const f32x16 x = load_f32x16(p + s);
+    max_vec = x > max_vec ? x : max_vec;
   }
-  float mx = mv[0];
-  for (int j = 1; j < 16; ++j) mx = std::max(mx, mv[j]);
+  float mx = max_vec[0];
+  for (int j = 1; j < 16; ++j) mx = std::max(mx, max_vec[j]);
   for (; s < S; ++s) mx = std::max(mx, p[s]);
-  v16 sv = {};
+  f32x16 sum_vec = {};
   for (s = 0; s + 16 <= S; s += 16) {
-    const v16 e = vexp0(load16(p + s) - mx);
-    store16(p + s, e);
-    sv += e;
+    const f32x16 e = exp16_or_zero(load_f32x16(p + s) - mx);
+    store_f32x16(p + s, e);
+    sum_vec += e;
   }
-  float sum = hsum16(sv);
+  float sum = sum_lanes16(sum_vec);
   for (; s < S; ++s) {
     p[s] = std::exp(p[s] - mx);
     sum += p[s];
   }
   f /= sum;
-  for (s = 0; s + 16 <= S; s += 16) store16(p + s, load16(p + s) * f);
+  for (s = 0; s + 16 <= S; s += 16) store_f32x16(p + s, load_f32x16(p + s) * f);
   for (; s < S; ++s) p[s] *= f;
 }
 
-// Attention of G query heads (q [G, 16 * DV]) over one KV head's slots K, V [S, 16 * DV], in passes of up to
-// HP heads whose queries (for q . k) and outputs (for p @ V) stay in registers while each key and value
-// row is read once for all of them: HP * DV <= 24 of AVX-512's 32 vector registers.
-template <int DV>
+// Attention of G query heads (q [G, 16 * VECS_PER_HEAD]) over one KV head's slots K, V [S, 16 * VECS_PER_HEAD],
+// in passes of up to HEADS_PER_PASS heads whose queries (for q . k) and outputs (for p @ V) stay in registers
+// while each key and value row is read once for all of them: HEADS_PER_PASS * VECS_PER_HEAD <= 24 of
+// AVX-512's 32 vector registers.
+template <int VECS_PER_HEAD>
 ADVISOR_INLINE void attend_heads(const float* q, const float* K, const float* V, const char* visible,
                                  const float* mask, const float* gate, int64_t G, int64_t S, float scale, float* p,
                                  float* out, const float* next_K) {
-  constexpr int64_t D = 16 * DV;
-  constexpr int HP = DV >= 8 ? 3 : (24 / DV > 8 ? 8 : 24 / DV);
-  for (int64_t g0 = 0; g0 < G; g0 += HP) {
-    const int nh = (int)std::min<int64_t>(HP, G - g0);
-    v16 r[HP][DV];
-    for (int h = 0; h < HP; ++h)
-      for (int d = 0; d < DV; ++d) r[h][d] = h < nh ? load16(q + (g0 + h) * D + 16 * d) : v16{};
+  constexpr int64_t D = 16 * VECS_PER_HEAD;
+  constexpr int HEADS_PER_PASS = VECS_PER_HEAD >= 8 ? 3 : (24 / VECS_PER_HEAD > 8 ? 8 : 24 / VECS_PER_HEAD);
+  for (int64_t g0 = 0; g0 < G; g0 += HEADS_PER_PASS) {
+    const int n_heads = (int)std::min<int64_t>(HEADS_PER_PASS, G - g0);
+    f32x16 acc[HEADS_PER_PASS][VECS_PER_HEAD];
+    for (int h = 0; h < HEADS_PER_PASS; ++h)
+      for (int d = 0; d < VECS_PER_HEAD; ++d)
+        acc[h][d] = h < n_heads ? load_f32x16(q + (g0 + h) * D + 16 * d) : f32x16{};
     for (int64_t s = 0; s < S; ++s) {
-      v16 k[DV];
-      for (int d = 0; d < DV; ++d) k[d] = load16(K + s * D + 16 * d);
+      f32x16 key[VECS_PER_HEAD];
+      for (int d = 0; d < VECS_PER_HEAD; ++d) key[d] = load_f32x16(K + s * D + 16 * d);
       if (g0 == 0)
-        for (int d = 0; d < DV; ++d) __builtin_prefetch(V + s * D + 16 * d, 0, 3);
-      for (int h = 0; h < HP; ++h) {
-        if (h >= nh) break;
-        v16 t = r[h][0] * k[0];
-        for (int d = 1; d < DV; ++d) t += r[h][d] * k[d];
-        p[(g0 + h) * S + s] = hsum16(t) * scale + mask[s];
+        for (int d = 0; d < VECS_PER_HEAD; ++d) __builtin_prefetch(V + s * D + 16 * d, 0, 3);
+      for (int h = 0; h < HEADS_PER_PASS; ++h) {
+        if (h >= n_heads) break;
+        f32x16 t = acc[h][0] * key[0];
+        for (int d = 1; d < VECS_PER_HEAD; ++d) t += acc[h][d] * key[d];
+        p[(g0 + h) * S + s] = sum_lanes16(t) * scale + mask[s];
       }
     }
-    for (int h = 0; h < nh; ++h) softmax_row(p + (g0 + h) * S, S, 1.f / (1.f + std::exp(-gate[g0 + h])));
-    for (int h = 0; h < HP; ++h)
-      for (int d = 0; d < DV; ++d) r[h][d] = v16{};
+    for (int h = 0; h < n_heads; ++h) softmax_row(p + (g0 + h) * S, S, 1.f / (1.f + std::exp(-gate[g0 + h])));
+    for (int h = 0; h < HEADS_PER_PASS; ++h)
+      for (int d = 0; d < VECS_PER_HEAD; ++d) acc[h][d] = f32x16{};
     for (int64_t s = 0; s < S; ++s) {
-      if (next_K && g0 + HP >= G)
-        for (int d = 0; d < DV; ++d) __builtin_prefetch(next_K + s * D + 16 * d, 0, 3);
+      if (next_K && g0 + HEADS_PER_PASS >= G)
+        for (int d = 0; d < VECS_PER_HEAD; ++d) __builtin_prefetch(next_K + s * D + 16 * d, 0, 3);
       if (!visible[s]) continue;
-      v16 v[DV];
-      for (int d = 0; d < DV; ++d) v[d] = load16(V + s * D + 16 * d);
-      for (int h = 0; h < HP; ++h) {
-        if (h >= nh) break;
+      f32x16 val[VECS_PER_HEAD];
+      for (int d = 0; d < VECS_PER_HEAD; ++d) val[d] = load_f32x16(V + s * D + 16 * d);
+      for (int h = 0; h < HEADS_PER_PASS; ++h) {
+        if (h >= n_heads) break;
         const float ph = p[(g0 + h) * S + s];
-        for (int d = 0; d < DV; ++d) r[h][d] += ph * v[d];
+        for (int d = 0; d < VECS_PER_HEAD; ++d) acc[h][d] += ph * val[d];
       }
     }
-    for (int h = 0; h < nh; ++h)
-      for (int d = 0; d < DV; ++d) store16(out + (g0 + h) * D + 16 * d, r[h][d]);
+    for (int h = 0; h < n_heads; ++h)
+      for (int d = 0; d < VECS_PER_HEAD; ++d) store_f32x16(out + (g0 + h) * D + 16 * d, acc[h][d]);
   }
 }
 
@@ -330,59 +332,59 @@ struct AttentionStep {
   const float *qkvg, *q_scale, *k_scale, *cos, *sin;
   const int64_t *qpos, *kpos;
   float *k_cache, *v_cache, *out;
-  int64_t B, Hq, Hkv, G, D, rd, cap, S, slot, window, kpos_stride, W;
+  int64_t B, Hq, Hkv, G, D, rot_dims, capacity, S, slot, window, kpos_stride, width;
   float eps, scale;
 };
 
 ADVISOR_CLONES
 void attend(const AttentionStep& a, int64_t b, int64_t kvh, float* work, int64_t next) {
-  const int64_t G = a.G, D = a.D, S = a.S, rd = a.rd;
+  const int64_t G = a.G, D = a.D, S = a.S, rot_dims = a.rot_dims;
   float* q = work;          // [G, D]
   float* p = q + G * D;     // [G, S]
   float* mask = p + G * S;  // [S]: 0 where visible, -inf elsewhere
   char* visible = reinterpret_cast<char*>(mask + S);
-  const int64_t qp = a.qpos[b];
-  const float *cosv = a.cos + b * rd, *sinv = a.sin + b * rd;
-  const float* row = a.qkvg + b * a.W;
-  const int64_t bk = b * a.Hkv + kvh;
-  float* K = a.k_cache + bk * a.cap * D;
-  float* V = a.v_cache + bk * a.cap * D;
+  const int64_t query_pos = a.qpos[b];
+  const float *cos_row = a.cos + b * rot_dims, *sin_row = a.sin + b * rot_dims;
+  const float* row = a.qkvg + b * a.width;
+  const int64_t row_kv = b * a.Hkv + kvh;
+  float* K = a.k_cache + row_kv * a.capacity * D;
+  float* V = a.v_cache + row_kv * a.capacity * D;
   norm_row(row + a.Hq * D + kvh * D, a.k_scale, a.eps, D, K + a.slot * D);
-  rope_head(K + a.slot * D, cosv, sinv, rd);
+  rope_head(K + a.slot * D, cos_row, sin_row, rot_dims);
   const float* v = row + a.Hq * D + a.Hkv * D + kvh * D;
   std::copy(v, v + D, V + a.slot * D);
   for (int64_t g = 0; g < G; ++g) {
     norm_row(row + (kvh * G + g) * D, a.q_scale, a.eps, D, q + g * D);
-    rope_head(q + g * D, cosv, sinv, rd);
+    rope_head(q + g * D, cos_row, sin_row, rot_dims);
   }
   // Which slots the query sees: causal, within the window when there is one; a padding row with nothing
   // visible sees everything (its output is unused).
-  const int64_t* kp = a.kpos + b * a.kpos_stride;
+  const int64_t* key_pos = a.kpos + b * a.kpos_stride;
   bool any = false;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t k = kp[s];
-    visible[s] = k >= 0 && k <= qp && (a.window <= 0 || k > qp - a.window);
+    const int64_t k = key_pos[s];
+    visible[s] = k >= 0 && k <= query_pos && (a.window <= 0 || k > query_pos - a.window);
     any |= visible[s];
   }
   if (!any) std::fill(visible, visible + S, 1);
   for (int64_t s = 0; s < S; ++s) mask[s] = visible[s] ? 0.f : -std::numeric_limits<float>::infinity();
   const float* gate = row + a.Hq * D + 2 * a.Hkv * D + kvh * G;
   float* out = a.out + (b * a.Hq + kvh * G) * D;
-  const float sc = a.scale;
+  const float scale = a.scale;
   // The next task's keys, fetched while this one's values are summed (its values are fetched during its
   // q . k): the cache rows come from memory at every step, and the two loads then overlap the arithmetic.
-  const float* next_K = next >= 0 ? a.k_cache + next * a.cap * D : nullptr;
+  const float* next_K = next >= 0 ? a.k_cache + next * a.capacity * D : nullptr;
   switch (D) {  // head sizes of 16 to 128: the query heads and their outputs held in registers
-    case 16: return attend_heads<1>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
-    case 32: return attend_heads<2>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
-    case 48: return attend_heads<3>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
-    case 64: return attend_heads<4>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
-    case 96: return attend_heads<6>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
-    case 128: return attend_heads<8>(q, K, V, visible, mask, gate, G, S, sc, p, out, next_K);
+    case 16: return attend_heads<1>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
+    case 32: return attend_heads<2>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
+    case 48: return attend_heads<3>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
+    case 64: return attend_heads<4>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
+    case 96: return attend_heads<6>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
+    case 128: return attend_heads<8>(q, K, V, visible, mask, gate, G, S, scale, p, out, next_K);
     default: break;
   }
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot(q + g * D, K + s * D, D) * sc + mask[s];
+    for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot(q + g * D, K + s * D, D) * scale + mask[s];
   for (int64_t g = 0; g < G; ++g) softmax_row(p + g * S, S, 1.f / (1.f + std::exp(-gate[g])));
   std::fill(out, out + G * D, 0.f);
   for (int64_t s = 0; s < S; ++s) {
@@ -432,16 +434,17 @@ void route_rows(const float* x, const float* w, const float* bias, int64_t H, in
 // row 40 against 35 and 34 against 26; 64 rows still 13 against 11 (an [out, in] dot-product kernel tried
 // first stalled at 22 GB/s at 16 rows, its cross-lane sums a quarter of the work).
 template <int R>
-ADVISOR_INLINE void panel_rows(const float* xt, const float* Wp, int64_t K, float* out, int64_t ldo, int64_t cols) {
-  v16 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = v16{};
+ADVISOR_INLINE void panel_rows(const float* xt, const float* panel, int64_t K, float* out, int64_t ldo,
+                               int64_t cols) {
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = f32x16{};
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(Wp + (k + 128) * 16, 0, 3);  // past the panel's end: the next one's start
-    const v16 w = load16(Wp + k * 16);
+    __builtin_prefetch(panel + (k + 128) * 16, 0, 3);  // past the panel's end: the next one's start
+    const f32x16 w = load_f32x16(panel + k * 16);
     for (int r = 0; r < R; ++r) acc[r] += xt[k * R + r] * w;
   }
   for (int r = 0; r < R; ++r) {
-    if (cols == 16) store16(out + r * ldo, acc[r]);
+    if (cols == 16) store_f32x16(out + r * ldo, acc[r]);
     else
       for (int64_t j = 0; j < cols; ++j) out[r * ldo + j] = acc[r][j];
   }
@@ -453,20 +456,20 @@ ADVISOR_CLONES
 void panel_cols(const float* xt, int64_t M, const float* W, int64_t K, int64_t N, int64_t p0, int64_t p1,
                 int64_t tail_r, float* out) {
   for (int64_t p = p0; p < p1; ++p) {
-    const float* Wp = W + p * K * 16;
+    const float* panel = W + p * K * 16;
     const int64_t cols = std::min<int64_t>(16, N - p * 16);
     int64_t m = 0;
-    for (; m + 16 <= M; m += 16) panel_rows<16>(xt + m * K, Wp, K, out + m * N + p * 16, N, cols);
+    for (; m + 16 <= M; m += 16) panel_rows<16>(xt + m * K, panel, K, out + m * N + p * 16, N, cols);
     if (m < M) {
       const float* t = xt + m * K;
       float* o = out + m * N + p * 16;
       // rows past M in the padded group land in scratch rows of `out` (it has tail_r - (M - m) spare)
       switch (tail_r) {
-        case 16: panel_rows<16>(t, Wp, K, o, N, cols); break;
-        case 8: panel_rows<8>(t, Wp, K, o, N, cols); break;
-        case 4: panel_rows<4>(t, Wp, K, o, N, cols); break;
-        case 2: panel_rows<2>(t, Wp, K, o, N, cols); break;
-        default: panel_rows<1>(t, Wp, K, o, N, cols); break;
+        case 16: panel_rows<16>(t, panel, K, o, N, cols); break;
+        case 8: panel_rows<8>(t, panel, K, o, N, cols); break;
+        case 4: panel_rows<4>(t, panel, K, o, N, cols); break;
+        case 2: panel_rows<2>(t, panel, K, o, N, cols); break;
+        default: panel_rows<1>(t, panel, K, o, N, cols); break;
       }
     }
   }
@@ -499,7 +502,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
   return {sum, y};
 }
 
-// x [M, K] @ W -> [M, N], W in column panels [ceil(N/16), K, 16] (`engine.layers.to_panels`), for a few
+// x [M, K] @ W -> [M, N], W in column panels [ceil(N/16), K, 16] (`engine.model.layers.to_panels`), for a few
 // rows. The panels split across ATen's threads in contiguous ranges, one sequential stream each.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
   check_f32(x, "panel_linear", "x");
@@ -547,25 +550,27 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   check_f32(sin, op, "sin");
   check_f32(k_cache, op, "k_cache");
   check_f32(v_cache, op, "v_cache");
-  TORCH_CHECK(kpos.dtype() == torch::kInt64 && kpos.dim() == 2 && kpos.stride(1) == 1 && qpos.dtype() == torch::kInt64 &&
+  TORCH_CHECK(kpos.dtype() == torch::kInt64 && kpos.dim() == 2 && kpos.stride(1) == 1 &&
+                  qpos.dtype() == torch::kInt64 &&
                   qpos.is_contiguous(),
               op, ": kpos [B, S] and qpos [B] must be int64 with unit stride");
   AttentionStep a;
   a.B = qkvg.size(0);
   a.Hq = Hq;
   a.Hkv = k_cache.size(1);
-  a.cap = k_cache.size(2);
+  a.capacity = k_cache.size(2);
   a.D = k_cache.size(3);
   a.S = kpos.size(1);
-  a.rd = cos.numel() / std::max<int64_t>(a.B, 1);
+  a.rot_dims = cos.numel() / std::max<int64_t>(a.B, 1);
   TORCH_CHECK(a.Hkv > 0 && Hq % a.Hkv == 0, op, ": ", Hq, " query heads do not group over ", a.Hkv, " KV heads");
   a.G = Hq / a.Hkv;
-  a.W = qkvg.size(1);
-  TORCH_CHECK(a.W == Hq * a.D + 2 * a.Hkv * a.D + Hq, op, ": qkvg width ", a.W, " does not match ", Hq,
+  a.width = qkvg.size(1);
+  TORCH_CHECK(a.width == Hq * a.D + 2 * a.Hkv * a.D + Hq, op, ": qkvg width ", a.width, " does not match ", Hq,
               " query heads, ", a.Hkv, " KV heads of ", a.D);
-  TORCH_CHECK(kpos.size(0) == a.B && qpos.numel() == a.B && a.S <= a.cap && slot >= 0 && slot < a.cap &&
-                  k_cache.size(0) == a.B && v_cache.sizes() == k_cache.sizes() && a.rd <= a.D && a.rd % 2 == 0 &&
-                  cos.numel() == a.B * a.rd && sin.numel() == a.B * a.rd,
+  TORCH_CHECK(kpos.size(0) == a.B && qpos.numel() == a.B && a.S <= a.capacity && slot >= 0 && slot < a.capacity &&
+                  k_cache.size(0) == a.B && v_cache.sizes() == k_cache.sizes() && a.rot_dims <= a.D &&
+                  a.rot_dims % 2 == 0 &&
+                  cos.numel() == a.B * a.rot_dims && sin.numel() == a.B * a.rot_dims,
               op, ": cache, positions, slot or rotary dims out of range");
   auto out = torch::empty({a.B, Hq * a.D}, qkvg.options());
   a.qkvg = qkvg.data_ptr<float>();
@@ -587,7 +592,8 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   const int64_t work = a.G * a.D + a.G * a.S + a.S + (a.S + 3) / 4;
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(work);
-    for (int64_t bk = lo; bk < hi; ++bk) attend(a, bk / a.Hkv, bk % a.Hkv, buf.data(), bk + 1 < hi ? bk + 1 : -1);
+    for (int64_t row_kv = lo; row_kv < hi; ++row_kv)
+      attend(a, row_kv / a.Hkv, row_kv % a.Hkv, buf.data(), row_kv + 1 < hi ? row_kv + 1 : -1);
   });
   return out;
 }
@@ -595,44 +601,48 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
 // Routed experts for the (token, slot) pairs in ids [T, k] with routing weights [T, k], plus, when given,
 // the shared expert (weight 1) on every token: out = sum over slots + shared. Experts and the shared one
 // split across ATen's threads (taken one at a time); each token's pairs are summed in expert order.
-torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn, torch::Tensor weights,
-                             torch::Tensor ids, double limit, c10::optional<torch::Tensor> shared_gu,
-                             c10::optional<torch::Tensor> shared_dn, double shared_limit) {
+torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor weights,
+                             torch::Tensor ids, double limit, c10::optional<torch::Tensor> shared_gate_up,
+                             c10::optional<torch::Tensor> shared_down, double shared_limit) {
   const char* op = "decode_experts";
   check_f32(x, op, "x");
-  check_f32(gu, op, "gate_up");
-  check_f32(dn, op, "down");
+  check_f32(gate_up, op, "gate_up");
+  check_f32(down, op, "down");
   // K-major [E, H, 2I] and [E, I, H], or blocked [E, H/16, 2I/16, 16, 16] and [E, I/16, H/16, 16, 16]
-  const bool blocked = gu.dim() == 5;
-  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gu.size(0);
-  const int64_t I = blocked ? gu.size(2) * 8 : gu.size(2) / 2;
-  const auto want_gu = blocked ? std::vector<int64_t>{E, H / 16, I / 8, 16, 16} : std::vector<int64_t>{E, H, 2 * I};
-  const auto want_dn = blocked ? std::vector<int64_t>{E, I / 16, H / 16, 16, 16} : std::vector<int64_t>{E, I, H};
-  TORCH_CHECK(gu.sizes() == want_gu && dn.sizes() == want_dn && (!blocked || (H % 16 == 0 && I % 16 == 0)) &&
+  const bool blocked = gate_up.dim() == 5;
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gate_up.size(0);
+  const int64_t I = blocked ? gate_up.size(2) * 8 : gate_up.size(2) / 2;
+  const auto want_gate_up =
+      blocked ? std::vector<int64_t>{E, H / 16, I / 8, 16, 16} : std::vector<int64_t>{E, H, 2 * I};
+  const auto want_down = blocked ? std::vector<int64_t>{E, I / 16, H / 16, 16, 16} : std::vector<int64_t>{E, I, H};
+  TORCH_CHECK(gate_up.sizes() == want_gate_up && down.sizes() == want_down &&
+                  (!blocked || (H % 16 == 0 && I % 16 == 0)) &&
                   ids.dim() == 2 && ids.size(0) == T && weights.sizes() == ids.sizes(),
-              op, ": expert weights ", gu.sizes(), " and ", dn.sizes(), ", ids or routing weights do not match x ",
+              op, ": expert weights ", gate_up.sizes(), " and ", down.sizes(),
+              ", ids or routing weights do not match x ",
               x.sizes());
-  const bool has_shared = shared_gu.has_value();
-  int64_t Is = 0;
+  const bool has_shared = shared_gate_up.has_value();
+  int64_t shared_I = 0;
   if (has_shared) {
-    check_f32(*shared_gu, op, "shared gate_up");
-    check_f32(*shared_dn, op, "shared down");
-    Is = shared_gu->size(1) / 2;
+    check_f32(*shared_gate_up, op, "shared gate_up");
+    check_f32(*shared_down, op, "shared down");
+    shared_I = shared_gate_up->size(1) / 2;
   }
-  auto wt = weights.to(torch::kFloat32).contiguous();
-  auto et = ids.to(torch::kInt64).contiguous();
+  auto weights_f32 = weights.to(torch::kFloat32).contiguous();
+  auto ids_i64 = ids.to(torch::kInt64).contiguous();
   const int64_t n = T * k;
-  const int64_t* e = et.data_ptr<int64_t>();
-  for (int64_t p = 0; p < n; ++p) TORCH_CHECK(e[p] >= 0 && e[p] < E, op, ": expert id ", e[p], " out of range");
+  const int64_t* expert_of = ids_i64.data_ptr<int64_t>();
+  for (int64_t p = 0; p < n; ++p)
+    TORCH_CHECK(expert_of[p] >= 0 && expert_of[p] < E, op, ": expert id ", expert_of[p], " out of range");
   std::vector<int64_t> count(E + 1, 0), rows(n);
-  std::vector<float> pw(n);
-  for (int64_t p = 0; p < n; ++p) count[e[p] + 1]++;
+  std::vector<float> pair_weight(n);
+  for (int64_t p = 0; p < n; ++p) count[expert_of[p] + 1]++;
   for (int64_t i = 0; i < E; ++i) count[i + 1] += count[i];
-  std::vector<int64_t> fill(count.begin(), count.end() - 1);
+  std::vector<int64_t> next_slot(count.begin(), count.end() - 1);
   for (int64_t p = 0; p < n; ++p) {
-    const int64_t s = fill[e[p]]++;
+    const int64_t s = next_slot[expert_of[p]]++;
     rows[s] = p / k;
-    pw[s] = wt.data_ptr<float>()[p];
+    pair_weight[s] = weights_f32.data_ptr<float>()[p];
   }
   std::vector<int64_t> tasks;  // -1 for the shared expert (the most tokens: first), then experts with tokens
   if (has_shared) tasks.push_back(-1);
@@ -641,35 +651,35 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gu, torch::Tensor dn
   std::vector<int64_t> all_rows(T);
   std::vector<float> ones(T, 1.f);
   for (int64_t t = 0; t < T; ++t) all_rows[t] = t;
-  auto ys = torch::empty({n, H}, x.options());
+  auto pair_out = torch::empty({n, H}, x.options());
   auto shared_y = torch::empty({has_shared ? T : 0, H}, x.options());
-  const float *xp = x.data_ptr<float>(), *gup = gu.data_ptr<float>(), *dnp = dn.data_ptr<float>();
-  float* yp = ys.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *gate_up_p = gate_up.data_ptr<float>(), *down_p = down.data_ptr<float>();
+  float* pair_out_p = pair_out.data_ptr<float>();
   // Tasks taken one at a time from a shared counter: experts differ in tokens, the shared one has them all.
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = (int64_t)tasks.size();
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> h;
-    for (int64_t q; (q = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
-      const int64_t ex = tasks[q];
-      if (ex < 0) {
-        h.resize(T * 2 * Is);
-        expert(xp, all_rows.data(), ones.data(), T, shared_gu->data_ptr<float>(), shared_dn->data_ptr<float>(),
-               false, (float)shared_limit, H, Is, h.data(), shared_y.data_ptr<float>());
+    std::vector<float> inter;
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
+      const int64_t expert_id = tasks[task];
+      if (expert_id < 0) {
+        inter.resize(T * 2 * shared_I);
+        expert(xp, all_rows.data(), ones.data(), T, shared_gate_up->data_ptr<float>(), shared_down->data_ptr<float>(),
+               false, (float)shared_limit, H, shared_I, inter.data(), shared_y.data_ptr<float>());
         continue;
       }
-      const int64_t s = count[ex], c = count[ex + 1] - s;
-      h.resize(c * 2 * I);
-      expert(xp, rows.data() + s, pw.data() + s, c, gup + ex * H * 2 * I, dnp + ex * I * H, blocked, (float)limit, H, I,
-             h.data(), yp + s * H);
+      const int64_t s = count[expert_id], c = count[expert_id + 1] - s;
+      inter.resize(c * 2 * I);
+      expert(xp, rows.data() + s, pair_weight.data() + s, c, gate_up_p + expert_id * H * 2 * I,
+             down_p + expert_id * I * H, blocked, (float)limit, H, I, inter.data(), pair_out_p + s * H);
     }
   });
   auto out = torch::zeros_like(x);
   float* o = out.data_ptr<float>();
   for (int64_t s = 0; s < n; ++s) {
-    float* orow = o + rows[s] * H;
-    const float* y = yp + s * H;
-    for (int64_t j = 0; j < H; ++j) orow[j] += y[j];
+    float* out_row = o + rows[s] * H;
+    const float* y = pair_out_p + s * H;
+    for (int64_t j = 0; j < H; ++j) out_row[j] += y[j];
   }
   if (has_shared) {
     const float* sy = shared_y.data_ptr<float>();
@@ -701,10 +711,10 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, torch::Tensor
 
 // A MoE block for a few tokens in one call: `route`, then `decode_experts` (routed and shared experts).
 torch::Tensor decode_moe(torch::Tensor x, torch::Tensor router, torch::Tensor bias, int64_t k, double scale,
-                         torch::Tensor gu, torch::Tensor dn, double limit, torch::Tensor shared_gu,
-                         torch::Tensor shared_dn, double shared_limit) {
+                         torch::Tensor gate_up, torch::Tensor down, double limit, torch::Tensor shared_gate_up,
+                         torch::Tensor shared_down, double shared_limit) {
   auto r = route(x, router, bias, k, scale);
-  return decode_experts(x, gu, dn, r[0], r[1], limit, shared_gu, shared_dn, shared_limit);
+  return decode_experts(x, gate_up, down, r[0], r[1], limit, shared_gate_up, shared_down, shared_limit);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
