@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from training.evaluate import evaluate
+from training.heldout import BEGIN, END
+from training.runlog import HELD_OUT_SEED_OFFSET, TrainLog, earlier_runs, read_log, run_command, write_log
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,18 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _last_step(run: dict) -> int:
     """The run's last logged step, trace or drill (0 when it kept no step log)."""
     return max((run.get("steps") or [0])[-1:] + (run.get("drill_steps") or [0])[-1:])
-
-
-def _command(config: dict, index: int) -> str:
-    """Run `index`'s command (0-based); a continued run's --init is the checkpoint of the run before."""
-    from training.train import command_of
-
-    if config.get("grow"):
-        from training.grow import grow_command
-
-        return grow_command(config, index)
-    cmd = command_of({k: v for k, v in config.items() if k != "init"})
-    return cmd + (f" --init <checkpoint of run {index}>" if index else "")
 
 
 def plot_loss(runs: list[dict], path: Path, title: str) -> None:
@@ -77,7 +70,7 @@ def run_lines(runs: list[dict]) -> list[str]:
             done = f"{_last_step(run)} steps, {run['wall_s']:.0f} s wall"
         else:
             done = "step log not kept"
-        lines += [f"{i + 1}. {done}:", "", f"   ```\n   {_command(run['config'], i)}\n   ```", ""]
+        lines += [f"{i + 1}. {done}:", "", f"   ```\n   {run_command(run['config'], i)}\n   ```", ""]
     return lines
 
 
@@ -95,7 +88,7 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
     cmd = (
         "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
         if argv is not None
-        else _command(cfg, len(log.earlier))
+        else run_command(cfg, len(log.earlier))
     )
     large = cfg["model"].endswith("-large")
     role = "frontier" if large else "executor"
@@ -224,8 +217,6 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
     ]
     card = out / "README.md"
     if card.is_file():  # keep the held-out agent table training.heldout wrote into the old card
-        from training.heldout import BEGIN, END
-
         old = card.read_text(encoding="utf-8")
         if BEGIN in old and END in old:
             block = old[old.index(BEGIN) : old.index(END) + len(END)]
@@ -236,25 +227,17 @@ def write_card(out: Path, log: Any, argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """(Re)write a checkpoint's card from its train_log.json, evaluating it first when asked (for runs
     trained with --no-eval)."""
-    import argparse
-    from dataclasses import asdict
-
-    from training.train import HELD_OUT_SEED_OFFSET, TrainLog, earlier_runs
-
     p = argparse.ArgumentParser(prog="python -m training.card", description=main.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--evaluate", action="store_true", help="run training.evaluate and keep its metrics")
     a = p.parse_args(argv)
-    path = a.checkpoint / "train_log.json"
-    if not path.is_file():
+    d = read_log(a.checkpoint)
+    if d is None:
         raise SystemExit(f"python -m training.card: no train_log.json in {a.checkpoint}")
-    d = json.loads(path.read_text(encoding="utf-8"))
     log = TrainLog(**{k: v for k, v in d.items() if k in TrainLog.__dataclass_fields__})
     log.earlier = earlier_runs(a.checkpoint)[:-1]  # the last entry is this run itself
     log.config.pop("init_config", None)
     if a.evaluate:
-        from training.evaluate import evaluate
-
         cfg = log.config
         log.metrics = evaluate(
             a.checkpoint,
@@ -263,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             families=tuple(cfg["families"]),
             effort=cfg["effort"],
         )
-    path.write_text(json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8")
+    write_log(a.checkpoint, log)
     write_card(a.checkpoint, log)
     return 0
 

@@ -21,7 +21,6 @@ The sliding window is the source's (a wider window would let old layers see keys
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from engine.model.config import load_config
 from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS, copy_tokenizer, init_checkpoint, text_config
-from training.train import earlier_runs
+from training.runlog import earlier_runs, write_log
 
 NOISE = 0.05  # perturbation of read copies, relative to the tensor's standard deviation
 
@@ -190,13 +189,8 @@ def grow_checkpoint(src: Path, dst: Path, target: str | dict[str, Any], seed: in
         "earlier": earlier_runs(src),
         "wall_s": time.monotonic() - t0,
     }
-    (dst / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    write_log(dst, log)
     return dst
-
-
-def grow_command(config: dict, index: int) -> str:
-    """How a grow step is written in a card (its source is the checkpoint of the run before)."""
-    return f"python -m training.grow <checkpoint of run {index}> --model {config['model']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from engine.model.cache import KVCache, uncached_meta
 from engine.model.layers import rope_tables
 from engine.text.tokenizer import build_step_tokenizer
+from training.card import write_card
 from training.checkpoint import (
     PRESETS,
     init_checkpoint,
@@ -41,85 +41,11 @@ from training.checkpoint import (
     trainable,
 )
 from training.drills import drill_batch, filler_cap, kinds_at
-from training.tasks import FAMILIES, generate
+from training.evaluate import evaluate
+from training.runlog import HELD_OUT_SEED_OFFSET, TrainConfig, TrainLog, earlier_runs, write_log
+from training.tasks import generate
 from training.tokenizer import build_project_tokenizer
 from training.traces import packed, run_traces, samples
-
-HELD_OUT_SEED_OFFSET = 100_003  # held-out tasks come from a different stream than the training tasks
-
-
-@dataclass
-class TrainConfig:
-    model: str = "step-nano"
-    out: str = "models/step-nano"
-    work: str = "build/training"
-    tasks: int = 3000
-    held_out: int = 60
-    families: tuple[str, ...] = FAMILIES
-    effort: str = "low"
-    vocab_size: int = 2048
-    # 1: every digit its own token; 3: runs of up to three digits, every group one token
-    # (training.tokenizer). Measured so far, groups were copied worse: training/README.md.
-    digit_group: int = 1
-    epochs: float = 1.0
-    batch_size: int = 8
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_len: int = 2048
-    seed: int = 0
-    threads: int = 1
-    device: str = "cpu"  # "cuda" on a lent GPU: same modules, experts through the PyTorch path
-    max_minutes: float = 0.0  # 0: no wall-clock cap; else stop (and still save) after this long
-    log_every: int = 10
-    save_dtype: str = "float32"
-    init: str = ""  # continue from this checkpoint (same tokenizer) instead of a fresh initialisation
-    recovery_every: int = 4  # every 4th task is played as a recovery after a wrong answer
-    redo_every: int = 0  # every r-th pair of recoveries comes from a miscopied program, and redoes the calls
-    # Copy drills (training.drills): drill batches only for the first `drill_warmup` steps, their filler
-    # growing from 16 tokens to `drill_max_filler`; afterwards one drill batch after every `drill_every`
-    # batches of traces (0: none).
-    drill_warmup: int = 300
-    drill_every: int = 4
-    drill_batch_tokens: int = 8192
-    drill_max_filler: int = 1024
-
-
-@dataclass
-class TrainLog:
-    config: dict
-    params: int = 0
-    data: dict = field(default_factory=dict)
-    steps: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    drill_steps: list[int] = field(default_factory=list)
-    drill_loss: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-    metrics: dict = field(default_factory=dict)
-    earlier: list[dict] = field(default_factory=list)  # the runs this one continued (--init), oldest first
-
-
-RUN_KEYS = ("params", "data", "steps", "loss", "drill_steps", "drill_loss", "wall_s")
-
-
-def earlier_runs(checkpoint: Path) -> list[dict]:
-    """The runs that trained `checkpoint`, oldest first, from its train_log.json: each run's config, step
-    log and wall time, so a continued run's card can give every command and one loss curve."""
-    path = checkpoint / "train_log.json"
-    if not path.is_file():
-        return []
-    d = json.loads(path.read_text(encoding="utf-8"))
-    config = {k: v for k, v in d["config"].items() if k != "init_config"}
-    if d.get("earlier"):
-        before = d["earlier"]
-    elif config.get("init"):  # logs from before `earlier` was kept: follow the --init path
-        before = earlier_runs(Path(config["init"]))
-    else:
-        before = []
-    return [*before, {"config": config, **{k: d.get(k) for k in RUN_KEYS}}]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -128,27 +54,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
-
-
-def command_of(config: dict) -> str:
-    """The `python -m training.train` command line for a run's recorded config (non-default options)."""
-    d = asdict(TrainConfig())
-    config = {
-        "drill_warmup": 0,
-        "drill_every": 0,
-        "init": "",
-        **config,
-    }  # records from before drills ran none
-    parts = ["python -m training.train"]
-    for key, value in config.items():
-        if key not in d or key in ("out", "work") or value == d[key]:
-            continue
-        if key == "families":
-            if tuple(value) == tuple(d[key]):
-                continue
-            value = ",".join(value)
-        parts.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(parts)
 
 
 def continue_from(checkpoint: Path, tok_dir: Path, dst: Path) -> Path:
@@ -385,7 +290,7 @@ def train(cfg: TrainConfig) -> TrainLog:
     if out.exists():
         shutil.rmtree(out)
     save_checkpoint(model, init_dir, out, dtype)
-    (out / "train_log.json").write_text(json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8")
+    write_log(out, log)
     return log
 
 
@@ -446,9 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     log = train(cfg)
     if not getattr(cfg, "_no_eval", False):
-        from training.card import write_card
-        from training.evaluate import evaluate
-
         log.metrics = evaluate(
             Path(cfg.out),
             n=cfg.held_out,
@@ -457,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             effort=cfg.effort,
         )
         _say(f"held-out: {log.metrics}")
-        (Path(cfg.out) / "train_log.json").write_text(
-            json.dumps(asdict(log), indent=1) + "\n", encoding="utf-8"
-        )
+        write_log(Path(cfg.out), log)
         write_card(Path(cfg.out), log, argv if argv is not None else sys.argv[1:])
     return 0
 

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import asdict
 
 from training.card import main as card_main
-from training.train import TrainConfig, TrainLog, earlier_runs
+from training.runlog import TrainConfig, TrainLog, earlier_runs
 
 DATA = {
     "tasks": 5,

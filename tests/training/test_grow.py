@@ -11,7 +11,7 @@ from engine import LLM
 from tests.training.conftest import TINY
 from training.card import run_lines
 from training.grow import grow_checkpoint
-from training.train import earlier_runs
+from training.runlog import earlier_runs
 
 # Twice as wide, twice the query heads (same key/value heads), two more MoE layers.
 BIG = dict(

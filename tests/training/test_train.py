@@ -119,7 +119,7 @@ def test_continuing_needs_the_same_tokenizer(tok_dir, init_dir, tmp_path):
 def test_a_recorded_config_gives_back_its_command():
     from dataclasses import asdict
 
-    from training.train import command_of
+    from training.runlog import command_of
 
     cfg = asdict(parse_args(["--model", "step-nano-large", "--lr", "0.001", "--drill-every", "2"]))
     cmd = command_of(cfg)
