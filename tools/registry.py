@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tools.edit import edit_file, search, view_file
 from tools.image_tools import crop_image, draw_boxes, find_regions_tool, zoom_image
 from tools.sandbox import python_tool
+from tools.shell import shell_tool
 from tools.spec import ToolSpec
 from tools.web import fetch_page, web_search
 from tools.workspace import list_files, read_file, write_file
@@ -21,6 +23,10 @@ BUILTIN: dict[str, ToolSpec] = {
         read_file,
         write_file,
         list_files,
+        shell_tool,
+        edit_file,
+        view_file,
+        search,
     )
 }
 

@@ -17,6 +17,7 @@ MAX_READ_CHARS = 20_000
 MAX_WRITE_BYTES = 2_000_000
 MAX_READ_BYTES = 20_000_000
 MAX_LIST_ENTRIES = 300
+_SKIP = {".git", "__pycache__", ".pytest_cache", ".venv", "node_modules"}  # glob results leave these out
 
 
 def workspace_of(ctx: ToolContext | None) -> Path:
@@ -120,18 +121,27 @@ def write_file(ctx: ToolContext, path: str, content: str, append: bool = False) 
 
 @tool
 @os_errors
-def list_files(ctx: ToolContext, path: str = ".", recursive: bool = False) -> ToolResult:
-    """List files and folders in the workspace.
+def list_files(
+    ctx: ToolContext, path: str = ".", recursive: bool = False, pattern: str | None = None
+) -> ToolResult:
+    """List files and folders in the workspace, optionally only those matching a glob.
 
     Args:
         path: folder relative to the workspace
         recursive: include the contents of sub-folders
+        pattern: a glob relative to `path`, e.g. `*.py` or `**/test_*.py` (`**` reaches into sub-folders)
     """
     root = workspace_of(ctx)
     real = confine(root, path)
     if not real.is_dir():
         raise ToolError(f"{path} is not a folder" if real.exists() else f"folder not found: {path}")
-    entries = sorted(real.rglob("*") if recursive else real.iterdir())
+    if pattern is not None:
+        if not pattern.strip() or pattern.startswith("/") or ".." in PurePosixPath(pattern).parts:
+            raise ToolError(f"pattern {pattern!r} refused; give a glob relative to {path}, e.g. **/*.py")
+        found = real.rglob(pattern) if recursive else real.glob(pattern)
+        entries = sorted(e for e in found if not (set(e.relative_to(real).parts) & _SKIP))
+    else:
+        entries = sorted(real.rglob("*") if recursive else real.iterdir())
     lines = []
     for e in entries[:MAX_LIST_ENTRIES]:
         rel = e.relative_to(real).as_posix()
@@ -145,4 +155,5 @@ def list_files(ctx: ToolContext, path: str = ".", recursive: bool = False) -> To
             lines.append(f"{rel}  {e.stat().st_size} B")
     if len(entries) > MAX_LIST_ENTRIES:
         lines.append(f"[... {len(entries) - MAX_LIST_ENTRIES} more entries ...]")
-    return ToolResult(text="\n".join(lines) if lines else f"{path} is empty", data=[str(x) for x in lines])
+    empty = f"no files match {pattern!r} in {path}" if pattern is not None else f"{path} is empty"
+    return ToolResult(text="\n".join(lines) if lines else empty, data=[str(x) for x in lines])

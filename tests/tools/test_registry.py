@@ -15,6 +15,10 @@ NAMES = [
     "read_file",
     "write_file",
     "list_files",
+    "shell",
+    "edit_file",
+    "view_file",
+    "search",
 ]
 
 
