@@ -1,14 +1,17 @@
-"""Answer checks: equals, contains, regex, python (a function beside the task), none."""
+"""Answer checks: equals, contains, regex, python (a function beside the task), command, none."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from advisor.task import Check
+from advisor.task import Check, Shell
+from tools.commands import format_result, run_command
+
+CHECK_OUTPUT_CHARS = 4000  # of a command check's output, what goes back to the executor
 
 _FINAL = re.compile(r"(?:final answer|answer)\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
 
@@ -40,9 +43,13 @@ def _norm(s: str, ignore_case: bool) -> str:
     return s.lower() if ignore_case else s
 
 
-async def run_check(check: Check, answer: str, base_dir: Path) -> CheckResult:
+async def run_check(
+    check: Check, answer: str, base_dir: Path, workspace: Path | None = None, shell: Shell | None = None
+) -> CheckResult:
     if check.type == "none":
         return CheckResult(True, "no check")
+    if check.type == "command":
+        return await _command_check(check, workspace, shell or Shell())
     if check.type == "python":
         return await asyncio.to_thread(_python_check, check, answer, base_dir)
     expected = check.value or ""
@@ -73,3 +80,14 @@ def _python_check(check: Check, answer: str, base_dir: Path) -> CheckResult:
     if isinstance(out, tuple):
         return CheckResult(bool(out[0]), str(out[1]) if len(out) > 1 else "")
     return CheckResult(bool(out), f"{path.name}:{check.function}")
+
+
+async def _command_check(check: Check, workspace: Path | None, shell: Shell) -> CheckResult:
+    """Runs `check.run` in the workspace under the task's shell sandbox; exit 0 passes."""
+    if workspace is None:
+        return CheckResult(False, "a command check needs the task's workspace")
+    limits = replace(
+        shell.limits(check.timeout_s), max_output_chars=min(CHECK_OUTPUT_CHARS, shell.max_output_chars)
+    )
+    r = await run_command(check.run or "", workspace, sandbox=shell.sandbox, limits=limits)  # type: ignore[arg-type]
+    return CheckResult(r.ok, f"$ {check.run}\n{format_result(r, limits)}")

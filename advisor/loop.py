@@ -33,6 +33,8 @@ from advisor.prompts import render
 from advisor.result import TaskResult
 from advisor.task import Task
 from advisor.trace import Listener, Trace
+from advisor.workspace import Snapshot, WorkspaceError, fill_from_folder, fill_from_git, snapshot
+from advisor.workspace import diff as workspace_diff
 from tools.images import ImageLedger
 from tools.profiles import profile_for
 from tools.spec import ToolContext, ToolResult, ToolSpec
@@ -99,7 +101,9 @@ class TaskLoop:
         self.digest: list[str] = []
         self.started = time.monotonic()
         self.images = ImageLedger()
+        self.shell = self.task.shell.settings()
         self.workspace = self.out_dir / "workspace"
+        self.start_files: Snapshot | None = None
 
     # -- limits and calls -------------------------------------------------------------------
     def _check_limits(self) -> None:
@@ -183,9 +187,15 @@ class TaskLoop:
 
     # -- set-up ----------------------------------------------------------------------------
     def _prepare(self) -> list[Message]:
+        source = self.task.workspace_source()
+        if source is not None and source[0] == "git":
+            fill_from_git(source[1], source[2] or "HEAD", self.workspace)
+        elif source is not None:
+            fill_from_folder(source[1], self.workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
         for src in self.task.input_paths("files"):
             shutil.copy2(src, self.workspace / src.name)
+        self.start_files = snapshot(self.workspace)  # what the final diff is taken against
         ids = [self.images.load(p) for p in self.task.input_paths("images")]
         cfg = self.executor.endpoint.config
         self.profile = profile_for(cfg.model, cfg.provider)
@@ -231,8 +241,11 @@ class TaskLoop:
             outcome = await self._steps(messages)
         except _Stop as stop:
             outcome, error = stop.outcome, stop.detail
+        except WorkspaceError as e:
+            outcome, error = "error", f"workspace: {e}"
         except Exception as e:  # a crash in a tool or our code ends this task, not the whole run
             outcome, error = "error", f"{type(e).__name__}: {e}"
+        changes = await asyncio.to_thread(self._workspace_diff)
         result = TaskResult(
             task=self.task.name,
             strategy=self.strategy,
@@ -247,10 +260,17 @@ class TaskLoop:
             tokens=self.ledger.tokens_dict(),
             cost_usd=self.ledger.cost_dict(),
             out_dir=str(self.out_dir),
+            workspace_diff=changes,
         )
         self.trace.emit("task_end", outcome=outcome, error=error, result=result.to_dict())
         await asyncio.to_thread(self._finish, result)
         return result
+
+    def _workspace_diff(self) -> str | None:
+        if self.start_files is None or not self.workspace.is_dir():
+            return None
+        exported = {f"images/{i}.png" for i in self.images.ids()}  # the python tool's copies of the inputs
+        return workspace_diff(self.workspace, self.start_files, ignore=exported)
 
     def _finish(self, result: TaskResult) -> None:
         self.trace.close()
@@ -296,7 +316,9 @@ class TaskLoop:
                 turn.apply(review)
                 if review.kind == "objected" or turn.takeover_left:
                     continue  # the objection's advice is in context: the executor goes on
-            check = await run_check(self.task.check, answer, self.task.base_dir)
+            check = await run_check(
+                self.task.check, answer, self.task.base_dir, self.workspace, self.task.shell
+            )
             # `check_type`, not `type`: the event's own `type` key is "check"
             self.trace.emit(
                 "check", check_type=self.task.check.type, passed=check.passed, detail=check.detail
@@ -306,7 +328,8 @@ class TaskLoop:
             turn.rejected += 1
             if turn.rejected >= self.task.check.max_attempts:
                 return "failed"
-            messages.append(Message.user(render("check_rejected", answer=answer)))
+            output = check.detail if self.task.check.type == "command" else None
+            messages.append(Message.user(render("check_rejected", answer=answer, output=output)))
             due = policy.failure(self.steps, "check_rejected", check.detail, self.trace)
             if policy.wants("replan"):
                 turn.apply(await self._consult("replan", messages, answer=answer, detail=check.detail))
@@ -324,7 +347,7 @@ class TaskLoop:
         failure: tuple[str, str] | None = None
         new_images: list[str] = []
         malformed: list[str] = []
-        ctx = ToolContext(workspace=self.workspace, images=self.images)
+        ctx = ToolContext(workspace=self.workspace, images=self.images, extra={"shell": self.shell})
         assistant = messages[-1]
         bad = [tc for tc in calls if tc.parse_error is not None or tc.arguments is None]
         if bad:
@@ -339,7 +362,7 @@ class TaskLoop:
                 name=tc.name,
                 arguments=tc.arguments if tc.arguments is not None else tc.raw_arguments,
             )
-            reason, produced = None, []
+            reason, produced, data = None, [], None
             if tc.parse_error is not None or tc.arguments is None:
                 text, reason = (
                     f"error: malformed tool call: {tc.parse_error or 'arguments could not be parsed'}",
@@ -362,6 +385,7 @@ class TaskLoop:
                 else:
                     self.policy.remember_ok(_call_key(tc))
                 produced = [i for i, _ in result.images]
+                data = _trace_data(result.data)
                 new_images += produced
             self.trace.emit(
                 "tool_result",
@@ -371,6 +395,7 @@ class TaskLoop:
                 is_error=reason is not None,
                 text=text[:TEXT_IN_TRACE],
                 images=produced,
+                data=data,
             )
             if reason == "malformed_tool_call":
                 malformed.append(text)
@@ -489,6 +514,16 @@ async def _invoke(spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResu
         return await spec.invoke(arguments, ctx)
     except Exception as e:
         return ToolResult.error(f"{spec.name} raised {type(e).__name__}: {str(e)[:500]}")
+
+
+def _trace_data(data: object) -> object:
+    """A tool's structured result (exit code, truncation counts, the edit made) as the trace keeps it:
+    JSON values only, and small."""
+    try:
+        text = json.dumps(data)
+    except (TypeError, ValueError):
+        return None
+    return data if len(text) <= TEXT_IN_TRACE else None
 
 
 def _attempt(a: Attempt) -> dict:

@@ -26,6 +26,7 @@ class TaskResult:
     tokens: dict = field(default_factory=dict)
     cost_usd: dict = field(default_factory=dict)
     out_dir: str | None = None
+    workspace_diff: str | None = None  # unified diff of the workspace against its start, when it changed
 
     @property
     def passed(self) -> bool:
@@ -83,4 +84,6 @@ def render_report(r: TaskResult) -> str:
         f"{_usd(c.get('frontier_only_estimate', 0.0))} (saved {_usd(saved)}).",
         "",
     ]
+    if r.workspace_diff:
+        lines += ["## Workspace changes", "", "```diff", r.workspace_diff.rstrip("\n"), "```", ""]
     return "\n".join(lines)

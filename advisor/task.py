@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from advisor.endpoints.base import EndpointConfig
 from advisor.messages import Effort
@@ -70,6 +78,68 @@ class Escalation(_Strict):
     )
 
 
+class Workspace(_Strict):
+    """Where the task's workspace starts from; the original is never touched."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        description="a folder (relative to the task file) copied into the workspace",
+    )
+    git: str | None = Field(
+        default=None,
+        description="PATH@REV: a local git repository (relative to the task file) cloned and checked out at REV",
+    )
+
+    @field_validator("git")
+    @classmethod
+    def _rev(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("git: give PATH@REV, e.g. ../myrepo@main")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> Workspace:
+        if (self.from_ is None) == (self.git is None):
+            raise ValueError("give exactly one of `from: PATH` or `git: PATH@REV`")
+        return self
+
+
+class Shell(_Strict):
+    """How `shell` commands and `command` checks are confined (see tools/README.md)."""
+
+    sandbox: Literal["bwrap", "limits"] = Field(
+        default="bwrap",
+        description="bwrap: system read-only, workspace read-write, no network; limits: process limits only",
+    )
+    network: bool = Field(default=False, description="bwrap: let commands use the network")
+    memory_mb: int = Field(default=2048, gt=0, description="memory of a command's whole process tree")
+    max_processes: int = Field(default=256, gt=0, description="processes a command may run at once")
+    max_timeout_s: float = Field(
+        default=600.0, gt=0, description="the longest timeout a shell call may ask for"
+    )
+    max_output_chars: int = Field(default=12_000, gt=100, description="per stream, what the model sees")
+
+    def limits(self, timeout_s: float):
+        from tools.commands import Limits
+
+        return Limits(
+            timeout_s=timeout_s,
+            memory_mb=self.memory_mb,
+            max_processes=self.max_processes,
+            max_output_chars=self.max_output_chars,
+            network=self.network,
+        )
+
+    def settings(self):
+        """What the shell tool reads from its context."""
+        from tools.shell import ShellSettings
+
+        return ShellSettings(self.sandbox, self.limits(self.max_timeout_s), self.max_timeout_s)
+
+
 class Budget(_Strict):
     max_usd: float = Field(default=1.0, ge=0, description="stop when the task's ledger reaches this many USD")
     max_steps: int = Field(default=40, ge=1, description="executor (or takeover) model calls")
@@ -77,9 +147,14 @@ class Budget(_Strict):
 
 
 class Check(_Strict):
-    type: Literal["equals", "contains", "regex", "python", "none"] = Field(
+    type: Literal["equals", "contains", "regex", "python", "command", "none"] = Field(
         default="none", description="how the answer is verified"
     )
+    run: str | None = Field(
+        default=None,
+        description="command: the command line; the task passes when it exits 0 in the workspace",
+    )
+    timeout_s: float = Field(default=300.0, gt=0, description="command: wall-clock limit of the check")
     value: str | None = Field(
         default=None, description="expected value (equals, contains) or pattern (regex)"
     )
@@ -121,6 +196,10 @@ class Task(BaseModel):
     escalation: Escalation = Field(default_factory=Escalation)
     budget: Budget = Field(default_factory=Budget)
     check: Check = Field(default_factory=Check)
+    workspace: Workspace | None = Field(
+        default=None, description="fill the workspace from a folder (`from:`) or a git revision (`git:`)"
+    )
+    shell: Shell = Field(default_factory=Shell)
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -191,8 +270,19 @@ class Task(BaseModel):
                 )
             if not (self._base_dir / self.check.file).is_file():
                 raise TaskError(f"{src}: check.file: file not found: {self._base_dir / self.check.file}")
+        elif self.check.type == "command":
+            if not (self.check.run or "").strip():
+                raise TaskError(f"{src}: check.run: a command check needs `run:` (e.g. run: pytest -q)")
         elif self.check.type != "none" and self.check.value is None:
             raise TaskError(f"{src}: check.value: a {self.check.type} check needs `value:`")
+        self._validate_workspace()
+        if self.check.type == "command" or "shell" in {t.name for t in self.tool_specs()}:
+            from tools.commands import SandboxUnavailable, require_sandbox
+
+            try:
+                require_sandbox(self.shell.sandbox)
+            except SandboxUnavailable as e:
+                raise TaskError(f"{src}: shell.sandbox: {e}") from None
         used = {"executor": self.executor}
         if self.frontier is not None:
             used["frontier"] = self.frontier
@@ -222,6 +312,32 @@ class Task(BaseModel):
                     f"{src}: {where}.api_key_env: environment variable {cfg.api_key_env} is not set; "
                     f"export {cfg.api_key_env}=... (keys are never read from files)"
                 )
+
+    def workspace_source(self) -> tuple[str, Path, str | None] | None:
+        """("from", folder, None) or ("git", repository, rev), paths resolved against the task file."""
+        ws = self.workspace
+        if ws is None:
+            return None
+        if ws.from_ is not None:
+            return "from", self._base_dir / ws.from_, None
+        from advisor.workspace import split_git
+
+        path, rev = split_git(ws.git or "")
+        return "git", self._base_dir / path, rev
+
+    def _validate_workspace(self) -> None:
+        source = self.workspace_source()
+        if source is None:
+            return
+        kind, path, rev = source
+        where = f"{self._source}: workspace.{kind}"
+        if not path.is_dir():
+            raise TaskError(f"{where}: folder not found: {path} (paths are relative to the task file)")
+        if kind == "git":
+            from advisor.workspace import resolve_rev
+
+            if resolve_rev(path, rev or "HEAD") is None:
+                raise TaskError(f"{where}: {path} is not a git repository with a revision {rev!r}")
 
 
 def user_config_dir() -> Path:

@@ -5,17 +5,33 @@ import sys
 
 import pytest
 
-MODULES = ["advisor", "advisor.messages", "advisor.cli", "tools.images", "tools.registry", "tools.profiles",
-           "engine", "engine.text.chat", "engine.text.image_plan", "engine.model.config", "engine.serving", "evals.cli"]
+MODULES = [
+    "advisor",
+    "advisor.messages",
+    "advisor.cli",
+    "tools.images",
+    "tools.registry",
+    "tools.profiles",
+    "engine",
+    "engine.text.chat",
+    "engine.text.image_plan",
+    "engine.model.config",
+    "engine.serving",
+    "evals.cli",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_imports_alone(module):
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
 
 
 def test_light_modules_do_not_import_torch():
     code = "import sys, advisor.task, tools.profiles, engine.text.image_plan; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    ).stdout.strip()
     assert out == "False"

@@ -178,7 +178,12 @@ class AnthropicEndpoint(HTTPEndpoint):
         return any(c.id in self._thinking for c in last.tool_calls)
 
     def build_body(self, request: ChatRequest) -> dict:
-        messages, tools, tool_choice, effort = request.messages, request.tools, request.tool_choice, request.effort
+        messages, tools, tool_choice, effort = (
+            request.messages,
+            request.tools,
+            request.tool_choice,
+            request.effort,
+        )
         system, wire = self.to_anthropic(messages, native_tools=bool(tools))
         cap = request.max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS
         body: dict[str, Any] = {"model": self.config.model, "messages": wire, "max_tokens": cap}

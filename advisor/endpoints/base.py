@@ -37,18 +37,39 @@ class EndpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: Provider
-    model: str = Field(description="model name sent to the provider, or for embedded a shipped model name or a checkpoint path")
-    base_url: str | None = Field(default=None, description="API root, e.g. http://127.0.0.1:8000/v1 (openai) or https://api.anthropic.com (anthropic)")
-    api_key_env: str | None = Field(default=None, description="name of the environment variable holding the API key; keys never appear in files")
-    price: Price | None = Field(default=None, description="USD per million tokens; required unless free: true")
-    free: bool = Field(default=False, description="mark an unpriced endpoint as deliberately free (no silent zero)")
+    model: str = Field(
+        description="model name sent to the provider, or for embedded a shipped model name or a checkpoint path"
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="API root, e.g. http://127.0.0.1:8000/v1 (openai) or https://api.anthropic.com (anthropic)",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="name of the environment variable holding the API key; keys never appear in files",
+    )
+    price: Price | None = Field(
+        default=None, description="USD per million tokens; required unless free: true"
+    )
+    free: bool = Field(
+        default=False, description="mark an unpriced endpoint as deliberately free (no silent zero)"
+    )
     timeout_s: float = Field(default=120.0, gt=0, description="per-attempt timeout")
-    max_retries: int = Field(default=4, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
+    max_retries: int = Field(
+        default=4, ge=0, description="retries on connection errors, timeouts, 429 and 5xx"
+    )
     max_tokens: int | None = Field(default=None, gt=0, description="completion token cap sent with each call")
-    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (no secrets: use api_key_env)")
-    extra_body: dict = Field(default_factory=dict, description="extra JSON fields merged into each request body")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra HTTP headers (no secrets: use api_key_env)"
+    )
+    extra_body: dict = Field(
+        default_factory=dict, description="extra JSON fields merged into each request body"
+    )
     device: str | None = Field(default=None, description="embedded only: torch device (cpu, cuda)")
-    vision: bool = Field(default=True, description="false for a text-only model: images are named and sized in the text but never sent; it works with them through the vision tools' text results")
+    vision: bool = Field(
+        default=True,
+        description="false for a text-only model: images are named and sized in the text but never sent; it works with them through the vision tools' text results",
+    )
 
 
 AttemptHook = Callable[[Attempt], None]
@@ -73,7 +94,9 @@ class Endpoint(ABC):
         if not isinstance(request, ChatRequest):
             request = ChatRequest(list(request), **options)
         elif options:
-            raise TypeError(f"complete() takes a ChatRequest or messages with options, not both: {sorted(options)}")
+            raise TypeError(
+                f"complete() takes a ChatRequest or messages with options, not both: {sorted(options)}"
+            )
         return await self.send(request, on_attempt)
 
     @abstractmethod
@@ -87,7 +110,9 @@ class Endpoint(ABC):
 class EndpointError(Exception):
     """A model call that failed for good. `attempts` holds every try (and its billed usage)."""
 
-    def __init__(self, endpoint: str, message: str, attempts: list[Attempt] | None = None, status: int | None = None):
+    def __init__(
+        self, endpoint: str, message: str, attempts: list[Attempt] | None = None, status: int | None = None
+    ):
         super().__init__(f"endpoint '{endpoint}': {message}")
         self.endpoint = endpoint
         self.attempts = attempts or []

@@ -245,7 +245,6 @@ async def test_images_refused_when_the_image_token_ids_disagree(ckpt):
         await _endpoint(ckpt).complete([Message.user("look", [part])])
 
 
-
 def test_a_call_runs_in_its_own_batch_even_behind_identical_queued_calls():
     """Queued calls are told apart by identity, not by value: tasks that open the same way send the same
     prompt, and with more of them queued than one batch holds, a value-equal job once stood in for the

@@ -32,7 +32,9 @@ class FakeEndpoint(Endpoint):
 
     async def send(self, request, on_attempt):
         messages = request.messages
-        self.calls.append({"messages": list(messages), "tools": request.tools, "max_tokens": request.max_tokens})
+        self.calls.append(
+            {"messages": list(messages), "tools": request.tools, "max_tokens": request.max_tokens}
+        )
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         turn = self.turns.pop(0)
@@ -370,7 +372,11 @@ async def test_malformed_call_without_a_name_leaves_a_history_every_format_can_c
     raw = "<tool_call>\n<function=>\n</function>\n</tool_call>"
     ex = FakeEndpoint(
         "ex",
-        [call("", None, raw, "missing function name"), call("add", {"a": 2, "b": 3}), Message.assistant("Answer: 5")],
+        [
+            call("", None, raw, "missing function name"),
+            call("add", {"a": 2, "b": 3}),
+            Message.assistant("Answer: 5"),
+        ],
         EXEC_PRICE,
     )
     result, events = await run(tmp_path, make(ex), ex)

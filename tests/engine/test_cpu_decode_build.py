@@ -27,7 +27,9 @@ def test_a_missing_compiler_falls_back_quietly_with_one_line(tmp_path, monkeypat
     source.write_text(BROKEN)  # never reached: the compiler is not there
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     with caplog.at_level(logging.INFO, logger=cpu_decode.__name__):
-        assert cpu_decode._build(source, "advisor_test_no_compiler", str(tmp_path)) is None  # strict: no raise
+        assert (
+            cpu_decode._build(source, "advisor_test_no_compiler", str(tmp_path)) is None
+        )  # strict: no raise
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert warnings[0].getMessage() == (
@@ -41,11 +43,16 @@ def test_a_compiler_that_cannot_build_anything_is_a_missing_toolchain(tmp_path, 
     source.write_text(BROKEN)
     monkeypatch.setenv("CXX", "false")  # on PATH, so torch's build runs and fails; then the probe fails too
     with caplog.at_level(logging.INFO, logger=cpu_decode.__name__):
-        assert cpu_decode._build(source, "advisor_test_false_compiler", str(tmp_path)) is None  # strict: no raise
+        assert (
+            cpu_decode._build(source, "advisor_test_false_compiler", str(tmp_path)) is None
+        )  # strict: no raise
     ours = [r for r in caplog.records if r.name == cpu_decode.__name__ and r.levelno >= logging.WARNING]
     assert [(r.levelno, r.getMessage()) for r in ours] == [
-        (logging.WARNING, "engine: CPU decode ops unavailable (false cannot build an OpenMP program "
-         "(CalledProcessError)); using the PyTorch path")
+        (
+            logging.WARNING,
+            "engine: CPU decode ops unavailable (false cannot build an OpenMP program "
+            "(CalledProcessError)); using the PyTorch path",
+        )
     ]
 
 

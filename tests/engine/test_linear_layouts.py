@@ -39,7 +39,11 @@ def test_fp32_projections_take_column_panels_for_any_number_of_rows(out_f, in_f,
     m, w = _linear(out_f, in_f)
     m.relayout()
     assert isinstance(m.layout, ColumnPanels)
-    assert m.weight is None and m.layout.panels.shape == (-(-out_f // 16), in_f, 16)  # one copy of the weights
+    assert m.weight is None and m.layout.panels.shape == (
+        -(-out_f // 16),
+        in_f,
+        16,
+    )  # one copy of the weights
     assert torch.equal(from_panels(to_panels(w), out_f), w)
     calls = []
     real = cpu_decode.ops()

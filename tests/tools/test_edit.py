@@ -25,14 +25,24 @@ def ws(tmp_path):
 
 async def test_replace_unique_snippet(ws):
     r = await EDIT.invoke(
-        {"path": "pkg/calc.py", "old_text": "def add(a, b):\n    return a - b", "new_text": "def add(a, b):\n    return a + b"},
+        {
+            "path": "pkg/calc.py",
+            "old_text": "def add(a, b):\n    return a - b",
+            "new_text": "def add(a, b):\n    return a + b",
+        },
         ws,
     )
     assert not r.is_error, r.text
     assert r.text.splitlines()[0] == "replaced in pkg/calc.py at line 1 (-2 +2 lines):"
     assert r.text.splitlines()[1:4] == ["1  def add(a, b):", "2      return a + b", "3  "]
     assert (ws.workspace / "pkg/calc.py").read_text().startswith("def add(a, b):\n    return a + b\n")
-    assert r.data == {"path": "pkg/calc.py", "kind": "replace", "line": 1, "removed_lines": 2, "added_lines": 2}
+    assert r.data == {
+        "path": "pkg/calc.py",
+        "kind": "replace",
+        "line": 1,
+        "removed_lines": 2,
+        "added_lines": 2,
+    }
 
 
 async def test_found_several_times_lists_lines(ws):
@@ -91,7 +101,9 @@ async def test_view_file_numbers_and_ranges(ws):
 
 async def test_search_is_ripgrep_like_and_capped(ws):
     r = await SEARCH.invoke({"pattern": r"return a - b"}, ws)
-    assert r.text == "pkg/calc.py:2: return a - b\npkg/calc.py:6: return a - b"  # the .pyc and the link are skipped
+    assert (
+        r.text == "pkg/calc.py:2: return a - b\npkg/calc.py:6: return a - b"
+    )  # the .pyc and the link are skipped
     assert r.data["matches"] == 2 and r.data["files"] == 1
     glob = await SEARCH.invoke({"pattern": "add", "glob": "*.md"}, ws)
     assert glob.text == "README.md:1: calc: add and sub"

@@ -162,7 +162,9 @@ async def test_memory_limit(ws, sandbox):
 
 async def test_cancelling_the_call_kills_the_command(ws, sandbox):
     marker = "666.5"
-    task = asyncio.create_task(run_command(f"sleep {marker}", ws, sandbox=sandbox, limits=Limits(timeout_s=60)))
+    task = asyncio.create_task(
+        run_command(f"sleep {marker}", ws, sandbox=sandbox, limits=Limits(timeout_s=60))
+    )
     await asyncio.sleep(0.5)
     assert _alive(marker) >= 1
     task.cancel()

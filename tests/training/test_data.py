@@ -153,7 +153,9 @@ async def test_an_image_task_opens_as_the_loop_opens_it_for_a_text_only_endpoint
     (folder / "advisor.yaml").write_text(json.dumps({"endpoints": {"flash": ep, "frontier": ep}}))
     task = load_task(folder / "task.yaml", check_env=False, strategies=("executor",))
     rec = Recorder()
-    runner = Advisor(runs_dir=tmp_path / "runs", run_id="r", endpoints={"flash": rec, "frontier": rec}, fsync=False)
+    runner = Advisor(
+        runs_dir=tmp_path / "runs", run_id="r", endpoints={"flash": rec, "frontier": rec}, fsync=False
+    )
     await runner.run(task, "executor")
     scripted = from_eval_spec("evals.marks", 4)
     (tmp_path / "inputs").mkdir()
