@@ -43,6 +43,7 @@ class LLM:
         self.vision = vision
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self._core = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -169,6 +170,65 @@ class LLM:
         stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
         images: optional, one entry per prompt: a dict with the `logits` image arguments (pixel_values,
         pixel_values_local, num_local_patches) for that prompt's `<im_patch>` tokens, or None.
+        Runs through the serving core (`self.core`: paged KV cache, prefix cache, continuous batching with
+        whatever else is running); each prompt samples from its own generator seeded with `seed`.
+        use_cache=False recomputes every step without a cache (`generate_static`, the reference).
+        """
+        if not use_cache:
+            return self.generate_static(
+                prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids, False, max_batch_size, images
+            )
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
+        for p in prompts:
+            self._check_ids(torch.as_tensor(list(p), dtype=torch.long))
+        params = self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids)
+        seqs = self.core.generate(prompts, [params] * len(prompts), images)
+        return [s.output for s in seqs]
+
+    def _params(self, max_new_tokens, temperature, top_p, seed, stop_token_ids):
+        from engine.serving.sequence import SamplingParams
+
+        stops = tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        return SamplingParams(max(0, max_new_tokens), temperature, top_p, seed, stops)
+
+    @property
+    def core(self):
+        """The serving core every `generate` and `stream` runs on (made on first use with the default
+        `ServingConfig`; assign an `engine.serving.EngineCore` to configure it)."""
+        if self._core is None:
+            from engine.serving.core import EngineCore, ServingConfig
+
+            self._core = EngineCore(self, ServingConfig(max_num_seqs=self.max_batch_size))
+        return self._core
+
+    @core.setter
+    def core(self, value) -> None:
+        self._core = value
+
+    def generate_static(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        use_cache: bool = True,
+        max_batch_size: int | None = None,
+        images: Sequence[ImageInputs | None] | None = None,
+    ) -> list[list[int]]:
+        """`generate` as it ran before the serving core: left-padded static batches of `max_batch_size`,
+        one static KV cache each, one generator for the batch. Kept for `engine.bench_serving`'s comparison
+        and as the reference the paged core is tested against (use_cache=False: no cache at all).
+
+        stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
+        images: optional, one entry per prompt: a dict with the `logits` image arguments (pixel_values,
+        pixel_values_local, num_local_patches) for that prompt's `<im_patch>` tokens, or None.
         """
         if not prompts:
             return []
@@ -212,15 +272,28 @@ class LLM:
         stop_token_ids: Sequence[int] | None = None,
         images: ImageInputs | None = None,
     ) -> Iterator[int]:
-        """Yield one prompt's new tokens as they are decoded (same rules as `generate`)."""
+        """Yield one prompt's new tokens as they are decoded (same rules as `generate`), through the
+        serving core; leaving the loop early cancels the request."""
         if len(prompt) == 0:
             raise ValueError("stream: the prompt needs at least one token")
-        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for step in self._decode(
-            [list(prompt)], [images], max_new_tokens, temperature, top_p, gen, stops, True
-        ):
-            yield step[0]
+        self._check_ids(torch.as_tensor(list(prompt), dtype=torch.long))
+        core = self.core
+        seq = core.submit(prompt, self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids), images)
+        sent = 0
+        try:
+            while True:
+                core.drive(lambda n=sent: seq.finished or len(seq.output) > n)
+                while sent < len(seq.output):
+                    sent += 1
+                    yield seq.output[sent - 1]
+                if seq.finished:
+                    if seq.finish_reason == "error":
+                        raise RuntimeError(seq.error)
+                    return
+        finally:
+            if not seq.finished:
+                core.abort(seq)
+                core.drive(lambda: seq.finished)
 
     def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
         results: list[list[int]] = [[] for _ in prompts]

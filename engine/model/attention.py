@@ -59,6 +59,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.hkv, self.d)
         cos, sin = rope.cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attend = getattr(meta, "attend", None)
+        if attend is not None:  # a paged cache (engine.serving): the step's metadata holds the block tables
+            out = attend(q, k, v, layer, self.scale) * torch.sigmoid(g)[..., None]
+            return self.o(out.reshape(B, T, self.h * self.d))
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
 
         if cache is not None:

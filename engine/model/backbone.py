@@ -146,8 +146,10 @@ class StepTextModel(nn.Module):
         meta: StepMeta,
         cache: KVCache | None = None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """embeds [B, T, H] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only), in the model dtype."""
+        """embeds [B, T, H] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, [B, len(select), vocab]
+        for the positions in `select`), in the model dtype."""
         x, pending = embeds, None
         ropes = rope_tables(self.inv_freq, meta.positions, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -157,4 +159,6 @@ class StepTextModel(nn.Module):
             pending = torch.zeros_like(x)
         if last_only:
             x, pending = x[:, -1:], pending[:, -1:]
+        elif select is not None:
+            x, pending = x[:, select], pending[:, select]
         return self.lm_head(self.norm.add(pending, x)[1])
