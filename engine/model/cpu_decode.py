@@ -25,7 +25,11 @@ The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
 Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_extension`, with ninja;
-cached under the torch extensions directory, ~40 s the first time). Where the machine has no toolchain (no
+one to two minutes): by `python -m engine.build` in the README's set-up, else by the first model load,
+which says so on one line first. The build lives in the torch extensions directory
+(`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) in a folder named for a digest of the source,
+torch, Python and the flags, built from a copy of the source kept there: every clone with the same source
+shares one build, and a changed source builds beside it instead of over it. Where the machine has no toolchain (no
 ninja, no C++ compiler, or one that cannot build an OpenMP program), or `ADVISOR_CPU_OPS=0` is set, `ops()`
 returns None and the PyTorch path runs, after one log line. A toolchain that works but fails on our source
 is a bug in the source, not a missing feature: the compiler's output is logged as an error, and with
@@ -34,10 +38,12 @@ is a bug in the source, not a missing feature: the compiler's output is logged a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -66,7 +72,27 @@ class CpuOpsBuildError(RuntimeError):
     """The toolchain works but the ops' source did not build (raised under `ADVISOR_CPU_OPS_STRICT=1`)."""
 
 
-def _build(source: Path = _SOURCE, name: str = "advisor_cpu_decode", build_directory: str | None = None):
+_NAME = "advisor_cpu_decode"
+_CFLAGS = ("-O3", "-fopenmp")  # tuples: torch's load() appends to the lists it is given
+_LDFLAGS = ("-fopenmp",)
+
+
+def build_directory(source: Path = _SOURCE, name: str = _NAME) -> Path:
+    """Where the ops for this source, torch and Python are (or will be) built."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256(source.read_bytes())
+    key.update(f"{torch.__version__} {torch.version.cuda} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"{name}-{key.hexdigest()[:16]}"
+
+
+def is_built(source: Path = _SOURCE, name: str = _NAME) -> bool:
+    """Whether loading the ops is only an import (the library exists), not a compile."""
+    return (build_directory(source, name) / f"{name}.so").is_file()
+
+
+def _build(source: Path = _SOURCE, name: str = _NAME, build_directory: str | None = None):
     if os.environ.get("ADVISOR_CPU_OPS", "1") == "0":
         return None
     try:
@@ -79,12 +105,18 @@ def _build(source: Path = _SOURCE, name: str = "advisor_cpu_decode", build_direc
         log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
         return None
     try:
-        log.info("engine: compiling the CPU decode ops (once per machine)")
+        if build_directory is None:
+            source, build_directory = _staged(source, name)
+        if not (Path(build_directory) / f"{name}.so").is_file():
+            log.info(
+                "engine: compiling the CPU decode ops, once per machine (a minute or two; "
+                "`python -m engine.build` does it at set-up)"
+            )
         return load(
             name,
             sources=[str(source)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=build_directory,
             verbose=False,
         )
@@ -98,6 +130,19 @@ def _build(source: Path = _SOURCE, name: str = "advisor_cpu_decode", build_direc
         log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
                   source, e)
         return None
+
+
+def _staged(source: Path, name: str) -> tuple[Path, str]:
+    """The source copied into its build directory (so the build's paths, which ninja compares, are the
+    same from every clone), and that directory."""
+    d = build_directory(source, name)
+    d.mkdir(parents=True, exist_ok=True)
+    staged = d / source.name
+    if not staged.is_file():  # written once: a rewrite would change its mtime and rebuild
+        tmp = d / f".{source.name}.{os.getpid()}"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, staged)
+    return staged, str(d)
 
 
 def _toolchain_problem(probe: bool = True) -> str | None:
