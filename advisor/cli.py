@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from advisor.progress import Progress, usd
+from advisor import interrupt
+from advisor.pricing import usd
+from advisor.progress import Progress, notes_to
 from advisor.result import TaskResult
-from advisor.runner import STRATEGIES, Advisor
+from advisor.runner import STRATEGIES, Advisor, new_run_id
 from advisor.task import Task, TaskError, load_task
 
 
@@ -59,27 +61,29 @@ def results_table(results: list[TaskResult]) -> Table:
     return t
 
 
-async def _run(tasks: list[Task], args: argparse.Namespace, console: Console) -> list[TaskResult]:
-    progress = Progress([t.name for t in tasks], None if console.is_terminal else console)
-    async with Advisor(runs_dir=args.runs_dir, listeners=[progress]) as adv:
-        live = (
-            Live(
-                progress.table(),
-                console=console,
-                refresh_per_second=4,
-                transient=True,
-                get_renderable=progress.table,
-            )
-            if console.is_terminal
-            else contextlib.nullcontext()
-        )
-        with live:
+async def _run(tasks: list[Task], args: argparse.Namespace, console: Console, run_id: str) -> list[TaskResult]:
+    live_display = console.is_terminal
+    progress = Progress([t.name for t in tasks], console, live=live_display)
+    live = (
+        Live(console=console, refresh_per_second=8, transient=True, get_renderable=progress.renderable)
+        if live_display
+        else contextlib.nullcontext()
+    )
+    names = ", ".join(t.name for t in tasks[:3]) + (f" and {len(tasks) - 3} more" if len(tasks) > 3 else "")
+    console.print(
+        f"running {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}), strategy {args.strategy}, "
+        f"outputs in {Path(args.runs_dir) / run_id}",
+        markup=False,
+        highlight=False,
+    )
+    with live, notes_to(progress):  # on screen from the first second: loading, compiling, each step
+        async with Advisor(runs_dir=args.runs_dir, run_id=run_id, listeners=[progress]) as adv:
             results = await adv.run_many(tasks, strategy=args.strategy, concurrency=args.concurrency)
-        console.print(results_table(results))
-        for r in results:  # why a task errored or stopped belongs on screen, not only in result.json
-            if r.error:
-                console.print(f"{r.task}: {r.outcome}: {r.error}", markup=False, highlight=False)
-        console.print(f"outputs: {adv.run_dir}")
+    console.print(results_table(results))
+    for r in results:  # why a task errored or stopped belongs on screen, not only in result.json
+        if r.error:
+            console.print(f"{r.task}: {r.outcome}: {r.error}", markup=False, highlight=False)
+    console.print(f"outputs: {adv.run_dir}")
     return results
 
 
@@ -91,18 +95,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     except TaskError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 2
+    run_id = new_run_id()
     try:
-        results = asyncio.run(_run(tasks, args, console))
+        results = interrupt.run(_run(tasks, args, console, run_id))
     except TaskError as e:  # raised before any task starts (e.g. an endpoint that cannot be made)
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 2
+    except interrupt.Interrupted:
+        run_dir = Path(args.runs_dir) / run_id
+        done = len(list(run_dir.glob("*/result.json")))
+        err.print(
+            f"interrupted: {done} of {len(tasks)} tasks finished, outputs in {run_dir}; "
+            f"run the rest again with: {interrupt.rerun_command()}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return interrupt.EXIT_CODE
     return 0 if all(r.passed for r in results) else 1
+
+
+def package_version() -> str:
+    try:
+        return version("advisor")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="advisor", description="Advisor-Mode agent loops with a cost ledger."
     )
+    parser.add_argument("--version", action="version", version=f"advisor {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run task.yaml files (concurrently) and report cost per task")
     run.add_argument("tasks", nargs="+", type=Path, help="task.yaml files")
@@ -129,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading tasks, writing a report): nothing to resume
+        Console(stderr=True).print("interrupted", markup=False, highlight=False)
+        return interrupt.EXIT_CODE
 
 
 if __name__ == "__main__":

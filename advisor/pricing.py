@@ -1,4 +1,4 @@
-"""Prices (USD per million tokens) and the one formula that turns usage into dollars."""
+"""Prices (USD per million tokens), the one formula that turns usage into dollars, and how dollars print."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ class Price(BaseModel):
 
 
 FREE = Price(input=0.0, cached_input=0.0, output=0.0)
+
+
+def usd(x: float | None) -> str:
+    """Dollars as every table and report prints them: the sign before the symbol (`-$0.2460`), six
+    decimals under a cent, four under $100, cents with thousands separators above; None is `n/a`."""
+    if x is None:
+        return "n/a"
+    sign, a = ("-" if x < 0 else ""), abs(x)
+    body = f"{a:,.6f}" if a < 0.01 else f"{a:,.4f}" if a < 100 else f"{a:,.2f}"
+    return f"{sign}${body}"

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from advisor.pricing import usd
+
 Outcome = Literal["passed", "failed", "budget_exceeded", "error"]
 
 
@@ -50,10 +52,6 @@ class TaskResult:
         (out_dir / "report.md").write_text(render_report(self), encoding="utf-8")
 
 
-def _usd(x: float) -> str:
-    return f"${x:.6f}" if x < 0.01 else f"${x:.4f}"
-
-
 def render_report(r: TaskResult) -> str:
     c = r.cost_usd
     saved = c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)
@@ -76,12 +74,12 @@ def render_report(r: TaskResult) -> str:
         t = r.tokens.get(role, {})
         lines.append(
             f"| {role} | {t.get('input', 0)} | {t.get('cached_input', 0)} | {t.get('cache_write', 0)} | "
-            f"{t.get('output', 0)} | {t.get('reasoning', 0)} | {_usd(c.get(role, 0.0))} |"
+            f"{t.get('output', 0)} | {t.get('reasoning', 0)} | {usd(c.get(role, 0.0))} |"
         )
     lines += [
         "",
-        f"Total: **{_usd(c.get('total', 0.0))}**. The same tokens on the frontier model alone: "
-        f"{_usd(c.get('frontier_only_estimate', 0.0))} (saved {_usd(saved)}).",
+        f"Total: **{usd(c.get('total', 0.0))}**. The same tokens on the frontier model alone: "
+        f"{usd(c.get('frontier_only_estimate', 0.0))} (saved {usd(saved)}).",
         "",
     ]
     if r.workspace_diff:

@@ -55,7 +55,7 @@ class Advisor:
         self.run_id = run_id or new_run_id()
         self.listeners = list(listeners or [])
         if console is not None:  # one line per finished task: outcome, steps, consults, cost
-            self.listeners.append(Progress([], console))
+            self.listeners.append(Progress([], console, every_event=False))
         self.fsync = fsync
         self._given = dict(endpoints or {})
         self._endpoints: dict[str, Endpoint] = {}

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
+from advisor import interrupt
+from advisor.progress import Progress, notes_to
 from advisor.task import TaskError
-from evals.harness import run_suite
+from evals.harness import plan_jobs, run_suite
 from evals.ledger import load_prices
-from evals.report import headline_lines, write_report
+from evals.report import headline_lines, tables, write_report
 from evals.suite import load_suite
 
 
 def _err(msg: str) -> int:
     Console(stderr=True).print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
     return 2
+
+
+TERMINAL_COLUMNS = ("strategy", "tasks", "solved", "success", "USD/task", "USD/solved", "consults/task")
+
+
+def strategy_table(res: dict) -> Table:
+    """The report's per-strategy table, the columns that fit a terminal (all of them: report.md)."""
+    header, rows = tables(res)["strategies"]
+    keep = [header.index(c) for c in TERMINAL_COLUMNS]
+    t = Table(title="per strategy")
+    for i in keep:
+        t.add_column(header[i], justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*(row[i] for i in keep))
+    return t
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -28,20 +45,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite, endpoints_file=args.endpoints)
         for s in strategies:
             suite.strategy(s)
-        run = asyncio.run(
-            run_suite(
-                suite,
-                strategies,
-                args.out,
-                concurrency=args.concurrency,
-                timeout_s=args.timeout,
-                console=console if not args.quiet else None,
+        if suite.found:
+            console.print(f"{suite.source}: {suite.found}", markup=False, highlight=False)
+        shown = console if not args.quiet else None
+        note = Progress([], shown)
+        with notes_to(note):  # model loads, the engine's first compile: lines above the bar
+            run = interrupt.run(
+                run_suite(
+                    suite,
+                    strategies,
+                    args.out,
+                    concurrency=args.concurrency,
+                    timeout_s=args.timeout,
+                    console=shown,
+                )
             )
-        )
         res = write_report(args.out)
     except TaskError as e:
         return _err(str(e))
+    except interrupt.Interrupted:
+        _, done = plan_jobs(suite, strategies, args.out)
+        total = len(suite.tasks) * len(strategies)
+        Console(stderr=True).print(
+            f"interrupted: {len(done)} of {total} task runs finished, kept in {args.out}; "
+            f"resume with: {interrupt.rerun_command()}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return interrupt.EXIT_CODE
     console.print(f"ran {len(run.ran)} task runs, skipped {len(run.skipped)} already finished")
+    console.print(strategy_table(res))
     for line in headline_lines(res):
         console.print(line, markup=False, highlight=False)
     console.print(
@@ -70,7 +104,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="run a suite under several strategies (resumable) and write the report")
     p.add_argument(
-        "suite", type=Path, help="a folder of task.yaml files, a suite.yaml, or a .jsonl of {prompt, answer}"
+        "suite", type=Path, help="a folder of task files (*.yaml in it, */task.yaml below), a suite.yaml, or a .jsonl of {prompt, answer}"
     )
     p.add_argument(
         "--strategies",

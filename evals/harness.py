@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from advisor.pricing import usd
 from advisor.result import TaskResult
 from advisor.runner import Advisor
 from advisor.task import Task
@@ -170,7 +171,7 @@ async def run_suite(
                 progress.update(
                     bar,
                     advance=1,
-                    description=f"passed {spent['passed']}, not passed {spent['other']}, ${spent['usd']:.4f}",
+                    description=f"passed {spent['passed']}, not passed {spent['other']}, {usd(spent['usd'])}",
                 )
             return r
 

@@ -9,16 +9,10 @@ from pathlib import Path
 
 import jinja2
 
-from advisor.pricing import Price
+from advisor.pricing import Price, usd
 from evals import plots
 from evals.aggregate import VOLUMES, aggregate
 from evals.ledger import ROLES, load_records
-
-
-def usd(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"${x:,.6f}" if abs(x) < 0.01 else f"${x:,.4f}" if abs(x) < 100 else f"${x:,.2f}"
 
 
 def pct(x: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Suites: a folder of task.yaml files, a suite.yaml (tasks + shared endpoints, defaults, strategies), or JSONL.
+"""Suites: a folder of task files (its own *.yaml / *.yml, and */task.yaml below it), a suite.yaml (tasks + shared endpoints, defaults, strategies), or JSONL.
 
 suite.yaml:
 
@@ -68,6 +68,7 @@ class Suite:
     tasks: list[Task]
     strategies: dict[str, StrategySpec] = field(default_factory=dict)
     timeout_s: float | None = None
+    found: str = ""  # for a folder: which task files it held ("found 3 task files (...)")
 
     def strategy(self, name: str) -> StrategySpec:
         """The spec for a strategy name: a built-in one, or one named in suite.yaml."""
@@ -156,17 +157,24 @@ def load_suite(path: str | Path, *, endpoints_file: Path | None = None, check_en
     if path.is_dir() and (path / "suite.yaml").is_file():
         path = path / "suite.yaml"
     if path.is_dir():
-        files = sorted(path.rglob("task.yaml"))
-        if not files:
-            raise TaskError(f"{path}: no suite.yaml and no task.yaml files under it")
-        tasks = [_build(_task_data(f), f, str(f), {}, common, check_env) for f in files]
-        suite = Suite(path.name, str(path), tasks)
+        loose, nested = _task_files(path)
+        if not loose and not nested:
+            raise TaskError(
+                f"{path}: no tasks found: looked for a suite.yaml, *.yaml / *.yml task files in it "
+                "and */task.yaml below it"
+            )
+        tasks = [_build(_task_data(f, f.stem), f, str(f), {}, common, check_env) for f in loose]
+        tasks += [_build(_task_data(f, f.parent.name), f, str(f), {}, common, check_env) for f in nested]
+        found = [f"{len(loose)} task file{'s' * (len(loose) != 1)} ({', '.join(f.name for f in loose[:4])}"
+                 f"{', ...' if len(loose) > 4 else ''})"] if loose else []
+        found += [f"{len(nested)} */task.yaml"] if nested else []
+        suite = Suite(path.name, str(path), tasks, found="found " + " and ".join(found))
     elif path.suffix == ".jsonl":
         suite = Suite(path.stem, str(path), load_jsonl(path, dict(JSONL_ROLES), common, check_env))
     elif path.is_file():
         suite = _load_suite_yaml(path, common, check_env)
     else:
-        raise TaskError(f"{path}: suite not found (a folder of task.yaml files, a suite.yaml or a .jsonl)")
+        raise TaskError(f"{path}: suite not found (a folder of task files, a suite.yaml or a .jsonl)")
     names = [t.name for t in suite.tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -181,10 +189,26 @@ def load_suite(path: str | Path, *, endpoints_file: Path | None = None, check_en
     return suite
 
 
-def _task_data(path: Path) -> dict:
+# YAML files in a suite folder that are not tasks: endpoint configs (advisor.yaml, advisor.hosted.yaml)
+NOT_TASKS = ("advisor.",)
+
+
+def _task_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A folder's task files: its own *.yaml / *.yml (not advisor*.yaml), and task.yaml in folders below."""
+    loose = sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml") and not f.name.startswith(NOT_TASKS)
+    )
+    nested = sorted(f for f in folder.rglob("task.yaml") if f.parent != folder)
+    return loose, nested
+
+
+def _task_data(path: Path, default_name: str | None = None) -> dict:
+    """A task file's mapping; without a `name`, `default_name` (its file or folder name) names it."""
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
+    if default_name is not None and "name" not in data:
+        data = {"name": default_name, **data}
     return data
 
 

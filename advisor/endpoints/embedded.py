@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import re
 import threading
@@ -40,6 +41,7 @@ MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
 _OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size"}
 _FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
+log = logging.getLogger(__name__)
 
 
 def models_dir() -> Path:
@@ -150,6 +152,8 @@ def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int
         from engine.text.tokenizer import StepTokenizer, load_tokenizer
 
         kwargs = {"max_batch_size": max_batch_size} if max_batch_size else {}
+        start = time.perf_counter()
+        log.info("loading model %s on %s (embedded engine)", path.name, device)
         llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
         tok = llm.tokenizer if isinstance(llm.tokenizer, StepTokenizer) else None
         if tok is None:
@@ -158,6 +162,7 @@ def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int
             tok = load_tokenizer(path)
         engine = _Engine(llm, tok, path)
         _ENGINES[key] = engine
+        log.info("loaded model %s in %.1f s", path.name, time.perf_counter() - start)
         return engine
 
 
