@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="advisor: the task's escalation policy; executor: no consults; frontier: frontier alone",
     )
     run.set_defaults(func=cmd_run)
+    from advisor.proxy.cli import add_proxy_parser
+
+    add_proxy_parser(sub)
     try:
         from evals import cli as evals_cli
     except ImportError as e:

@@ -8,13 +8,27 @@ only the conversation reuses the same objects, so both follow one copy of the ru
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from advisor.messages import Message, TextPart, ToolCall
 from advisor.task import Escalation
 from advisor.trace import Trace
 
 ConsultKind = Literal["skipped", "advice", "approved", "objected", "takeover"]
+
+
+def call_key(tc: ToolCall) -> str:
+    """What makes two tool calls "the same call" for `EscalationPolicy.repeated`."""
+    return tc.name + json.dumps(tc.arguments, sort_keys=True, default=str)
+
+
+def estimate_tokens(messages: list[Message]) -> int:
+    """A consult's prompt size before it is made (to price it against the budget)."""
+    chars = sum(len(p.text) for m in messages for p in m.content if isinstance(p, TextPart))
+    images = sum(len(m.images) for m in messages)
+    return chars // 4 + 200 * images + 16 * len(messages)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
-from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState
+from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState, call_key, estimate_tokens
 from advisor.ledger import Ledger
 from advisor.messages import (
     Attempt,
@@ -59,20 +59,10 @@ class _Stop(Exception):
         self.detail = detail
 
 
-def _estimate_tokens(messages: list[Message]) -> int:
-    chars = sum(len(p.text) for m in messages for p in m.content if isinstance(p, TextPart))
-    images = sum(len(m.images) for m in messages)
-    return chars // 4 + 200 * images + 16 * len(messages)
-
-
 def tool_images_note(images: ImageLedger, ids: list[str]) -> str:
     """The user message that follows a turn's tool results when they made images (it carries their pixels
     too, where the model takes them)."""
     return "Images from the tools: " + "; ".join(images.describe(i) for i in ids)
-
-
-def _call_key(tc: ToolCall) -> str:
-    return tc.name + json.dumps(tc.arguments, sort_keys=True, default=str)
 
 
 @dataclass
@@ -371,7 +361,7 @@ class TaskLoop:
             elif tc.name not in self.by_name:
                 known = ", ".join(self.by_name) or "none"
                 text, reason = f"error: unknown tool '{tc.name}'; available tools: {known}", "unknown_tool"
-            elif self.policy.repeated(_call_key(tc)):
+            elif self.policy.repeated(call_key(tc)):
                 text, reason = (
                     "error: this exact call was already made and failed or changed nothing; change the arguments or the approach",
                     "repeated_call",
@@ -381,9 +371,9 @@ class TaskLoop:
                 text = result.text
                 if result.is_error:
                     reason = "tool_error"
-                    self.policy.remember_failed(_call_key(tc))
+                    self.policy.remember_failed(call_key(tc))
                 else:
-                    self.policy.remember_ok(_call_key(tc))
+                    self.policy.remember_ok(call_key(tc))
                 produced = [i for i, _ in result.images]
                 data = _trace_data(result.data)
                 new_images += produced
@@ -448,9 +438,9 @@ class TaskLoop:
         consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
         mode = policy.config.mode
         if policy.hands_over(trigger):
-            est_in = _estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
+            est_in = estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
         else:
-            est_in = _estimate_tokens(consult_msgs)
+            est_in = estimate_tokens(consult_msgs)
         cap = policy.config.advice_max_tokens
         estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
         outcome = policy.begin_consult(trigger, self.ledger.total_usd, estimate, self.task.budget.max_usd)

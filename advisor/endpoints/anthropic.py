@@ -26,6 +26,8 @@ names: end_turn/stop_sequence -> stop, tool_use -> tool_calls, max_tokens -> len
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections import OrderedDict
 from typing import Any
@@ -40,7 +42,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_THINKING_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384}
 _THINKING_CACHE = 512  # tool-use ids whose thinking blocks are kept for replay
-_STOP = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+STOP_TO_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+FINISH_TO_STOP = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "content_filter": "refusal"}
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 
 
@@ -66,6 +69,137 @@ def _tool_as_text(msg: Message) -> list[dict]:
     status = " (error)" if msg.is_error else ""
     head = f"[tool result {msg.tool_call_id}: {msg.name or 'tool'}{status}]"
     return [{"type": "text", "text": f"{head}\n{msg.text}" if msg.text else head}] + _blocks(msg.images)
+
+
+def assistant_blocks(msg: Message, thinking: list[dict] | None = None) -> list[dict]:
+    """An assistant message as Anthropic content blocks: the turn's signed `thinking` blocks first (when
+    there are any), then its text and tool_use blocks."""
+    blocks: list[dict] = list(thinking or [])
+    if msg.text:
+        blocks.append({"type": "text", "text": msg.text})
+    for call in msg.tool_calls:
+        args = call.arguments if call.arguments is not None else {}
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": args})
+    return blocks
+
+
+def parse_blocks(content: list) -> tuple[Message, list[dict]]:
+    """Assistant content blocks -> (neutral message, its thinking / redacted_thinking blocks as sent)."""
+    texts: list[str] = []
+    thinking: list[str] = []
+    thinking_blocks: list[dict] = []
+    calls: list[ToolCall] = []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "thinking":
+            thinking.append(block.get("thinking", ""))
+            thinking_blocks.append(block)
+        elif kind == "redacted_thinking":
+            thinking_blocks.append(block)
+        elif kind == "tool_use":
+            raw = block.get("input")
+            if isinstance(raw, dict):
+                calls.append(ToolCall(block.get("id", ""), block.get("name", ""), raw, json.dumps(raw)))
+            else:
+                text = raw if isinstance(raw, str) else json.dumps(raw)
+                error = f"tool input must be a JSON object, got {type(raw).__name__}"
+                calls.append(ToolCall(block.get("id", ""), block.get("name", ""), None, text, error))
+    message = Message.assistant("".join(texts), calls, "".join(thinking) if thinking else None)
+    return message, thinking_blocks
+
+
+def _user_parts(content: Any, where: str) -> list:
+    if isinstance(content, str):
+        return [TextPart(content)] if content else []
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: must be a string or a list of content blocks")
+    parts: list = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append(TextPart(str(block.get("text") or "")))
+        elif kind == "image":
+            source = block.get("source") or {}
+            if source.get("type") != "base64":
+                raise ValueError(f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})")
+            try:
+                data = base64.b64decode(source.get("data") or "", validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{where}[{j}]: the image's base64 data is invalid") from None
+            parts.append(ImagePart(data, source.get("media_type") or "image/png"))
+        elif kind in ("document", "search_result"):
+            raise ValueError(f"{where}[{j}]: {kind} blocks are not supported")
+        # other blocks (cache-control markers, server tool results) carry nothing the models need
+    return parts
+
+
+def from_anthropic_messages(system: Any, wire: Any) -> list[Message]:
+    """An Anthropic request's `system` and `messages` -> neutral messages: the inverse of
+    `AnthropicEndpoint.to_anthropic`. A user turn's tool_result blocks become tool messages (before its
+    other content). Raises ValueError naming the offending block."""
+    out: list[Message] = []
+    if isinstance(system, str):
+        if system:
+            out.append(Message.system(system))
+    elif isinstance(system, list):
+        text = "\n\n".join(str(b.get("text") or "") for b in system if isinstance(b, dict))
+        if text:
+            out.append(Message.system(text))
+    elif system is not None:
+        raise ValueError("system: must be a string or a list of text blocks")
+    if not isinstance(wire, list) or not wire:
+        raise ValueError("messages: must be a non-empty list")
+    names: dict[str, str] = {}
+    for i, raw in enumerate(wire):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: must be an object")
+        role, content = raw.get("role"), raw.get("content")
+        if role == "assistant":
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(blocks, list):
+                raise ValueError(f"{where}.content: must be a string or a list of content blocks")
+            msg, _ = parse_blocks(blocks)
+            names.update({c.id: c.name for c in msg.tool_calls})
+            out.append(msg)
+        elif role == "user":
+            rest = content
+            if isinstance(content, list):
+                rest = []
+                for j, block in enumerate(content):
+                    if isinstance(block, dict) and block.get("type") == "tool_result":
+                        call_id = str(block.get("tool_use_id") or "")
+                        inner = block.get("content")
+                        parts = _user_parts(inner if inner is not None else [], f"{where}.content[{j}].content")
+                        out.append(
+                            Message(
+                                "tool",
+                                parts,
+                                tool_call_id=call_id,
+                                name=names.get(call_id),
+                                is_error=bool(block.get("is_error")),
+                            )
+                        )
+                    else:
+                        rest.append(block)
+            parts = _user_parts(rest, f"{where}.content")
+            if parts or not isinstance(content, list) or len(rest) == len(content):
+                out.append(Message("user", parts))
+        else:
+            raise ValueError(f"{where}.role: must be user or assistant (got {role!r}); the system prompt goes in `system`")
+    return out
+
+
+def anthropic_usage(usage: Usage) -> dict:
+    """Usage -> Anthropic usage: the inverse of `parse_usage` (thinking is billed inside output_tokens)."""
+    return {
+        "input_tokens": usage.input,
+        "cache_read_input_tokens": usage.cached_input,
+        "cache_creation_input_tokens": usage.cache_write,
+        "output_tokens": usage.output + usage.reasoning,
+    }
 
 
 def _int(value: Any) -> int:
@@ -145,18 +279,9 @@ class AnthropicEndpoint(HTTPEndpoint):
                 for c in msg.tool_calls
             ]
             return [{"type": "text", "text": "\n".join(lines)}] if lines else []
-        blocks: list[dict] = []
-        for call in msg.tool_calls:
-            thinking = self._thinking.get(call.id)
-            if thinking:  # the signed thinking of this tool turn goes back first
-                blocks.extend(thinking)
-                break
-        if msg.text:
-            blocks.append({"type": "text", "text": msg.text})
-        for call in msg.tool_calls:
-            args = call.arguments if call.arguments is not None else {}
-            blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": args})
-        return blocks
+        # the signed thinking of this tool turn goes back first
+        thinking = next((self._thinking[c.id] for c in msg.tool_calls if self._thinking.get(c.id)), None)
+        return assistant_blocks(msg, thinking)
 
     @staticmethod
     def _tool_block(msg: Message) -> dict:
@@ -221,32 +346,11 @@ class AnthropicEndpoint(HTTPEndpoint):
         content = data.get("content")
         if not isinstance(content, list):
             raise AttemptFailed("invalid response: no content blocks", retryable=False)
-        texts: list[str] = []
-        thinking: list[str] = []
-        thinking_blocks: list[dict] = []
-        calls: list[ToolCall] = []
-        for block in content:
-            kind = block.get("type")
-            if kind == "text":
-                texts.append(block.get("text", ""))
-            elif kind == "thinking":
-                thinking.append(block.get("thinking", ""))
-                thinking_blocks.append(block)
-            elif kind == "redacted_thinking":
-                thinking_blocks.append(block)
-            elif kind == "tool_use":
-                raw = block.get("input")
-                if isinstance(raw, dict):
-                    calls.append(ToolCall(block.get("id", ""), block.get("name", ""), raw, json.dumps(raw)))
-                else:
-                    text = raw if isinstance(raw, str) else json.dumps(raw)
-                    error = f"tool input must be a JSON object, got {type(raw).__name__}"
-                    calls.append(ToolCall(block.get("id", ""), block.get("name", ""), None, text, error))
-        if calls and thinking_blocks:
-            self._remember_thinking(calls[0].id, thinking_blocks)
+        message, thinking_blocks = parse_blocks(content)
+        if message.tool_calls and thinking_blocks:
+            self._remember_thinking(message.tool_calls[0].id, thinking_blocks)
         stop = data.get("stop_reason")
-        message = Message.assistant("".join(texts), calls, "".join(thinking) if thinking else None)
-        return message, _STOP.get(stop, stop)
+        return message, STOP_TO_FINISH.get(stop, stop)
 
     def _remember_thinking(self, tool_use_id: str, blocks: list[dict]) -> None:
         self._thinking[tool_use_id] = blocks

@@ -24,6 +24,8 @@ length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -129,6 +131,80 @@ def to_openai_messages(messages: list[Message]) -> list[dict]:
     return wire
 
 
+def image_from_data_url(url: str, where: str) -> ImagePart:
+    """An image part from a `data:<type>;base64,...` URL; anything else is refused (nothing is fetched)."""
+    head, sep, data = url.partition(",")
+    if not (sep and head.startswith("data:") and head.endswith(";base64")):
+        raise ValueError(f"{where}: only base64 data URLs are accepted for images (got {url[:40]!r})")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: the image's base64 data is invalid") from None
+    return ImagePart(raw, head[5 : -len(";base64")] or "image/png")
+
+
+def _parts(content: Any, where: str) -> list:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [TextPart(content)] if content else []
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content: must be a string or a list of parts")
+    parts: list = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(TextPart(str(part.get("text") or "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            parts.append(image_from_data_url(str(url or ""), f"{where}.content[{j}]"))
+        else:
+            raise ValueError(f"{where}.content[{j}]: unsupported part type {kind!r} (text, image_url)")
+    return parts
+
+
+def from_openai_messages(wire: Any) -> list[Message]:
+    """OpenAI chat messages (a request's `messages`) -> neutral messages: the inverse of
+    `to_openai_messages`. Raises ValueError naming the offending message."""
+    if not isinstance(wire, list) or not wire:
+        raise ValueError("messages: must be a non-empty list")
+    names: dict[str, str] = {}  # tool-call id -> tool name, for the tool messages that answer it
+    out: list[Message] = []
+    for i, raw in enumerate(wire):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: must be an object")
+        role = raw.get("role")
+        if role in ("system", "developer"):
+            out.append(Message("system", _parts(raw.get("content"), where)))
+        elif role == "user":
+            out.append(Message("user", _parts(raw.get("content"), where)))
+        elif role == "assistant":
+            calls = []
+            for k, tc in enumerate(raw.get("tool_calls") or []):
+                if not isinstance(tc, dict) or not isinstance(tc.get("function") or {}, dict):
+                    raise ValueError(f"{where}.tool_calls[{k}]: must be an object with a function object")
+                fn = tc.get("function") or {}
+                args, raw_args, error = parse_arguments(fn.get("arguments"))
+                call_id = tc.get("id") or f"call_{i}_{k}"
+                names[call_id] = fn.get("name") or ""
+                calls.append(ToolCall(call_id, fn.get("name") or "", args, raw_args, error))
+            text = "".join(p.text for p in _parts(raw.get("content"), where) if isinstance(p, TextPart))
+            reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+            out.append(Message.assistant(text, calls, reasoning if isinstance(reasoning, str) else None))
+        elif role == "tool":
+            call_id = raw.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ValueError(f"{where}.tool_call_id: a tool message needs the id of the call it answers")
+            msg = Message("tool", _parts(raw.get("content"), where), tool_call_id=call_id)
+            msg.name = raw.get("name") or names.get(call_id)
+            out.append(msg)
+        else:
+            raise ValueError(f"{where}.role: unknown role {role!r} (system, developer, user, assistant, tool)")
+    return out
+
+
 def _int(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
@@ -151,6 +227,19 @@ def parse_usage(usage: Any) -> Usage | None:
     return Usage(
         input=prompt - cached, cached_input=cached, output=completion - reasoning, reasoning=reasoning
     )
+
+
+def openai_usage(usage: Usage) -> dict:
+    """Usage -> OpenAI usage: the inverse of `parse_usage`."""
+    prompt = usage.input + usage.cached_input + usage.cache_write
+    completion = usage.output + usage.reasoning
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_input},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
+    }
 
 
 def _text(content: Any) -> str:

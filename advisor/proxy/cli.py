@@ -1,0 +1,78 @@
+"""`advisor proxy` (serve) and `advisor proxy report` (write the ledger's report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from advisor.task import TaskError
+
+
+def _load(args: argparse.Namespace):
+    from advisor.proxy.config import load_proxy_config
+
+    return load_proxy_config(args.config)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    if getattr(args, "proxy_command", None) == "report":
+        return cmd_report(args)
+    try:
+        cfg = _load(args)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from advisor.proxy.app import build_app
+    from advisor.proxy.router import Router
+
+    router = Router(cfg)
+    print(
+        f"advisor proxy on http://{args.host}:{args.port} (OpenAI: /v1/chat/completions, Anthropic: /v1/messages; "
+        f"models {', '.join(cfg.models)}; sessions in {cfg.sessions_dir})",
+        file=sys.stderr,
+    )
+    uvicorn.run(build_app(router), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from advisor.proxy.report import headline, write_report
+    from advisor.proxy.sessions import SessionStore
+
+    try:
+        cfg = _load(args)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = SessionStore(
+        cfg.escalation,
+        cfg.endpoints[cfg.frontier.endpoint].price if cfg.frontier else None,
+        has_frontier=cfg.frontier is not None,
+        directory=cfg.sessions_dir,
+        ttl_s=cfg.sessions.ttl_s,
+        max_sessions=cfg.sessions.max_sessions,
+        read_only=True,
+    )
+    out = args.out or cfg.sessions_dir
+    res = write_report(store, Path(out))
+    print(headline(res))
+    print(f"wrote {Path(out) / 'report.md'} and report.html")
+    return 0
+
+
+def add_proxy_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("proxy", help="serve Advisor Mode to an existing harness (OpenAI / Anthropic API)")
+    p.add_argument(
+        "--config", type=Path, default=Path("proxy.yaml"), help="proxy.yaml (default: ./proxy.yaml)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4000, help="port (default: 4000)")
+    p.set_defaults(func=cmd_proxy)
+    inner = p.add_subparsers(dest="proxy_command")
+    r = inner.add_parser("report", help="write report.md / report.html / results.json of every session")
+    r.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="proxy.yaml")
+    r.add_argument("--out", type=Path, default=None, help="output folder (default: the sessions directory)")
+    r.set_defaults(func=cmd_report)

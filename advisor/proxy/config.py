@@ -1,0 +1,156 @@
+"""proxy.yaml: which endpoint plays each role, the escalation and budget blocks of task.yaml (plus what
+a proxy needs: failure patterns, a per-day budget), and where sessions live.
+
+Endpoints are merged exactly as for a task: the user's config directory's advisor.yaml, an advisor.yaml
+beside proxy.yaml, then proxy.yaml's own `endpoints:`. Errors are one line naming the file and field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
+
+from advisor.endpoints.base import EndpointConfig
+from advisor.task import (
+    Escalation,
+    RoleConfig,
+    TaskError,
+    _config_endpoints,
+    _one_line,
+    _read_yaml,
+    _Strict,
+    user_config_dir,
+)
+
+ProxyTrigger = Literal["plan", "new_user_turn"]
+
+# what a harness's tool output looks like when the tool failed (a shell, a test runner, a compiler)
+DEFAULT_ERROR_PATTERNS = [
+    r"(?i)\bexit(ed)?( with)?( code| status)[ :=]*[1-9]\d*",
+    r"(?i)\breturn code[ :=]*[1-9]\d*",
+    r"Traceback \(most recent call last\)",
+    r"(?m)^(FAILED|ERROR)\b",
+    r"(?i)\b[1-9]\d* (failed|errors?)\b",
+    r"(?im)^\s*error(\[\w+\])?:",
+    r"(?i)\bcommand not found\b",
+    r"(?i)\bno such file or directory\b",
+]
+# what a user says when the last answer was wrong
+DEFAULT_WRONG_PATTERNS = [
+    r"(?i)\b(that'?s|this is|it'?s|still) (wrong|incorrect|not right|broken)\b",
+    r"(?i)\b(doesn'?t|does not|didn'?t|did not) work\b",
+    r"(?i)\bstill (fails|failing|broken|crashes)\b",
+    r"(?i)^\s*(no|wrong|nope)[.!,]",
+]
+
+
+class ProxyEscalation(Escalation):
+    """task.yaml's `escalation:` block; its inflection points are the proxy's: `plan` (a session's first
+    request) and `new_user_turn` (a request whose newest message is the user's, not a tool result)."""
+
+    at: list[ProxyTrigger] = Field(  # type: ignore[assignment]
+        default_factory=list, description="inflection points: plan, new_user_turn"
+    )
+    mode: Literal["advise", "takeover"] = Field(  # type: ignore[assignment]
+        default="advise",
+        description="advise: the frontier's advice is inserted for the executor; takeover: the frontier answers the next takeover_steps requests",
+    )
+    error_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ERROR_PATTERNS),
+        description="regexes: a tool result matching one is a failure (besides Anthropic's is_error)",
+    )
+    wrong_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_WRONG_PATTERNS),
+        description="regexes: a user turn matching one says the last answer was wrong (a failure)",
+    )
+
+    @field_validator("error_patterns", "wrong_patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"[{i}] is not a valid regex ({e})") from None
+        return v
+
+
+class ProxyBudget(_Strict):
+    max_usd: float = Field(default=1.0, ge=0, description="USD per session; then requests are refused")
+    max_usd_per_day: float | None = Field(
+        default=None, ge=0, description="USD per UTC day over all sessions (none: no daily cap)"
+    )
+
+
+class Sessions(_Strict):
+    dir: str = Field(default="proxy-sessions", description="journal directory, relative to proxy.yaml")
+    ttl_s: float = Field(default=7 * 86400, gt=0, description="a session idle this long expires")
+    max_sessions: int = Field(default=10000, ge=1, description="beyond this the least recently used expire")
+    fsync: bool = Field(default=True, description="fsync the journal (in a background thread)")
+
+
+class ProxyConfig(_Strict):
+    """A loaded proxy.yaml. Load with `load_proxy_config(path)`."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["advisor"],
+        description="model names clients may ask for (shell-style patterns, e.g. claude-*); all get Advisor Mode",
+    )
+    executor: RoleConfig
+    frontier: RoleConfig | None = None
+    escalation: ProxyEscalation = Field(default_factory=ProxyEscalation)
+    budget: ProxyBudget = Field(default_factory=ProxyBudget)
+    sessions: Sessions = Field(default_factory=Sessions)
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    upstream_stream: bool = Field(
+        default=False, description="stream from OpenAI-compatible upstreams (the reply is the same)"
+    )
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self._base_dir / self.sessions.dir
+
+
+def check_ready(cfg: ProxyConfig, source: str) -> None:
+    """Each role's endpoint exists and is priced (as a task's are)."""
+    roles = {"executor": cfg.executor, "frontier": cfg.frontier}
+    for role, rc in roles.items():
+        if rc is None:
+            continue
+        ep = cfg.endpoints.get(rc.endpoint)
+        if ep is None:
+            known = ", ".join(cfg.endpoints) or "none"
+            raise TaskError(f"{source}: {role}.endpoint: unknown endpoint '{rc.endpoint}' (known: {known})")
+        if ep.price is None and not ep.free:
+            raise TaskError(
+                f"{source}: endpoints.{rc.endpoint}.price: endpoint has no price; add price: "
+                "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
+            )
+
+
+def load_proxy_config(path: str | Path) -> ProxyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: proxy config not found")
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: proxy.yaml must be a YAML mapping (executor, frontier, endpoints, ...)")
+    endpoints = {}
+    endpoints.update(_config_endpoints(user_config_dir() / "advisor.yaml"))
+    endpoints.update(_config_endpoints(path.parent / "advisor.yaml"))
+    own = data.get("endpoints") or {}
+    if not isinstance(own, dict):
+        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
+    data = {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
+    try:
+        cfg = ProxyConfig.model_validate(data)
+    except ValidationError as e:
+        raise TaskError(_one_line(path, e)) from None
+    cfg._base_dir = path.parent.resolve()
+    check_ready(cfg, str(path))
+    return cfg

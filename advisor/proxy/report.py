@@ -1,0 +1,193 @@
+"""The proxy's ledger as report.md / report.html / results.json (the `advisor eval` report's style), and
+the same page served live at the proxy's `/`.
+
+Per session: requests, model calls and tokens by role, USD by role, consults and what triggered each,
+and what the same tokens would have cost on the frontier alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import jinja2
+
+from advisor.ledger import ROLES
+from advisor.progress import usd
+from advisor.proxy.sessions import SessionStore
+
+
+def _tok(t: dict) -> str:
+    return f"{t['input']:,} / {t['cached_input']:,} / {t['output'] + t['reasoning']:,}"
+
+
+def results(store: SessionStore) -> dict:
+    """Every number the report shows, per session and in total."""
+    sessions = []
+    for s in sorted(store.sessions.values(), key=lambda x: x.created):
+        calls = Counter(c.role for c in s.ledger.calls)
+        sessions.append(
+            {
+                "session": s.id,
+                "requests": s.requests,
+                "calls": {r: calls.get(r, 0) for r in ROLES},
+                "tokens": s.ledger.tokens_dict(),
+                "cost_usd": s.ledger.cost_dict(),
+                "consults": [c.__dict__ for c in s.consults],
+                "failure_streak": s.policy.consecutive,
+                "created": s.created,
+                "last_seen": s.last_seen,
+            }
+        )
+    total = {
+        "sessions": len(sessions),
+        "requests": sum(x["requests"] for x in sessions),
+        "calls": {r: sum(x["calls"][r] for x in sessions) for r in ROLES},
+        "tokens": {
+            r: {
+                k: sum(x["tokens"][r][k] for x in sessions)
+                for k in ("input", "cached_input", "cache_write", "output", "reasoning")
+            }
+            for r in ROLES
+        },
+        "cost_usd": {
+            k: round(sum(x["cost_usd"][k] for x in sessions), 10)
+            for k in ("executor", "frontier", "total", "frontier_only_estimate")
+        },
+        "consults": sum(1 for x in sessions for c in x["consults"] if c["kind"] != "skipped"),
+        "skipped_consults": sum(1 for x in sessions for c in x["consults"] if c["kind"] == "skipped"),
+        "spent_by_day": dict(sorted(store.day_usd.items())),
+    }
+    return {"total": total, "sessions": sessions}
+
+
+def _triggers(consults: list[dict]) -> str:
+    made = Counter(c["trigger"] for c in consults if c["kind"] != "skipped")
+    skipped = sum(1 for c in consults if c["kind"] == "skipped")
+    text = ", ".join(f"{t} {n}" for t, n in sorted(made.items())) or "none"
+    return text + (f" (+{skipped} skipped)" if skipped else "")
+
+
+def tables(res: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    header = [
+        "session",
+        "requests",
+        "calls exec / frontier",
+        "executor tok in/cached/out",
+        "frontier tok in/cached/out",
+        "executor USD",
+        "frontier USD",
+        "total USD",
+        "frontier-only USD",
+        "saved",
+        "consults (trigger)",
+    ]
+
+    def row(name: str, x: dict, consults: str) -> list[str]:
+        c = x["cost_usd"]
+        return [
+            name,
+            str(x["requests"]),
+            f"{x['calls']['executor']} / {x['calls']['frontier']}",
+            _tok(x["tokens"]["executor"]),
+            _tok(x["tokens"]["frontier"]),
+            usd(c["executor"]),
+            usd(c["frontier"]),
+            usd(c["total"]),
+            usd(c["frontier_only_estimate"]),
+            usd(c["frontier_only_estimate"] - c["total"]),
+            consults,
+        ]
+
+    rows = [row(x["session"], x, _triggers(x["consults"])) for x in res["sessions"]]
+    t = res["total"]
+    if rows:
+        rows.append(
+            row(f"all {t['sessions']} sessions", t, f"{t['consults']} (+{t['skipped_consults']} skipped)")
+        )
+    consults = [
+        [
+            x["session"],
+            str(c["request"]),
+            c["trigger"],
+            c["kind"],
+            c.get("skip_reason") or "",
+            usd(c.get("cost_usd") or 0.0),
+        ]
+        for x in res["sessions"]
+        for c in x["consults"]
+    ]
+    days = [[d, usd(v)] for d, v in res["total"]["spent_by_day"].items()]
+    return {
+        "sessions": (header, rows),
+        "consults": (["session", "request", "trigger", "outcome", "skip reason", "USD"], consults),
+        "days": (["day (UTC)", "USD"], days),
+    }
+
+
+TITLES = {"sessions": "Per session", "consults": "Escalation ledger", "days": "Spend per day"}
+
+
+def headline(res: dict) -> str:
+    c = res["total"]["cost_usd"]
+    saved = c["frontier_only_estimate"] - c["total"]
+    return (
+        f"{res['total']['sessions']} sessions, {res['total']['requests']} requests: {usd(c['total'])} "
+        f"({usd(c['executor'])} executor, {usd(c['frontier'])} frontier) against {usd(c['frontier_only_estimate'])} "
+        f"for the same tokens on the frontier alone; saved {usd(saved)}."
+    )
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render_md(res: dict) -> str:
+    tb = tables(res)
+    parts = ["# Proxy report", "", headline(res), ""]
+    for key in ("sessions", "consults", "days"):
+        parts += [f"## {TITLES[key]}", "", _md_table(*tb[key]) if tb[key][1] else "none", ""]
+    parts += ["Every number here is in results.json.", ""]
+    return "\n".join(parts)
+
+
+HTML = jinja2.Environment(autoescape=True).from_string(
+    """<!doctype html>
+<html><head><meta charset="utf-8"><title>Proxy report</title>
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}</style>
+</head><body><h1>Proxy report</h1>
+<p>{{ headline }}</p>
+{% for title, (header, rows) in tables %}<h2>{{ title }}</h2>
+{% if rows %}<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for r in rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% else %}<p>none</p>{% endif %}
+{% endfor %}</body></html>
+"""
+)
+
+
+def render_html(res: dict) -> str:
+    tb = tables(res)
+    return HTML.render(
+        headline=headline(res), tables=[(TITLES[k], tb[k]) for k in ("sessions", "consults", "days")]
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(store: SessionStore, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    res = results(store)
+    _write(out / "results.json", json.dumps(res, indent=2) + "\n")
+    _write(out / "report.md", render_md(res))
+    _write(out / "report.html", render_html(res))
+    return res

@@ -1,0 +1,312 @@
+"""Who answers a proxied request: the executor, or the frontier, by the loop's escalation rules.
+
+For each request the router finds the session, reads the failure signals in the conversation's new
+messages (`signals`), lets the session's `EscalationPolicy` decide a consult (the first request: `plan`;
+a new user turn: `new_user_turn`; `after_failures` failures in a row: `failures`), applies the outcome
+to the session's `TurnState` exactly as the loop does (advice inserted for the executor, or the frontier
+answering the next `takeover_steps` requests), checks the budgets, sends the `ChatRequest` upstream and
+records the call in the session's ledger and the journal.
+
+Notes the loop would append to its conversation (advice, takeover, handback) are kept per session at
+their position in the harness's conversation and inserted again into every later request, so the
+executor keeps seeing them as it would in the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from advisor.endpoints import make_endpoint
+from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
+from advisor.escalation import ConsultOutcome, estimate_tokens
+from advisor.messages import Attempt, Message, ModelResponse, Usage, without_images
+from advisor.pricing import FREE, Price
+from advisor.prompts import render
+from advisor.proxy.config import ProxyConfig
+from advisor.proxy.sessions import Consult, Session, SessionStore, session_key
+from advisor.proxy.signals import read_signals
+
+_DIGEST_ENTRIES = 60  # the consult sees the last tool calls of the conversation, not all of a long one
+
+
+class ProxyError(Exception):
+    """A request the proxy answers with an error: HTTP `status`, a `kind` for the wire's error type."""
+
+    def __init__(self, status: int, kind: str, message: str, session: Session | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.session = status, kind, message, session
+
+
+@dataclass
+class Slot:
+    role: str
+    endpoint: Endpoint
+    price: Price
+    effort: str | None
+
+
+@dataclass
+class Routed:
+    response: ModelResponse
+    role: str
+    model: str
+    session: Session
+    consult: Consult | None
+
+
+def _price(ep: Endpoint) -> Price:
+    return ep.config.price or FREE
+
+
+def _digest(messages: list[Message]) -> str:
+    results = {m.tool_call_id: m for m in messages if m.role == "tool"}
+    lines = []
+    for m in messages:
+        if m.role == "user" and m.text.strip():
+            lines.append(f"user: {m.text[:500]}")
+        for c in m.tool_calls:
+            args = json.dumps(c.arguments, default=str) if c.arguments is not None else c.raw_arguments[:200]
+            r = results.get(c.id)
+            lines.append(f"{c.name}({args[:300]}) -> {r.text[:300] if r else '(no result)'}")
+    return "\n".join(lines[-_DIGEST_ENTRIES:])
+
+
+def with_inserts(messages: list[Message], inserts: list[tuple[int, str]]) -> list[Message]:
+    """The conversation with the session's notes at their positions (ones past its end go last)."""
+    if not inserts:
+        return messages
+    out: list[Message] = []
+    pending = sorted(inserts, key=lambda x: x[0])
+    j = 0
+    for i, m in enumerate(messages):
+        while j < len(pending) and pending[j][0] <= i:
+            out.append(Message.user(pending[j][1]))
+            j += 1
+        out.append(m)
+    out += [Message.user(t) for _, t in pending[j:]]
+    return out
+
+
+class Router:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        endpoints: dict[str, Endpoint] | None = None,
+        store: SessionStore | None = None,
+    ):
+        self.config = config
+        given = dict(endpoints or {})
+
+        def slot(role: str) -> Slot | None:
+            rc = getattr(config, role)
+            if rc is None:
+                return None
+            ep = given.get(rc.endpoint)
+            if ep is None:
+                cfg = config.endpoints[rc.endpoint]
+                options = {"stream": True} if cfg.provider == "openai" and config.upstream_stream else {}
+                ep = given[rc.endpoint] = make_endpoint(rc.endpoint, cfg, **options)
+            return Slot(role, ep, _price(ep), rc.effort)
+
+        self.executor = slot("executor")
+        self.frontier = slot("frontier")
+        assert self.executor is not None
+        self._owned = [s.endpoint for s in (self.executor, self.frontier) if s is not None]
+        self.store = store or SessionStore(
+            config.escalation,
+            self.frontier.price if self.frontier else None,
+            has_frontier=self.frontier is not None,
+            directory=config.sessions_dir,
+            ttl_s=config.sessions.ttl_s,
+            max_sessions=config.sessions.max_sessions,
+            fsync=config.sessions.fsync,
+        )
+
+    async def aclose(self) -> None:
+        for ep in self._owned:
+            await ep.aclose()
+        self.store.close()
+
+    # -- one request -------------------------------------------------------------------------
+    async def handle(self, request: ChatRequest, session_id: str | None = None) -> Routed:
+        sid = session_id or session_key(request.messages)
+        session, first = self.store.get(sid)
+        async with session.lock:  # one conversation's requests are decided in order
+            try:
+                return await self._handle(session, first, request)
+            finally:
+                self.store.save(session)
+
+    async def _handle(self, s: Session, first: bool, request: ChatRequest) -> Routed:
+        esc = self.config.escalation
+        policy, turn, messages = s.policy, s.turn, request.messages
+        s.requests += 1
+        start = s.seen if s.seen <= len(messages) else 0
+        sig = read_signals(messages, start, policy, esc.error_patterns, esc.wrong_patterns)
+        s.seen = len(messages)
+        due = False
+        if sig.failures:
+            due = policy.failure(s.requests, *sig.failures[0], self.store.trace_for(s))
+        elif sig.tool_results:
+            policy.success()
+        trigger = None
+        if due:
+            trigger = "failures"
+        elif first and policy.wants("plan"):
+            trigger = "plan"
+        elif sig.new_user_turn and not first and policy.wants("new_user_turn"):
+            trigger = "new_user_turn"
+        consult = None
+        if trigger is not None and self.frontier is not None:
+            self._check_budget(s)
+            detail = sig.failures[0][1] if trigger == "failures" else sig.user_text[:300]
+            consult, outcome = await self._consult(s, trigger, request, detail)
+            turn.apply(outcome)
+        by_frontier, handback = turn.start_step(self.frontier is not None)
+        if handback and policy.notes_handback:
+            s.inserts.append((len(messages), render("handback")))
+        acting = self.frontier if by_frontier and self.frontier is not None else self.executor
+        assert acting is not None
+        self._check_budget(s)
+        upstream = ChatRequest(
+            with_inserts(messages, s.inserts),
+            request.tools,
+            request.tool_choice,
+            acting.effort,
+            request.max_tokens,
+        )
+        resp = await self._call(s, acting, "takeover" if by_frontier else "step", upstream)
+        return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult)
+
+    def _check_budget(self, s: Session) -> None:
+        b = self.config.budget
+        spent = s.ledger.total_usd
+        if spent >= b.max_usd:
+            raise ProxyError(
+                402,
+                "budget_exceeded",
+                f"advisor proxy: session {s.id} reached its budget (max_usd {b.max_usd:g}, spent ${spent:.6f}); "
+                "start a new session or raise budget.max_usd in proxy.yaml",
+                s,
+            )
+        if b.max_usd_per_day is not None:
+            day = self.store.spent_today()
+            # calls in flight count at their estimate, so concurrent sessions cannot all cross the cap
+            if day >= b.max_usd_per_day or (
+                self.store.in_flight and day + self.store.reserved_usd >= b.max_usd_per_day
+            ):
+                raise ProxyError(
+                    402,
+                    "budget_exceeded",
+                    f"advisor proxy: the daily budget is reached (max_usd_per_day {b.max_usd_per_day:g}, "
+                    f"spent ${day:.6f} today, UTC); it resets at midnight UTC",
+                    s,
+                )
+
+    async def _call(self, s: Session, slot: Slot, purpose: str, request: ChatRequest) -> ModelResponse:
+        if not slot.endpoint.config.vision:
+            request = ChatRequest(
+                without_images(request.messages),
+                request.tools,
+                request.tool_choice,
+                request.effort,
+                request.max_tokens,
+            )
+        cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
+        estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
+        attempts: list[Attempt] = []
+        store = self.store
+        store.in_flight += 1
+        store.reserved_usd += estimate
+        try:
+            resp = await slot.endpoint.complete(request, on_attempt=attempts.append)
+        except EndpointError as e:
+            usage = Usage()
+            for a in e.attempts or attempts:
+                if a.usage is not None:
+                    usage = usage + a.usage
+            store.record_call(
+                s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, error=str(e)
+            )
+            status, kind = (504, "timeout_error") if "timeout after" in str(e) else (502, "api_error")
+            raise ProxyError(status, kind, f"advisor proxy: upstream {slot.role} failed: {e}", s) from None
+        except asyncio.CancelledError:
+            # the client went away mid-call: whatever the attempts billed still goes in the ledger
+            usage = Usage()
+            for a in attempts:
+                if a.usage is not None:
+                    usage = usage + a.usage
+            store.record_call(
+                s,
+                slot.role,
+                slot.endpoint.name,
+                purpose,
+                usage,
+                slot.price,
+                request=s.requests,
+                error="cancelled",
+            )
+            raise
+        finally:
+            store.in_flight -= 1
+            store.reserved_usd = max(0.0, store.reserved_usd - estimate)
+        store.record_call(
+            s,
+            slot.role,
+            slot.endpoint.name,
+            purpose,
+            resp.usage,
+            slot.price,
+            request=s.requests,
+            model=resp.model,
+            finish_reason=resp.finish_reason,
+        )
+        return resp
+
+    async def _consult(
+        self, s: Session, trigger: str, request: ChatRequest, detail: str
+    ) -> tuple[Consult, ConsultOutcome]:
+        assert self.frontier is not None
+        policy, messages = s.policy, request.messages
+        goal = next((m.text for m in reversed(messages) if m.role == "user" and m.text.strip()), "")
+        consult_msgs = [
+            Message.system(render("consult_system")),
+            Message.user(
+                render(
+                    "consult_request",
+                    goal=goal[:4000],
+                    tools=[t.name for t in request.tools or []],
+                    digest=_digest(messages),
+                    trigger=trigger,
+                    answer=None,
+                    failures=policy.consecutive,
+                    detail=detail,
+                )
+            ),
+        ]
+        cap = policy.config.advice_max_tokens
+        est_in = estimate_tokens(messages if policy.hands_over(trigger) else consult_msgs)
+        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
+        outcome = policy.begin_consult(trigger, s.ledger.total_usd, estimate, self.config.budget.max_usd)
+        if outcome is not None:  # skipped, or takeover: the frontier answers in the harness's conversation
+            consult = Consult(trigger, outcome.kind, s.requests, outcome.skip_reason)
+            if outcome.kind == "takeover":
+                s.inserts.append(
+                    (len(messages), render("takeover", steps=outcome.takeover_steps, trigger=trigger))
+                )
+            self.store.record_consult(s, consult, estimated_cost_usd=estimate)
+            return consult, outcome
+        before = s.ledger.total_usd
+        resp = await self._call(
+            s,
+            self.frontier,
+            "consult",
+            ChatRequest(consult_msgs, max_tokens=cap, effort=self.frontier.effort),
+        )
+        advice = resp.message.text.strip()
+        s.inserts.append((len(messages), render("advice", trigger=trigger, advice=advice)))
+        consult = Consult(trigger, "advice", s.requests, None, s.ledger.total_usd - before)
+        self.store.record_consult(s, consult, estimated_cost_usd=estimate, advice=advice[:2000])
+        return consult, policy.advised(trigger, advice)
