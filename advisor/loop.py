@@ -36,6 +36,7 @@ from advisor.trace import Listener, Trace
 from advisor.workspace import Snapshot, WorkspaceError, fill_from_folder, fill_from_git, snapshot
 from advisor.workspace import diff as workspace_diff
 from tools.images import ImageLedger
+from tools.mcp_client import McpError, McpPool
 from tools.profiles import profile_for
 from tools.spec import ToolContext, ToolResult, ToolSpec
 
@@ -74,6 +75,7 @@ class TaskLoop:
     out_dir: Path
     listeners: list[Listener] = field(default_factory=list)
     fsync: bool = True
+    mcp: McpPool | None = None  # shared MCP servers (Advisor's); None: the task starts and stops its own
 
     def __post_init__(self) -> None:
         self.trace = Trace(self.out_dir / "trace.jsonl", fsync=self.fsync, listeners=self.listeners)
@@ -225,7 +227,10 @@ class TaskLoop:
                 if s is not None
             },
         )
+        own_pool = None
         try:
+            if self.task.mcp_servers:
+                own_pool = await self._connect_mcp()
             # file copies, image decoding and encoding are blocking work: off the event loop
             messages = await asyncio.to_thread(self._prepare)
             outcome = await self._steps(messages)
@@ -235,6 +240,8 @@ class TaskLoop:
             outcome, error = "error", f"workspace: {e}"
         except Exception as e:  # a crash in a tool or our code ends this task, not the whole run
             outcome, error = "error", f"{type(e).__name__}: {e}"
+        if own_pool is not None:
+            await own_pool.aclose()
         changes = await asyncio.to_thread(self._workspace_diff)
         result = TaskResult(
             task=self.task.name,
@@ -255,6 +262,30 @@ class TaskLoop:
         self.trace.emit("task_end", outcome=outcome, error=error, result=result.to_dict())
         await asyncio.to_thread(self._finish, result)
         return result
+
+    async def _connect_mcp(self) -> McpPool | None:
+        """Adds the task's MCP servers' tools (starting servers not yet running); returns a pool of our own
+        to close at the end when no shared one was given."""
+        own = McpPool() if self.mcp is None else None
+        pool = self.mcp or own
+        assert pool is not None
+        try:
+            specs = await pool.tools_for(self.task.mcp_servers, set(self.by_name), str(self.task.base_dir))
+        except McpError as e:
+            if own is not None:
+                await own.aclose()
+            raise _Stop("error", str(e)) from None
+        self.tools += specs
+        self.by_name.update((t.name, t) for t in specs)
+        self.trace.emit(
+            "mcp_tools",
+            servers={
+                name: {"transport": "stdio" if cfg.command else "http", "env": cfg.env}
+                for name, cfg in self.task.mcp_servers.items()
+            },
+            tools={t.name: t.server for t in specs},
+        )
+        return own
 
     def _workspace_diff(self) -> str | None:
         if self.start_files is None or not self.workspace.is_dir():

@@ -18,6 +18,7 @@ from advisor.pricing import FREE, Price
 from advisor.progress import Progress
 from advisor.result import TaskResult
 from advisor.task import Task, TaskError
+from tools.mcp_client import McpPool
 
 STRATEGIES = ("advisor", "executor", "frontier")
 
@@ -60,6 +61,7 @@ class Advisor:
         self._given = dict(endpoints or {})
         self._endpoints: dict[str, Endpoint] = {}
         self._options = endpoint_options or {}
+        self.mcp = McpPool()  # MCP servers start once per Advisor and are shared by its tasks
 
     @property
     def run_dir(self) -> Path:
@@ -108,6 +110,7 @@ class Advisor:
             out,
             listeners=[partial(f, out.name) for f in self.listeners],
             fsync=self.fsync,
+            mcp=self.mcp,
         )
         if strategy == "frontier" and frontier is not None:
             loop.ledger.frontier_price = frontier.price
@@ -131,6 +134,7 @@ class Advisor:
         return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks))))
 
     async def aclose(self) -> None:
+        await self.mcp.aclose()
         for ep in self._endpoints.values():
             await ep.aclose()
         self._endpoints.clear()

@@ -8,6 +8,7 @@ task file, and the task's own `endpoints:` block.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import (
 
 from advisor.endpoints.base import EndpointConfig
 from advisor.messages import Effort
+from tools.mcp_client import McpServerConfig
 from tools.spec import ToolSpec, tool
 
 Trigger = Literal["plan", "replan", "final"]
@@ -200,6 +202,10 @@ class Task(BaseModel):
         default=None, description="fill the workspace from a folder (`from:`) or a git revision (`git:`)"
     )
     shell: Shell = Field(default_factory=Shell)
+    mcp_servers: dict[str, McpServerConfig] = Field(
+        default_factory=dict,
+        description="MCP tool servers by name (stdio `command` or streamable-HTTP `url`); their tools join `tools`",
+    )
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -216,6 +222,14 @@ class Task(BaseModel):
                     raise ValueError(f"unknown tool '{t}' at tools[{i}]; known tools: {', '.join(BUILTIN)}")
             elif not (isinstance(t, ToolSpec) or callable(t)):
                 raise ValueError(f"tools[{i}] must be a tool name, a function or a ToolSpec")
+        return v
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _server_names(cls, v: dict[str, McpServerConfig]) -> dict[str, McpServerConfig]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"mcp server name {name!r}: use letters, digits, _ and -")
         return v
 
     @property
@@ -276,6 +290,12 @@ class Task(BaseModel):
         elif self.check.type != "none" and self.check.value is None:
             raise TaskError(f"{src}: check.value: a {self.check.type} check needs `value:`")
         self._validate_workspace()
+        for name, server in self.mcp_servers.items():
+            missing = server.missing_env() if check_env else []
+            if missing:
+                raise TaskError(
+                    f"{src}: mcp_servers.{name}: environment variable {missing[0]} is not set; export {missing[0]}=..."
+                )
         if self.check.type == "command" or "shell" in {t.name for t in self.tool_specs()}:
             from tools.commands import SandboxUnavailable, require_sandbox
 
