@@ -1,0 +1,10 @@
+from inventory.records import tagged
+
+
+def test_tags_are_not_shared():
+    assert tagged("a")["tags"] == ["item"]
+    assert tagged("b")["tags"] == ["item"]
+
+
+def test_given_tags():
+    assert tagged("c", ['new', 'rare'])["tags"] == ['new', 'rare', 'item']

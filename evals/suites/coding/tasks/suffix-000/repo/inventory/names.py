@@ -1,0 +1,3 @@
+def stem(filename, ext=".csv"):
+    """filename without the extension ext, when it ends with it."""
+    return filename.rstrip(ext)

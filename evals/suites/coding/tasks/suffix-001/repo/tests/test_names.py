@@ -1,0 +1,6 @@
+from survey.names import stem
+
+
+def test_stem():
+    assert stem("backlog.log") == "backlog"
+    assert stem("archive.zip") == "archive.zip"

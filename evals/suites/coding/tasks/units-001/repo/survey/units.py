@@ -1,0 +1,2 @@
+def m_to_cm(metres):
+    return metres * 10
