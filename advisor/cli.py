@@ -61,7 +61,9 @@ def results_table(results: list[TaskResult]) -> Table:
     return t
 
 
-async def _run(tasks: list[Task], args: argparse.Namespace, console: Console, run_id: str) -> list[TaskResult]:
+async def _run(
+    tasks: list[Task], args: argparse.Namespace, console: Console, run_id: str
+) -> list[TaskResult]:
     live_display = console.is_terminal
     progress = Progress([t.name for t in tasks], console, live=live_display)
     live = (
@@ -141,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="advisor: the task's escalation policy; executor: no consults; frontier: frontier alone",
     )
     run.set_defaults(func=cmd_run)
+    from advisor.mcp_server import add_mcp_parser
     from advisor.proxy.cli import add_proxy_parser
 
     add_proxy_parser(sub)
+    add_mcp_parser(sub)
     try:
         from evals import cli as evals_cli
     except ImportError as e:

@@ -35,7 +35,12 @@ class Progress:
     """
 
     def __init__(
-        self, names: list[str], console: Console | None = None, *, live: bool = False, every_event: bool = True
+        self,
+        names: list[str],
+        console: Console | None = None,
+        *,
+        live: bool = False,
+        every_event: bool = True,
     ):
         self.rows = {n: self._row() for n in names}
         self.console = console
@@ -90,10 +95,14 @@ class Progress:
             row["doing"] = f"tool {event.get('name')}"
             self._line(f"{name}: step {step} tool {event.get('name')}({_short(event.get('arguments'))})")
         elif kind == "tool_result" and event.get("is_error"):
-            self._line(f"{name}: step {step} tool {event.get('name')} failed: {_short(event.get('text', ''), 100)}")
+            self._line(
+                f"{name}: step {step} tool {event.get('name')} failed: {_short(event.get('text', ''), 100)}"
+            )
         elif kind == "answer":
             row["doing"] = f"answered {_short(event.get('answer'), 30)}"
-            self._line(f"{name}: step {step} answer by the {event.get('by')}: {_short(event.get('answer'), 80)}")
+            self._line(
+                f"{name}: step {step} answer by the {event.get('by')}: {_short(event.get('answer'), 80)}"
+            )
         elif kind == "check":
             row["doing"] = "check passed" if event.get("passed") else "check rejected the answer"
             self._line(f"{name}: check {'passed' if event.get('passed') else 'rejected the answer'}")

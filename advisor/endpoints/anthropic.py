@@ -42,8 +42,18 @@ ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_THINKING_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384}
 _THINKING_CACHE = 512  # tool-use ids whose thinking blocks are kept for replay
-STOP_TO_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
-FINISH_TO_STOP = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "content_filter": "refusal"}
+STOP_TO_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+}
+FINISH_TO_STOP = {
+    "stop": "end_turn",
+    "tool_calls": "tool_use",
+    "length": "max_tokens",
+    "content_filter": "refusal",
+}
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 
 
@@ -123,7 +133,9 @@ def _user_parts(content: Any, where: str) -> list:
         elif kind == "image":
             source = block.get("source") or {}
             if source.get("type") != "base64":
-                raise ValueError(f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})")
+                raise ValueError(
+                    f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})"
+                )
             try:
                 data = base64.b64decode(source.get("data") or "", validate=True)
             except (binascii.Error, ValueError):
@@ -172,7 +184,9 @@ def from_anthropic_messages(system: Any, wire: Any) -> list[Message]:
                     if isinstance(block, dict) and block.get("type") == "tool_result":
                         call_id = str(block.get("tool_use_id") or "")
                         inner = block.get("content")
-                        parts = _user_parts(inner if inner is not None else [], f"{where}.content[{j}].content")
+                        parts = _user_parts(
+                            inner if inner is not None else [], f"{where}.content[{j}].content"
+                        )
                         out.append(
                             Message(
                                 "tool",
@@ -188,7 +202,9 @@ def from_anthropic_messages(system: Any, wire: Any) -> list[Message]:
             if parts or not isinstance(content, list) or len(rest) == len(content):
                 out.append(Message("user", parts))
         else:
-            raise ValueError(f"{where}.role: must be user or assistant (got {role!r}); the system prompt goes in `system`")
+            raise ValueError(
+                f"{where}.role: must be user or assistant (got {role!r}); the system prompt goes in `system`"
+            )
     return out
 
 

@@ -201,7 +201,9 @@ def from_openai_messages(wire: Any) -> list[Message]:
             msg.name = raw.get("name") or names.get(call_id)
             out.append(msg)
         else:
-            raise ValueError(f"{where}.role: unknown role {role!r} (system, developer, user, assistant, tool)")
+            raise ValueError(
+                f"{where}.role: unknown role {role!r} (system, developer, user, assistant, tool)"
+            )
     return out
 
 

@@ -122,7 +122,9 @@ class ProxyApp:
             return self._error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
             log.exception("advisor proxy: request failed")
-            return self._error(wire, 500, "api_error", f"advisor proxy: internal error: {type(e).__name__}: {e}")
+            return self._error(
+                wire, 500, "api_error", f"advisor proxy: internal error: {type(e).__name__}: {e}"
+            )
         headers = self._headers(routed.session, routed)
         if not parsed.stream:
             return JSONResponse(wire.reply(routed.response, parsed.model), headers=headers)

@@ -1,7 +1,7 @@
 """Run the proxy in a background thread on 127.0.0.1 (tests, notebooks, a harness started from Python).
 
-    with ProxyServer(Router(load_proxy_config("proxy.yaml"))) as proxy:
-        client = openai.OpenAI(base_url=proxy.base_url, api_key="unused")
+with ProxyServer(Router(load_proxy_config("proxy.yaml"))) as proxy:
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="unused")
 """
 
 from __future__ import annotations

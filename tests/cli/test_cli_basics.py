@@ -51,9 +51,17 @@ def test_money_has_the_sign_before_the_dollar(x, text):
 def _res(saving_frontier_usd: float) -> dict:
     """An aggregate where the advisor costs more per task than the frontier: negative savings."""
     stat = {
-        "tasks": 2, "solved": 1, "success_rate": 0.5, "total_usd": 0.5, "usd_per_task": 0.25,
-        "usd_per_solved": 0.5, "consults_per_task": 1.0, "latency_s": {"median": 1.0, "p95": 2.0},
-        "tokens": {r: {"input": 1, "cached_input": 0, "output": 1, "reasoning": 0} for r in ("executor", "frontier")},
+        "tasks": 2,
+        "solved": 1,
+        "success_rate": 0.5,
+        "total_usd": 0.5,
+        "usd_per_task": 0.25,
+        "usd_per_solved": 0.5,
+        "consults_per_task": 1.0,
+        "latency_s": {"median": 1.0, "p95": 2.0},
+        "tokens": {
+            r: {"input": 1, "cached_input": 0, "output": 1, "reasoning": 0} for r in ("executor", "frontier")
+        },
     }
     fr = {**stat, "usd_per_task": saving_frontier_usd}
     return {
@@ -61,7 +69,10 @@ def _res(saving_frontier_usd: float) -> dict:
         "stats": {"frontier": fr, "advisor": stat},
         "per_task": {"t": {"advisor": {"outcome": "failed", "cost_usd": 0.25}}},
         "break_even": {
-            "frontier": {"usd_per_task": saving_frontier_usd, "monthly_usd": {"1000": 1.0, "10000": 1.0, "100000": 1.0}},
+            "frontier": {
+                "usd_per_task": saving_frontier_usd,
+                "monthly_usd": {"1000": 1.0, "10000": 1.0, "100000": 1.0},
+            },
             "advisor": {
                 "usd_per_task": 0.25,
                 "monthly_usd": {"1000": 250.0, "10000": 2500.0, "100000": 25000.0},
@@ -98,8 +109,20 @@ def _task(name: str | None, answer: str, server: ScriptedServer) -> dict:
         "check": {"type": "equals", "value": answer},
         "budget": {"max_steps": 3, "max_wall_s": 30},
         "endpoints": {
-            "flash": {"provider": "openai", "base_url": server.base_url, "model": "flash", "price": FLASH, "max_retries": 0},
-            "frontier": {"provider": "openai", "base_url": server.base_url, "model": "frontier", "price": FRONTIER, "max_retries": 0},
+            "flash": {
+                "provider": "openai",
+                "base_url": server.base_url,
+                "model": "flash",
+                "price": FLASH,
+                "max_retries": 0,
+            },
+            "frontier": {
+                "provider": "openai",
+                "base_url": server.base_url,
+                "model": "frontier",
+                "price": FRONTIER,
+                "max_retries": 0,
+            },
         },
     }
     if name:
@@ -111,7 +134,10 @@ def _task(name: str | None, answer: str, server: ScriptedServer) -> dict:
 def server():
     usage = ScriptedUsage(prompt_tokens=100, completion_tokens=10)
     with ScriptedServer(
-        {"flash": lambda body: Reply(text="Answer: 7", usage=usage), "frontier": lambda body: Reply(text="Answer: 7", usage=usage)}
+        {
+            "flash": lambda body: Reply(text="Answer: 7", usage=usage),
+            "frontier": lambda body: Reply(text="Answer: 7", usage=usage),
+        }
     ) as s:
         yield s
 
@@ -129,7 +155,9 @@ def test_eval_dir_takes_loose_task_files_and_says_what_it_found(tmp_path, server
     assert suite.found == "found 3 task files (t1.yaml, t2.yaml, t3.yml) and 1 */task.yaml"
 
     out = tmp_path / "out"
-    assert main(["eval", str(d), "--strategies", "executor,frontier,advisor", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["eval", str(d), "--strategies", "executor,frontier,advisor", "--out", str(out), "--quiet"]) == 0
+    )
     printed = capsys.readouterr().out
     assert f"{d}: found 3 task files" in printed
     # the per-strategy table, then the headline under it
@@ -156,7 +184,15 @@ def test_an_empty_folder_names_what_it_looked_for(tmp_path):
 def test_run_prints_a_line_before_the_first_call_and_one_per_step(tmp_path, server):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(_task("quick", "7", server)))
     done = subprocess.run(
-        [sys.executable, "-m", "advisor.cli", "run", str(tmp_path / "t.yaml"), "--runs-dir", str(tmp_path / "runs")],
+        [
+            sys.executable,
+            "-m",
+            "advisor.cli",
+            "run",
+            str(tmp_path / "t.yaml"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -27,7 +27,13 @@ def _slow(seconds: float):
 
 
 def _task(name: str, server: ScriptedServer) -> dict:
-    ep = {"provider": "openai", "base_url": server.base_url, "model": "flash", "price": PRICE, "max_retries": 0}
+    ep = {
+        "provider": "openai",
+        "base_url": server.base_url,
+        "model": "flash",
+        "price": PRICE,
+        "max_retries": 0,
+    }
     return {
         "name": name,
         "goal": f"Task {name}: give the number.",

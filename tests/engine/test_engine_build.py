@@ -74,7 +74,9 @@ def _engine_build(**env) -> subprocess.CompletedProcess:
 def test_engine_build_says_the_ops_are_built():
     done = _engine_build()  # this process has loaded them already: the step is a check
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"engine.build: CPU decode ops already built in {cpu_decode.build_directory()}"
+    assert (
+        done.stdout.strip() == f"engine.build: CPU decode ops already built in {cpu_decode.build_directory()}"
+    )
 
 
 def test_engine_build_without_the_ops_is_not_a_set_up_failure():
