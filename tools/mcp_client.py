@@ -257,18 +257,7 @@ class McpToolSpec(ToolSpec):
     server: str = ""
 
     def validate(self, arguments: dict | str | None) -> dict:
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as e:
-                raise ToolError(
-                    f"{self.name}: arguments are not valid JSON ({e.msg} at position {e.pos})"
-                ) from None
-        if arguments is None:
-            return {}
-        if not isinstance(arguments, dict):
-            raise ToolError(f"{self.name}: arguments must be a JSON object, got {type(arguments).__name__}")
-        return arguments
+        return self.parse(arguments)  # the server checks them against its schema
 
     async def invoke(self, arguments: dict | str | None, ctx: ToolContext | None = None) -> ToolResult:
         try:

@@ -75,8 +75,8 @@ class ToolSpec:
     def anthropic_schema(self) -> dict:
         return {"name": self.name, "description": self.description, "input_schema": self.parameters}
 
-    def validate(self, arguments: dict | str | None) -> dict:
-        """Parse and check arguments; a `ToolError` names the offending field."""
+    def parse(self, arguments: dict | str | None) -> dict:
+        """The arguments as a JSON object (a JSON string is decoded); a `ToolError` says what is wrong."""
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
@@ -88,6 +88,11 @@ class ToolSpec:
             arguments = {}
         if not isinstance(arguments, dict):
             raise ToolError(f"{self.name}: arguments must be a JSON object, got {type(arguments).__name__}")
+        return arguments
+
+    def validate(self, arguments: dict | str | None) -> dict:
+        """Parse and check arguments; a `ToolError` names the offending field."""
+        arguments = self.parse(arguments)
         try:
             model = self.args_model.model_validate(arguments)
         except ValidationError as e:
