@@ -75,6 +75,33 @@ def main() -> None:
             ms = statistics.median(asyncio.run(py(code)) for _ in range(5))
             print(f"{label:<45} {ms:8.1f} ms")
 
+        from tools.commands import bwrap_problem
+        from tools.shell import ShellSettings
+
+        (Path(ws) / "src.py").write_text(
+            "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(2000))
+        )
+        for sandbox in ("limits", "bwrap"):
+            if sandbox == "bwrap" and bwrap_problem():
+                print(f"{'shell (bwrap)':<45} skipped: {bwrap_problem()}")
+                continue
+            sctx = ToolContext(workspace=Path(ws), extra={"shell": ShellSettings(sandbox=sandbox)})
+
+            async def sh(command: str, sctx: ToolContext = sctx) -> float:
+                t = time.perf_counter()
+                await BUILTIN["shell"].invoke({"command": command}, sctx)
+                return (time.perf_counter() - t) * 1000
+
+            for label, command in [("true", "true"), ("python -c pass", "python3 -c pass")]:
+                ms = statistics.median(asyncio.run(sh(command)) for _ in range(7))
+                print(f"{f'shell ({sandbox}): {label}':<45} {ms:8.1f} ms")
+        search = lambda: asyncio.run(BUILTIN["search"].invoke({"pattern": r"x \+ 19\d\d"}, ctx))  # noqa: E731
+        print(f"{'search, 6000-line file':<45} {_median_ms(search):8.1f} ms")
+        edit = lambda: asyncio.run(  # noqa: E731
+            BUILTIN["edit_file"].invoke({"path": "src.py", "insert_line": 3000, "new_text": "# note"}, ctx)
+        )
+        print(f"{'edit_file insert, 6000-line file':<45} {_median_ms(edit):8.1f} ms")
+
 
 if __name__ == "__main__":
     main()
