@@ -16,6 +16,16 @@ from advisor.messages import Message, TextPart, ToolCall
 from advisor.task import Escalation
 from advisor.trace import Trace
 
+# the failure reasons of the loop and the proxy, by the `escalation.failure_signals` entry that governs them
+SIGNAL_OF = {
+    "tool_error": "tool_error",
+    "malformed_tool_call": "tool_error",
+    "unknown_tool": "tool_error",
+    "nonzero_exit": "nonzero_exit",
+    "repeated_call": "repeated_call",
+    "check_rejected": "check_failed",
+}
+
 ConsultKind = Literal["skipped", "advice", "approved", "objected", "takeover"]
 
 
@@ -81,8 +91,17 @@ class EscalationPolicy:
     def wants(self, trigger: str) -> bool:
         return self.enabled and trigger in self.config.at
 
+    def counts(self, reason: str) -> bool:
+        """Whether a step failed for `reason` is a failed step under `failure_signals` (reasons outside
+        the four signals, such as an empty reply, always count)."""
+        signal = SIGNAL_OF.get(reason)
+        return signal is None or signal in self.config.failure_signals
+
     def failure(self, step: int, reason: str, detail: str, trace: Trace) -> bool:
-        """Counts a failed step; True when it is time to consult."""
+        """Counts a failed step; True when it is time to consult. A reason whose signal is switched off
+        counts nothing (and returns False)."""
+        if not self.counts(reason):
+            return False
         self.consecutive += 1
         trace.emit("step_failed", step=step, reason=reason, detail=detail[:500], consecutive=self.consecutive)
         return self.enabled and self.consecutive >= self.config.after_failures
@@ -100,6 +119,11 @@ class EscalationPolicy:
 
     def remember_failed(self, key: str) -> None:
         self._failed_calls.add(key)
+        self._last_ok = None
+
+    def forget_failed(self) -> None:
+        """The workspace may have changed (an edit, a command): calls that failed may now succeed."""
+        self._failed_calls.clear()
         self._last_ok = None
 
     def remember_ok(self, key: str) -> None:

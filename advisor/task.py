@@ -55,6 +55,10 @@ class RoleConfig(_Strict):
     effort: Effort = Field(default="low", description="reasoning effort: low | medium | high")
 
 
+FailureSignal = Literal["tool_error", "nonzero_exit", "repeated_call", "check_failed"]
+FAILURE_SIGNALS: tuple[FailureSignal, ...] = ("tool_error", "nonzero_exit", "repeated_call", "check_failed")
+
+
 class Escalation(_Strict):
     after_failures: int = Field(
         default=2, ge=1, description="consecutive failed executor steps before a consult"
@@ -72,6 +76,15 @@ class Escalation(_Strict):
         ),
     )
     max_consults: int = Field(default=3, ge=0, description="consults allowed per task")
+    failure_signals: list[FailureSignal] = Field(
+        default_factory=lambda: list(FAILURE_SIGNALS),
+        description=(
+            "what counts as a failed step: tool_error (a tool's error result, a malformed or unknown call), "
+            "nonzero_exit (a command that exits non-zero), repeated_call (the same failing call again), "
+            "check_failed (a rejected answer); a step whose only failures are signals left out neither "
+            "counts nor resets the streak"
+        ),
+    )
     takeover_steps: int = Field(
         default=1, ge=1, description="steps the frontier acts for in takeover and restart modes"
     )

@@ -68,7 +68,7 @@ def _closest(text: str, snippet: str) -> str:
     return f"; the closest line is {n}: {lines[n - 1].strip()!r} (check indentation and whitespace)"
 
 
-@tool
+@tool(changes_workspace=True)
 @os_errors
 def edit_file(
     ctx: ToolContext,

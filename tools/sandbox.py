@@ -306,7 +306,7 @@ def _snapshot(folder: Path) -> dict[str, int]:
     }
 
 
-@tool(name="python")
+@tool(name="python", changes_workspace=True)
 async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ToolResult:
     """Run Python code in the task workspace (pillow, numpy and opencv available) and return its printed output.
 

@@ -39,7 +39,7 @@ def command_data(r) -> dict:
     }
 
 
-@tool(name="shell")
+@tool(name="shell", changes_workspace=True)
 async def shell_tool(ctx: ToolContext, command: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ToolResult:
     """Run a bash command line in the task workspace (e.g. `pytest -q`, `ls src`, `git diff`) and return its exit code, stdout and stderr.
 

@@ -65,6 +65,9 @@ class ToolSpec:
     fn: Callable
     args_model: type[BaseModel]
     context_param: str | None = None
+    # the tool may change the workspace (files, tests' outcome): after it succeeds, a call that failed
+    # before is worth making again (the loop's repeated-call rule forgets earlier failures)
+    changes_workspace: bool = False
 
     def openai_schema(self) -> dict:
         return {
@@ -134,7 +137,13 @@ def as_result(out: Any) -> ToolResult:
         return ToolResult(text=str(out), data=out)
 
 
-def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None):
+def tool(
+    fn: Callable | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    changes_workspace: bool = False,
+):
     """Decorator (bare or with arguments) that turns a typed function into a `ToolSpec`."""
 
     def build(f: Callable) -> ToolSpec:
@@ -160,6 +169,8 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
         for prop in schema.get("properties", {}).values():
             prop.pop("title", None)
         schema.setdefault("properties", {})
-        return ToolSpec(tool_name, description or summary or tool_name, schema, f, model, context_param)
+        return ToolSpec(
+            tool_name, description or summary or tool_name, schema, f, model, context_param, changes_workspace
+        )
 
     return build(fn) if fn is not None else build

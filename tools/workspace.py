@@ -94,7 +94,7 @@ def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX
     return ToolResult(text=chunk, data={"path": path, "chars": len(text)})
 
 
-@tool
+@tool(changes_workspace=True)
 @os_errors
 def write_file(ctx: ToolContext, path: str, content: str, append: bool = False) -> ToolResult:
     """Write (or append to) a text file in the workspace, creating folders as needed.

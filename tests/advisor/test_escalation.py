@@ -46,3 +46,33 @@ def test_no_frontier_means_the_executor_acts_whatever_is_left():
     turn = TurnState(takeover_left=1)
     assert turn.start_step(has_frontier=False) == (False, False)
     assert turn.takeover_left == 0
+
+
+def test_failure_signals_choose_what_counts():
+    from advisor.trace import Trace
+
+    class Sink(Trace):
+        def __init__(self):
+            self.events = []
+
+        def emit(self, type_, **fields):
+            self.events.append((type_, fields))
+
+    trace = Sink()
+    policy = EscalationPolicy(Escalation(after_failures=2, failure_signals=["tool_error", "check_failed"]))
+    assert policy.counts("tool_error") and policy.counts("unknown_tool") and policy.counts("check_rejected")
+    assert policy.counts("no_progress")  # an empty reply is not one of the four: it always counts
+    assert not policy.counts("nonzero_exit") and not policy.counts("repeated_call")
+    assert policy.failure(1, "nonzero_exit", "exit 1", trace) is False and policy.consecutive == 0
+    assert policy.failure(2, "tool_error", "boom", trace) is False and policy.consecutive == 1
+    assert policy.failure(3, "check_rejected", "red", trace) is True
+    assert [f["reason"] for t, f in trace.events if t == "step_failed"] == ["tool_error", "check_rejected"]
+    assert Escalation().failure_signals == ["tool_error", "nonzero_exit", "repeated_call", "check_failed"]
+
+
+def test_a_change_to_the_workspace_forgets_failed_calls():
+    policy = EscalationPolicy(Escalation())
+    policy.remember_failed("shell{pytest}")
+    assert policy.repeated("shell{pytest}")
+    policy.forget_failed()  # e.g. edit_file succeeded: the same test run is worth making again
+    assert not policy.repeated("shell{pytest}")
