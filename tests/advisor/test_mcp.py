@@ -221,3 +221,47 @@ async def test_a_server_that_cannot_start_is_a_one_line_task_error(tmp_path, con
         assert server.requests == []  # before any model call
     assert result.outcome == "error" and expected in result.error and "\n" not in result.error
     assert time.monotonic() - start < 20
+
+
+@pytest.fixture
+def one_commit_repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+    }
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "fix the parser's off-by-one"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env={**os.environ, **env})
+    return repo
+
+
+async def test_registry_git_server_on_a_temporary_repository(tmp_path, one_commit_repo):
+    repo = one_commit_repo
+    script = [
+        call("git_status", {"repo_path": str(tmp_path)}),  # outside the server's repository: refused
+        call("git_log", {"repo_path": str(repo), "max_count": 1}),
+        lambda req: Reply(text="Answer: " + last_tool_text(req).split("Message: ")[1].strip()),
+    ]
+    git_server = str(Path(sys.executable).parent / "mcp-server-git")
+    with ScriptedServer({"flash": script}) as server:
+        task = make_task(
+            server,
+            {
+                "git": {
+                    "command": git_server,
+                    "args": ["--repository", str(repo)],
+                    "tools": ["git_log", "git_status"],
+                }
+            },
+            check={"type": "equals", "value": "fix the parser's off-by-one"},
+        )
+        async with Advisor(runs_dir=tmp_path / "runs", fsync=False) as adv:
+            result = await adv.run(task)
+        tools = [t["function"]["name"] for t in server.requests_for("flash")[0].body["tools"]]
+        first_result = last_tool_text(server.requests_for("flash")[1].body)
+    assert result.outcome == "passed", result.error
+    assert tools == ["git_status", "git_log"]  # only the tools the task names
+    assert first_result.startswith("error: ") and "outside the allowed repository" in first_result
