@@ -28,8 +28,9 @@ Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_
 one to two minutes): by `python -m engine.build` in the README's set-up, else by the first model load,
 which says so on one line first. The build lives in the torch extensions directory
 (`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) in a folder named for a digest of the source,
-torch, Python and the flags, built from a copy of the source kept there: every clone with the same source
-shares one build, and a changed source builds beside it instead of over it. Where the machine has no toolchain (no
+the torch installation, Python and the flags, built from a copy of the source kept there: the clones that
+share a Python environment and the source share one build, and a changed source or another environment
+builds beside it instead of over it. Where the machine has no toolchain (no
 ninja, no C++ compiler, or one that cannot build an OpenMP program), or `ADVISOR_CPU_OPS=0` is set, `ops()`
 returns None and the PyTorch path runs, after one log line. A toolchain that works but fails on our source
 is a bug in the source, not a missing feature: the compiler's output is logged as an error, and with
@@ -82,7 +83,10 @@ def build_directory(source: Path = _SOURCE, name: str = _NAME) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     key = hashlib.sha256(source.read_bytes())
-    key.update(f"{torch.__version__} {torch.version.cuda} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
+    # the torch installation too: its include paths are in the build's commands, so two environments
+    # sharing a folder would each find the other's build stale and compile over it
+    torch_dir = Path(torch.__file__).resolve().parent
+    key.update(f"{torch.__version__} {torch.version.cuda} {torch_dir} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"{name}-{key.hexdigest()[:16]}"
 

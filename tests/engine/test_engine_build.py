@@ -31,6 +31,12 @@ def test_the_build_folder_is_named_for_the_source(tmp_path, monkeypatch):
     clone.parent.mkdir()
     clone.write_text(a.read_text())
     assert cpu_decode.build_directory(clone) == cpu_decode.build_directory(a)
+    # another environment's torch (its include paths are in the build commands) builds elsewhere
+    import torch
+
+    here = cpu_decode.build_directory(a)
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert cpu_decode.build_directory(a) != here
 
 
 def test_a_compile_is_announced_on_one_line_and_an_import_is_not(tmp_path, monkeypatch, caplog):
