@@ -165,9 +165,9 @@ class _Cgroup:
                 pass
         return sorted(out)
 
-    def kill(self) -> None:
+    def kill(self, rounds: int = 50) -> None:
         # a fork loop keeps adding members while we kill; pids.max bounds it, a few rounds empty it
-        for _ in range(50):
+        for _ in range(rounds):
             members = self.pids()
             if not members:
                 return
@@ -179,10 +179,12 @@ class _Cgroup:
             time.sleep(0.01)
 
     def remove(self) -> None:
-        for d in self.dirs:
-            for _ in range(100):  # killed processes leave the cgroup when they are reaped
-                if _rmdir(d):
-                    break
+        deadline = time.monotonic() + 10
+        left = list(self.dirs)
+        while left and time.monotonic() < deadline:  # members leave when they are reaped
+            self.kill(rounds=1)
+            left = [d for d in left if not _rmdir(d)]
+            if left:
                 time.sleep(0.02)
 
 
@@ -210,17 +212,21 @@ def limit(kind, value):
         resource.setrlimit(kind, (value, value))
     except (ValueError, OSError):
         pass
-procs_files, mem, nproc, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-for path in filter(None, procs_files.split(":")):
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
-if mem > 0:
+pids_cg, mem_cg, mem, nproc, fsize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def join(procs_file):  # False when there is no such cgroup or it cannot be joined: the rlimit stands in
+    try:
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    except OSError:
+        return False
+if not (mem_cg and join(mem_cg)) and mem > 0:
     limit(resource.RLIMIT_AS, mem)
-if nproc > 0:
+if not (pids_cg and join(pids_cg)) and nproc > 0:
     limit(resource.RLIMIT_NPROC, nproc)
 limit(resource.RLIMIT_FSIZE, fsize)
 limit(resource.RLIMIT_CORE, 0)
-os.execvp(sys.argv[5], sys.argv[5:])
+os.execvp(sys.argv[6], sys.argv[6:])
 """
 
 
@@ -252,13 +258,13 @@ def command_argv(
     inner = [shell, "-c", command]
     if sandbox == "bwrap":
         inner = _bwrap_argv(workspace, tmp, limits.network) + inner
-    procs = ":".join(str(d / "cgroup.procs") for d in cgroup.dirs) if cgroup else ""
-    has = set(cgroup.controllers) if cgroup else set()
-    mem = 0 if "memory" in has else limits.memory_mb * 1024 * 1024
+    procs = {d.parent.parent.name: str(d / "cgroup.procs") for d in cgroup.dirs} if cgroup else {}
+    mem = limits.memory_mb * 1024 * 1024
     # RLIMIT_NPROC counts all of the user's processes: allow what is running already plus the cap
-    nproc = 0 if "pids" in has else _user_processes() + limits.max_processes
+    nproc = _user_processes() + limits.max_processes
     fsize = limits.max_file_mb * 1024 * 1024
-    return [sys.executable, "-E", "-s", "-c", _LAUNCHER, procs, str(mem), str(nproc), str(fsize), *inner]
+    cgroups = [procs.get("pids", ""), procs.get("memory", "")]
+    return [sys.executable, "-E", "-s", "-c", _LAUNCHER, *cgroups, str(mem), str(nproc), str(fsize), *inner]
 
 
 def _setup(command: str, workspace: Path, sandbox: Sandbox, limits: Limits):

@@ -134,7 +134,7 @@ async def test_fork_bomb_is_bounded(ws, sandbox):
     )
     assert "fork" in r.text and "Resource temporarily unavailable" in r.text
     await asyncio.sleep(0.3)
-    assert not glob.glob("/sys/fs/cgroup/pids/advisor/cmd-*")  # cleaned up
+    assert not glob.glob(f"/sys/fs/cgroup/pids/advisor/cmd-{os.getpid()}-*")  # cleaned up
     after = await SHELL.invoke({"command": "echo alive"}, ctx_for(ws, sandbox))
     assert after.text.startswith("alive")
 
