@@ -381,7 +381,10 @@ def user_config_dir() -> Path:
     return Path(base) / "advisor"
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """The YAML file at `path`, parsed; a one-line TaskError naming the file (and the line and column of
+    a syntax error) when it cannot be read or is not YAML. What task, suite, endpoint and price files
+    are read with."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -395,10 +398,11 @@ def _read_yaml(path: Path) -> Any:
         raise TaskError(f"{path}:{where}: invalid YAML: {problem}") from None
 
 
-def _config_endpoints(path: Path) -> dict[str, Any]:
+def read_endpoints(path: Path) -> dict[str, Any]:
+    """The endpoints an advisor.yaml at `path` defines (name -> EndpointConfig), {} when there is none."""
     if not path.is_file():
         return {}
-    data = _read_yaml(path) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict) or set(data) - {"endpoints"}:
         extra = (
             ", ".join(sorted(set(data) - {"endpoints"})) if isinstance(data, dict) else type(data).__name__
@@ -410,10 +414,11 @@ def _config_endpoints(path: Path) -> dict[str, Any]:
     try:
         return {k: EndpointConfig.model_validate(v) for k, v in eps.items()}
     except ValidationError as e:
-        raise TaskError(_one_line(path, e, prefix="endpoints")) from None
+        raise TaskError(one_line_error(path, e, prefix="endpoints")) from None
 
 
-def _one_line(path: Path | str, e: ValidationError, prefix: str = "") -> str:
+def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one line: the file, the key path under `prefix`, and what to do about it."""
     err = e.errors()[0]
     loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
     kind = err["type"]
@@ -436,12 +441,12 @@ def load_task(
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: task file not found")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
     endpoints: dict[str, Any] = {}
-    endpoints.update(_config_endpoints(user_config_dir() / "advisor.yaml"))
-    endpoints.update(_config_endpoints(path.parent / "advisor.yaml"))
+    endpoints.update(read_endpoints(user_config_dir() / "advisor.yaml"))
+    endpoints.update(read_endpoints(path.parent / "advisor.yaml"))
     own = data.get("endpoints") or {}
     if not isinstance(own, dict):
         raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
@@ -449,7 +454,7 @@ def load_task(
     try:
         task = Task.model_validate(data)
     except ValidationError as e:
-        raise TaskError(_one_line(path, e)) from None
+        raise TaskError(one_line_error(path, e)) from None
     task.with_base(path.parent.resolve(), str(path))
     task.validate_ready(check_env=check_env, strategies=strategies)
     return task

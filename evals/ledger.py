@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from advisor.messages import Usage
 from advisor.pricing import Price
-from advisor.task import TaskError, _read_yaml
+from advisor.task import TaskError, read_yaml
 from advisor.trace import read_trace
 
 TOKEN_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
@@ -24,7 +24,7 @@ ROLES = ("executor", "frontier")
 def load_prices(path: Path) -> dict[str, Price]:
     """prices.yaml: {name: {input, cached_input, output[, cache_write, reasoning]}} (optionally under
     `prices:`); a name is an endpoint name or a model name. USD per million tokens."""
-    data = _read_yaml(Path(path))
+    data = read_yaml(Path(path))
     if isinstance(data, dict) and set(data) == {"prices"}:
         data = data["prices"]
     if not isinstance(data, dict) or not data:

@@ -33,9 +33,9 @@ from advisor.task import (
     Escalation,
     Task,
     TaskError,
-    _config_endpoints,
-    _one_line,
-    _read_yaml,
+    one_line_error,
+    read_endpoints,
+    read_yaml,
     user_config_dir,
 )
 
@@ -87,7 +87,9 @@ class Suite:
         try:
             esc = Escalation.model_validate({**task.escalation.model_dump(), **spec.escalation})
         except ValidationError as e:
-            raise TaskError(_one_line(self.source, e, prefix=f"strategies.{strategy}.escalation")) from None
+            raise TaskError(
+                one_line_error(self.source, e, prefix=f"strategies.{strategy}.escalation")
+            ) from None
         return task.model_copy(update={"escalation": esc}).with_base(task.base_dir, task.source)
 
 
@@ -99,7 +101,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _build(data: dict, path: Path, source: str, defaults: dict, endpoints: dict, check_env: bool) -> Task:
-    beside = {k: v.model_dump() for k, v in _config_endpoints(path.parent / "advisor.yaml").items()}
+    beside = {k: v.model_dump() for k, v in read_endpoints(path.parent / "advisor.yaml").items()}
     data = _merge(defaults, data)
     own = data.get("endpoints") or {}
     if not isinstance(own, dict):
@@ -108,7 +110,7 @@ def _build(data: dict, path: Path, source: str, defaults: dict, endpoints: dict,
     try:
         task = Task.model_validate(data)
     except ValidationError as e:
-        raise TaskError(_one_line(source, e)) from None
+        raise TaskError(one_line_error(source, e)) from None
     task.with_base(path.parent.resolve(), source)
     task.validate_ready(check_env=check_env, strategies=())
     return task
@@ -141,11 +143,11 @@ def load_jsonl(path: Path, defaults: dict, endpoints: dict, check_env: bool = Tr
 
 
 def _common_endpoints(extra: Path | None) -> dict:
-    eps = {k: v.model_dump() for k, v in _config_endpoints(user_config_dir() / "advisor.yaml").items()}
+    eps = {k: v.model_dump() for k, v in read_endpoints(user_config_dir() / "advisor.yaml").items()}
     if extra is not None:
         if not extra.is_file():
             raise TaskError(f"{extra}: endpoints file not found")
-        eps.update({k: v.model_dump() for k, v in _config_endpoints(extra).items()})
+        eps.update({k: v.model_dump() for k, v in read_endpoints(extra).items()})
     return eps
 
 
@@ -204,7 +206,7 @@ def _task_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _task_data(path: Path, default_name: str | None = None) -> dict:
     """A task file's mapping; without a `name`, `default_name` (its file or folder name) names it."""
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
     if default_name is not None and "name" not in data:
@@ -213,13 +215,13 @@ def _task_data(path: Path, default_name: str | None = None) -> dict:
 
 
 def _load_suite_yaml(path: Path, common: dict, check_env: bool) -> Suite:
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a suite file must be a YAML mapping (tasks, endpoints, defaults, ...)")
     try:
         sf = SuiteFile.model_validate(raw)
     except ValidationError as e:
-        raise TaskError(_one_line(path, e)) from None
+        raise TaskError(one_line_error(path, e)) from None
     endpoints = {**common, **sf.endpoints}
     tasks: list[Task] = []
     for i, entry in enumerate(sf.tasks):

@@ -18,10 +18,10 @@ from advisor.task import (
     Escalation,
     RoleConfig,
     TaskError,
-    _config_endpoints,
-    _one_line,
-    _read_yaml,
     _Strict,
+    one_line_error,
+    read_endpoints,
+    read_yaml,
     user_config_dir,
 )
 
@@ -137,12 +137,12 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: proxy config not found")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: proxy.yaml must be a YAML mapping (executor, frontier, endpoints, ...)")
     endpoints = {}
-    endpoints.update(_config_endpoints(user_config_dir() / "advisor.yaml"))
-    endpoints.update(_config_endpoints(path.parent / "advisor.yaml"))
+    endpoints.update(read_endpoints(user_config_dir() / "advisor.yaml"))
+    endpoints.update(read_endpoints(path.parent / "advisor.yaml"))
     own = data.get("endpoints") or {}
     if not isinstance(own, dict):
         raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
@@ -150,7 +150,7 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     try:
         cfg = ProxyConfig.model_validate(data)
     except ValidationError as e:
-        raise TaskError(_one_line(path, e)) from None
+        raise TaskError(one_line_error(path, e)) from None
     cfg._base_dir = path.parent.resolve()
     check_ready(cfg, str(path))
     return cfg
