@@ -13,7 +13,7 @@ from advisor import interrupt
 from advisor.progress import Progress, notes_to
 from advisor.task import TaskError
 from evals.harness import plan_jobs, run_suite
-from evals.ledger import load_prices
+from evals.records import load_prices
 from evals.report import headline_lines, tables, write_report
 from evals.suite import load_suite
 

@@ -23,7 +23,7 @@ from advisor.result import TaskResult
 from advisor.runner import Advisor
 from advisor.task import Task
 from advisor.trace import read_trace
-from evals.ledger import ROLES, TOKEN_KINDS
+from evals.records import ROLES, TOKEN_KINDS
 from evals.suite import Suite
 
 RunFn = Callable[[Task, str, Path], Awaitable[TaskResult]]

@@ -12,7 +12,7 @@ import jinja2
 from advisor.pricing import Price, usd
 from evals import plots
 from evals.aggregate import VOLUMES, aggregate
-from evals.ledger import ROLES, load_records
+from evals.records import ROLES, load_records
 
 
 def pct(x: float | None) -> str:

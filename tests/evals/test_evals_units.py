@@ -16,8 +16,8 @@ from advisor.task import TaskError
 from evals import families
 from evals.aggregate import aggregate, break_even, percentile
 from evals.harness import run_suite
-from evals.ledger import TaskRecord
 from evals.plots import pareto
+from evals.records import TaskRecord
 from evals.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[2]
