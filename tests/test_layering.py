@@ -1,0 +1,98 @@
+"""The packages form one stack, training -> evals -> advisor -> tools -> engine: a module imports only
+from its own package or ones to its right, and no modules import each other in a circle. Imports inside
+functions count too (a lazy import hides an arrow; it does not remove it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = ("training", "evals", "advisor", "tools", "engine")
+
+# Known arrows running back up, each with why it is still there. A new one fails the test; remove an
+# entry when its arrow goes.
+KNOWN_UPWARD = {
+    # `advisor eval` / `advisor report` are evals' subcommands, mounted on advisor's CLI when evals imports
+    ("advisor.cli", "evals.cli"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for top in STACK:
+        for path in (ROOT / top).rglob("*.py"):
+            if any(
+                not (d / "__init__.py").is_file() for d in path.parents if d != ROOT and ROOT in d.parents
+            ):
+                continue  # not part of the package (e.g. the repositories inside eval suites' tasks)
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The modules of the stack that `name` imports (a `from pkg import sub` names the submodule)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            subs = [f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in mods]
+            found.update(subs or [source])
+    return {m for m in found if m.split(".")[0] in STACK}
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imports(name, path, mods) for name, path in mods.items()}
+
+
+def test_no_import_runs_back_up_the_stack():
+    upward = sorted(
+        (src, dst)
+        for src, targets in _graph().items()
+        for dst in targets
+        if STACK.index(dst.split(".")[0]) < STACK.index(src.split(".")[0]) and (src, dst) not in KNOWN_UPWARD
+    )
+    assert not upward, (
+        "imports running back up training -> evals -> advisor -> tools -> engine: "
+        + ", ".join(f"{a} -> {b}" for a, b in upward)
+    )
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    graph = _graph()
+    mods = set(graph)
+    # a submodule's import of its own package (`from engine import X` in engine/x.py) is not an arrow:
+    # the package is loaded before any of its submodules anyway
+    edges = {
+        a: {b for b in targets if b in mods and b != a and not a.startswith(b + ".")}
+        for a, targets in graph.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                circles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, path)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
+    assert not circles, "modules importing each other: " + "; ".join(" -> ".join(c) for c in circles)
