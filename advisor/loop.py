@@ -398,12 +398,15 @@ class TaskLoop:
                     "repeated_call",
                 )
             else:
-                result = await self._invoke_within_budget(self.by_name[tc.name], tc.arguments, ctx)
+                spec = self.by_name[tc.name]
+                result = await self._invoke_within_budget(spec, tc.arguments, ctx)
                 text = result.text
                 if result.is_error:
-                    reason = "tool_error"
+                    reason = failure_reason(result)
                     self.policy.remember_failed(call_key(tc))
                 else:
+                    if spec.changes_workspace:  # e.g. an edit: re-running the failed tests is progress
+                        self.policy.forget_failed()
                     self.policy.remember_ok(call_key(tc))
                 produced = [i for i, _ in result.images]
                 data = _trace_data(result.data)
@@ -425,7 +428,7 @@ class TaskLoop:
             self.digest.append(
                 f"step {self.steps}: {tc.name}({json.dumps(tc.arguments, default=str) if tc.arguments is not None else tc.raw_arguments[:200]}) -> {text[:300]}"
             )
-            if reason and failure is None:
+            if reason and failure is None and self.policy.counts(reason):  # failure_signals decide
                 failure = (reason, text[:300])
         if malformed:
             messages.append(Message.user("\n".join(malformed)))
@@ -535,6 +538,13 @@ async def _invoke(spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResu
         return await spec.invoke(arguments, ctx)
     except Exception as e:
         return ToolResult.error(f"{spec.name} raised {type(e).__name__}: {str(e)[:500]}")
+
+
+def failure_reason(result: ToolResult) -> str:
+    """nonzero_exit for a command that ran and exited non-zero (its data says so), else tool_error."""
+    data = result.data if isinstance(result.data, dict) else {}
+    code = data.get("exit_code")
+    return "nonzero_exit" if isinstance(code, int) and code != 0 else "tool_error"
 
 
 def _trace_data(data: object) -> object:

@@ -113,7 +113,7 @@ async def test_folder_workspace_red_consult_green(tmp_path):
     checks = [e for e in events if e["type"] == "check"]
     assert [c["passed"] for c in checks] == [False, True] and checks[0]["check_type"] == "command"
     failed = [e["reason"] for e in events if e["type"] == "step_failed"]
-    assert failed == ["tool_error", "check_rejected"]
+    assert failed == ["nonzero_exit", "check_rejected"]
 
 
 async def test_git_workspace_at_a_revision(tmp_path):
@@ -167,3 +167,40 @@ def test_missing_bwrap_stops_the_task_before_any_call(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "shell.sandbox" in msg and "not installed" in msg and "sandbox: limits" in msg and "\n" not in msg
     Task.model_validate(yaml.safe_load(path.read_text()) | {"shell": {"sandbox": "limits"}})
+
+
+PYTEST = {"command": "python -m pytest -q -p no:cacheprovider"}
+
+
+@pytest.mark.parametrize(
+    "signals, expect_consults, expect_failed",
+    [
+        (None, 1, ["nonzero_exit", "repeated_call"]),  # the red run, then the same run with nothing changed
+        (["tool_error", "check_failed"], 0, []),  # red runs are not failed steps here
+    ],
+)
+async def test_failure_signals_from_tools(tmp_path, signals, expect_consults, expect_failed):
+    make_project(tmp_path / "project")
+    script = [
+        Reply(tool_calls=[ScriptedToolCall("shell", PYTEST)]),  # red
+        Reply(tool_calls=[ScriptedToolCall("shell", PYTEST)]),  # the same failing call, nothing changed
+        Reply(tool_calls=[ScriptedToolCall("edit_file", FIX)]),
+        Reply(tool_calls=[ScriptedToolCall("shell", PYTEST)]),  # after the edit the same run is progress
+        Reply(text="Answer: DONE"),
+    ]
+    escalation = {"after_failures": 2, "max_consults": 2}
+    if signals is not None:
+        escalation["failure_signals"] = signals
+    with ScriptedServer(
+        {"flash": script, "frontier": ["Edit calc.py before running the tests again."]}
+    ) as server:
+        path = task_yaml(tmp_path, server, {"from": "project"}, escalation=escalation)
+        async with Advisor(runs_dir=tmp_path / "runs", fsync=False) as adv:
+            result = await adv.run(load_task(path, check_env=False))
+    assert result.outcome == "passed", result.error
+    assert result.consults == expect_consults
+    events = read_trace(Path(result.out_dir) / "trace.jsonl")
+    assert [e["reason"] for e in events if e["type"] == "step_failed"] == expect_failed
+    shells = [e for e in events if e["type"] == "tool_result" and e["name"] == "shell"]
+    assert [s["data"]["exit_code"] if s["data"] else None for s in shells] == [1, None, 0]
+    assert "already made and failed" in shells[1]["text"]
