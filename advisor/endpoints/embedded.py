@@ -6,13 +6,16 @@ relative to the working directory), or the name of a directory under `$ADVISOR_M
 (default `~/.cache/advisor/models`) or of a model shipped in the repository's `models/` folder. `device` picks the torch device (default cpu).
 
 `extra_body` takes the engine's sampling and loading options: temperature (default 0: greedy),
-top_p, seed, dtype, max_batch_size. Anything else there is an error, since no request body exists.
+top_p, seed, dtype, max_batch_size (sequences per step), kv_blocks (KV pool size, blocks of 16 tokens).
+Anything else there is an error, since no request body exists.
 
 A call renders the neutral messages with the checkpoint's own chat template (else the engine's default
 Step template), generates in a worker thread (the engine's own pool), and parses the output back into reasoning, content and
 tool calls; malformed tool-call markup becomes a ToolCall with `arguments=None` and `parse_error` set.
-Concurrent calls share one loaded model per (checkpoint, device, dtype): calls that arrive while the
-model is busy are batched together into the next `generate`. Image parts are preprocessed for the
+Concurrent calls share one loaded model per (checkpoint, device, dtype) and its serving core
+(`engine.serving`): a call joins the running batch at the next step, and the prompt tokens its longest
+cached prefix covers (the previous steps of the same conversation, in whole blocks) are not recomputed
+and come back as `cached_input`, billed at the endpoint's cached price like a hosted API's cache hits. Image parts are preprocessed for the
 checkpoint's vision tower (global view plus local crops) and expanded to its image-token layout; a
 checkpoint without a vision tower refuses them with a one-line error.
 """
@@ -39,7 +42,7 @@ DEFAULT_MAX_TOKENS = 2048
 MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
 # the project's own small checkpoints (models/step-nano, ...), found by name without any set-up
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
-_OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size"}
+_OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size", "kv_blocks"}
 _FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
 log = logging.getLogger(__name__)
 
@@ -64,29 +67,24 @@ def resolve_model(model: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- the engine
-@dataclass(eq=False)  # by identity: calls with the same prompt and settings are still different callers
-class _Job:
-    prompt: list[int]
-    key: tuple  # jobs with the same key can share one generate() call
-    images: dict | None = None  # this prompt's image inputs for llm.generate
-    result: list[int] | None = None
-    error: BaseException | None = None
-    done: bool = False
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens (a stop token, when hit, is the last)
+    cached: int  # prompt tokens served from the prefix cache
 
 
 @dataclass
 class _Engine:
-    """One loaded model, shared by every endpoint naming it. `generate` runs in worker threads."""
+    """One loaded model and its serving core, shared by every endpoint naming it. Calls run in worker
+    threads: each submits its request to the core and drives it until its own sequence is done, so
+    concurrent calls join the running batch between decode steps instead of waiting for one."""
 
     llm: Any
     tokenizer: Any
     path: Path
     # Own worker threads, one per batch slot: the default pool (cpu + 4 threads) would cap how many
-    # concurrent calls can queue up for one batch.
+    # concurrent calls can be in the running batch.
     executor: ThreadPoolExecutor = field(init=False)
-    _mu: threading.Lock = field(default_factory=threading.Lock)
-    _run: threading.Lock = field(default_factory=threading.Lock)
-    _pending: list[_Job] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(self.llm.max_batch_size + 2, thread_name_prefix="advisor-embedded")
@@ -100,50 +98,26 @@ class _Engine:
         seed: int | None,
         stops: tuple[int, ...],
         images: dict | None = None,
-    ) -> list[int]:
-        """Blocking. Waits for the model; whoever holds it runs every pending compatible job at once."""
-        job = _Job(prompt, (max_new, temperature, top_p, seed, stops), images)
-        with self._mu:
-            self._pending.append(job)
-        with self._run:
-            if not job.done:
-                with self._mu:
-                    limit = self.llm.max_batch_size
-                    batch = [j for j in self._pending if j.key == job.key][:limit]
-                    if job not in batch:  # keep our own job in the batch we run
-                        batch = [job] + batch[: limit - 1]
-                    for j in batch:
-                        self._pending.remove(j)
-                try:
-                    outs = self.llm.generate(
-                        [j.prompt for j in batch],
-                        max_new_tokens=max_new,
-                        temperature=temperature,
-                        top_p=top_p,
-                        seed=seed,
-                        stop_token_ids=list(stops),
-                        images=[j.images for j in batch] if any(j.images for j in batch) else None,
-                    )
-                    for j, out in zip(batch, outs, strict=True):
-                        j.result = out
-                except BaseException as e:  # every job of the batch learns why
-                    for j in batch:
-                        j.error = e
-                finally:
-                    for j in batch:
-                        j.done = True
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+    ) -> Generation:
+        """Blocking: the request's new tokens and how many of its prompt tokens were prefix-cache hits."""
+        from engine.serving import SamplingParams
+
+        core = self.llm.core
+        seq = core.submit(prompt, SamplingParams(max_new, temperature, top_p, seed, tuple(stops)), images)
+        core.drive(lambda: seq.finished)
+        if seq.finish_reason == "error":
+            raise RuntimeError(seq.error)
+        return Generation(seq.output, seq.num_cached_prompt)
 
 
 _ENGINES: dict[tuple, _Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int | None) -> _Engine:
-    key = (str(path), device, dtype, max_batch_size)
+def _load_engine(
+    path: Path, device: str, dtype: str | None, max_batch_size: int | None, kv_blocks: int | None = None
+) -> _Engine:
+    key = (str(path), device, dtype, max_batch_size, kv_blocks)
     with _ENGINES_LOCK:  # one load per model, however many endpoints and tasks ask at once
         engine = _ENGINES.get(key)
         if engine is not None:
@@ -155,6 +129,10 @@ def _load_engine(path: Path, device: str, dtype: str | None, max_batch_size: int
         start = time.perf_counter()
         log.info("loading model %s on %s (embedded engine)", path.name, device)
         llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+        if kv_blocks:
+            from engine.serving import EngineCore, ServingConfig
+
+            llm.core = EngineCore(llm, ServingConfig(num_blocks=kv_blocks, max_num_seqs=llm.max_batch_size))
         tok = llm.tokenizer if isinstance(llm.tokenizer, StepTokenizer) else None
         if tok is None:
             if not (path / "tokenizer.json").is_file():
@@ -181,6 +159,7 @@ class EmbeddedEndpoint(Endpoint):
         self.seed = opts.get("seed")
         self.dtype = opts.get("dtype")
         self.max_batch_size = opts.get("max_batch_size")
+        self.kv_blocks = opts.get("kv_blocks")
         self.device = config.device or "cpu"
         self._engine: _Engine | None = None
         self._load_lock: asyncio.Lock | None = None
@@ -193,7 +172,7 @@ class EmbeddedEndpoint(Endpoint):
                 if self._engine is None:
                     path = resolve_model(self.config.model)
                     self._engine = await asyncio.to_thread(
-                        _load_engine, path, self.device, self.dtype, self.max_batch_size
+                        _load_engine, path, self.device, self.dtype, self.max_batch_size, self.kv_blocks
                     )
         return self._engine
 
@@ -246,7 +225,8 @@ class EmbeddedEndpoint(Endpoint):
         text, images = _image_inputs(engine, messages, text)
         prompt = tok.encode(text)
         stops = tuple(sorted(set(tok.eos_token_ids) | set(engine.llm.eos_token_ids)))
-        new = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops, images)
+        gen = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops, images)
+        new = gen.tokens
 
         stopped = bool(new) and new[-1] in stops
         body = new[:-1] if stopped else new
@@ -274,7 +254,12 @@ class EmbeddedEndpoint(Endpoint):
                 )
             )
         message = Message.assistant(parsed.content, calls, reasoning=parsed.reasoning or None)
-        usage = Usage(input=len(prompt), output=len(new) - reasoning_tokens, reasoning=reasoning_tokens)
+        usage = Usage(
+            input=len(prompt) - gen.cached,
+            cached_input=gen.cached,
+            output=len(new) - reasoning_tokens,
+            reasoning=reasoning_tokens,
+        )
         finish = "tool_calls" if calls else ("stop" if stopped else "length")
         return ModelResponse(message=message, usage=usage, model=self.config.model, finish_reason=finish)
 

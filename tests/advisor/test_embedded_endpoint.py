@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 
 import pytest
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig, EndpointError
-from advisor.endpoints.embedded import EmbeddedEndpoint, resolve_model
+from advisor.endpoints.embedded import EmbeddedEndpoint, Generation, resolve_model
 from advisor.messages import ImagePart, Message
 from engine.text.tokenizer import build_step_tokenizer, load_tokenizer
 from tests.engine.step_models import TEXT_C, build_reference
@@ -63,7 +62,7 @@ async def test_usage_counts_are_the_real_token_counts(ckpt):
     new = ep._engine.llm.generate([prompt], max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0]
 
     u = resp.usage
-    assert u.input == len(prompt)
+    assert u.input + u.cached_input == len(prompt)
     assert u.output + u.reasoning == len(new)
     think_close = tok.token_to_id("</think>")
     expected_reasoning = (
@@ -92,7 +91,7 @@ async def test_tool_calls_well_formed_and_malformed(ckpt, monkeypatch):
     current = {}
 
     def scripted(prompt, max_new, *args):
-        return tok.encode(current["text"]) + [tok.eos_token_id]
+        return Generation(tok.encode(current["text"]) + [tok.eos_token_id], 0)
 
     monkeypatch.setattr(ep._engine, "generate", scripted)
 
@@ -117,9 +116,9 @@ async def test_tool_calls_well_formed_and_malformed(ckpt, monkeypatch):
     assert resp.message.tool_calls == [] and resp.message.text == "5" and resp.finish_reason == "stop"
 
 
-async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt, monkeypatch):
+async def test_concurrent_calls_join_one_running_batch_without_blocking_the_loop(ckpt):
     ep = _endpoint(ckpt)
-    other = _endpoint(ckpt)  # a second endpoint on the same checkpoint reuses the loaded model
+    other = _endpoint(ckpt)  # a second endpoint on the same checkpoint reuses the loaded model and core
     ticks = 0
     done = False
 
@@ -130,29 +129,54 @@ async def test_concurrent_calls_share_the_model_without_blocking_the_loop(ckpt, 
             await asyncio.sleep(0.001)
 
     await ep._get_engine()
-    llm = ep._engine.llm
-    batches = []
-    real_generate = llm.generate
+    core = ep._engine.llm.core
+    rows = []
+    real_run = core.runner.run
 
-    def slow_first_generate(prompts, **kw):
-        batches.append(len(prompts))
-        if len(batches) == 1:  # hold the model so that the other calls queue up behind it
-            time.sleep(0.3)
-        return real_generate(prompts, **kw)
+    def counting_run(chunks):
+        rows.append(len(chunks))
+        return real_run(chunks)
 
-    monkeypatch.setattr(llm, "generate", slow_first_generate)
-    t = asyncio.create_task(ticker())
-    results = await asyncio.gather(
-        *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 6))
-    )
-    done = True
-    await t
+    core.runner.run = counting_run
+    try:
+        t = asyncio.create_task(ticker())
+        results = await asyncio.gather(
+            *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 6))
+        )
+        done = True
+        await t
+    finally:
+        core.runner.run = real_run
     assert ticks > 5
     assert ep._engine is other._engine
     assert all(r.attempts[0].ok and 0 < r.usage.output + r.usage.reasoning <= 4 for r in results)
-    # the calls that queued while the model was busy ran as one batch
-    # (more of them than the default thread pool of cpu + 4 workers could have queued)
-    assert sum(batches) == 12 and max(batches) >= 8
+    # the calls ran together in the core's steps (more of them than the default thread pool of
+    # cpu + 4 workers could have held at once)
+    assert max(rows) >= 8
+    assert core.blocks.pools["full_attention"].num_in_use == 0
+
+
+async def test_a_loops_second_step_reads_the_first_ones_prefix_from_the_cache(ckpt):
+    """The second call of a conversation re-sends the first call's prompt and reply: the tokens of that
+    prefix already computed come back as cached_input (whole blocks of 16), the rest as input."""
+    ep = _endpoint(ckpt, kv_blocks=512)
+    first = await ep.complete(MESSAGES, tools=[add])
+    assert first.usage.cached_input == 0
+    tok = ep._engine.tokenizer
+    wire = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
+    p1 = tok.apply_chat_template(wire, [add.openai_schema()], effort=None)
+    assert first.usage.input == len(p1)
+    step2 = MESSAGES + [first.message, Message.user("Now add 4 and 5, please, and explain.")]
+    second = await ep.complete(step2, tools=[add])
+    from advisor.endpoints.openai import to_openai_messages
+
+    p2 = tok.apply_chat_template(to_openai_messages(step2), [add.openai_schema()], effort=None)
+    shared = 0
+    while shared < min(len(p1), len(p2)) and p1[shared] == p2[shared]:
+        shared += 1
+    assert shared >= 16  # the system prompt and the tool schema at least
+    assert second.usage.cached_input == shared // 16 * 16 > 0
+    assert second.usage.input + second.usage.cached_input == len(p2)
 
 
 async def test_errors_are_one_line_endpoint_errors(ckpt, tmp_path):
@@ -219,7 +243,8 @@ async def test_images_reach_the_vision_tower(vision_ckpt):
         [Message.system("Describe."), Message.user("What is in img_0?")], effort="low"
     )
     ids = load_tokenizer(vision_ckpt).encode(processed.token_texts()[0])
-    assert resp.usage.input == text_only.usage.input + len(ids)  # the placeholder became the whole layout
+    prompt_tokens = resp.usage.input + resp.usage.cached_input
+    assert prompt_tokens == text_only.usage.input + text_only.usage.cached_input + len(ids)  # the whole layout
     with_img = llm.logits(
         ids,
         pixel_values=processed.pixel_values,
@@ -245,28 +270,10 @@ async def test_images_refused_when_the_image_token_ids_disagree(ckpt):
         await _endpoint(ckpt).complete([Message.user("look", [part])])
 
 
-def test_a_call_runs_in_its_own_batch_even_behind_identical_queued_calls():
-    """Queued calls are told apart by identity, not by value: tasks that open the same way send the same
-    prompt, and with more of them queued than one batch holds, a value-equal job once stood in for the
-    caller's own in the batch it ran, and the caller came back with nothing (an AssertionError)."""
-    from pathlib import Path
-
-    from advisor.endpoints.embedded import _Engine, _Job
-
-    class LLM:
-        max_batch_size = 2
-        batches: list[list[list[int]]] = []
-
-        def generate(self, prompts, **kw):
-            self.batches.append(prompts)
-            return [p[::-1] for p in prompts]
-
-    llm = LLM()
-    eng = _Engine(llm, None, Path("."))
-    key = (4, 0.0, 1.0, None, ())
-    queued = [_Job([1, 2, 3], key) for _ in range(3)]  # other callers', waiting for the model
-    eng._pending.extend(queued)
-    assert eng.generate([1, 2, 3], 4, 0.0, 1.0, None, ()) == [3, 2, 1]
-    assert len(llm.batches) == 1 and len(llm.batches[0]) == 2
-    assert [j.done for j in queued] == [True, False, False]  # the caller's job and the first queued one ran
-    assert eng._pending == queued[1:] and all(a is b for a, b in zip(eng._pending, queued[1:], strict=True))
+async def test_identical_concurrent_calls_each_get_their_own_answer(ckpt):
+    """Tasks that open the same way send the same prompt at once: each call is its own sequence (a
+    value-equal job once stood in for another caller's and that caller came back with nothing)."""
+    ep = _endpoint(ckpt)
+    results = await asyncio.gather(*(ep.complete(MESSAGES, max_tokens=6) for _ in range(5)))
+    assert len({(r.message.text, r.message.reasoning) for r in results}) == 1
+    assert all(r.attempts[0].ok for r in results)
