@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_proxy_parser(sub)
     add_mcp_parser(sub)
+    _add_serve_parser(sub)
     try:
         from evals import cli as evals_cli
     except ImportError as e:
@@ -157,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         evals_cli.add_eval_parser(sub)
         evals_cli.add_report_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """`advisor serve MODEL`: the OpenAI-compatible server (engine.serving.server; torch loads on use)."""
+
+    def cmd_serve(args: argparse.Namespace) -> int:
+        from engine.serving.server import serve
+
+        return serve(args)
+
+    serve_p = sub.add_parser("serve", help="serve a Step checkpoint over an OpenAI-compatible HTTP API")
+    from engine.serving.args import add_serve_arguments
+
+    add_serve_arguments(serve_p)
+    serve_p.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

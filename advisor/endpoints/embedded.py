@@ -266,32 +266,10 @@ class EmbeddedEndpoint(Endpoint):
 
 def _image_inputs(engine: _Engine, messages: list[Message], text: str) -> tuple[str, dict | None]:
     """Expands each image placeholder to the checkpoint's image-token layout; the pixel inputs."""
+    from engine.serving.prompts import image_inputs
+
     parts = [p for m in messages for p in m.images]
-    if not parts:
-        return text, None
-    llm = engine.llm
-    if llm.vision is None or llm.config.vision is None:
-        raise ValueError(f"{engine.path}: this checkpoint has no vision tower; it cannot take image inputs")
-    patch_id = engine.tokenizer.token_to_id("<im_patch>")
-    if patch_id != llm.config.image_token_id:
-        raise ValueError(
-            f"{engine.path}: tokenizer <im_patch> id {patch_id} != config image_token_id {llm.config.image_token_id}"
-        )
-    import io
-
-    from PIL import Image
-
-    from engine.text.chat import expand_image_placeholders
-    from engine.text.image_processing import ImageProcessorConfig, preprocess
-
-    pils = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in parts]
-    processed = preprocess(pils, ImageProcessorConfig.from_vision_config(llm.config.vision))
-    text = expand_image_placeholders(text, processed.token_texts())
-    return text, {
-        "pixel_values": processed.pixel_values,
-        "pixel_values_local": processed.pixel_values_local,
-        "num_local_patches": processed.num_local_patches,
-    }
+    return image_inputs(engine.llm, engine.tokenizer, [p.data for p in parts], text, engine.path)
 
 
 def _reasoning_tokens(ids: list[int], think_close: int | None, in_reasoning: bool) -> int:

@@ -9,10 +9,34 @@ Modules, in the order data flows (nano-vllm's split):
 - `scheduler`: which sequences run next and how many tokens each (chunked prefill, preemption);
 - `paged_attention`: the paged KV tensors and attention over block tables;
 - `model_runner`: one step on the model (flat batch in, sampled tokens out);
-- `core`: the engine loop (`EngineCore`), thread-safe submission and cancellation, `AsyncLLM`.
+- `core`: the engine loop (`EngineCore`), thread-safe submission and cancellation, `AsyncLLM`;
+- `server` (with `args`, `prompts`): `advisor serve`, the OpenAI-compatible HTTP server.
+
+Public names are imported lazily (as `engine`'s): `advisor --help` needs no torch.
 """
 
-from engine.serving.core import AsyncLLM, EngineCore, ServingConfig
-from engine.serving.sequence import SamplingParams, Sequence, TokenEvent
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.serving.core import AsyncLLM, EngineCore, ServingConfig
+    from engine.serving.sequence import SamplingParams, Sequence, TokenEvent
 
 __all__ = ["AsyncLLM", "EngineCore", "SamplingParams", "Sequence", "ServingConfig", "TokenEvent"]
+
+_LAZY = {
+    "AsyncLLM": "engine.serving.core",
+    "EngineCore": "engine.serving.core",
+    "ServingConfig": "engine.serving.core",
+    "SamplingParams": "engine.serving.sequence",
+    "Sequence": "engine.serving.sequence",
+    "TokenEvent": "engine.serving.sequence",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine.serving' has no attribute {name!r}")

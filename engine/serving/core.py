@@ -229,7 +229,7 @@ class CoreStats:
 
 
 class AsyncLLM:
-    """Async front of one `EngineCore`: `generate` yields a request's TokenEvents as they are decoded.
+    """Async front of one `EngineCore`: `generate` returns a request's stream of TokenEvents.
 
     One background thread drives the core while any request is pending; leaving the iterator early
     (a cancelled task, a closed stream) aborts the request and frees its blocks.
@@ -253,9 +253,8 @@ class AsyncLLM:
             self._wake.clear()
             self.core.drive(lambda: False)
 
-    async def generate(
-        self, prompt: Seq[int], params: SamplingParams, images: dict | None = None
-    ) -> AsyncIterator[tuple[Sequence, TokenEvent]]:
+    def generate(self, prompt: Seq[int], params: SamplingParams, images: dict | None = None) -> RequestStream:
+        """Submit a request (call from a coroutine); iterate the result for its TokenEvents."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -265,13 +264,23 @@ class AsyncLLM:
         )
         self._ensure_thread()
         self._wake.set()
+        return RequestStream(self, seq, events)
+
+
+class RequestStream:
+    """One request's events, in order; `seq` is its Sequence (output, num_cached_prompt, finish_reason)."""
+
+    def __init__(self, engine: AsyncLLM, seq: Sequence, events):
+        self.engine, self.seq, self._events = engine, seq, events
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         done = False
         try:
             while not done:
-                ev = await events.get()
+                ev = await self._events.get()
                 done = ev.finished
-                yield seq, ev
+                yield ev
         finally:
-            if not done:
-                self.core.abort(seq)
-                self._wake.set()
+            if not done:  # the consumer left early (cancelled, disconnected): free the blocks now
+                self.engine.core.abort(self.seq)
+                self.engine._wake.set()

@@ -166,7 +166,7 @@ def test_async_llm_streams_concurrent_requests_and_cancels_on_exit(llm):
 
     async def collect(p, stop_after=None):
         out = []
-        async for _, ev in engine.generate(p, greedy()):
+        async for ev in engine.generate(p, greedy()):
             if ev.token is not None:
                 out.append(ev.token)
             if stop_after is not None and len(out) >= stop_after:

@@ -8,6 +8,7 @@ import pytest
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig
+from advisor.endpoints.embedded import Generation
 from engine.text.tokenizer import load_tokenizer
 from tools.registry import resolve
 from training.tasks import FAMILIES, generate
@@ -64,7 +65,7 @@ async def test_prompt_and_target_match_the_embedded_endpoint(traces, tok_dir, in
 
     def scripted(prompt, max_new, *args):
         seen["prompt"] = prompt
-        return tok.encode(seen["target"])
+        return Generation(tok.encode(seen["target"]), 0)
 
     monkeypatch.setattr(ep._engine, "generate", scripted)
     checked = 0

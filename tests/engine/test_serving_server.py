@@ -1,0 +1,249 @@
+"""`advisor serve` end to end: the official `openai` SDK against the real server (uvicorn) on 127.0.0.1,
+on a tiny random Step checkpoint with the project's test tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from engine.serving.server import build_app, load_served  # noqa: E402
+from engine.text.tokenizer import build_step_tokenizer  # noqa: E402
+from tests.engine.step_models import TEXT_C, build_reference  # noqa: E402
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+MESSAGES = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve_ckpt")
+    tok = build_step_tokenizer(path, vocab_size=400)
+    text = copy.deepcopy(TEXT_C)
+    text.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    build_reference(text, seed=3).save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    served = load_served(str(ckpt), kv_blocks=256, max_model_len=1500, name="tiny")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(served), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield served, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def idle(base: str) -> dict:
+    """/health once the engine has nothing running (a cancelled request lands at the next step)."""
+    for _ in range(300):
+        h = httpx.get(base + "/health").json()
+        if h["running"] == 0 and h["waiting"] == 0 and h["kv_blocks_in_use"] == 0:
+            return h
+        time.sleep(0.02)
+    raise AssertionError(f"the engine did not go idle: {h}")
+
+
+class Scripted:
+    """Stands in for the model's step: every sequence generates `text` then end-of-turn (the scheduler,
+    block pool and server stay real)."""
+
+    def __init__(self, served, text: str):
+        self.served, self.ids = served, served.tokenizer.encode(text) + [served.tokenizer.eos_token_id]
+        self.real = served.llm.core.runner.run
+
+    def __enter__(self):
+        def run(chunks):
+            return {c.seq.id: self.ids[len(c.seq.output)] for c in chunks if c.samples}
+
+        self.served.llm.core.runner.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.served.llm.core.runner.run = self.real
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    h = httpx.get(server[1] + "/health").json()
+    assert h["status"] == "ok" and h["kv_blocks"] > 0
+
+
+def test_chat_stream_and_non_stream_agree_and_report_cached_tokens(client, server):
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    once = client.chat.completions.create(**kw)
+    choice = once.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    u = once.usage
+    assert u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    text, reasoning, last = "", "", None
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for ch in chunks:
+        if ch.choices:
+            d = ch.choices[0].delta
+            text += d.content or ""
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            last = ch.choices[0].finish_reason or last
+    assert text == (choice.message.content or "")
+    assert reasoning == (getattr(choice.message, "reasoning_content", None) or "")
+    assert last == choice.finish_reason
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens == u.prompt_tokens
+    # the second request with the same prompt read it from the prefix cache, in whole blocks of 16
+    assert usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16 > 0
+    idle(server[1])
+
+
+def test_a_streamed_tool_call_arrives_as_tool_calls(client, server):
+    served = server[0]
+    script = (
+        "adding</think>\nSure.<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    with Scripted(served, script):
+        stream = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, tools=[ADD], stream=True, reasoning_effort="low", max_tokens=200
+        )
+        calls, content, reasoning, finish = [], "", "", None
+        for ch in stream:
+            d = ch.choices[0].delta
+            calls += d.tool_calls or []
+            content += d.content or ""
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            finish = ch.choices[0].finish_reason or finish
+        once = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[ADD], max_tokens=200)
+    (call,) = calls
+    assert (
+        call.index == 0
+        and call.function.name == "add"
+        and json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    )
+    assert call.id and finish == "tool_calls" and content == "Sure." and reasoning == "adding"
+    msg = once.choices[0].message
+    assert once.choices[0].finish_reason == "tool_calls" and msg.content == "Sure."
+    assert json.loads(msg.tool_calls[0].function.arguments) == {"a": 2, "b": 3}
+    assert msg.reasoning_content == "adding"
+    assert once.usage.completion_tokens_details.reasoning_tokens == len(served.tokenizer.encode("adding")) + 1
+
+
+def test_completions_stream_and_non_stream(client):
+    once = client.completions.create(model="tiny", prompt="Once upon", max_tokens=8, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Once upon", max_tokens=8, stream=True, temperature=0
+        )
+    )
+    assert streamed == once.choices[0].text and once.usage.completion_tokens > 0
+    by_ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert by_ids.usage.prompt_tokens == 3
+
+
+def test_bad_requests_are_openai_shaped_400s_and_the_server_lives_on(client, server):
+    base = server[1]
+    r = httpx.post(
+        base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="unknown model 'gpt-9'"):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match=r"temperature"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+    long = [{"role": "user", "content": "word " * 1000}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=long)
+    msg = e.value.body["message"]
+    assert (
+        "context length of 1500 tokens" in msg
+        and "prompt is" in msg
+        and e.value.body["code"] == "context_length_exceeded"
+    )
+    with pytest.raises(openai.BadRequestError, match=r"plus max_tokens \(1490\) exceeds"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1490)
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
+    base = server[1]
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 300, "stream": True, "temperature": 0}
+    served = server[0]
+    seen = 0
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 3:
+                break
+    assert seen == 3
+    assert idle(base)["kv_blocks_in_use"] == 0
+    assert served.llm.core.stats.prompt_tokens > 0
+
+
+def test_advisor_serve_runs_from_the_command_line(ckpt):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advisor.cli", "serve", str(ckpt), "--port", str(port), "--kv-blocks", "64"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("advisor serve did not come up")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        (model,) = client.models.list().data
+        assert model.id == str(ckpt)
+        r = client.chat.completions.create(model=str(ckpt), messages=MESSAGES, max_tokens=4)
+        assert r.usage.completion_tokens > 0
+    finally:
+        proc.terminate()
+        proc.wait(20)
