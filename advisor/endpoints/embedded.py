@@ -98,13 +98,18 @@ class _Engine:
         seed: int | None,
         stops: tuple[int, ...],
         images: dict | None = None,
+        cancel: threading.Event | None = None,
     ) -> Generation:
-        """Blocking: the request's new tokens and how many of its prompt tokens were prefix-cache hits."""
+        """Blocking: the request's new tokens and how many of its prompt tokens were prefix-cache hits.
+        Setting `cancel` (the caller's task was cancelled) aborts the request and frees its blocks."""
         from engine.serving import SamplingParams
 
         core = self.llm.core
         seq = core.submit(prompt, SamplingParams(max_new, temperature, top_p, seed, tuple(stops)), images)
-        core.drive(lambda: seq.finished)
+        core.drive(lambda: seq.finished or (cancel is not None and cancel.is_set()))
+        if not seq.finished:
+            core.abort(seq)
+            core.drive(lambda: seq.finished)
         if seq.finish_reason == "error":
             raise RuntimeError(seq.error)
         return Generation(seq.output, seq.num_cached_prompt)
@@ -184,6 +189,7 @@ class EmbeddedEndpoint(Endpoint):
             schemas = (
                 [t.openai_schema() for t in request.tools or []] if request.tool_choice != "none" else []
             )
+            cancel = threading.Event()
             call = functools.partial(
                 self._complete_sync,
                 engine,
@@ -191,8 +197,13 @@ class EmbeddedEndpoint(Endpoint):
                 schemas,
                 request.effort,
                 request.max_tokens or self.config.max_tokens or DEFAULT_MAX_TOKENS,
+                cancel,
             )
-            response = await asyncio.get_running_loop().run_in_executor(engine.executor, call)
+            try:
+                response = await asyncio.get_running_loop().run_in_executor(engine.executor, call)
+            except asyncio.CancelledError:  # the task went away: its request leaves the batch
+                cancel.set()
+                raise
         except Exception as e:
             attempt.error = _one_line(e)
             attempt.latency_s = time.perf_counter() - start
@@ -214,6 +225,7 @@ class EmbeddedEndpoint(Endpoint):
         schemas: list[dict],
         effort: Effort | None,
         max_new: int,
+        cancel: threading.Event | None = None,
     ) -> ModelResponse:
         """Render -> tokens -> generate -> parse; runs in a worker thread."""
         from engine.text.chat import parse_output
@@ -225,7 +237,7 @@ class EmbeddedEndpoint(Endpoint):
         text, images = _image_inputs(engine, messages, text)
         prompt = tok.encode(text)
         stops = tuple(sorted(set(tok.eos_token_ids) | set(engine.llm.eos_token_ids)))
-        gen = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops, images)
+        gen = engine.generate(prompt, max_new, self.temperature, self.top_p, self.seed, stops, images, cancel)
         new = gen.tokens
 
         stopped = bool(new) and new[-1] in stops

@@ -68,7 +68,27 @@ class PagedTypeMeta:
     read: torch.Tensor  # [N, S] storage rows each sequence attends over (padding: 0)
     kpos: torch.Tensor  # [N, S] their positions, -1 at padding
     cache: PagedKVCache
+    spans: list[tuple[int, int]]  # per sequence: positions [first attended, last + 1)
+    tables: list[list[int | None]]  # per sequence: this attention type's block table
     slot: None = None  # never the static cache's one-slot decode (the compiled op reads a static cache)
+
+    def decode_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Triton decode kernel's block tables [N, max_blocks] (int32), first positions and lengths."""
+        width = max(len(t) for t in self.tables)
+        rows = [[-1 if b is None else b for b in t] + [-1] * (width - len(t)) for t in self.tables]
+        device = self.write.device
+        tables = torch.tensor(rows, dtype=torch.int32, device=device)
+        starts = torch.tensor([a for a, _ in self.spans], dtype=torch.int32, device=device)
+        lengths = torch.tensor([b for _, b in self.spans], dtype=torch.int32, device=device)
+        return tables, starts, lengths
+
+    def _kernel(self, q: torch.Tensor):
+        """The Triton decode kernel, where it applies: CUDA, one new token per sequence."""
+        if not q.is_cuda or self.q_index.shape[1] != 1:
+            return None
+        from engine.kernels import paged_attention as kernel
+
+        return kernel.paged_decode if kernel.available() else None
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -79,6 +99,9 @@ class PagedTypeMeta:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.write] = k[0]
         vc[self.write] = v[0]
+        decode = self._kernel(q)
+        if decode is not None:  # decode-only step: the flat row is one token per sequence, in order
+            return decode(q[0], kc, vc, *self.decode_args(), scale, self.cache.block_size)[None]
         keys = kc[self.read].transpose(1, 2)  # [N, Hkv, S, D]
         values = vc[self.read].transpose(1, 2)
         queries = q[0][self.q_index]  # [N, Tq, H, D]
@@ -138,6 +161,11 @@ def paged_meta(cache: PagedKVCache, chunks: list[ChunkTables], device) -> StepMe
             read.to(device),
             kpos.to(device),
             cache,
+            [
+                (int(sp[0]) if len(sp) else c.start, c.start + c.n)
+                for c, sp in zip(chunks, spans, strict=True)
+            ],
+            [c.tables[t] for c in chunks],
         )
     return StepMeta(qpos.to(device), types)
 

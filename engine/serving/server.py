@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -517,6 +519,27 @@ def serve(args: argparse.Namespace) -> int:
     print(f"advisor serve: {served.name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+@contextlib.contextmanager
+def running(served: Served, host: str = "127.0.0.1", port: int = 0):
+    """Serve in a background thread (for tests and embedding); yields the base URL (`.../v1` appended
+    by the caller). Port 0 picks a free one."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(build_app(served), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, name="advisor-serve", daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"advisor serve could not start on {host}:{port}")
+            time.sleep(0.02)
+        bound = srv.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{host}:{bound}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def main(argv: list[str] | None = None) -> int:

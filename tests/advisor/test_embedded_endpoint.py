@@ -277,3 +277,23 @@ async def test_identical_concurrent_calls_each_get_their_own_answer(ckpt):
     results = await asyncio.gather(*(ep.complete(MESSAGES, max_tokens=6) for _ in range(5)))
     assert len({(r.message.text, r.message.reasoning) for r in results}) == 1
     assert all(r.attempts[0].ok for r in results)
+
+
+async def test_a_cancelled_call_leaves_the_batch_and_frees_its_blocks(ckpt):
+    ep = _endpoint(ckpt, kv_blocks=256)
+    await ep._get_engine()
+    core = ep._engine.llm.core
+    task = asyncio.create_task(ep.complete(MESSAGES, max_tokens=2000))
+    for _ in range(500):  # until its sequence is running
+        if core.scheduler.running:
+            break
+        await asyncio.sleep(0.01)
+    assert core.scheduler.running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if not core.has_work():
+            break
+        await asyncio.sleep(0.01)
+    assert not core.has_work() and core.blocks.pools["full_attention"].num_in_use == 0

@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from engine.serving.server import build_app, load_served  # noqa: E402
+from engine.serving.server import load_served, running  # noqa: E402
 from engine.text.tokenizer import build_step_tokenizer  # noqa: E402
 from tests.engine.step_models import TEXT_C, build_reference  # noqa: E402
 
@@ -55,17 +54,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ckpt):
     served = load_served(str(ckpt), kv_blocks=256, max_model_len=1500, name="tiny")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(served), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield served, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with running(served) as base:
+        yield served, base
 
 
 @pytest.fixture
