@@ -70,7 +70,8 @@ class EngineCore:
         self._lock = threading.Lock()
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self._pending = 0  # submitted and not yet finished (read without the lock: a hint for drivers)
+        self._pending = 0  # submitted and not yet finished
+        self._count = threading.Lock()  # guards _pending (submit runs in any thread, _end in the driver)
         self.stats = CoreStats()
 
     # ------------------------------------------------------------------ requests
@@ -97,7 +98,8 @@ class EngineCore:
         if images and self.llm.vision is None:
             raise ValueError("image inputs given, but this checkpoint has no vision tower loaded")
         seq = Sequence(prompt, params, images, on_event)
-        self._pending += 1
+        with self._count:
+            self._pending += 1
         self._incoming.put(seq)
         return seq
 
@@ -144,7 +146,8 @@ class EngineCore:
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq, reason)
         seq.error = error or seq.error
-        self._pending -= 1
+        with self._count:
+            self._pending -= 1
         self.stats.finished(seq)
         if seq.on_event:
             seq.on_event(TokenEvent(None, True, reason, seq.error))
@@ -152,7 +155,8 @@ class EngineCore:
     def _step(self) -> None:
         chunks = self.scheduler.schedule()
         for seq in self.scheduler.rejected:
-            self._pending -= 1
+            with self._count:
+                self._pending -= 1
             if seq.on_event:
                 seq.on_event(TokenEvent(None, True, "error", seq.error))
         self.scheduler.rejected.clear()
@@ -193,6 +197,13 @@ class EngineCore:
                 seq.on_event(TokenEvent(tok))
             if reason:
                 self._end(seq, reason)
+
+    def fail_all(self, error: str) -> None:
+        """End every sequence with an error (after an unexpected failure in the loop)."""
+        with self._lock:
+            self._take_queued()
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._end(seq, "error", error)
 
     # ------------------------------------------------------------------ blocking helper
     def generate(
@@ -251,7 +262,11 @@ class AsyncLLM:
         while True:
             self._wake.wait()
             self._wake.clear()
-            self.core.drive(lambda: False)
+            try:
+                self.core.drive(lambda: False)
+            except Exception:  # a bug in scheduling must not leave every later request hanging
+                log.exception("engine loop failed; failing the running requests")
+                self.core.fail_all("the engine loop failed (see the server log)")
 
     def generate(self, prompt: Seq[int], params: SamplingParams, images: dict | None = None) -> RequestStream:
         """Submit a request (call from a coroutine); iterate the result for its TokenEvents."""
