@@ -240,7 +240,7 @@ def load(model: str):
         n = build_checkpoint(path)
         print(f"model: engine.bench's Step-shaped config, {n / 1e6:.0f}M parameters (random weights)")
     else:
-        from advisor.endpoints.embedded import resolve_model
+        from engine.model_paths import resolve_model
 
         path = resolve_model(model)
         print(f"model: {path}")

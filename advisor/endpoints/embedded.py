@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import re
 import threading
 import time
@@ -37,33 +36,14 @@ from typing import Any
 from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.openai import to_openai_messages
 from advisor.messages import Attempt, Effort, Message, ModelResponse, ToolCall, Usage
+from engine.model_paths import MODELS_DIR_ENV, SHIPPED_MODELS, models_dir, resolve_model
+
+__all__ = ["MODELS_DIR_ENV", "SHIPPED_MODELS", "EmbeddedEndpoint", "Generation", "models_dir", "resolve_model"]
 
 DEFAULT_MAX_TOKENS = 2048
-MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
-# the project's own small checkpoints (models/step-nano, ...), found by name without any set-up
-SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"
 _OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size", "kv_blocks"}
 _FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
 log = logging.getLogger(__name__)
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get(MODELS_DIR_ENV) or Path.home() / ".cache" / "advisor" / "models").expanduser()
-
-
-def resolve_model(model: str) -> Path:
-    """A checkpoint directory from a path or a shipped model name; one-line error when neither exists."""
-    as_path = Path(model).expanduser()
-    if as_path.is_dir():
-        return as_path.resolve()
-    if "/" not in model:
-        for root in (models_dir(), SHIPPED_MODELS):
-            if (root / model).is_dir():
-                return (root / model).resolve()
-    raise FileNotFoundError(
-        f"model {model!r}: no checkpoint directory at that path, under {models_dir()} or among the shipped "
-        f"models in {SHIPPED_MODELS} (give a path, or set {MODELS_DIR_ENV})"
-    )
 
 
 # ---------------------------------------------------------------------------------------- the engine

@@ -475,8 +475,8 @@ def load_served(
     name: str | None = None,
 ) -> Served:
     """Load a checkpoint directory (or a shipped model name) and start its serving core."""
-    from advisor.endpoints.embedded import resolve_model
     from engine import LLM
+    from engine.model_paths import resolve_model
     from engine.serving import AsyncLLM, EngineCore, ServingConfig
     from engine.text.tokenizer import StepTokenizer, load_tokenizer
 
