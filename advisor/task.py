@@ -435,6 +435,18 @@ def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> st
     return f"{path}: {loc or '(top level)'}: {hint}{more}"
 
 
+def with_config_endpoints(path: Path, data: dict) -> dict:
+    """`data` (a task.yaml or proxy.yaml mapping) with the endpoints of the user's advisor.yaml and the one
+    beside `path` below its own `endpoints:`."""
+    endpoints: dict[str, Any] = {}
+    endpoints.update(read_endpoints(user_config_dir() / "advisor.yaml"))
+    endpoints.update(read_endpoints(path.parent / "advisor.yaml"))
+    own = data.get("endpoints") or {}
+    if not isinstance(own, dict):
+        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
+    return {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
+
+
 def load_task(
     path: str | Path, *, check_env: bool = True, strategies: tuple[str, ...] = ("advisor",)
 ) -> Task:
@@ -444,13 +456,7 @@ def load_task(
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
-    endpoints: dict[str, Any] = {}
-    endpoints.update(read_endpoints(user_config_dir() / "advisor.yaml"))
-    endpoints.update(read_endpoints(path.parent / "advisor.yaml"))
-    own = data.get("endpoints") or {}
-    if not isinstance(own, dict):
-        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
-    data = {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
+    data = with_config_endpoints(path, data)
     try:
         task = Task.model_validate(data)
     except ValidationError as e:

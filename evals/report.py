@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import jinja2
 
 from advisor.pricing import Price, usd
+from advisor.report_format import HTML_STYLE, HTML_TABLES, md_table, write_whole
 from evals import plots
 from evals.aggregate import VOLUMES, aggregate
 from evals.records import ROLES, load_records
@@ -125,12 +125,6 @@ def headline_lines(res: dict) -> list[str]:
     return lines
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 TITLES = {
     "strategies": "Per strategy",
     "per_task": "Per task (outcome, USD)",
@@ -146,7 +140,7 @@ def render_md(res: dict) -> str:
         parts += [f"Costs re-priced with `{res['prices_file']}`.", ""]
     parts += ["## Headline", ""] + [f"- {line}" for line in headline_lines(res)] + [""]
     for key in ("strategies", "break_even", "per_task", "consults"):
-        parts += [f"## {TITLES[key]}", "", _md_table(*tb[key]) if tb[key][1] else "none", ""]
+        parts += [f"## {TITLES[key]}", "", md_table(*tb[key]) if tb[key][1] else "none", ""]
     parts += ["Plots: see report.html. Every number here is in results.json.", ""]
     return "\n".join(parts)
 
@@ -154,17 +148,12 @@ def render_md(res: dict) -> str:
 HTML = jinja2.Environment(autoescape=True).from_string(
     """<!doctype html>
 <html><head><meta charset="utf-8"><title>Eval report</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.plots img{max-width:48%;margin-right:1%}</style>
+""" + HTML_STYLE + """
 </head><body><h1>Eval report</h1>
 {% if prices_file %}<p>Costs re-priced with <code>{{ prices_file }}</code>.</p>{% endif %}
 <h2>Headline</h2><ul>{% for l in headline %}<li>{{ l }}</li>{% endfor %}</ul>
 <div class="plots">{% for name, b64 in plots %}<img alt="{{ name }}" src="data:image/png;base64,{{ b64 }}">{% endfor %}</div>
-{% for title, (header, rows) in tables %}<h2>{{ title }}</h2>
-{% if rows %}<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for r in rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% else %}<p>none</p>{% endif %}
-{% endfor %}</body></html>
+""" + HTML_TABLES + """</body></html>
 """
 )
 
@@ -183,20 +172,14 @@ def render_html(res: dict) -> str:
     )
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, prices: dict[str, Price] | None = None, prices_file: str | None = None) -> dict:
     """Reads every finished task under `out`, (re-)prices it, writes the three report files; returns results."""
     out = Path(out)
     records = load_records(out, prices)
     res = aggregate(records, prices_file)
-    _write(out / "results.json", json.dumps(res, indent=2) + "\n")
-    _write(out / "report.md", render_md(res))
-    _write(out / "report.html", render_html(res))
+    write_whole(out / "results.json", json.dumps(res, indent=2) + "\n")
+    write_whole(out / "report.md", render_md(res))
+    write_whole(out / "report.html", render_html(res))
     return res
 
 

@@ -26,15 +26,13 @@ names: end_turn/stop_sequence -> stop, tool_use -> tool_calls, max_tokens -> len
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections import OrderedDict
 from typing import Any
 
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
-from advisor.endpoints.http import HTTPEndpoint, Parsed
+from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed
 from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
 
@@ -133,14 +131,8 @@ def _user_parts(content: Any, where: str) -> list:
         elif kind == "image":
             source = block.get("source") or {}
             if source.get("type") != "base64":
-                raise ValueError(
-                    f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})"
-                )
-            try:
-                data = base64.b64decode(source.get("data") or "", validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError(f"{where}[{j}]: the image's base64 data is invalid") from None
-            parts.append(ImagePart(data, source.get("media_type") or "image/png"))
+                raise ValueError(f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})")
+            parts.append(decode_image(source.get("data") or "", source.get("media_type"), f"{where}[{j}]"))
         elif kind in ("document", "search_result"):
             raise ValueError(f"{where}[{j}]: {kind} blocks are not supported")
         # other blocks (cache-control markers, server tool results) carry nothing the models need

@@ -10,6 +10,8 @@ that leaves this module.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import os
 import time
@@ -27,10 +29,11 @@ from advisor.endpoints.retry import (
     retryable_status,
     with_retries,
 )
-from advisor.messages import Attempt, Message, ModelResponse, Usage
+from advisor.messages import Attempt, ImagePart, Message, ModelResponse, TextPart, Usage
 
 # 40 concurrent tasks share one endpoint in evals; leave headroom above that.
 MAX_CONNECTIONS = 64
+_INLINE_CHARS = 64 * 1024  # request text below this is encoded on the event loop
 _MAX_REASON = 300
 
 
@@ -69,6 +72,15 @@ def error_reason(response: httpx.Response) -> str:
         if "detail" in data:
             return one_line(json_text(data["detail"]), 200)
     return one_line(response.text, 200)
+
+
+def decode_image(data: str, media_type: str, where: str) -> ImagePart:
+    """An image part from base64 text a client sent; ValueError naming `where` when it is not base64."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: the image's base64 data is invalid") from None
+    return ImagePart(raw, media_type or "image/png")
 
 
 def json_text(value) -> str:
@@ -150,8 +162,8 @@ class HTTPEndpoint(Endpoint):
         raise NotImplementedError
 
     async def prepare(self, request: ChatRequest) -> tuple[dict, bytes]:
-        """Build the request body and encode it in a worker thread: images make it megabytes of
-        base64, which must not be encoded on the event loop."""
+        """Build the request body and encode it, in a worker thread when it holds images or much text:
+        images make it megabytes of base64, which must not be encoded on the event loop."""
 
         def build() -> tuple[dict, bytes]:
             body = self.build_body(request)
@@ -161,6 +173,11 @@ class HTTPEndpoint(Endpoint):
                 raise EndpointError(self.name, one_line(f"request body is not valid JSON: {e}")) from None
             return body, data.encode()
 
+        # a small text-only body encodes in microseconds: a thread hop would cost more than it saves
+        if not any(m.images for m in request.messages) and sum(
+            len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart)
+        ) < _INLINE_CHARS:
+            return build()
         return await asyncio.to_thread(build)
 
     async def post(

@@ -24,8 +24,6 @@ length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Any
 
@@ -33,7 +31,7 @@ import httpx
 
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
-from advisor.endpoints.http import HTTPEndpoint, Parsed
+from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed, retryable_status
 from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
 
@@ -136,11 +134,7 @@ def image_from_data_url(url: str, where: str) -> ImagePart:
     head, sep, data = url.partition(",")
     if not (sep and head.startswith("data:") and head.endswith(";base64")):
         raise ValueError(f"{where}: only base64 data URLs are accepted for images (got {url[:40]!r})")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{where}: the image's base64 data is invalid") from None
-    return ImagePart(raw, head[5 : -len(";base64")] or "image/png")
+    return decode_image(data, head[5 : -len(";base64")], where)
 
 
 def _parts(content: Any, where: str) -> list:

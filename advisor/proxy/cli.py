@@ -18,8 +18,11 @@ def _load(args: argparse.Namespace):
 def cmd_proxy(args: argparse.Namespace) -> int:
     if getattr(args, "proxy_command", None) == "report":
         return cmd_report(args)
+    from advisor.proxy.config import check_keys
+
     try:
         cfg = _load(args)
+        check_keys(cfg, str(args.config))
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

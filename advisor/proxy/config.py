@@ -20,9 +20,8 @@ from advisor.task import (
     TaskError,
     _Strict,
     one_line_error,
-    read_endpoints,
     read_yaml,
-    user_config_dir,
+    with_config_endpoints,
 )
 
 ProxyTrigger = Literal["plan", "new_user_turn"]
@@ -105,6 +104,9 @@ class ProxyConfig(_Strict):
     budget: ProxyBudget = Field(default_factory=ProxyBudget)
     sessions: Sessions = Field(default_factory=Sessions)
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    upstream_pools: int = Field(
+        default=8, ge=1, description="connection pools per upstream endpoint (sessions spread over them)"
+    )
     upstream_stream: bool = Field(
         default=False, description="stream from OpenAI-compatible upstreams (the reply is the same)"
     )
@@ -133,6 +135,20 @@ def check_ready(cfg: ProxyConfig, source: str) -> None:
             )
 
 
+def check_keys(cfg: ProxyConfig, source: str) -> None:
+    """Each role's API key variable is set (checked when the proxy starts, not at its first request)."""
+    import os
+
+    for role in ("executor", "frontier"):
+        rc = getattr(cfg, role)
+        env = cfg.endpoints[rc.endpoint].api_key_env if rc is not None else None
+        if env and not os.environ.get(env):
+            raise TaskError(
+                f"{source}: endpoints.{rc.endpoint}.api_key_env: environment variable {env} is not set; "
+                f"export {env}=... (keys are never read from files)"
+            )
+
+
 def load_proxy_config(path: str | Path) -> ProxyConfig:
     path = Path(path)
     if not path.is_file():
@@ -140,13 +156,7 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: proxy.yaml must be a YAML mapping (executor, frontier, endpoints, ...)")
-    endpoints = {}
-    endpoints.update(read_endpoints(user_config_dir() / "advisor.yaml"))
-    endpoints.update(read_endpoints(path.parent / "advisor.yaml"))
-    own = data.get("endpoints") or {}
-    if not isinstance(own, dict):
-        raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")
-    data = {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
+    data = with_config_endpoints(path, data)
     try:
         cfg = ProxyConfig.model_validate(data)
     except ValidationError as e:

@@ -8,15 +8,15 @@ and what the same tokens would have cost on the frontier alone.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import jinja2
 
 from advisor.ledger import ROLES
-from advisor.progress import usd
+from advisor.pricing import usd
 from advisor.proxy.sessions import SessionStore
+from advisor.report_format import HTML_STYLE, HTML_TABLES, md_table, write_whole
 
 
 def _tok(t: dict) -> str:
@@ -140,17 +140,11 @@ def headline(res: dict) -> str:
     )
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def render_md(res: dict) -> str:
     tb = tables(res)
     parts = ["# Proxy report", "", headline(res), ""]
     for key in ("sessions", "consults", "days"):
-        parts += [f"## {TITLES[key]}", "", _md_table(*tb[key]) if tb[key][1] else "none", ""]
+        parts += [f"## {TITLES[key]}", "", md_table(*tb[key]) if tb[key][1] else "none", ""]
     parts += ["Every number here is in results.json.", ""]
     return "\n".join(parts)
 
@@ -158,15 +152,14 @@ def render_md(res: dict) -> str:
 HTML = jinja2.Environment(autoescape=True).from_string(
     """<!doctype html>
 <html><head><meta charset="utf-8"><title>Proxy report</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}</style>
+"""
+    + HTML_STYLE
+    + """
 </head><body><h1>Proxy report</h1>
 <p>{{ headline }}</p>
-{% for title, (header, rows) in tables %}<h2>{{ title }}</h2>
-{% if rows %}<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for r in rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% else %}<p>none</p>{% endif %}
-{% endfor %}</body></html>
+"""
+    + HTML_TABLES
+    + """</body></html>
 """
 )
 
@@ -178,16 +171,10 @@ def render_html(res: dict) -> str:
     )
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(store: SessionStore, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     res = results(store)
-    _write(out / "results.json", json.dumps(res, indent=2) + "\n")
-    _write(out / "report.md", render_md(res))
-    _write(out / "report.html", render_html(res))
+    write_whole(out / "results.json", json.dumps(res, indent=2) + "\n")
+    write_whole(out / "report.md", render_md(res))
+    write_whole(out / "report.html", render_html(res))
     return res

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from dataclasses import dataclass
 
 from advisor.endpoints import make_endpoint
@@ -41,10 +42,22 @@ class ProxyError(Exception):
 
 @dataclass
 class Slot:
+    """A role's endpoint, as `upstream_pools` instances of it: each session keeps to one (an Anthropic
+    endpoint replays the thinking blocks it received), and each pool stays small, since httpx scans its
+    whole pool at every request and response (at 40 concurrent sessions one pool cost more CPU than the
+    rest of the proxy)."""
+
     role: str
-    endpoint: Endpoint
+    pool: list[Endpoint]
     price: Price
     effort: str | None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.pool[0]
+
+    def for_session(self, session_id: str) -> Endpoint:
+        return self.pool[zlib.crc32(session_id.encode()) % len(self.pool)]
 
 
 @dataclass
@@ -93,7 +106,7 @@ class Router:
     def __init__(
         self,
         config: ProxyConfig,
-        endpoints: dict[str, Endpoint] | None = None,
+        endpoints: dict[str, Endpoint | list[Endpoint]] | None = None,
         store: SessionStore | None = None,
     ):
         self.config = config
@@ -103,17 +116,20 @@ class Router:
             rc = getattr(config, role)
             if rc is None:
                 return None
-            ep = given.get(rc.endpoint)
-            if ep is None:
+            pool = given.get(rc.endpoint)
+            if pool is None:
                 cfg = config.endpoints[rc.endpoint]
                 options = {"stream": True} if cfg.provider == "openai" and config.upstream_stream else {}
-                ep = given[rc.endpoint] = make_endpoint(rc.endpoint, cfg, **options)
-            return Slot(role, ep, _price(ep), rc.effort)
+                pool = [make_endpoint(rc.endpoint, cfg, **options) for _ in range(config.upstream_pools)]
+            elif not isinstance(pool, list):
+                pool = [pool]
+            given[rc.endpoint] = pool
+            return Slot(role, pool, _price(pool[0]), rc.effort)
 
         self.executor = slot("executor")
         self.frontier = slot("frontier")
         assert self.executor is not None
-        self._owned = [s.endpoint for s in (self.executor, self.frontier) if s is not None]
+        self._owned = {id(e): e for s in (self.executor, self.frontier) if s is not None for e in s.pool}
         self.store = store or SessionStore(
             config.escalation,
             self.frontier.price if self.frontier else None,
@@ -125,7 +141,7 @@ class Router:
         )
 
     async def aclose(self) -> None:
-        for ep in self._owned:
+        for ep in self._owned.values():
             await ep.aclose()
         self.store.close()
 
@@ -221,7 +237,7 @@ class Router:
         store.in_flight += 1
         store.reserved_usd += estimate
         try:
-            resp = await slot.endpoint.complete(request, on_attempt=attempts.append)
+            resp = await slot.for_session(s.id).complete(request, on_attempt=attempts.append)
         except EndpointError as e:
             usage = Usage()
             for a in e.attempts or attempts:

@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from advisor.messages import Usage
+from advisor.proxy.router import Router
+from advisor.proxy.server import ProxyServer
 from advisor.testing import Delay, HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
 from tests.advisor.proxy_helpers import EXEC_PRICE, FRONTIER_PRICE, fast_router, make_config, proxy_for
 
@@ -527,3 +529,82 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_proxy_and_ledger_intact
         assert r.status_code == 200
         s = proxy.router.store.sessions["d"]
         assert len(s.ledger.calls) == 2 and s.ledger.tokens("executor").output == 10000
+
+
+def test_images_cross_formats_both_ways(upstream, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    upstream.script("flash", lambda body: "a red box")
+    # OpenAI client -> Anthropic upstream
+    cfg = make_config(upstream, tmp_path, executor_provider="anthropic")
+    content = [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+    ]
+    with proxy_for(cfg) as proxy:
+        r = httpx.post(f"{proxy.base_url}/chat/completions", json=oa([{"role": "user", "content": content}]))
+    assert r.json()["choices"][0]["message"]["content"] == "a red box"
+    block = upstream.requests_for("flash")[0].body["messages"][0]["content"][1]
+    assert block == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+    # Anthropic client (an image inside a tool result) -> OpenAI upstream
+    cfg = make_config(upstream, tmp_path / "b")
+    msgs = [
+        {"role": "user", "content": "look"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "s1", "name": "bash", "input": {"cmd": "shot"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "s1",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": png},
+                        }
+                    ],
+                }
+            ],
+        },
+    ]
+    with proxy_for(cfg) as proxy:
+        r = httpx.post(
+            f"{proxy.root_url}/v1/messages",
+            json={"model": "advisor", "max_tokens": 50, "tools": TOOLS_ANTHROPIC, "messages": msgs},
+        )
+    assert r.status_code == 200, r.text
+    sent = upstream.requests_for("flash")[1].body["messages"]
+    assert sent[2]["role"] == "tool" and sent[3]["role"] == "user"  # OpenAI tool messages cannot hold images
+    assert sent[3]["content"][1]["image_url"]["url"] == f"data:image/png;base64,{png}"
+
+
+def test_the_example_proxy_yaml_loads():
+    from pathlib import Path
+
+    from advisor.proxy.config import load_proxy_config
+
+    cfg = load_proxy_config(Path(__file__).parents[2] / "examples" / "proxy" / "proxy.yaml")
+    assert cfg.executor.endpoint == "flash" and cfg.frontier.endpoint == "claude"
+
+
+def test_each_session_keeps_to_one_of_the_upstream_pools(upstream, tmp_path):
+    upstream.script("flash", lambda body: "ok")
+    cfg = make_config(upstream, tmp_path, upstream_pools=3)
+    router = Router(cfg)
+    pool = router.executor.pool
+    assert len(pool) == 3 and len({id(e) for e in pool}) == 3
+    picks = {sid: router.executor.for_session(sid) for sid in (f"s{i}" for i in range(30))}
+    assert len({id(e) for e in picks.values()}) == 3  # sessions spread over the pools
+    assert all(router.executor.for_session(sid) is ep for sid, ep in picks.items())  # and stay
+    with ProxyServer(router) as proxy:
+        r = httpx.post(f"{proxy.base_url}/chat/completions", json=oa([{"role": "user", "content": "x"}]))
+    assert r.status_code == 200
