@@ -1,18 +1,19 @@
 """When to consult the frontier, and what a consult hands over: the escalation state machine as data.
 
 `EscalationPolicy` holds the rules of one conversation (consecutive failures, inflection points, the
-consult budget, repeated calls) and their counters; `TurnState` says who acts at the next step;
+consult budget, repeated calls: `advisor.repeats.CallRepeats`) and their counters; `TurnState` says who acts at the next step;
 `ConsultOutcome` is what one consult changed. The task loop drives them step by step; a proxy that sees
 only the conversation reuses the same objects, so both follow one copy of the rules.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from advisor import repeats
 from advisor.messages import Message, TextPart, ToolCall
+from advisor.repeats import CallRepeats
 from advisor.task import Escalation
 from advisor.trace import Trace
 
@@ -30,8 +31,8 @@ ConsultKind = Literal["skipped", "advice", "approved", "objected", "takeover"]
 
 
 def call_key(tc: ToolCall) -> str:
-    """What makes two tool calls "the same call" for `EscalationPolicy.repeated`."""
-    return tc.name + json.dumps(tc.arguments, sort_keys=True, default=str)
+    """What makes two tool calls "the same call" for `EscalationPolicy.repeated` (`advisor.repeats`)."""
+    return repeats.call_key(tc.name, tc.arguments)
 
 
 def estimate_tokens(messages: list[Message]) -> int:
@@ -85,8 +86,7 @@ class EscalationPolicy:
     consults: int = 0
     skipped: int = 0
     final_done: bool = False
-    _failed_calls: set[str] = field(default_factory=set)
-    _last_ok: str | None = None
+    calls: CallRepeats = field(default_factory=CallRepeats)  # repeated calls: refused, then the end
 
     def wants(self, trigger: str) -> bool:
         return self.enabled and trigger in self.config.at
@@ -112,22 +112,20 @@ class EscalationPolicy:
     def reset(self) -> None:
         self.consecutive = 0
 
-    # A call repeats "without progress" when the very same call already failed, or it is the
-    # same successful call as the one just before (the model is looping).
+    # Repeated calls (`advisor.repeats.CallRepeats`): a call repeats "without progress" when the very
+    # same call already failed, or it is the same successful call as the one just before.
     def repeated(self, key: str) -> bool:
-        return key in self._failed_calls or key == self._last_ok
+        return self.calls.refusal(key) is not None
 
     def remember_failed(self, key: str) -> None:
-        self._failed_calls.add(key)
-        self._last_ok = None
+        self.calls.failed(key)
 
     def forget_failed(self) -> None:
         """The workspace may have changed (an edit, a command): calls that failed may now succeed."""
-        self._failed_calls.clear()
-        self._last_ok = None
+        self.calls.forget()
 
     def remember_ok(self, key: str) -> None:
-        self._last_ok = key
+        self.calls.succeeded(key)
 
     # -- consults ----------------------------------------------------------------------------
     def hands_over(self, trigger: str) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
-from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState, call_key, estimate_tokens
+from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState, estimate_tokens
 from advisor.ledger import Ledger
 from advisor.messages import (
     Attempt,
@@ -30,6 +30,7 @@ from advisor.messages import (
 )
 from advisor.pricing import Price
 from advisor.prompts import render
+from advisor.repeats import CallRepeats, call_key
 from advisor.result import TaskResult
 from advisor.task import Task
 from advisor.trace import Listener, Trace
@@ -81,7 +82,9 @@ class TaskLoop:
         self.trace = Trace(self.out_dir / "trace.jsonl", fsync=self.fsync, listeners=self.listeners)
         self.ledger = Ledger(frontier_price=self.frontier.price if self.frontier else None)
         self.policy = EscalationPolicy(
-            self.task.escalation, enabled=self.strategy == "advisor" and self.frontier is not None
+            self.task.escalation,
+            enabled=self.strategy == "advisor" and self.frontier is not None,
+            calls=CallRepeats(self.task.budget.max_repeated_failures),
         )
         self.turn = TurnState()
         self.tools: list[ToolSpec] = self.task.tool_specs()
@@ -384,6 +387,7 @@ class TaskLoop:
                 arguments=tc.arguments if tc.arguments is not None else tc.raw_arguments,
             )
             reason, produced, data = None, [], None
+            repeats, key = self.policy.calls, call_key(tc.name, tc.arguments, tc.name in self.by_name)
             if tc.parse_error is not None or tc.arguments is None:
                 text, reason = (
                     f"error: malformed tool call: {tc.parse_error or 'arguments could not be parsed'}",
@@ -392,25 +396,22 @@ class TaskLoop:
             elif tc.name not in self.by_name:
                 known = ", ".join(self.by_name) or "none"
                 text, reason = f"error: unknown tool '{tc.name}'; available tools: {known}", "unknown_tool"
-            elif self.policy.repeated(call_key(tc)):
-                text, reason = (
-                    "error: this exact call was already made and failed or changed nothing; change the arguments or the approach",
-                    "repeated_call",
-                )
+            elif refusal := repeats.refusal(key):
+                text, reason = refusal, "repeated_call"
             else:
                 spec = self.by_name[tc.name]
                 result = await self._invoke_within_budget(spec, tc.arguments, ctx)
                 text = result.text
                 if result.is_error:
                     reason = failure_reason(result)
-                    self.policy.remember_failed(call_key(tc))
                 else:
                     if spec.changes_workspace:  # e.g. an edit: re-running the failed tests is progress
-                        self.policy.forget_failed()
-                    self.policy.remember_ok(call_key(tc))
+                        repeats.forget()
+                    repeats.succeeded(key)
                 produced = [i for i, _ in result.images]
                 data = _trace_data(result.data)
                 new_images += produced
+            stuck = reason not in (None, "malformed_tool_call") and repeats.failed(key) >= repeats.limit
             self.trace.emit(
                 "tool_result",
                 step=self.steps,
@@ -430,6 +431,12 @@ class TaskLoop:
             )
             if reason and failure is None and self.policy.counts(reason):  # failure_signals decide
                 failure = (reason, text[:300])
+            if stuck:  # the model is looping on a call that cannot work: stop before the limits do
+                args = "" if tc.name not in self.by_name else json.dumps(tc.arguments, default=str)[:200]
+                detail = f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
+                self.policy.failure(self.steps, reason, text[:300], self.trace)
+                self.trace.emit("stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail)
+                raise _Stop("failed", detail)
         if malformed:
             messages.append(Message.user("\n".join(malformed)))
         if new_images:

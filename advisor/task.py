@@ -159,6 +159,14 @@ class Budget(_Strict):
     max_usd: float = Field(default=1.0, ge=0, description="stop when the task's ledger reaches this many USD")
     max_steps: int = Field(default=40, ge=1, description="executor (or takeover) model calls")
     max_wall_s: float = Field(default=600.0, gt=0, description="wall-clock seconds for the whole task")
+    max_repeated_failures: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "end the task as failed when one tool call (same tool, same arguments; an unknown tool: the same "
+            "name) has failed this many times, counting its refused repeats"
+        ),
+    )
 
 
 class Check(_Strict):

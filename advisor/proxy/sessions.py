@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,8 +80,8 @@ class Session:
             "consecutive": p.consecutive,
             "consults": p.consults,
             "skipped": p.skipped,
-            "failed_calls": sorted(p._failed_calls),
-            "last_ok": p._last_ok,
+            "failed_calls": dict(p.calls.failures),
+            "last_ok": p.calls.last_ok,
             "takeover_left": self.turn.takeover_left,
             "frontier_acted": self.turn.frontier_acted,
             "last_seen": self.last_seen,
@@ -92,7 +92,9 @@ class Session:
         self.requests, self.seen = s["requests"], s["seen"]
         self.inserts = [(int(i), str(t)) for i, t in s["inserts"]]
         p.consecutive, p.consults, p.skipped = s["consecutive"], s["consults"], s["skipped"]
-        p._failed_calls, p._last_ok = set(s["failed_calls"]), s["last_ok"]
+        failed = s["failed_calls"]  # call -> failures (a list of calls, each failed once, before the counts)
+        p.calls.failures = Counter(failed if isinstance(failed, dict) else dict.fromkeys(failed, 1))
+        p.calls.last_ok = s["last_ok"]
         self.turn.takeover_left, self.turn.frontier_acted = s["takeover_left"], s["frontier_acted"]
         self.last_seen = s["last_seen"]
 

@@ -191,7 +191,8 @@ async def test_plan_and_replan_consults_share_a_stable_prefix(tmp_path: Path):
 
 
 async def test_max_consults_then_skipped(tmp_path: Path):
-    ex = FakeEndpoint("ex", [call("nope", {}, cid=f"c{i}") for i in range(3)], EXEC_PRICE)
+    # three different unknown tools: the same one three times would end the task (test_repeats.py)
+    ex = FakeEndpoint("ex", [call(f"nope{i}", {}, cid=f"c{i}") for i in range(3)], EXEC_PRICE)
     ex.turns.append(Message.assistant("Answer: 5"))
     fr = FakeEndpoint("fr", [Message.assistant("Use add.")], FRONT_PRICE)
     task = make(ex, fr, escalation={"after_failures": 1, "max_consults": 1})
