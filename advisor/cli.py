@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -117,6 +118,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from advisor import scaffold
+
+    try:
+        written = scaffold.write(args.dir, args.preset, force=args.force)
+    except FileExistsError as e:
+        Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    console = Console()
+    console.print(f"wrote {', '.join(str(p) for p in written)} (preset {args.preset})", markup=False)
+    keys = sorted(set(re.findall(r"api_key_env: (\w+)", written[1].read_text())))
+    if keys:
+        console.print(f"export {', '.join(keys)}, then:", markup=False, highlight=False)
+    console.print(f"  advisor check {written[1]}\n  advisor run {written[0]}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from advisor.endpoint_check import check_all, load_endpoints
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    try:
+        endpoints = load_endpoints(args.file)
+        reports = interrupt.run(check_all(endpoints))
+    except TaskError as e:
+        Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except interrupt.Interrupted:
+        Console(stderr=True).print("interrupted: no endpoint checked to the end", markup=False)
+        return interrupt.EXIT_CODE
+    for r in reports:
+        console.print(r.line(), markup=False, highlight=False, soft_wrap=True)
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def package_version() -> str:
     try:
         return version("advisor")
@@ -149,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_proxy_parser(sub)
     add_mcp_parser(sub)
     _add_serve_parser(sub)
+    from advisor.scaffold import PRESETS
+
+    init = sub.add_parser("init", help="write a commented task.yaml and the endpoints for a provider preset")
+    init.add_argument("dir", type=Path, nargs="?", default=Path("."), help="folder to write into (default: .)")
+    init.add_argument(
+        "--preset", choices=list(PRESETS), default="embedded", help="providers (default: embedded, offline)"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite task.yaml / advisor.yaml if present")
+    init.set_defaults(func=cmd_init)
+    check = sub.add_parser(
+        "check", help="try each endpoint of an advisor.yaml or task.yaml: key, server, model, one token, price"
+    )
+    check.add_argument("file", type=Path, help="an advisor.yaml (endpoints) or a task.yaml")
+    check.set_defaults(func=cmd_check)
     try:
         from evals import cli as evals_cli
     except ImportError as e:

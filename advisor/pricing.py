@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.messages import Usage
@@ -42,3 +46,26 @@ def usd(x: float | None) -> str:
     sign, a = ("-" if x < 0 else ""), abs(x)
     body = f"{a:,.6f}" if a < 0.01 else f"{a:,.4f}" if a < 100 else f"{a:,.2f}"
     return f"{sign}${body}"
+
+
+PRICE_DATA = Path(__file__).parent / "data" / "prices.yaml"
+
+
+@cache
+def known_prices() -> dict[str, Price]:
+    """The list prices of the models the project knows (`advisor/data/prices.yaml`), by model name."""
+    raw = yaml.safe_load(PRICE_DATA.read_text(encoding="utf-8")) or {}
+    return {name: Price.model_validate(p) for name, p in raw.items()}
+
+
+def known_price(model: str) -> Price | None:
+    return known_prices().get(model)
+
+
+def per_million(p: Price) -> str:
+    """A price as one short phrase: `$0.20 in / $0.04 cached / $1.15 out per M tokens`."""
+    def d(x: float) -> str:
+        return f"${x:.2f}" if round(x, 2) == x else f"${x:g}"
+
+    cached = f" / {d(p.cached_input)} cached" if p.cached_input is not None else ""
+    return f"{d(p.input)} in{cached} / {d(p.output)} out per M tokens"
