@@ -18,7 +18,7 @@ from advisor.pricing import usd
 from advisor.progress import Progress, notes_to
 from advisor.result import TaskResult
 from advisor.runner import STRATEGIES, Advisor, new_run_id
-from advisor.task import Task, TaskError, load_task
+from advisor.task import Task, TaskError, config_otel, load_task, user_config_dir
 
 
 def _tokens(u: dict) -> str:
@@ -80,7 +80,8 @@ async def _run(
         highlight=False,
     )
     with live, notes_to(progress):  # on screen from the first second: loading, compiling, each step
-        async with Advisor(runs_dir=args.runs_dir, run_id=run_id, listeners=[progress]) as adv:
+        otel = config_otel([t.base_dir / "advisor.yaml" for t in tasks] + [user_config_dir() / "advisor.yaml"])
+        async with Advisor(runs_dir=args.runs_dir, run_id=run_id, listeners=[progress], otel=otel) as adv:
             results = await adv.run_many(tasks, strategy=args.strategy, concurrency=args.concurrency)
     console.print(results_table(results))
     for r in results:  # why a task errored or stopped belongs on screen, not only in result.json

@@ -534,6 +534,7 @@ class TaskLoop:
         return {
             "endpoint": slot.endpoint.name,
             "model": slot.endpoint.config.model,
+            "provider": slot.endpoint.config.provider,
             "effort": slot.effort,
             "role": slot.role,
         }

@@ -14,6 +14,8 @@ from rich.console import Console
 
 from advisor.endpoints import Endpoint, EndpointConfig, EndpointError, make_endpoint
 from advisor.loop import Slot, TaskLoop
+from advisor.otel import OtelConfig
+from advisor.otel import resolve as otel_settings
 from advisor.pricing import FREE, Price
 from advisor.progress import Progress
 from advisor.result import TaskResult
@@ -37,6 +39,8 @@ class Advisor:
     Endpoints are created once per (name, config) and shared by all concurrent tasks; those this
     object made are closed by `aclose()` (or leaving `async with`); those passed in `endpoints`
     (by name) belong to the caller. With a rich `console`, a line is printed per finished task.
+    `otel` (an `OtelConfig`, its dict, or True; default: `ADVISOR_OTEL`) exports each task as an
+    OpenTelemetry trace (`advisor.otel`).
     `endpoint_options` go to `make_endpoint` (e.g. a test transport or backoff). Listeners get
     (task output name, trace event) for every event, as it happens.
     """
@@ -51,6 +55,7 @@ class Advisor:
         endpoints: dict[str, Endpoint] | None = None,
         endpoint_options: dict | None = None,
         console: Console | None = None,
+        otel: OtelConfig | dict | bool | None = None,
     ):
         self.runs_dir = Path(runs_dir)
         self.run_id = run_id or new_run_id()
@@ -62,6 +67,8 @@ class Advisor:
         self._endpoints: dict[str, Endpoint] = {}
         self._options = endpoint_options or {}
         self.mcp = McpPool()  # MCP servers start once per Advisor and are shared by its tasks
+        self._otel = otel_settings(otel)
+        self._exporter = None  # made at the first task: nothing of OpenTelemetry is imported when off
 
     @property
     def run_dir(self) -> Path:
@@ -102,13 +109,20 @@ class Advisor:
     ) -> TaskResult:
         executor, frontier = self.prepare(task, strategy)
         out = Path(out_dir) if out_dir else self.run_dir / task.name
+        listeners = [partial(f, out.name) for f in self.listeners]
+        if self._otel is not None:
+            if self._exporter is None:
+                from advisor.otel import Exporter
+
+                self._exporter = Exporter(self._otel)
+            listeners.append(self._exporter.listener(task.goal))
         loop = TaskLoop(
             task,
             executor,
             None if strategy == "frontier" else frontier,
             strategy,
             out,
-            listeners=[partial(f, out.name) for f in self.listeners],
+            listeners=listeners,
             fsync=self.fsync,
             mcp=self.mcp,
         )
@@ -138,6 +152,9 @@ class Advisor:
         for ep in self._endpoints.values():
             await ep.aclose()
         self._endpoints.clear()
+        if self._exporter is not None:  # sends the queued spans: a blocking HTTP call
+            await asyncio.to_thread(self._exporter.shutdown)
+            self._exporter = None
 
     async def __aenter__(self) -> Advisor:
         return self

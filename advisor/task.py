@@ -406,16 +406,29 @@ def read_yaml(path: Path) -> Any:
         raise TaskError(f"{path}:{where}: invalid YAML: {problem}") from None
 
 
+CONFIG_KEYS = {"endpoints", "otel"}  # what an advisor.yaml holds
+
+
+def config_otel(paths: list[Path]) -> Any:
+    """The `otel:` setting of the first of these advisor.yaml files that has one (None: none has)."""
+    for path in paths:
+        if path.is_file():
+            data = read_yaml(path)
+            if isinstance(data, dict) and data.get("otel") is not None:
+                return data["otel"]
+    return None
+
+
 def read_endpoints(path: Path) -> dict[str, Any]:
     """The endpoints an advisor.yaml at `path` defines (name -> EndpointConfig), {} when there is none."""
     if not path.is_file():
         return {}
     data = read_yaml(path) or {}
-    if not isinstance(data, dict) or set(data) - {"endpoints"}:
-        extra = (
-            ", ".join(sorted(set(data) - {"endpoints"})) if isinstance(data, dict) else type(data).__name__
+    if not isinstance(data, dict) or set(data) - CONFIG_KEYS:
+        extra = ", ".join(sorted(set(data) - CONFIG_KEYS)) if isinstance(data, dict) else type(data).__name__
+        raise TaskError(
+            f"{path}: unexpected content ({extra}); advisor.yaml holds only `endpoints:` and `otel:`"
         )
-        raise TaskError(f"{path}: unexpected content ({extra}); advisor.yaml holds only `endpoints:`")
     eps = data.get("endpoints") or {}
     if not isinstance(eps, dict):
         raise TaskError(f"{path}: endpoints: must be a mapping of name -> endpoint")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from advisor import interrupt
 from advisor.progress import Progress, notes_to
-from advisor.task import TaskError
+from advisor.task import TaskError, config_otel, user_config_dir
 from evals.harness import plan_jobs, run_suite
 from evals.records import load_prices
 from evals.report import headline_lines, tables, write_report
@@ -38,6 +38,11 @@ def strategy_table(res: dict) -> Table:
     return t
 
 
+def _base(suite) -> Path:
+    src = Path(suite.source)
+    return src if src.is_dir() else src.parent
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -58,6 +63,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     concurrency=args.concurrency,
                     timeout_s=args.timeout,
                     console=shown,
+                    otel=config_otel(
+                        [p for p in (args.endpoints,) if p]
+                        + [_base(suite) / "advisor.yaml", user_config_dir() / "advisor.yaml"]
+                    ),
                 )
             )
         res = write_report(args.out)

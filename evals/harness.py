@@ -119,8 +119,10 @@ async def run_suite(
     console: Console | None = None,
     run_fn: RunFn | None = None,
     advisor: Advisor | None = None,
+    otel: dict | bool | None = None,
 ) -> EvalRun:
-    """Runs what is missing under `out`. `run_fn(task, base_strategy, out_dir)` defaults to `Advisor.run`."""
+    """Runs what is missing under `out`. `run_fn(task, base_strategy, out_dir)` defaults to `Advisor.run`;
+    `otel`: that Advisor's OpenTelemetry setting (default: `ADVISOR_OTEL`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in strategies:  # unknown names are bad input before anything runs
@@ -130,7 +132,7 @@ async def run_suite(
     (out / "eval.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     result = EvalRun(skipped=done)
     own = advisor is None and run_fn is None
-    adv = advisor or Advisor(runs_dir=out)
+    adv = advisor or Advisor(runs_dir=out, otel=otel)
     run = run_fn or (lambda task, base, d: adv.run(task, base, d))
     for j in jobs:  # validation before any task starts: bad input pays for nothing
         if run_fn is None:
