@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        return interrupt.EXIT_CODE
+        interrupt.leave()
     return 0 if all(r.passed for r in results) else 1
 
 

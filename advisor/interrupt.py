@@ -4,8 +4,9 @@
 cancellation too, but then re-raises KeyboardInterrupt through every awaiting frame (a screenful of
 CancelledError tracebacks) and waits for worker threads however long they take. Here the first SIGINT
 cancels `main` (its `finally` blocks run: traces are already flushed per event, endpoints and progress
-displays close) and `run` raises `Interrupted`, for the caller to say in one line what finished; a second
-SIGINT, during that cleanup or after it while worker threads finish, exits with status 130 at once.
+displays close) and `run` raises `Interrupted`, for the caller to say in one line what finished and then
+`leave()` (status 130, without waiting for busy worker threads); a second SIGINT, during that cleanup,
+exits with status 130 at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
@@ -29,6 +30,18 @@ class Interrupted(Exception):
 def rerun_command() -> str:
     """The command line this process was started with, as the user would type it again to resume."""
     return shlex.join(["advisor", *sys.argv[1:]])
+
+
+def leave() -> NoReturn:
+    """Ends the process with status 130 now: what the run wrote is flushed already (traces per event,
+    results atomically), and worker threads still busy (a model loading, a batch generating) would only
+    make the user wait for work nobody will read."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_CODE)
 
 
 def _exit_now(signum, frame) -> None:
@@ -62,7 +75,8 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         finally:
             _cancel_rest(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
+            if not interrupted:  # after Ctrl-C, a worker thread (a model loading) is not waited for
+                loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
         if interrupted:  # `main` took the cancellation and returned early: still an interrupted run
             raise Interrupted()

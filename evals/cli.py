@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        return interrupt.EXIT_CODE
+        interrupt.leave()
     console.print(f"ran {len(run.ran)} task runs, skipped {len(run.skipped)} already finished")
     console.print(strategy_table(res))
     for line in headline_lines(res):

@@ -113,8 +113,8 @@ def _build(source: Path = _SOURCE, name: str = _NAME, build_directory: str | Non
             source, build_directory = _staged(source, name)
         if not (Path(build_directory) / f"{name}.so").is_file():
             log.info(
-                "engine: compiling the CPU decode ops, once per machine (a minute or two; "
-                "`python -m engine.build` does it at set-up)"
+                "engine: compiling the CPU decode ops (fused C++ kernels for fast CPU decoding), once per machine: a minute or two; "
+                "`python -m engine.build` does it at set-up"
             )
         return load(
             name,

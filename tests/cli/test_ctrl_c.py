@@ -145,3 +145,36 @@ def test_a_second_ctrl_c_ends_a_slow_cleanup_at_once(tmp_path):
     assert proc.returncode == 130
     assert time.monotonic() - start < 5
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_busy_worker_thread_is_not_waited_for(tmp_path):
+    # the embedded engine loads and generates in worker threads, which cancellation cannot stop
+    script = tmp_path / "busy_thread.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, time
+            from advisor import interrupt
+
+            async def main():
+                print("loading", flush=True)
+                await asyncio.to_thread(time.sleep, 60)
+
+            try:
+                interrupt.run(main())
+            except interrupt.Interrupted:
+                print("interrupted: one line", flush=True)
+                interrupt.leave()
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "loading"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - start < 10
+    assert proc.stdout.read().strip() == "interrupted: one line"
+    assert proc.stderr.read() == ""
