@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, help="an advisor.yaml (endpoints) or a task.yaml")
     check.set_defaults(func=cmd_check)
+    endpoints = sub.add_parser("endpoints", help="endpoint commands: check (the same as `advisor check`)")
+    endpoints_sub = endpoints.add_subparsers(dest="endpoints_command", required=True)
+    again = endpoints_sub.add_parser("check", help="the same as `advisor check`")
+    again.add_argument("file", type=Path, help="an advisor.yaml (endpoints) or a task.yaml")
+    again.set_defaults(func=cmd_check)
     try:
         from evals import cli as evals_cli
     except ImportError as e:

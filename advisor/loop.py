@@ -387,7 +387,9 @@ class TaskLoop:
                 arguments=tc.arguments if tc.arguments is not None else tc.raw_arguments,
             )
             reason, produced, data = None, [], None
-            repeats, key = self.policy.calls, call_key(tc.name, tc.arguments, tc.name in self.by_name)
+            # a broken call repeats as its raw text; a call to a tool that is not offered, as its name
+            args = tc.arguments if tc.parse_error is None and tc.arguments is not None else tc.raw_arguments
+            repeats, key = self.policy.calls, call_key(tc.name, args, tc.name in self.by_name)
             if tc.parse_error is not None or tc.arguments is None:
                 text, reason = (
                     f"error: malformed tool call: {tc.parse_error or 'arguments could not be parsed'}",
@@ -411,7 +413,7 @@ class TaskLoop:
                 produced = [i for i, _ in result.images]
                 data = _trace_data(result.data)
                 new_images += produced
-            stuck = reason not in (None, "malformed_tool_call") and repeats.failed(key) >= repeats.limit
+            stuck = reason is not None and bool(tc.name) and repeats.failed(key) >= repeats.limit
             self.trace.emit(
                 "tool_result",
                 step=self.steps,
@@ -432,7 +434,7 @@ class TaskLoop:
             if reason and failure is None and self.policy.counts(reason):  # failure_signals decide
                 failure = (reason, text[:300])
             if stuck:  # the model is looping on a call that cannot work: stop before the limits do
-                args = "" if tc.name not in self.by_name else json.dumps(tc.arguments, default=str)[:200]
+                args = "" if tc.name not in self.by_name else json.dumps(args, default=str)[:200]
                 detail = f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
                 self.policy.failure(self.steps, reason, text[:300], self.trace)
                 self.trace.emit("stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail)

@@ -1,7 +1,8 @@
 """Telling a stuck model from a working one: the same tool call, failing again.
 
-`CallRepeats` is the state of one conversation: per call (tool name and canonical arguments; for a tool
-that does not exist, the name alone, since no arguments can make it work) how often it failed, and the
+`CallRepeats` is the state of one conversation: per call (tool name and canonical arguments, or the raw
+text of a call whose arguments did not parse; for a tool that is not offered, the name alone, since no
+arguments can make it work) how often it failed, and the
 last call that succeeded. The task loop asks it whether a call may run (`refusal`), reports each
 outcome (`failed` / `succeeded`), and ends the task when one call has failed `limit` times
 (`exhausted`); a proxy that sees only the conversation can keep the same counts from the tool calls and

@@ -52,3 +52,24 @@ async def test_the_limit_is_set_per_task_and_other_calls_in_between_do_not_reset
     result, _ = await run(tmp_path, task, ex)
     assert result.outcome == "failed" and result.steps == 6
     assert "made 4 times: explode" in result.error
+
+
+async def test_a_call_to_a_tool_not_offered_counts_even_when_the_parser_rejects_it(tmp_path: Path):
+    # the embedded parser turns a call to a function outside the schemas into a malformed call
+    bad = [
+        call("read_file", None, raw=f"<function=read_file>{i}</function>", error="call to unknown function 'read_file'")
+        for i in range(4)
+    ]
+    ex = FakeEndpoint("ex", bad, EXEC_PRICE)
+    result, events = await run(tmp_path, make(ex), ex)
+    assert result.outcome == "failed" and result.steps == 3
+    assert result.error == "the same failing tool call was made 3 times: read_file()"
+    assert [f["reason"] for f in kinds(events, "step_failed")] == ["malformed_tool_call"] * 3
+
+
+async def test_broken_calls_of_an_offered_tool_count_by_their_text(tmp_path: Path):
+    turns = [call("add", None, raw=raw, error="bad JSON") for raw in ('{"a": 1', '{"a": 2', '{"a": 1', '{"a": 1')]
+    ex = FakeEndpoint("ex", turns + [call("add", {"a": 2, "b": 3})], EXEC_PRICE)
+    result, _ = await run(tmp_path, make(ex), ex)
+    assert result.outcome == "failed" and result.steps == 4  # the third '{"a": 1' ends it
+    assert "made 3 times: add(" in result.error

@@ -114,7 +114,9 @@ def test_check_passes_when_every_endpoint_is_ready(tmp_path, capsys):
     with ScriptedServer({"m": lambda body: Reply(text="OK")}) as server:
         path = _endpoints(tmp_path, m={"provider": "openai", "base_url": server.base_url, "model": "m", "free": True})
         assert main(["check", str(path)]) == 0
-    assert capsys.readouterr().out.startswith("m: ok: ")
+        assert capsys.readouterr().out.startswith("m: ok: ")
+        assert main(["endpoints", "check", str(path)]) == 0  # the same command, grouped
+        assert capsys.readouterr().out.startswith("m: ok: ")
 
 
 def test_check_of_a_missing_file_is_one_line(tmp_path, capsys):
