@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +18,7 @@ from advisor.progress import Progress, notes_to
 from advisor.result import TaskResult
 from advisor.runner import STRATEGIES, Advisor, new_run_id
 from advisor.task import Task, TaskError, config_otel, load_task, user_config_dir
+from advisor.version import package_version
 
 
 def _tokens(u: dict) -> str:
@@ -152,13 +152,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     for r in reports:
         console.print(r.line(), markup=False, highlight=False, soft_wrap=True)
     return 0 if all(r.ok for r in reports) else 1
-
-
-def package_version() -> str:
-    try:
-        return version("advisor")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

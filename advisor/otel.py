@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from advisor.task import TaskError
+from advisor.version import package_version
 
 ENV = "ADVISOR_OTEL"
 CONTENT_LIMIT = 4000  # characters of a prompt or tool output kept per attribute (with content: true)
@@ -71,8 +72,6 @@ class Exporter:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from advisor.cli import package_version
 
         self.config = config
         service = config.service_name or os.environ.get("OTEL_SERVICE_NAME") or "advisor"
