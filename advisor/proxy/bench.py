@@ -139,31 +139,39 @@ def _request(stream: bool) -> dict:
 
 async def _load(
     url: str, concurrency: int, total: int, stream: bool, model: str
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, int]:
+    """(latencies of the requests that succeeded, wall seconds, failed requests)."""
     body = {**_request(stream), "model": model}
     latencies: list[float] = []
+    failed = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
         async def one(session: int, n: int) -> None:
+            nonlocal failed
             headers = {"x-advisor-session": f"bench-{session}"}
             for _ in range(n):
                 t0 = time.perf_counter()
-                if stream:
-                    async with client.stream("POST", url, json=body, headers=headers) as r:
-                        async for _chunk in r.aiter_bytes():
-                            pass
-                else:
-                    r = await client.post(url, json=body, headers=headers)
-                latencies.append(time.perf_counter() - t0)
+                try:
+                    if stream:
+                        async with client.stream("POST", url, json=body, headers=headers) as r:
+                            async for _chunk in r.aiter_bytes():
+                                pass
+                    else:
+                        r = await client.post(url, json=body, headers=headers)
+                except httpx.TransportError:
+                    failed += 1  # counted and shown, never retried: a retry would hide it
+                    continue
                 if r.status_code != 200:
                     raise RuntimeError(f"{url}: HTTP {r.status_code}")
+                latencies.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(one(i, 10) for i in range(concurrency)))  # warm the connections
         latencies.clear()
+        failed = 0
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, total // concurrency) for i in range(concurrency)))
-        return latencies, time.perf_counter() - t0
+        return latencies, time.perf_counter() - t0, failed
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -223,20 +231,21 @@ def main(requests: int = 2000) -> int:
             _wait(f"http://127.0.0.1:{up_port}/", up)
             _wait(f"http://127.0.0.1:{px_port}/health", px)
             print(
-                "| sessions | stream | requests | direct p50 / p99 ms | proxied p50 / p99 ms | added p50 / p99 ms | proxy CPU ms/req | proxied req/s |"
+                "| sessions | stream | requests | direct p50 / p99 ms | proxied p50 / p99 ms | added p50 / p99 ms "
+                "| proxy CPU ms/req | proxied req/s | failed direct / proxied |"
             )
-            print("|---:|:---:|---:|---:|---:|---:|---:|---:|")
+            print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
             for conc in (1, 40):
                 for stream in (False, True):
                     n = requests if conc > 1 else requests // 4
-                    direct, _ = asyncio.run(
+                    direct, _, failed_direct = asyncio.run(
                         _load(f"http://127.0.0.1:{up_port}/v1/chat/completions", conc, n, stream, "flash")
                     )
                     cpu0 = _cpu_s(px.pid)
-                    proxied, wall = asyncio.run(
+                    proxied, wall, failed_proxied = asyncio.run(
                         _load(f"http://127.0.0.1:{px_port}/v1/chat/completions", conc, n, stream, "advisor")
                     )
-                    cpu = (_cpu_s(px.pid) - cpu0) * 1000 / len(proxied)
+                    cpu = (_cpu_s(px.pid) - cpu0) * 1000 / max(1, len(proxied) + failed_proxied)
                     d50, d99, p50, p99 = (
                         _pct(direct, 0.5),
                         _pct(direct, 0.99),
@@ -245,11 +254,15 @@ def main(requests: int = 2000) -> int:
                     )
                     print(
                         f"| {conc} | {'yes' if stream else 'no'} | {len(proxied)} | {d50:.2f} / {d99:.2f} | {p50:.2f} / {p99:.2f} "
-                        f"| {p50 - d50:.2f} / {p99 - d99:.2f} | {cpu:.2f} | {len(proxied) / wall:.0f} |"
+                        f"| {p50 - d50:.2f} / {p99 - d99:.2f} | {cpu:.2f} | {len(proxied) / wall:.0f} "
+                        f"| {failed_direct} / {failed_proxied} |"
                     )
         finally:
             for proc in (px, up):
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(f"(cores: {os.cpu_count()}; the client, the proxy and the upstream share them)")
+    load = os.getloadavg()[0]
+    print(
+        f"(cores: {os.cpu_count()}, load average {load:.1f}; the client, the proxy and the upstream share them)"
+    )
     return 0
