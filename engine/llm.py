@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from engine.model.cache import KVCache, uncached_meta
 from engine.model.config import ModelConfig, load_config
 from engine.model.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
 from engine.model.sampling import sample
+from engine.quant.scheme import SchemeError, read_scheme
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,11 @@ class LLM:
             raise CheckpointError(f"{path}: not a checkpoint directory")
         cfg = load_config(path)
         device = torch.device(device)
-        ckpt = Checkpoint(path)
+        try:
+            scheme = read_scheme(path, json.loads((path / "config.json").read_text()))
+        except SchemeError as e:
+            raise CheckpointError(str(e)) from None
+        ckpt = Checkpoint(path, scheme)
         try:
             dtype = resolve_dtype(dtype, cfg.dtype)
             tc = cfg.text

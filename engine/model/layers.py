@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.model import cpu_decode
 from engine.model.config import RopeSpec
+from engine.quant.packed import QWeight, scratch
 
 # parameter name -> ([(checkpoint tensor name, expected shape), ...], dim the parts are concatenated on)
 Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
@@ -78,6 +79,36 @@ class ColumnPanels(WeightLayout):
         return F.linear(x, w)
 
 
+@dataclass(eq=False)
+class Quantized(WeightLayout):
+    """A quantized weight (FP8, int4, NVFP4; `engine.quant.packed.QWeight`), kept quantized. On the CPU in
+    fp32 with the compiled ops, up to `QUANT_ROWS` rows go through `qlinear`, which decodes the codes in
+    registers; longer inputs (and the PyTorch path) dequantize the weight into a reused per-thread buffer
+    and run one GEMM on it."""
+
+    q: QWeight
+
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        q = self.q
+        n, k = q.out_features, q.in_features
+        rows = x.reshape(-1, k)
+        ops = cpu_decode.ops()
+        if q.codes.is_cpu and ops is not None and cpu_decode.usable(rows):
+            if rows.shape[0] <= QUANT_ROWS:
+                s2 = q.scale_2[0] if q.scale_2.numel() else q.scale_2
+                out = ops.qlinear(rows.contiguous(), q.codes[0], q.scales[0], s2, q.fmt_id, q.group, n)
+                return out.view(*x.shape[:-1], n)
+            w = q.dequantize_k_major(0, out=scratch(k * n).view(k, n))
+        else:
+            w = q.dequantize_k_major(0)
+        return (rows @ w.to(x.dtype)).view(*x.shape[:-1], n)
+
+
+# Up to this many rows a quantized projection decodes in registers; beyond, one dequantization into the
+# scratch buffer and a GEMM (the dequantization is then a small share of the work).
+QUANT_ROWS = 64
+
+
 class Linear(nn.Module):
     """A bias-free projection whose weight is held in one `WeightLayout`, chosen at load.
 
@@ -104,6 +135,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layout.forward(x, self)
+
+    def load_quantized(self, attr: str, q: QWeight) -> None:
+        """The loader's hook for a quantized checkpoint weight: held as it is (`Quantized`), no fp32 copy."""
+        assert attr == "weight", attr
+        self.weight = None
+        self.layout = Quantized(q)
 
     def to_k_major(self) -> None:
         """Store the weight as [in, out] whatever its shape (for kernels that read it that way)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.model import cpu_decode
 from engine.model.layers import MLP, KMajor, Spec, swiglu
+from engine.quant.packed import QWeight, scratch
 
 
 def route(
@@ -106,6 +107,37 @@ def experts_torch(
     return torch.zeros_like(x).index_add_(0, tok, out)
 
 
+def experts_quantized(
+    x: torch.Tensor, gate_up: QWeight, down: QWeight, weights: torch.Tensor, ids: torch.Tensor, limit: float
+) -> torch.Tensor:
+    """Routed experts on quantized weights (`engine.quant.packed.QWeight`), expert by expert: each hit
+    expert's gate_up, then its down, dequantized K-major into one reused per-thread buffer on the CPU (no
+    fp32 copy of the experts is ever held), its tokens gathered and its outputs added into the result."""
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.experts)
+    tok = order // k
+    w_sorted = weights.reshape(-1)[order, None].to(x.dtype)
+    result = torch.zeros_like(x)
+    H, I2 = gate_up.in_features, gate_up.out_features
+    I = down.in_features  # noqa: E741
+    cpu = x.is_cpu
+    buf = scratch(H * I2) if cpu else None  # gate_up's [H, 2I], then down's [I, H] in the same buffer
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        seg = slice(start, start + c)
+        rows = tok[seg]
+        gu = gate_up.dequantize_k_major(e, out=buf[: H * I2].view(H, I2) if cpu else None)
+        h = swiglu(x.index_select(0, rows) @ gu.to(x.dtype), limit)
+        dn = down.dequantize_k_major(e, out=buf[: I * H].view(I, H) if cpu else None)
+        result.index_add_(0, rows, (h @ dn.to(x.dtype)) * w_sorted[seg])
+        start += c
+    return result
+
+
 def block16(w: torch.Tensor) -> torch.Tensor:
     """Checkpoint-layout experts [E, N, K] (out, in) -> blocked K-major [E, K/16, N/16, 16, 16]: tile (kb, nb)
     holds rows kb*16.. and columns nb*16.. of the K-major [K, N], each tile contiguous (one copy)."""
@@ -170,11 +202,24 @@ class MoE(nn.Module):
             spec[f"shared.{name}"] = src
         return spec
 
+    def load_quantized(self, attr: str, q: QWeight) -> None:
+        """The loader's hook for quantized expert weights (both projections come quantized: the loader
+        fills gate_up and down in turn): held as they are, `layout` "quantized"."""
+        assert attr in ("gate_up", "down"), attr
+        del self._parameters[attr]
+        setattr(self, f"q_{attr}", q)
+        if hasattr(self, "q_gate_up") and hasattr(self, "q_down"):
+            self.layout = "quantized"
+
     def prepare(self, use_kernel: bool) -> None:
         """Re-lay the expert weights for the expert path that will run (one layer at a time, so the
         process never holds two copies of the model)."""
         if self.layout != "checkpoint":
             return
+        if "gate_up" not in self._parameters or "down" not in self._parameters:
+            raise ValueError(
+                "MoE experts: gate/up and down must be quantized alike (one is quantized, the other not)"
+            )
         if use_kernel:
             i = self.inter
             self.w_gate = nn.Parameter(self.gate_up[:, :i].contiguous(), requires_grad=False)
@@ -235,6 +280,8 @@ class MoE(nn.Module):
                     float(sh.limit),
                 )
                 return out.reshape(shape)
+        if self.layout == "quantized":
+            return self._forward_quantized(x).reshape(shape)
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
         if self.layout == "split":
             routed = fused_moe_kernel()(
@@ -246,3 +293,42 @@ class MoE(nn.Module):
                 gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
             routed = experts_torch(x, gu, dn, weights, ids, self.limit)
         return (routed + self.shared(x)).reshape(shape)
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        gu, dn = self.q_gate_up, self.q_down
+        ops = cpu_decode.ops()
+        if (
+            ops is not None
+            and gu.codes.is_cpu
+            and cpu_decode.usable(x, self.router)
+            and x.shape[0] * self.top_k <= 32 * self.n_experts
+            and gu.fmt == dn.fmt
+        ):  # decode and short prompts on the CPU: the codes decoded in registers
+            routed = ops.decode_moe_q(
+                x.contiguous(),
+                self.router,
+                self.router_bias,
+                self.top_k,
+                self.scale,
+                gu.codes,
+                gu.scales,
+                gu.scale_2,
+                dn.codes,
+                dn.scales,
+                dn.scale_2,
+                gu.fmt_id,
+                gu.group,
+                dn.group,
+                self.inter,
+                float(self.limit),
+            )
+            return routed + self.shared(x)
+        weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
+        kernel = fused_moe_kernel() if x.is_cuda else None
+        if kernel is not None:
+            from engine.kernels.fused_moe_quant import fused_moe_quantized
+
+            routed = fused_moe_quantized(x, gu, dn, weights, ids, swiglu_limit=self.limit)
+        else:
+            routed = experts_quantized(x, gu, dn, weights, ids, self.limit)
+        return routed + self.shared(x)

@@ -236,3 +236,32 @@ def scratch(numel: int) -> torch.Tensor:
         buf = torch.empty(numel, dtype=torch.float32)
         _local.buf = buf
     return buf[:numel]
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of every tensor the modules hold (parameters, buffers, re-laid and quantized weights), each
+    storage counted once: what a loaded model keeps resident for its weights."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def add(t: object) -> None:
+        if isinstance(t, torch.Tensor):
+            if t.device.type != "meta" and t.numel():
+                st = t.untyped_storage()
+                seen[(st.data_ptr(), t.device.index or 0)] = st.nbytes()
+        elif isinstance(t, QWeight):
+            for x in t.tensors():
+                add(x)
+        elif hasattr(t, "__dataclass_fields__"):  # a weight layout holding its tensor
+            for f in t.__dataclass_fields__:
+                add(getattr(t, f))
+
+    for root in modules:
+        if root is None:
+            continue
+        for m in root.modules():
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                add(t)
+            for v in vars(m).values():
+                if not isinstance(v, dict):
+                    add(v)
+    return sum(seen.values())

@@ -475,6 +475,173 @@ void panel_cols(const float* xt, int64_t M, const float* W, int64_t K, int64_t N
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Quantized weights (engine/quant/packed.py): the output columns in panels of 16, each panel its K input
+// rows one after the other, each row 16 codes: 16 bytes of e4m3 (fmt 0, FP8) or 8 bytes of 4-bit codes
+// (fmt 1 int4: value = code - 8; fmt 2 NVFP4: e2m1), byte j holding column j low and column j + 8 high.
+// Scales [K / group, Np]: fp32 (fmt 0, 1) or e4m3 bytes times a per-column fp32 scale_2 [Np] (fmt 2). The
+// codes are turned into floats in registers, 16 at a time, and scaled once per 16 rows (a group is a
+// multiple of 16 rows): the weights cross the memory bus at 4 or 8 bits and never exist as fp32 in memory.
+struct QMat {
+  const uint8_t* codes;  // [P, K, B]
+  const void* scales;    // [K / group, Np]
+  const float* s2;       // [Np] (fmt 2)
+  int64_t P, K, group, Np, N;
+};
+
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
+typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
+typedef int32_t i32x8 __attribute__((vector_size(32), aligned(4)));
+
+ADVISOR_INLINE f32x16 as_f32x16(i32x16 bits) {
+  f32x16 f;
+  __builtin_memcpy(&f, &bits, 64);
+  return f;
+}
+
+// 16 e4m3 bytes -> floats: the magnitude's bits moved under fp32's exponent and mantissa and rebased
+// (bias 7 -> 127), subnormals (exponent 0) as m * 2^-9, then the sign. NaN codes are never written.
+ADVISOR_INLINE f32x16 e4m3x16(const uint8_t* p) {
+  u8x16 b;
+  __builtin_memcpy(&b, p, 16);
+  const i32x16 u = __builtin_convertvector(b, i32x16);
+  const i32x16 mag = u & 0x7F;
+  const f32x16 normal = as_f32x16((mag << 20) + (120 << 23));
+  const f32x16 sub = __builtin_convertvector(mag, f32x16) * (1.f / 512.f);
+  f32x16 f = mag < 8 ? sub : normal;
+  i32x16 bits;
+  __builtin_memcpy(&bits, &f, 64);
+  return as_f32x16(bits | ((u & 0x80) << 24));
+}
+
+// 8 bytes -> 16 four-bit codes: lanes 0-7 the low nibbles, 8-15 the high ones.
+ADVISOR_INLINE i32x16 nibbles16(const uint8_t* p) {
+  u8x8 b;
+  __builtin_memcpy(&b, p, 8);
+  const i32x8 w = __builtin_convertvector(b, i32x8);
+  const i32x8 lo = w & 15, hi = w >> 4;
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// e2m1: exponent e = bits 2-1 (bias 1), mantissa m = bit 0; e = 0 is 0 or 0.5; bit 3 the sign.
+ADVISOR_INLINE f32x16 e2m1x16(i32x16 c) {
+  const i32x16 mag = c & 7, e = mag >> 1, m = mag & 1;
+  const i32x16 normal = ((e + 126) << 23) | (m << 22);
+  const i32x16 sub = m != 0 ? (i32x16{} + 0x3F000000) : i32x16{};
+  const i32x16 bits = e != 0 ? normal : sub;
+  return as_f32x16(bits | ((c & 8) << 28));
+}
+
+template <int FMT>
+ADVISOR_INLINE f32x16 qdecode(const uint8_t* p) {
+  if constexpr (FMT == 0) return e4m3x16(p);
+  else if constexpr (FMT == 1) return __builtin_convertvector(nibbles16(p), f32x16) - 8.f;
+  else return e2m1x16(nibbles16(p));
+}
+
+template <int FMT>
+ADVISOR_INLINE f32x16 qscale(const QMat& q, int64_t k, int64_t p) {
+  const int64_t at = (k / q.group) * q.Np + p * 16;
+  if constexpr (FMT == 2) return e4m3x16(static_cast<const uint8_t*>(q.scales) + at) * load_f32x16(q.s2 + p * 16);
+  else return load_f32x16(static_cast<const float*>(q.scales) + at);
+}
+
+// Panel p of the weight against R rows of activations: R accumulators of 16 columns in registers over all
+// K; each row of 16 codes decoded and scaled once for the R rows. The panel is one sequential stream.
+template <int R, int FMT>
+ADVISOR_INLINE void qpanel(const float* const* a, const QMat& q, int64_t p, float* const* out) {
+  constexpr int64_t B = FMT == 0 ? 16 : 8;
+  const int64_t K = q.K;
+  const uint8_t* c = q.codes + p * K * B;
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = f32x16{};
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + 16);
+    const f32x16 s = qscale<FMT>(q, k0, p);
+    __builtin_prefetch(c + (k0 + 64) * B, 0, 3);
+    for (int64_t k = k0; k < k1; ++k) {
+      const f32x16 w = qdecode<FMT>(c + k * B) * s;
+      for (int r = 0; r < R; ++r) acc[r] += a[r][k] * w;
+    }
+  }
+  const int64_t cols = std::min<int64_t>(16, q.N - p * 16);
+  for (int r = 0; r < R; ++r) {
+    if (cols == 16) store_f32x16(out[r] + p * 16, acc[r]);
+    else
+      for (int64_t j = 0; j < cols; ++j) out[r][p * 16 + j] = acc[r][j];
+  }
+}
+
+// out[r] = a[rows[r]] @ W for c rows (a rows of stride lda, out rows of stride q.N), panels [p0, p1): each
+// panel against the rows four at a time (it stays in L1 across the groups).
+template <int FMT>
+ADVISOR_INLINE void qgemm_t(const float* a, const int64_t* rows, int64_t c, int64_t lda, const QMat& q, int64_t p0,
+                            int64_t p1, float* out) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t r0 = 0; r0 < c; r0 += 4) {
+      const int R = (int)std::min<int64_t>(4, c - r0);
+      const float* ar[4];
+      float* orow[4];
+      for (int r = 0; r < R; ++r) {
+        ar[r] = a + (rows ? rows[r0 + r] : r0 + r) * lda;
+        orow[r] = out + (r0 + r) * q.N;
+      }
+      switch (R) {
+        case 4: qpanel<4, FMT>(ar, q, p, orow); break;
+        case 3: qpanel<3, FMT>(ar, q, p, orow); break;
+        case 2: qpanel<2, FMT>(ar, q, p, orow); break;
+        default: qpanel<1, FMT>(ar, q, p, orow); break;
+      }
+    }
+}
+
+ADVISOR_CLONES
+void qgemm(int fmt, const float* a, const int64_t* rows, int64_t c, int64_t lda, const QMat& q, int64_t p0, int64_t p1,
+           float* out) {
+  switch (fmt) {
+    case 0: return qgemm_t<0>(a, rows, c, lda, q, p0, p1, out);
+    case 1: return qgemm_t<1>(a, rows, c, lda, q, p0, p1, out);
+    default: return qgemm_t<2>(a, rows, c, lda, q, p0, p1, out);
+  }
+}
+
+template <int FMT>
+ADVISOR_INLINE void qdequant_t(const QMat& q, int64_t p0, int64_t p1, float* out) {
+  constexpr int64_t B = FMT == 0 ? 16 : 8;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* c = q.codes + p * q.K * B;
+    const int64_t cols = std::min<int64_t>(16, q.N - p * 16);
+    for (int64_t k0 = 0; k0 < q.K; k0 += 16) {
+      const f32x16 s = qscale<FMT>(q, k0, p);
+      for (int64_t k = k0; k < std::min<int64_t>(q.K, k0 + 16); ++k) {
+        const f32x16 w = qdecode<FMT>(c + k * B) * s;
+        float* o = out + k * q.N + p * 16;
+        if (cols == 16) store_f32x16(o, w);
+        else
+          for (int64_t j = 0; j < cols; ++j) o[j] = w[j];
+      }
+    }
+  }
+}
+
+// The weight dequantized K-major into out [K, N] (longer inputs: a reused buffer, then one GEMM).
+ADVISOR_CLONES
+void qdequant_panels(int fmt, const QMat& q, int64_t p0, int64_t p1, float* out) {
+  switch (fmt) {
+    case 0: return qdequant_t<0>(q, p0, p1, out);
+    case 1: return qdequant_t<1>(q, p0, p1, out);
+    default: return qdequant_t<2>(q, p0, p1, out);
+  }
+}
+
+// One expert on its c tokens with quantized weights: y[r] = w[r] * down(swiglu(x[rows[r]] @ gate_up)).
+void qexpert(int fmt, const float* x, const int64_t* rows, const float* w, int64_t c, const QMat& gu, const QMat& dn,
+             float limit, int64_t H, int64_t I, float* h, float* y) {
+  qgemm(fmt, x, rows, c, H, gu, 0, gu.P, h);
+  for (int64_t r = 0; r < c; ++r) swiglu_row(h + r * 2 * I, I, limit, w[r]);
+  qgemm(fmt, h, nullptr, c, 2 * I, dn, 0, dn.P, y);
+}
+
 }  // namespace
 
 // x [T, D] -> RMSNorm(x) * scale. With a residual r: returns (x + r, RMSNorm(x + r) * scale), the sum
@@ -717,6 +884,122 @@ torch::Tensor decode_moe(torch::Tensor x, torch::Tensor router, torch::Tensor bi
   return decode_experts(x, gate_up, down, r[0], r[1], limit, shared_gate_up, shared_down, shared_limit);
 }
 
+// ---------------------------------------------------------------------------------------------- quantized
+// One matrix (or expert e of many) of the engine's quantized layout, checked against its shapes.
+QMat qmat(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& s2, int64_t fmt, int64_t group,
+          int64_t N, int64_t e, const char* op) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, op, ": unknown format id ", fmt);
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.device().is_cpu() &&
+                  (codes.dim() == 3 || codes.dim() == 4),
+              op, ": codes must be contiguous uint8 [(E,) P, K, B] on the CPU");
+  const bool many = codes.dim() == 4;
+  const int64_t P = codes.size(-3), K = codes.size(-2), B = codes.size(-1), Np = P * 16;
+  TORCH_CHECK(B == (fmt == 0 ? 16 : 8) && (N + 15) / 16 == P && group % 16 == 0, op, ": codes ", codes.sizes(),
+              " do not hold ", N, " outputs in format ", fmt, " with groups of ", group);
+  TORCH_CHECK(scales.is_contiguous() && scales.dtype() == (fmt == 2 ? torch::kUInt8 : torch::kFloat32) &&
+                  scales.size(-1) == Np && scales.size(-2) == (K + group - 1) / group,
+              op, ": scales ", scales.sizes(), " do not match codes ", codes.sizes());
+  const int64_t E = many ? codes.size(0) : 1;
+  TORCH_CHECK(e >= 0 && e < E, op, ": expert ", e, " out of range");
+  if (fmt == 2) check_f32(s2, op, "scale_2");
+  QMat q;
+  q.P = P;
+  q.K = K;
+  q.group = group;
+  q.Np = Np;
+  q.N = N;
+  q.codes = codes.data_ptr<uint8_t>() + e * P * K * B;
+  q.scales = static_cast<const char*>(scales.data_ptr()) + e * scales.size(-2) * Np * scales.element_size();
+  q.s2 = fmt == 2 ? s2.data_ptr<float>() + e * Np : nullptr;
+  return q;
+}
+
+// x [M, K] @ W -> [M, N] with W quantized (see QMat); panels split across ATen's threads.
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor s2, int64_t fmt,
+                      int64_t group, int64_t N) {
+  check_f32(x, "qlinear", "x");
+  const QMat q = qmat(codes, scales, s2, fmt, group, N, 0, "qlinear");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == q.K, "qlinear: x ", x.sizes(), " does not match ", q.K, " inputs");
+  const int64_t M = x.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t B = fmt == 0 ? 16 : 8;
+  at::parallel_for(0, q.P, std::max<int64_t>(1, (1 << 15) / (q.K * B)), [&](int64_t b, int64_t e) {
+    qgemm((int)fmt, xp, nullptr, M, q.K, q, b, e, op);
+  });
+  return out;
+}
+
+// Expert e's (or the matrix's) weight dequantized K-major into out [K, N] (fp32, contiguous).
+void qdequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor s2, int64_t fmt, int64_t group, int64_t N,
+              torch::Tensor out) {
+  const QMat q = qmat(codes, scales, s2, fmt, group, N, 0, "qdequant");
+  check_f32(out, "qdequant", "out");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == q.K && out.size(1) == N, "qdequant: out ", out.sizes(),
+              " is not [", q.K, ", ", N, "]");
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, q.P, 4, [&](int64_t b, int64_t e) { qdequant_panels((int)fmt, q, b, e, op); });
+}
+
+// A MoE block's routed experts for a few tokens with quantized expert weights (gate_up [E, 2I, H] and
+// down [E, H, I] in the engine layout): the router, then each selected expert's weights read once, in
+// place, for all its tokens (experts taken one at a time by ATen's threads); the shared expert is the
+// caller's (its own projections).
+torch::Tensor decode_moe_q(torch::Tensor x, torch::Tensor router, torch::Tensor bias, int64_t k, double scale,
+                           torch::Tensor gu_codes, torch::Tensor gu_scales, torch::Tensor gu_s2, torch::Tensor dn_codes,
+                           torch::Tensor dn_scales, torch::Tensor dn_s2, int64_t fmt, int64_t gu_group,
+                           int64_t dn_group, int64_t I, double limit) {
+  const char* op = "decode_moe_q";
+  check_f32(x, op, "x");
+  auto r = route(x, router, bias, k, scale);
+  const int64_t T = x.size(0), H = x.size(1), E = gu_codes.size(0), n = T * k;
+  TORCH_CHECK(gu_codes.dim() == 4 && dn_codes.dim() == 4 && dn_codes.size(0) == E && gu_codes.size(2) == H &&
+                  dn_codes.size(2) == I,
+              op, ": expert codes ", gu_codes.sizes(), " and ", dn_codes.sizes(), " do not match x ", x.sizes(),
+              " and ", I, " intermediate");
+  qmat(gu_codes, gu_scales, gu_s2, fmt, gu_group, 2 * I, 0, op);  // shape checks once
+  qmat(dn_codes, dn_scales, dn_s2, fmt, dn_group, H, 0, op);
+  const float* wt = r[0].data_ptr<float>();
+  const int64_t* e = r[1].data_ptr<int64_t>();
+  std::vector<int64_t> count(E + 1, 0), rows(n);
+  std::vector<float> pw(n);
+  for (int64_t p = 0; p < n; ++p) count[e[p] + 1]++;
+  for (int64_t i = 0; i < E; ++i) count[i + 1] += count[i];
+  std::vector<int64_t> fill(count.begin(), count.end() - 1);
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t s = fill[e[p]]++;
+    rows[s] = p / k;
+    pw[s] = wt[p];
+  }
+  std::vector<int64_t> tasks;
+  for (int64_t i = 0; i < E; ++i)
+    if (count[i + 1] > count[i]) tasks.push_back(i);
+  auto ys = torch::empty({n, H}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = ys.data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  const int64_t n_tasks = (int64_t)tasks.size();
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> h;
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
+      const int64_t ex = tasks[t], s = count[ex], c = count[ex + 1] - s;
+      const QMat gu = qmat(gu_codes, gu_scales, gu_s2, fmt, gu_group, 2 * I, ex, op);
+      const QMat dn = qmat(dn_codes, dn_scales, dn_s2, fmt, dn_group, H, ex, op);
+      h.resize(c * 2 * I);
+      qexpert((int)fmt, xp, rows.data() + s, pw.data() + s, c, gu, dn, (float)limit, H, I, h.data(), yp + s * H);
+    }
+  });
+  auto out = torch::zeros_like(x);
+  float* o = out.data_ptr<float>();
+  for (int64_t s = 0; s < n; ++s) {
+    float* orow = o + rows[s] * H;
+    const float* y = yp + s * H;
+    for (int64_t j = 0; j < H; ++j) orow[j] += y[j];
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x @ weight for a few rows, the weight in column panels");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows (after adding a residual, when given)");
@@ -724,4 +1007,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_experts", &decode_experts, "routed experts (and the shared one) for a few tokens");
   m.def("route", &route, "the Step router for a few tokens");
   m.def("decode_moe", &decode_moe, "router, routed and shared experts for a few tokens");
+  m.def("qlinear", &qlinear, "x @ a quantized weight (FP8, int4, NVFP4), dequantized in registers");
+  m.def("qdequant", &qdequant, "a quantized weight dequantized K-major into a buffer");
+  m.def("decode_moe_q", &decode_moe_q, "router and routed experts with quantized expert weights");
 }
