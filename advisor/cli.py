@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     again = endpoints_sub.add_parser("check", help="the same as `advisor check`")
     again.add_argument("file", type=Path, help="an advisor.yaml (endpoints) or a task.yaml")
     again.set_defaults(func=cmd_check)
+    from engine.plan import add_engine_parser  # `advisor engine plan`: torch is imported only when it runs
+
+    add_engine_parser(sub)
     try:
         from evals import cli as evals_cli
     except ImportError as e:

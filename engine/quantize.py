@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -36,12 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.quant import formats as F
-from engine.quant.scheme import DEFAULT_GROUP, FORMATS, read_scheme, scheme_config
-
-_EXPERTS = re.compile(r"^model\.layers\.\d+\.moe\.(gate|up|down)_proj\.weight$")
-_PROJECTIONS = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.[qkvog]_proj|mlp\.(gate|up|down)_proj|share_expert\.(gate|up|down)_proj)\.weight$"
+from engine.quant.scheme import (
+    DEFAULT_GROUP,
+    EXPERT_WEIGHT,
+    FORMATS,
+    PROJECTION_WEIGHT,
+    read_scheme,
+    scheme_config,
 )
+
 _SHARD_BYTES = 4 << 30
 
 
@@ -171,8 +173,8 @@ def quantize_checkpoint(
     quantized, ignore = [], []
     rename = _nvfp4_name if fmt == "nvfp4" else (lambda k: k)
     for key, t in _tensors(src):
-        expert = bool(_EXPERTS.match(key))
-        wanted = expert or (not experts_only and bool(_PROJECTIONS.match(key)))
+        expert = bool(EXPERT_WEIGHT.match(key))
+        wanted = expert or (not experts_only and bool(PROJECTION_WEIGHT.match(key)))
         module = rename(key).removesuffix(".weight")
         if wanted and t.is_floating_point() and _fits(fmt, t, group, expert):
             for suffix, q in quantize_tensor(fmt, t, group).items():

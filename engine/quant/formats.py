@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from engine.quant.scheme import FP8_BLOCK, NVFP4_GROUP
+
 FP8_MAX = 448.0  # largest finite e4m3fn
 E2M1_MAX = 6.0
-FP8_BLOCK = 128
-NVFP4_GROUP = 16
 
 # e2m1 code -> value: bit 3 the sign, bits 2-1 the exponent (bias 1), bit 0 the mantissa; exponent 0 is
 # subnormal (0 and 0.5).

@@ -9,13 +9,20 @@ engine cannot read as declared is a one-line `SchemeError` naming the file.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.quant.formats import FP8_BLOCK, NVFP4_GROUP
-
 FORMATS = ("fp8", "nvfp4", "int4")
+FP8_BLOCK = 128  # the published FP8 block side
+NVFP4_GROUP = 16  # inputs per NVFP4 e4m3 scale
+# What the exports quantize, by checkpoint name: the routed experts (one [E, out, in] tensor per
+# projection), and the decoder layers' projections (attention, dense MLPs, shared experts).
+EXPERT_WEIGHT = re.compile(r"^model\.layers\.\d+\.moe\.(gate|up|down)_proj\.weight$")
+PROJECTION_WEIGHT = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvog]_proj|mlp\.(gate|up|down)_proj|share_expert\.(gate|up|down)_proj)\.weight$"
+)
 
 
 class SchemeError(ValueError):
