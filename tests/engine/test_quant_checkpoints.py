@@ -240,3 +240,24 @@ def test_cli(small_q, tmp_path, capsys):
     assert LLM.from_pretrained(tmp_path / "out").logits([1, 2, 3]).shape == (3, 256)
     assert main([str(src), str(tmp_path / "out"), "--format", "int4"]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
+
+
+def test_decode_runs_through_the_register_decoding_ops(pair, monkeypatch):
+    """A decode step takes qlinear and decode_moe_q (not a silent fallback); a long prompt the scratch path."""
+    _, _, llm, _, _ = pair
+    ops = cpu_decode.ops()
+    if ops is None:
+        pytest.skip("no compiled CPU ops on this machine")
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(ops, name)
+            return lambda *a: calls.append(name) or fn(*a)
+
+    monkeypatch.setitem(cpu_decode._state, "ops", Counting())
+    llm.generate([[5, 6, 7]], 2, stop_token_ids=[])
+    assert "qlinear" in calls and "decode_moe_q" in calls
+    calls.clear()
+    llm.logits(torch.randint(1, 255, (1, 200)))
+    assert "qdequant" in calls and "decode_moe_q" not in calls
