@@ -11,6 +11,15 @@ from engine.model.cache import KVCache, TypeMeta
 from engine.model.layers import Linear, RMSNorm, Rope, Spec, apply_rope
 
 
+def _store(buf: torch.Tensor, meta: TypeMeta, new: torch.Tensor) -> None:
+    """Write this step's keys or values [B, Hkv, T, D] into the cache buffer's slots."""
+    if isinstance(meta.write, tuple):  # ragged rows: each row's own slots
+        rows, slots = meta.write
+        buf.transpose(1, 2)[rows, slots] = new.transpose(1, 2)
+    else:
+        buf[:, :, meta.write] = new[:, :, meta.write_from :]
+
+
 class Attention(nn.Module):
     def __init__(
         self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, scale: float
@@ -68,15 +77,15 @@ class Attention(nn.Module):
         if cache is not None:
             ck, cv = cache.k[layer], cache.v[layer]
             if meta.attend_cache:
-                ck[:, :, meta.write] = k[:, :, meta.write_from :]
-                cv[:, :, meta.write] = v[:, :, meta.write_from :]
+                _store(ck, meta, k)
+                _store(cv, meta, v)
                 k, v = ck[:, :, meta.read], cv[:, :, meta.read]
             else:
                 old_k, old_v = ck[:, :, meta.read], cv[:, :, meta.read]
                 new_k, new_v = k, v
                 k, v = torch.cat([old_k, new_k], dim=2), torch.cat([old_v, new_v], dim=2)
-                ck[:, :, meta.write] = new_k[:, :, meta.write_from :]
-                cv[:, :, meta.write] = new_v[:, :, meta.write_from :]
+                _store(ck, meta, new_k)
+                _store(cv, meta, new_v)
 
         # GQA without repeating K/V: fold each KV head's query group into the query-length axis.
         G = self.h // self.hkv

@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
 class MTPLayer(nn.Module):
     """One multi-token-prediction layer: h = eh_proj([enorm(embed(tok)), hnorm(h_prev)]) -> block -> head.
 
-    Loaded and kept for speculative decoding; plain generation does not run it.
+    Speculative decoding runs it (`engine.model.mtp`); plain generation does not.
     """
 
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
@@ -147,9 +147,12 @@ class StepTextModel(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """embeds [B, T, H] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, [B, len(select), vocab]
-        for the positions in `select`), in the model dtype."""
+        for the positions in `select`), in the model dtype. With `hidden`: (those logits, the last layer's
+        output stream [B, T, H] before the final norm, all positions), the hidden state the MTP layers
+        draft from."""
         x, pending = embeds, None
         ropes = rope_tables(self.inv_freq, meta.positions, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -157,6 +160,13 @@ class StepTextModel(nn.Module):
             x, pending = layer.step(x, pending, ropes[t], meta.types[t], cache, i)
         if pending is None:  # no layers
             pending = torch.zeros_like(x)
+        if hidden:
+            stream, normed = self.norm.add(pending, x)
+            if last_only:
+                normed = normed[:, -1:]
+            elif select is not None:
+                normed = normed[:, select]
+            return self.lm_head(normed), stream
         if last_only:
             x, pending = x[:, -1:], pending[:, -1:]
         elif select is not None:
