@@ -15,6 +15,7 @@ from engine.model.cache import KVCache, uncached_meta
 from engine.model.config import ModelConfig, load_config
 from engine.model.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
 from engine.model.sampling import sample
+from engine.model.speculative import SpeculativeDecoder
 from engine.quant.scheme import SchemeError, read_scheme
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class LLM:
         vision: Any = None,
         tokenizer: Any = None,
         max_batch_size: int = 16,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ):
         self.config = config
         self.model = model
@@ -46,6 +49,9 @@ class LLM:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self._core = None
+        self.speculative, self.num_speculative_tokens = speculative, num_speculative_tokens
+        self._spec_k(speculative, num_speculative_tokens)  # a bad option fails at load, not at the first call
+        self.last_speculation: SpeculativeDecoder | None = None  # the last speculative batch (its counts)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -55,8 +61,14 @@ class LLM:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         max_batch_size: int = 16,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> LLM:
-        """Load a HF-layout Step checkpoint directory (config.json + *.safetensors [+ index, tokenizer])."""
+        """Load a HF-layout Step checkpoint directory (config.json + *.safetensors [+ index, tokenizer]).
+
+        speculative="mtp": decode speculatively, the checkpoint's MTP layers drafting
+        `num_speculative_tokens` (1 to the number of MTP layers, default all) per verify step of the model.
+        """
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -94,7 +106,34 @@ class LLM:
             vision=vision,
             tokenizer=_load_tokenizer(path),
             max_batch_size=max_batch_size,
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
         )
+
+    def _spec_k(self, speculative: str | None, k: int | None) -> int:
+        """Drafts per verify step for these options (0: plain decoding), or a one-line ValueError."""
+        if speculative in (None, "", "none", "off"):
+            return 0
+        if speculative != "mtp":
+            raise ValueError(f"speculative: unknown method {speculative!r} (supported: 'mtp')")
+        n = len(self.model.mtp)
+        if n == 0:
+            where = self.path or "this checkpoint"
+            raise ValueError(
+                f"speculative='mtp': {where} has no MTP layers (model.layers.N+j.*) to draft with"
+            )
+        k = n if k is None else int(k)
+        if not 1 <= k <= n:
+            raise ValueError(
+                f"num_speculative_tokens={k}: must be between 1 and the checkpoint's {n} MTP layers"
+            )
+        return k
+
+    def _call_spec_k(self, speculative: str | None, k: int | None) -> int:
+        """A call's drafts per verify step: its own options, else the LLM's."""
+        if speculative is None:
+            speculative, k = self.speculative, (self.num_speculative_tokens if k is None else k)
+        return self._spec_k(speculative, k)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -170,19 +209,35 @@ class LLM:
         use_cache: bool = True,
         max_batch_size: int | None = None,
         images: Sequence[ImageInputs | None] | None = None,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (a stop token, when hit, is the last one returned).
 
         stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
         images: optional, one entry per prompt: a dict with the `logits` image arguments (pixel_values,
         pixel_values_local, num_local_patches) for that prompt's `<im_patch>` tokens, or None.
+        speculative / num_speculative_tokens: as in `from_pretrained`, for this call (None: the LLM's own,
+        "off": plain). Speculative decoding runs on the static batches of `generate_static` (the serving
+        core does not speculate yet).
         Runs through the serving core (`self.core`: paged KV cache, prefix cache, continuous batching with
         whatever else is running); each prompt samples from its own generator seeded with `seed`.
         use_cache=False recomputes every step without a cache (`generate_static`, the reference).
         """
-        if not use_cache:
+        k = self._call_spec_k(speculative, num_speculative_tokens)
+        if not use_cache or k:
             return self.generate_static(
-                prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids, False, max_batch_size, images
+                prompts,
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop_token_ids,
+                use_cache,
+                max_batch_size,
+                images,
+                speculative="mtp" if k else "off",
+                num_speculative_tokens=k or None,
             )
         if not prompts:
             return []
@@ -227,6 +282,8 @@ class LLM:
         use_cache: bool = True,
         max_batch_size: int | None = None,
         images: Sequence[ImageInputs | None] | None = None,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> list[list[int]]:
         """`generate` as it ran before the serving core: left-padded static batches of `max_batch_size`,
         one static KV cache each, one generator for the batch. Kept for `engine.bench_serving`'s comparison
@@ -244,13 +301,18 @@ class LLM:
             raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        k = (
+            self._call_spec_k(speculative, num_speculative_tokens) if use_cache else 0
+        )  # uncached: the reference
         bs = max_batch_size or self.max_batch_size
         out: list[list[int]] = []
         for i in range(0, len(prompts), bs):
             batch = [list(p) for p in prompts[i : i + bs]]
             imgs = list(images[i : i + bs]) if images is not None else [None] * len(batch)
             out.extend(
-                self._generate_batch(batch, imgs, max_new_tokens, temperature, top_p, gen, stops, use_cache)
+                self._generate_batch(
+                    batch, imgs, max_new_tokens, temperature, top_p, gen, stops, use_cache, k
+                )
             )
         return out
 
@@ -277,14 +339,28 @@ class LLM:
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         images: ImageInputs | None = None,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> Iterator[int]:
         """Yield one prompt's new tokens as they are decoded (same rules as `generate`), through the
-        serving core; leaving the loop early cancels the request."""
+        serving core; leaving the loop early cancels the request. With speculation (as in `generate`),
+        each verify step's accepted tokens come at once, from a static batch of one."""
         if len(prompt) == 0:
             raise ValueError("stream: the prompt needs at least one token")
         self._check_ids(torch.as_tensor(list(prompt), dtype=torch.long))
+        k = self._call_spec_k(speculative, num_speculative_tokens)
+        if k:
+            stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            for step in self._decode_speculative(
+                [list(prompt)], [images], max_new_tokens, temperature, top_p, gen, stops, k
+            ):
+                yield from step[0]
+            return
         core = self.core
-        seq = core.submit(prompt, self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids), images)
+        seq = core.submit(
+            prompt, self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids), images
+        )
         sent = 0
         try:
             while True:
@@ -301,8 +377,13 @@ class LLM:
                 core.abort(seq)
                 core.drive(lambda: seq.finished)
 
-    def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
+    def _generate_batch(self, prompts, images, max_new, temperature, top_p, gen, stops, use_cache, k=0):
         results: list[list[int]] = [[] for _ in prompts]
+        if k:
+            for step in self._decode_speculative(prompts, images, max_new, temperature, top_p, gen, stops, k):
+                for row, toks in zip(results, step, strict=True):
+                    row.extend(toks)
+            return results
         done = [False] * len(prompts)
         for step in self._decode(prompts, images, max_new, temperature, top_p, gen, stops, use_cache):
             for b, t in enumerate(step):
@@ -354,6 +435,57 @@ class LLM:
                     embeds, seq_pos = torch.cat([embeds, new], 1), torch.cat([seq_pos, pos], 1)
                     logits = self.model(embeds, uncached_meta(self.config.text, seq_pos), last_only=True)
 
+    def _prefill(self, prompts, images, max_len: int, spare: int = 0):
+        """A left-padded batch through the model into a fresh static cache of `max_len` more columns:
+        (cache, logits [B, V] at each row's last token, hidden [B, T, H])."""
+        B = len(prompts)
+        lens_list = [len(p) for p in prompts]
+        lens = torch.tensor(lens_list, device=self.device)
+        T = max(lens_list)
+        pad = self.config.text.pad_token_id or 0
+        ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+        self._check_ids(ids)
+        positions = torch.arange(T, device=self.device)[None] - (T - lens)[:, None]
+        positions = positions.masked_fill(positions < 0, -1)
+        embeds = self._prompt_embeds(ids, lens_list, images)
+        cache = KVCache(self.config.text, B, T + max_len, self.dtype, self.device, spare=spare)
+        logits, hidden = self.model(embeds, cache.plan(positions), cache, last_only=True, hidden=True)
+        return cache, logits[:, -1], hidden
+
+    def _decode_speculative(self, prompts, images, max_new, temperature, top_p, gen, stops, k):
+        """Each round's new tokens per row ([] for finished rows), the MTP layers drafting k tokens per
+        verify step (`engine.model.speculative`); stop tokens and max_new cut a row's last round."""
+        if max_new <= 0:
+            return
+        with torch.inference_mode():
+            # A frozen row (done) may stand k past the others' last verify and still receives the k + 1
+            # columns of each later one before they are taken back.
+            cache, logits, hidden = self._prefill(prompts, images, max_new + 2 * k + 1, spare=k)
+            dec = SpeculativeDecoder(self.model, cache, k, temperature, top_p, gen)
+            first = dec.start(prompts, logits, hidden)
+        self.last_speculation = dec
+        count = [1] * len(prompts)
+        for b, t in enumerate(first):
+            if t in stops or max_new == 1:
+                dec.stop(b)
+        yield [[t] for t in first]
+        while any(dec.active):
+            with torch.inference_mode():
+                step = dec.step()
+            for b, toks in enumerate(step):
+                toks = toks[: max_new - count[b]]
+                for i, t in enumerate(toks):
+                    if t in stops:
+                        toks = toks[: i + 1]
+                        break
+                step[b] = toks
+                count[b] += len(toks)
+                if toks and (toks[-1] in stops or count[b] >= max_new):
+                    dec.stop(b)
+            yield step
+
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
     """The vision tower + projector (engine.model.vision), when the checkpoint has one; with the keys it used."""
@@ -362,7 +494,9 @@ def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device:
     try:
         from engine.model.vision import build_vision, vision_keys
     except ImportError:
-        log.warning("checkpoint has a vision tower but engine.model.vision is unavailable; images are disabled")
+        log.warning(
+            "checkpoint has a vision tower but engine.model.vision is unavailable; images are disabled"
+        )
         return None, set()
     vision = build_vision(cfg.vision, cfg.text.hidden_size, cfg.projector_bias, device="meta", dtype=dtype)
     spec = {}
