@@ -59,27 +59,35 @@ def mtp_config(model: StepTextModel, k: int):
     return dataclasses.replace(model.cfg, layers=list(model.cfg.mtp_layers[:k]))
 
 
-def mtp_logits(
-    model: StepTextModel, hidden: torch.Tensor, ids: torch.Tensor, k: int | None = None
+def mtp_streams(
+    model: StepTextModel, hidden: torch.Tensor, ids: torch.Tensor, k: int | None = None, start: int = 0
 ) -> list[torch.Tensor]:
-    """Over whole sequences, no cache: hidden [B, T, H] (main model, positions 0..T-1), ids [B, T'] ->
-    for each depth j = 1..k, logits [B, n_j, vocab] at positions p < n_j = min(T, T' - j) (each layer reads
-    ids[p + j]), predicting ids[p + j + 1] (with T' = T the last position's target lies past the sequence:
-    training drops it)."""
+    """Over whole sequences, no cache: hidden [B, T, H] (main model, positions start..start+T-1), ids
+    [B, T'] from the same position -> for each depth j = 1..k, layer j's stream [B, n_j, H] at positions
+    p < n_j = min(T, T' - j) (each layer reads ids[p + j]). `start` only shifts RoPE's positions."""
     k = len(model.mtp) if k is None else k
     cfg = mtp_config(model, k)
-    B, T, _ = hidden.shape
+    B = hidden.shape[0]
     out, h = [], hidden
     for j in range(1, k + 1):
         n = min(h.shape[1], ids.shape[1] - j)
         if n <= 0:
             break
-        positions = torch.arange(j, j + n, device=ids.device).expand(B, -1)
+        positions = torch.arange(start + j, start + j + n, device=ids.device).expand(B, -1)
         layer = model.mtp[j - 1]
         tokens = ids[:, j : j + n]
         h = layer_forward(model, layer, tokens, h[:, :n], uncached_meta(cfg, positions), None, j - 1)
-        out.append(head_logits(layer, h))
+        out.append(h)
     return out
+
+
+def mtp_logits(
+    model: StepTextModel, hidden: torch.Tensor, ids: torch.Tensor, k: int | None = None
+) -> list[torch.Tensor]:
+    """`mtp_streams` through each layer's head: logits [B, n_j, vocab] per depth, predicting ids[p + j + 1]
+    (with T' = T the last position's target lies past the sequence: training drops it)."""
+    streams = mtp_streams(model, hidden, ids, k)
+    return [head_logits(model.mtp[j], s) for j, s in enumerate(streams)]
 
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # logits [B, vocab] (fp32) -> token ids [B]

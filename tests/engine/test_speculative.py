@@ -136,7 +136,8 @@ def test_rejection_sampling_draws_from_the_model_distribution(llm):
     prompt = [5, 17, 33, 2, 9]
     n, bs = 2000, 500
     kw = dict(temperature=1.0, top_p=0.9, stop_token_ids=[], max_batch_size=bs)
-    plain = llm.generate([prompt] * n, 4, seed=11, **kw)
+    # static batches: one generator for the batch (the serving core seeds every prompt alike)
+    plain = llm.generate_static([prompt] * n, 4, seed=11, **kw)
     spec = llm.generate([prompt] * n, 4, seed=12, speculative="mtp", num_speculative_tokens=3, **kw)
     s = llm.last_speculation
     rate = s.accepted / s.row_steps
