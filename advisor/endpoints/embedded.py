@@ -6,7 +6,10 @@ relative to the working directory), or the name of a directory under `$ADVISOR_M
 (default `~/.cache/advisor/models`) or of a model shipped in the repository's `models/` folder. `device` picks the torch device (default cpu).
 
 `extra_body` takes the engine's sampling and loading options: temperature (default 0: greedy),
-top_p, seed, dtype, max_batch_size (sequences per step), kv_blocks (KV pool size, blocks of 16 tokens).
+top_p, seed, dtype, max_batch_size (sequences per step), kv_blocks (KV pool size, blocks of 16 tokens),
+and speculative decoding with the checkpoint's MTP layers (`speculative: mtp`, `num_speculative_tokens:
+k`, default all of them; off unless asked, a one-line error for a checkpoint without MTP layers; such
+calls run one at a time on the engine's static batches, the serving core not speculating yet).
 Anything else there is an error, since no request body exists.
 
 A call renders the neutral messages with the checkpoint's own chat template (else the engine's default
@@ -41,7 +44,16 @@ from engine.model_paths import MODELS_DIR_ENV, SHIPPED_MODELS, models_dir, resol
 __all__ = ["MODELS_DIR_ENV", "SHIPPED_MODELS", "EmbeddedEndpoint", "Generation", "models_dir", "resolve_model"]
 
 DEFAULT_MAX_TOKENS = 2048
-_OPTIONS = {"temperature", "top_p", "seed", "dtype", "max_batch_size", "kv_blocks"}
+_OPTIONS = {
+    "temperature",
+    "top_p",
+    "seed",
+    "dtype",
+    "max_batch_size",
+    "kv_blocks",
+    "speculative",
+    "num_speculative_tokens",
+}
 _FUNCTION_NAME = re.compile(r"<function=([^>\n]*)>")
 log = logging.getLogger(__name__)
 
@@ -68,6 +80,7 @@ class _Engine:
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(self.llm.max_batch_size + 2, thread_name_prefix="advisor-embedded")
+        self._speculating = threading.Lock()
 
     def generate(
         self,
@@ -84,6 +97,12 @@ class _Engine:
         Setting `cancel` (the caller's task was cancelled) aborts the request and frees its blocks."""
         from engine.serving import SamplingParams
 
+        if getattr(self.llm, "speculative", None):  # MTP drafts: the static path, one call at a time
+            with self._speculating:
+                out = self.llm.generate(
+                    [prompt], max_new, temperature, top_p, seed, list(stops), images=[images] if images else None
+                )
+            return Generation(out[0], 0)
         core = self.llm.core
         seq = core.submit(prompt, SamplingParams(max_new, temperature, top_p, seed, tuple(stops)), images)
         core.drive(lambda: seq.finished or (cancel is not None and cancel.is_set()))
@@ -100,9 +119,15 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def _load_engine(
-    path: Path, device: str, dtype: str | None, max_batch_size: int | None, kv_blocks: int | None = None
+    path: Path,
+    device: str,
+    dtype: str | None,
+    max_batch_size: int | None,
+    kv_blocks: int | None = None,
+    speculative: str | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> _Engine:
-    key = (str(path), device, dtype, max_batch_size, kv_blocks)
+    key = (str(path), device, dtype, max_batch_size, kv_blocks, speculative, num_speculative_tokens)
     with _ENGINES_LOCK:  # one load per model, however many endpoints and tasks ask at once
         engine = _ENGINES.get(key)
         if engine is not None:
@@ -110,7 +135,9 @@ def _load_engine(
         from engine import LLM
         from engine.text.tokenizer import StepTokenizer, load_tokenizer
 
-        kwargs = {"max_batch_size": max_batch_size} if max_batch_size else {}
+        kwargs: dict = {"max_batch_size": max_batch_size} if max_batch_size else {}
+        if speculative:
+            kwargs.update(speculative=speculative, num_speculative_tokens=num_speculative_tokens)
         start = time.perf_counter()
         log.info("loading model %s on %s (embedded engine)", path.name, device)
         llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
@@ -145,6 +172,8 @@ class EmbeddedEndpoint(Endpoint):
         self.dtype = opts.get("dtype")
         self.max_batch_size = opts.get("max_batch_size")
         self.kv_blocks = opts.get("kv_blocks")
+        self.speculative = opts.get("speculative")
+        self.num_speculative_tokens = opts.get("num_speculative_tokens")
         self.device = config.device or "cpu"
         self._engine: _Engine | None = None
         self._load_lock: asyncio.Lock | None = None
@@ -157,7 +186,14 @@ class EmbeddedEndpoint(Endpoint):
                 if self._engine is None:
                     path = resolve_model(self.config.model)
                     self._engine = await asyncio.to_thread(
-                        _load_engine, path, self.device, self.dtype, self.max_batch_size, self.kv_blocks
+                        _load_engine,
+                        path,
+                        self.device,
+                        self.dtype,
+                        self.max_batch_size,
+                        self.kv_blocks,
+                        self.speculative,
+                        self.num_speculative_tokens,
                     )
         return self._engine
 

@@ -297,3 +297,24 @@ async def test_a_cancelled_call_leaves_the_batch_and_frees_its_blocks(ckpt):
             break
         await asyncio.sleep(0.01)
     assert not core.has_work() and core.blocks.pools["full_attention"].num_in_use == 0
+
+
+async def test_extra_body_turns_on_mtp_speculation(ckpt, tmp_path):
+    import shutil
+
+    from training.mtp import with_mtp_config
+
+    from tests.engine.mtp_models import add_mtp_layers
+
+    with pytest.raises(EndpointError, match="has no MTP layers") as e:
+        await _endpoint(ckpt, speculative="mtp").complete(MESSAGES, tools=[add], effort="low")
+    assert "\n" not in str(e.value)
+
+    mtp = tmp_path / "with_mtp"
+    shutil.copytree(ckpt, mtp)
+    add_mtp_layers(with_mtp_config(ckpt, 2, mtp), seed=5)
+    plain = await _endpoint(mtp).complete(MESSAGES, tools=[add], effort="low")
+    ep = _endpoint(mtp, speculative="mtp", num_speculative_tokens=2)
+    spec = await ep.complete(MESSAGES, tools=[add], effort="low")
+    assert ep._engine.llm.speculative == "mtp" and ep._engine.llm.last_speculation.k == 2
+    assert spec.message == plain.message and spec.usage.output == plain.usage.output
