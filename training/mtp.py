@@ -163,6 +163,9 @@ trained with the main model frozen (`training/mtp.py`), {log["steps_done"]} step
 {log["command"]}
 ```
 
+The same weights again (seeded; a step count instead of the time limit):
+`{log.get("rerun", log["command"])}`
+
 Loss per depth (cross-entropy on assistant tokens, mean of the first and last {log["log_every"]} steps;
 `mtp_loss.png`, `mtp_log.json`):
 
@@ -274,10 +277,20 @@ def train_mtp(args: argparse.Namespace) -> dict:
                 f"step {step}/{total} loss {mean} lr {lr:.2e} ({time.monotonic() - t_train:.0f} s)",
                 flush=True,
             )
+        if args.max_steps and step >= args.max_steps:
+            break
         if args.max_minutes and time.monotonic() - t_train > args.max_minutes * 60:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
             break
     log["steps_done"] = step
+    # The same run again, whatever the machine's speed: the schedule is the epochs', the stop a step count.
+    rerun = [a for a in args.argv]
+    if "--max-minutes" in rerun:
+        i = rerun.index("--max-minutes")
+        del rerun[i : i + 2]
+    if "--max-steps" not in rerun:
+        rerun += ["--max-steps", str(step)]
+    log["rerun"] = "python -m training.mtp " + shlex.join(rerun)
     log["train_s"] = round(time.monotonic() - t_train, 1)
     log["wall_s"] = round(time.monotonic() - t0, 1)
     model.eval()
@@ -301,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--max-minutes", type=float, default=0.0)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this long")
+    p.add_argument("--max-steps", type=int, default=0, help="stop (and save) after this many steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--save-dtype", default=None, help="default: the checkpoint's own")
