@@ -48,11 +48,13 @@ def test_engine_and_transformers_agree(ckpt):
 
 
 @pytest.mark.parametrize("ckpt", SHIPPED, ids=lambda p: p.name)
-def test_shipped_mtp_layers_draft_what_the_model_says(ckpt):
+def test_shipped_mtp_layers_draft_what_the_model_says(ckpt, traces):
+    from training.traces import samples
+
     llm = LLM.from_pretrained(ckpt, dtype="float32")
     assert len(llm.model.mtp) == 3 and llm.speculative is None  # shipped, and off unless asked
-    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], effort="low")
-    plain = llm.generate_static([ids], 40)
-    assert llm.generate([ids], 40, speculative="mtp") == plain
+    prompts = [llm.tokenizer.encode(s.prompt) for tr in traces[:2] for s in samples(tr, llm.tokenizer)]
+    plain = llm.generate_static(prompts, 48)
+    assert llm.generate(prompts, 48, speculative="mtp") == plain
     s = llm.last_speculation
     assert (1 + s.accepted / s.row_steps) > MIN_TOKENS_PER_STEP, s.accepted / s.row_steps
