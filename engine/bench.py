@@ -1,7 +1,6 @@
 """CPU throughput of the engine against the transformers reference, same weights, same run.
 
     python -m engine.bench [--batches 1 16] [--prompt 128] [--decode 32] [--repeats 5]
-    python -m engine.bench --speculative mtp [--model models/step-nano]   # engine.bench_speculative
 
 Builds a Step-shaped random model (~95M parameters: dense first layer, then MoE layers; full attention
 every 4th layer, sliding elsewhere, with more query heads on sliding layers, partial RoPE and llama3
@@ -13,7 +12,6 @@ transformers is a dev dependency; the engine itself does not use it.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -171,11 +169,6 @@ def decode_step_bytes(cfg, itemsize: int = 4, batch: int = 1) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--speculative" or a.startswith("--speculative=") for a in argv):
-        from engine import bench_speculative  # decode with and without MTP drafts, on a trained checkpoint
-
-        return bench_speculative.main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128)

@@ -174,7 +174,7 @@ Loss per depth (cross-entropy on assistant tokens, mean of the first and last {l
 {rows}
 
 Use: `LLM.from_pretrained(path, speculative="mtp", num_speculative_tokens=k)`; measured by
-`python -m engine.bench --speculative mtp`.
+`python -m training.bench_mtp`.
 {CARD_END}
 """
 
