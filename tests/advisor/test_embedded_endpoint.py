@@ -302,9 +302,8 @@ async def test_a_cancelled_call_leaves_the_batch_and_frees_its_blocks(ckpt):
 async def test_extra_body_turns_on_mtp_speculation(ckpt, tmp_path):
     import shutil
 
-    from training.mtp import with_mtp_config
-
     from tests.engine.mtp_models import add_mtp_layers
+    from training.mtp import with_mtp_config
 
     with pytest.raises(EndpointError, match="has no MTP layers") as e:
         await _endpoint(ckpt, speculative="mtp").complete(MESSAGES, tools=[add], effort="low")
