@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import re
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,8 @@ from advisor.result import TaskResult
 from advisor.runner import STRATEGIES, Advisor, new_run_id
 from advisor.task import Task, TaskError, config_otel, load_task, user_config_dir
 from advisor.version import package_version
+
+COMMANDS_GROUP = "advisor.commands"  # entry points: callables that add a subcommand to the parser
 
 
 def _tokens(u: dict) -> str:
@@ -201,14 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.plan import add_engine_parser  # `advisor engine plan`: torch is imported only when it runs
 
     add_engine_parser(sub)
-    try:
-        from evals import cli as evals_cli
-    except ImportError as e:
-        if e.name not in ("evals.cli", "evals"):
-            raise
-    else:
-        evals_cli.add_eval_parser(sub)
-        evals_cli.add_report_parser(sub)
+    # packages above advisor (evals: `eval`, `report`) plug their subcommands in through this entry-point
+    # group, so advisor never imports them
+    for command in sorted(entry_points(group=COMMANDS_GROUP), key=lambda c: c.name):
+        command.load()(sub)
     return parser
 
 
