@@ -2,8 +2,8 @@
 
     from advisor import Advisor, Task, tool
 
-Public names are imported lazily: `tools` imports `advisor.messages`, and the loop imports `tools`, so
-importing a leaf module such as `advisor.messages` must not pull in the whole loop.
+Public names are imported lazily, so importing a leaf module such as `advisor.messages` (or using the
+HTTP endpoints alone) does not pull in the whole loop and its tools.
 """
 
 from __future__ import annotations
