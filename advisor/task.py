@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -34,6 +34,9 @@ Trigger = Literal["plan", "replan", "final"]
 
 class TaskError(Exception):
     """Bad input: one line naming the file, the field and what to do. The CLI exits 2 on it."""
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -468,20 +471,28 @@ def with_config_endpoints(path: Path, data: dict) -> dict:
     return {**data, "endpoints": {**{k: v.model_dump() for k, v in endpoints.items()}, **own}}
 
 
+def load_config_file(path: Path, model: type[ModelT], *, what: str, mapping: str) -> ModelT:
+    """A YAML file validated as `model`, with the endpoints of an advisor.yaml beside it merged in; every
+    failure is a one-line TaskError naming the file (`what` is not found, it is not `mapping`, a field)."""
+    if not path.is_file():
+        raise TaskError(f"{path}: {what} not found")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: {mapping}")
+    data = with_config_endpoints(path, data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise TaskError(one_line_error(path, e)) from None
+
+
 def load_task(
     path: str | Path, *, check_env: bool = True, strategies: tuple[str, ...] = ("advisor",)
 ) -> Task:
     path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"{path}: task file not found")
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise TaskError(f"{path}: a task file must be a YAML mapping (name, goal, executor, ...)")
-    data = with_config_endpoints(path, data)
-    try:
-        task = Task.model_validate(data)
-    except ValidationError as e:
-        raise TaskError(one_line_error(path, e)) from None
+    task = load_config_file(
+        path, Task, what="task file", mapping="a task file must be a YAML mapping (name, goal, executor, ...)"
+    )
     task.with_base(path.parent.resolve(), str(path))
     task.validate_ready(check_env=check_env, strategies=strategies)
     return task

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from advisor.endpoints.base import EndpointConfig
 from advisor.task import (
@@ -19,9 +19,7 @@ from advisor.task import (
     RoleConfig,
     TaskError,
     _Strict,
-    one_line_error,
-    read_yaml,
-    with_config_endpoints,
+    load_config_file,
 )
 
 ProxyTrigger = Literal["plan", "new_user_turn"]
@@ -151,16 +149,12 @@ def check_keys(cfg: ProxyConfig, source: str) -> None:
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:
     path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"{path}: proxy config not found")
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise TaskError(f"{path}: proxy.yaml must be a YAML mapping (executor, frontier, endpoints, ...)")
-    data = with_config_endpoints(path, data)
-    try:
-        cfg = ProxyConfig.model_validate(data)
-    except ValidationError as e:
-        raise TaskError(one_line_error(path, e)) from None
+    cfg = load_config_file(
+        path,
+        ProxyConfig,
+        what="proxy config",
+        mapping="proxy.yaml must be a YAML mapping (executor, frontier, endpoints, ...)",
+    )
     cfg._base_dir = path.parent.resolve()
     check_ready(cfg, str(path))
     return cfg
