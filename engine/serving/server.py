@@ -6,9 +6,10 @@ Step format into `tool_calls`, one delta per call as soon as it closes when stre
 `usage` with `prompt_tokens_details.cached_tokens`, also in a last chunk with
 `stream_options.include_usage`), `POST /v1/completions`, `GET /v1/models`, `GET /health`.
 
-Bad input is an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with a 400; a
-client that goes away mid-stream cancels its request (the stream's generator is closed, which aborts the
-sequence and frees its blocks). Nothing one request does stops the server.
+Bad input is an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with a 400. A
+client that goes away cancels its request, streamed or not: a stream's generator is closed, a reply still
+being computed has its task cancelled when the connection's `http.disconnect` arrives; either way the
+sequence is aborted and its blocks are freed at the next step. Nothing one request does stops the server.
 """
 
 from __future__ import annotations
@@ -262,8 +263,8 @@ def build_app(served: Served):
                 served, ids, images, params, schemas, in_reasoning, rid, created, include_usage
             )
             return StreamingResponse(gen, media_type="text/event-stream")
-        return JSONResponse(
-            await _chat_once(served, ids, images, params, schemas, in_reasoning, rid, created)
+        return await _unless_disconnected(
+            request, _chat_once(served, ids, images, params, schemas, in_reasoning, rid, created)
         )
 
     async def completions(request: Request):
@@ -296,24 +297,7 @@ def build_app(served: Served):
                 _completion_stream(served, ids, params, rid, created, include_usage),
                 media_type="text/event-stream",
             )
-        detok, finish, text = Detokenizer(served.tokenizer), None, ""
-        stream = served.engine.generate(ids, params)
-        async for ev in stream:
-            if ev.token is not None and ev.token not in params.stop_token_ids:
-                text += detok.add(ev.token)
-            finish = ev.finish_reason
-        seq = stream.seq
-        _raise_engine_error(seq)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": served.name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(len(ids), seq.num_cached_prompt, len(seq.output), 0),
-            }
-        )
+        return await _unless_disconnected(request, _completion_once(served, ids, params, rid, created))
 
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse(error_body(str(exc), exc.param, exc.code), status_code=400)
@@ -344,6 +328,29 @@ def build_app(served: Served):
             Exception: server_error,
         },
     )
+
+
+async def _unless_disconnected(request, work):
+    """The JSON reply of `work` (a coroutine), or nothing if the client disconnects first: then `work` is
+    cancelled, which aborts its sequences (their blocks go back at the next step) instead of computing a
+    reply nobody will read."""
+    from starlette.responses import JSONResponse, Response
+
+    async def gone() -> None:
+        # The body has been read, so the next message is the disconnect (or the end of the response).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+    return JSONResponse(task.result())
 
 
 def _raise_engine_error(seq) -> None:
@@ -380,6 +387,25 @@ async def _chat_once(served, ids, images, params, schemas, in_reasoning, rid, cr
         "model": served.name,
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": _usage(len(ids), seq.num_cached_prompt, len(out), reasoning),
+    }
+
+
+async def _completion_once(served, ids, params, rid, created) -> dict:
+    detok, finish, text = Detokenizer(served.tokenizer), None, ""
+    stream = served.engine.generate(ids, params)
+    async for ev in stream:
+        if ev.token is not None and ev.token not in params.stop_token_ids:
+            text += detok.add(ev.token)
+        finish = ev.finish_reason
+    seq = stream.seq
+    _raise_engine_error(seq)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": served.name,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": _usage(len(ids), seq.num_cached_prompt, len(seq.output), 0),
     }
 
 

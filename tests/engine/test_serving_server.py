@@ -211,6 +211,41 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
     assert served.llm.core.stats.prompt_tokens > 0
 
 
+class Endless:
+    """Stands in for the model's step: every sequence repeats one token and never ends by itself, at one
+    step every 10 ms (so a long max_tokens keeps it running for seconds); the sequences seen are kept."""
+
+    def __init__(self, served):
+        self.served, self.real, self.seqs = served, served.llm.core.runner.run, {}
+        self.token = served.tokenizer.encode("word")[0]
+
+    def __enter__(self):
+        def run(chunks):
+            time.sleep(0.01)
+            self.seqs.update((c.seq.id, c.seq) for c in chunks)
+            return {c.seq.id: self.token for c in chunks if c.samples}
+
+        self.served.llm.core.runner.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.served.llm.core.runner.run = self.real
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_client_that_disconnects_before_a_non_streamed_reply_cancels_its_request(server, route):
+    served, base = server
+    body = {"model": "tiny", "max_tokens": 1400, "temperature": 0}
+    body.update({"messages": MESSAGES} if route == "chat" else {"prompt": "Once upon a time"})
+    with Endless(served) as fake:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{base}/v1/{'chat/' if route == 'chat' else ''}completions", json=body, timeout=1.0)
+        h = idle(base)  # polls with a deadline: the request left the running set, its blocks went back
+    (seq,) = fake.seqs.values()
+    assert seq.finish_reason == "abort" and 0 < len(seq.output) < 1400
+    assert h["kv_blocks_in_use"] == 0 and h["running"] == 0
+
+
 def test_advisor_serve_runs_from_the_command_line(ckpt):
     port = free_port()
     proc = subprocess.Popen(
