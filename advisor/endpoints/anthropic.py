@@ -17,23 +17,34 @@ requires one) still bounds the visible answer. Thinking is left off for a call t
 turn whose thinking blocks this endpoint did not produce (Anthropic requires the signed thinking block
 of that turn back; ones this endpoint received are kept, by tool-use id, and replayed).
 
+Sampling: temperature, top_p, top_k as sent; `stop` as `stop_sequences`; `parallel_tool_calls=False`
+as `tool_choice.disable_parallel_tool_use`; seed and the penalties have no Anthropic equivalent and are
+not sent. With thinking on, the values Anthropic refuses then (temperature other than 1, top_k, top_p
+below 0.95) are left out, since the effort asked for decides.
+
 Usage: input = input_tokens, cached_input = cache_read_input_tokens, cache_write =
 cache_creation_input_tokens, output = output_tokens. Anthropic does not report thinking tokens apart:
 they are billed inside output_tokens, so reasoning = 0 here. Missing usage is estimated (thinking
 counted as output) and marked `estimated=True`. stop_reason is normalised to OpenAI's finish_reason
 names: end_turn/stop_sequence -> stop, tool_use -> tool_calls, max_tokens -> length.
+
+Streaming: `stream()` sends `stream: true` and yields the text, thinking and tool-input deltas of the
+Messages events as they arrive; `StreamFold` folds the events into the non-streamed `message` (usage
+from message_start, updated by message_delta's cumulative counts), read by the same `parse_reply`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed
+from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta
 from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -53,6 +64,15 @@ FINISH_TO_STOP = {
     "content_filter": "refusal",
 }
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+
+
+def _refused_with_thinking(field: str, value: float) -> bool:
+    """Sampling values Anthropic refuses when extended thinking is on (the effort asked wins)."""
+    if field == "temperature":
+        return value != 1
+    if field == "top_p":
+        return not 0.95 <= value <= 1
+    return True  # top_k
 
 
 def _image_block(image: ImagePart) -> dict:
@@ -131,7 +151,9 @@ def _user_parts(content: Any, where: str) -> list:
         elif kind == "image":
             source = block.get("source") or {}
             if source.get("type") != "base64":
-                raise ValueError(f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})")
+                raise ValueError(
+                    f"{where}[{j}]: only base64 image sources are accepted (got {source.get('type')!r})"
+                )
             parts.append(decode_image(source.get("data") or "", source.get("media_type"), f"{where}[{j}]"))
         elif kind in ("document", "search_result"):
             raise ValueError(f"{where}[{j}]: {kind} blocks are not supported")
@@ -226,6 +248,85 @@ def parse_usage(usage: Any) -> Usage | None:
     )
 
 
+class StreamFold:
+    """Folds Messages streaming events into the `message` a non-streamed reply would have been
+    (`reply()`, read by the same `parse_reply`: thinking blocks keep their signatures for replay),
+    returning each event's deltas for a caller that forwards them."""
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] = {"type": "message", "content": [], "stop_reason": None}
+        self.blocks: dict[int, dict] = {}  # the event's block index -> the block so far
+        self.json: dict[int, list[str]] = {}  # tool_use block index -> its input's JSON fragments
+        self.calls: dict[int, int] = {}  # tool_use block index -> the call's ordinal
+        self.error: Any = None
+        self.done = False
+
+    def feed(self, event: str | None, data: str) -> list[Delta]:
+        try:
+            ev = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise AttemptFailed(
+                f"invalid stream event ({e.msg} at position {e.pos})", retryable=False
+            ) from None
+        if not isinstance(ev, dict):
+            raise AttemptFailed(f"invalid stream event: a JSON {type(ev).__name__}", retryable=False)
+        kind = ev.get("type") or event
+        if kind == "message_start":
+            start = ev.get("message") or {}
+            self.message.update({k: v for k, v in start.items() if k != "content"})
+        elif kind == "content_block_start":
+            index, block = ev.get("index", len(self.blocks)), dict(ev.get("content_block") or {})
+            self.blocks[index] = block
+            if block.get("type") == "tool_use":
+                self.json[index] = []
+                self.calls[index] = len(self.calls)
+                return [ToolCallDelta(self.calls[index], "", block.get("id", ""), block.get("name", ""))]
+        elif kind == "content_block_delta":
+            index, delta = ev.get("index"), ev.get("delta") or {}
+            block = self.blocks.setdefault(index, {"type": "text", "text": ""})
+            dtype = delta.get("type")
+            if dtype == "text_delta" and delta.get("text"):
+                block["text"] = block.get("text", "") + delta["text"]
+                return [TextDelta(delta["text"])]
+            if dtype == "thinking_delta" and delta.get("thinking"):
+                block["thinking"] = block.get("thinking", "") + delta["thinking"]
+                return [ReasoningDelta(delta["thinking"])]
+            if dtype == "signature_delta":
+                block["signature"] = block.get("signature", "") + (delta.get("signature") or "")
+            elif dtype == "input_json_delta" and delta.get("partial_json") and index in self.calls:
+                self.json[index].append(delta["partial_json"])
+                return [ToolCallDelta(self.calls[index], delta["partial_json"])]
+        elif kind == "message_delta":
+            delta = ev.get("delta") or {}
+            self.message["stop_reason"] = delta.get("stop_reason") or self.message["stop_reason"]
+            if ev.get("usage"):  # cumulative counts; absent fields keep message_start's
+                self.message["usage"] = {**(self.message.get("usage") or {}), **ev["usage"]}
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.error, self.done = ev.get("error") or {}, True
+        return []
+
+    def check_complete(self) -> None:
+        if not self.done:
+            raise AttemptFailed("stream ended before message_stop")  # cut off: worth a retry
+
+    def reply(self) -> dict:
+        if self.error is not None:
+            return {"type": "error", "error": self.error}
+        content = []
+        for index in sorted(self.blocks):
+            block = self.blocks[index]
+            if index in self.json:
+                text = "".join(self.json[index])
+                try:
+                    block = {**block, "input": json.loads(text) if text.strip() else block.get("input") or {}}
+                except json.JSONDecodeError:
+                    block = {**block, "input": text}  # parse_blocks reports a non-object input
+            content.append(block)
+        return {**self.message, "content": content}
+
+
 class AnthropicEndpoint(HTTPEndpoint):
     """An Anthropic Messages endpoint. See the module docstring for the wire mapping."""
 
@@ -310,7 +411,7 @@ class AnthropicEndpoint(HTTPEndpoint):
             return True
         return any(c.id in self._thinking for c in last.tool_calls)
 
-    def build_body(self, request: ChatRequest) -> dict:
+    def build_body(self, request: ChatRequest, stream: bool = False) -> dict:
         messages, tools, tool_choice, effort = (
             request.messages,
             request.tools,
@@ -325,11 +426,22 @@ class AnthropicEndpoint(HTTPEndpoint):
         if tools:
             body["tools"] = [t.anthropic_schema() for t in tools]
             if tool_choice:
-                body["tool_choice"] = _TOOL_CHOICE[tool_choice]
+                body["tool_choice"] = dict(_TOOL_CHOICE[tool_choice])
+            if request.parallel_tool_calls is False and tool_choice != "none":
+                body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
+        if request.stop:
+            body["stop_sequences"] = list(request.stop)
         budget = self.thinking_budgets.get(effort) if effort else None
-        if budget and (not tools or self._thinking_allowed(messages, tool_choice)):
+        thinking = bool(budget and (not tools or self._thinking_allowed(messages, tool_choice)))
+        if thinking:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             body["max_tokens"] = cap + budget  # max_tokens counts thinking too; keep the visible cap
+        for field in ("temperature", "top_p", "top_k"):
+            value = getattr(request, field)
+            if value is not None and not (thinking and _refused_with_thinking(field, value)):
+                body[field] = value
+        if stream:
+            body["stream"] = True
         body.update(self.config.extra_body)
         return body
 
@@ -365,8 +477,7 @@ class AnthropicEndpoint(HTTPEndpoint):
         while len(self._thinking) > _THINKING_CACHE:
             self._thinking.popitem(last=False)
 
-    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
-        body, payload = await self.prepare(request)
+    def _parser(self, request: ChatRequest, body: dict) -> Callable[[dict], Parsed]:
         schemas = body.get("tools") or []
 
         def parse(data: dict) -> Parsed:
@@ -377,4 +488,22 @@ class AnthropicEndpoint(HTTPEndpoint):
                 usage.output, usage.reasoning = usage.output + usage.reasoning, 0  # thinking bills as output
             return Parsed(message, usage, finish, data.get("model") or "")
 
-        return await self.post(f"{self.base_url}/v1/messages", self.headers(), payload, parse, on_attempt)
+        return parse
+
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        body, payload = await self.prepare(request)
+        return await self.post(
+            f"{self.base_url}/v1/messages", self.headers(), payload, self._parser(request, body), on_attempt
+        )
+
+    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
+        body, payload = await self.prepare(request, stream=True)
+        async for delta in self.post_stream(
+            f"{self.base_url}/v1/messages",
+            self.headers(),
+            payload,
+            self._parser(request, body),
+            StreamFold,
+            on_attempt,
+        ):
+            yield delta

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.endpoints.stream import Delta, StreamEnd, deltas_of
 from advisor.messages import Attempt, Effort, Message, ModelResponse
 from advisor.pricing import Price
 
@@ -22,13 +23,26 @@ ToolChoice = Literal["auto", "none", "required"]
 @dataclass
 class ChatRequest:
     """One chat turn, as every endpoint takes it (the loop builds one per call; a proxy builds one from
-    a wire request). `max_tokens` None means the endpoint config's cap."""
+    a wire request). `max_tokens` None means the endpoint config's cap.
+
+    The sampling fields are a client's, passed through by the proxy; None leaves the provider's default.
+    Each provider sends those its API takes, in its own shape (see its module docstring): `stop` goes
+    as OpenAI `stop` or Anthropic `stop_sequences`; `seed` and the penalties are OpenAI-only, `top_k`
+    is Anthropic's (and vLLM/SGLang's, which take it on the OpenAI route)."""
 
     messages: list[Message]
     tools: list[ToolSpec] | None = None
     tool_choice: ToolChoice | None = None
     effort: Effort | None = None
     max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class EndpointConfig(BaseModel):
@@ -91,20 +105,43 @@ class Endpoint(ABC):
         Raises `EndpointError` when the call finally fails (after retries, or at once on a 4xx
         other than 429). The error text is one line and never holds a secret.
         """
-        if not isinstance(request, ChatRequest):
-            request = ChatRequest(list(request), **options)
-        elif options:
-            raise TypeError(
-                f"complete() takes a ChatRequest or messages with options, not both: {sorted(options)}"
-            )
-        return await self.send(request, on_attempt)
+        return await self.send(_request("complete", request, options), on_attempt)
+
+    async def stream(
+        self, request: ChatRequest | list[Message], *, on_attempt: AttemptHook | None = None, **options
+    ) -> AsyncIterator[Delta]:
+        """Send one chat turn and yield its reply as it arrives (`advisor.endpoints.stream`): text,
+        reasoning and tool-call deltas, then one `StreamEnd` holding the `ModelResponse` that `complete`
+        would have returned.
+
+        Retries happen only before the first delta; a failure after it raises `EndpointError` (its
+        attempts hold the usage of what was streamed). Close the generator (`contextlib.aclosing`) to
+        stop early: the upstream request is closed with it."""
+        async for delta in self.send_stream(_request("stream", request, options), on_attempt):
+            yield delta
 
     @abstractmethod
     async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
         """What a provider implements: one chat turn for `complete`, which normalises the request."""
 
+    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
+        """One streamed chat turn for `stream`. This default answers with the complete reply, as deltas
+        (for a provider that cannot stream); the HTTP providers stream token by token."""
+        response = await self.send(request, on_attempt)
+        for delta in deltas_of(response.message):
+            yield delta
+        yield StreamEnd(response)
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""
+
+
+def _request(call: str, request: ChatRequest | list[Message], options: dict) -> ChatRequest:
+    if not isinstance(request, ChatRequest):
+        return ChatRequest(list(request), **options)
+    if options:
+        raise TypeError(f"{call}() takes a ChatRequest or messages with options, not both: {sorted(options)}")
+    return request
 
 
 class EndpointError(Exception):

@@ -15,8 +15,9 @@ import binascii
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
@@ -29,6 +30,7 @@ from advisor.endpoints.retry import (
     retryable_status,
     with_retries,
 )
+from advisor.endpoints.stream import Delta, StreamEnd
 from advisor.messages import Attempt, ImagePart, Message, ModelResponse, TextPart, Usage
 
 # 40 concurrent tasks share one endpoint in evals; leave headroom above that.
@@ -45,6 +47,37 @@ class Parsed:
     usage: Usage
     finish_reason: str | None
     model: str
+
+
+class Fold(Protocol):
+    """A provider's stream parser: `feed` takes one server-sent event and returns its deltas, `done`
+    says the stream has said all it will, `check_complete` raises AttemptFailed when it was cut off, and
+    `reply` is the dict a non-streamed reply would have been (so one `parse` reads both)."""
+
+    done: bool
+
+    def feed(self, event: str | None, data: str) -> list[Delta]: ...
+
+    def check_complete(self) -> None: ...
+
+    def reply(self) -> dict: ...
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+    """(event name, data) per server-sent event; comments and id/retry fields are skipped."""
+    event: str | None = None
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+    if data:
+        yield event, "\n".join(data)
 
 
 def one_line(text: str, limit: int = _MAX_REASON) -> str:
@@ -158,15 +191,16 @@ class HTTPEndpoint(Endpoint):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def build_body(self, request: ChatRequest) -> dict:
+    def build_body(self, request: ChatRequest, stream: bool = False) -> dict:
         raise NotImplementedError
 
-    async def prepare(self, request: ChatRequest) -> tuple[dict, bytes]:
-        """Build the request body and encode it, in a worker thread when it holds images or much text:
-        images make it megabytes of base64, which must not be encoded on the event loop."""
+    async def prepare(self, request: ChatRequest, stream: bool = False) -> tuple[dict, bytes]:
+        """Build the request body (a streamed one when `stream`) and encode it, in a worker thread when it
+        holds images or much text: images make it megabytes of base64, which must not be encoded on the
+        event loop."""
 
         def build() -> tuple[dict, bytes]:
-            body = self.build_body(request)
+            body = self.build_body(request, stream)
             try:
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as e:
@@ -174,9 +208,11 @@ class HTTPEndpoint(Endpoint):
             return body, data.encode()
 
         # a small text-only body encodes in microseconds: a thread hop would cost more than it saves
-        if not any(m.images for m in request.messages) and sum(
-            len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart)
-        ) < _INLINE_CHARS:
+        if (
+            not any(m.images for m in request.messages)
+            and sum(len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart))
+            < _INLINE_CHARS
+        ):
             return build()
         return await asyncio.to_thread(build)
 
@@ -187,16 +223,16 @@ class HTTPEndpoint(Endpoint):
         payload: bytes,
         parse: Callable[[dict], Parsed],
         on_attempt: AttemptHook | None,
-        collect: Callable[[httpx.Response], Awaitable[dict]] | None = None,
+        fold: Callable[[], Fold] | None = None,
     ) -> ModelResponse:
         """POST the JSON `payload` with retries; `parse` turns a 2xx JSON body into `Parsed` (or raises
         AttemptFailed). `timeout_s` bounds each attempt as a whole, not only each socket read.
 
-        With `collect`, the reply is streamed and `collect` folds the stream into the dict a
-        non-streaming reply would have been, so `parse` is the same either way."""
+        With `fold`, the reply is streamed and read whole by a new `fold()` per attempt into the dict a
+        non-streaming reply would have been, so `parse` is the same either way (a stream cut off is
+        retried: nothing of it has left this call)."""
         headers = {**headers, "Content-Type": "application/json"}
-        key = self.api_key() if self.config.api_key_env else None
-        scrub = _Scrubber(key)
+        scrub = _Scrubber(self.api_key() if self.config.api_key_env else None)
         attempts: list[Attempt] = []
         client = self.client()
         start = time.perf_counter()
@@ -207,13 +243,19 @@ class HTTPEndpoint(Endpoint):
                 on_attempt(attempt)
 
         async def fetch() -> tuple[httpx.Response, dict | None]:
-            if collect is None:
+            if fold is None:
                 return await client.post(url, content=payload, headers=headers), None
             async with client.stream("POST", url, content=payload, headers=headers) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     return response, None
-                return response, await collect(response)
+                reader = fold()
+                async for event, data in sse_events(response):
+                    reader.feed(event, data)
+                    if reader.done:
+                        break
+                reader.check_complete()
+                return response, reader.reply()
 
         async def once() -> Parsed:
             number = len(attempts) + 1
@@ -264,16 +306,7 @@ class HTTPEndpoint(Endpoint):
         try:
             parsed = await with_retries(once, self.retry_policy)
         except AttemptFailed as e:
-            message = e.reason
-            if len(attempts) > 1:
-                message += f" (after {len(attempts)} attempts)"
-            elif (
-                e.retryable
-                and e.retry_after is not None
-                and e.retry_after > self.retry_policy.max_retry_after_s
-            ):
-                message += f" (Retry-After {e.retry_after:g}s exceeds the {self.retry_policy.max_retry_after_s:g}s limit)"
-            raise EndpointError(self.name, one_line(message), attempts, e.status) from None
+            raise self._final_error(e, attempts) from None
         return ModelResponse(
             message=parsed.message,
             usage=parsed.usage,
@@ -281,6 +314,163 @@ class HTTPEndpoint(Endpoint):
             finish_reason=parsed.finish_reason,
             latency_s=time.perf_counter() - start,
             attempts=attempts,
+        )
+
+    def _final_error(self, e: AttemptFailed, attempts: list[Attempt]) -> EndpointError:
+        message = e.reason
+        if len(attempts) > 1:
+            message += f" (after {len(attempts)} attempts)"
+        elif (
+            e.retryable and e.retry_after is not None and e.retry_after > self.retry_policy.max_retry_after_s
+        ):
+            message += f" (Retry-After {e.retry_after:g}s exceeds the {self.retry_policy.max_retry_after_s:g}s limit)"
+        return EndpointError(self.name, one_line(message), attempts, e.status)
+
+    async def post_stream(
+        self,
+        url: str,
+        headers: dict[str, str],
+        payload: bytes,
+        parse: Callable[[dict], Parsed],
+        fold: Callable[[], Fold],
+        on_attempt: AttemptHook | None,
+    ) -> AsyncIterator[Delta]:
+        """POST the JSON `payload` of a streamed request and yield the reply's deltas as they arrive, then
+        a `StreamEnd` with the whole `ModelResponse` (`parse` reads `fold().reply()`).
+
+        Retries (per `RetryPolicy`) happen only until the first delta: `timeout_s` bounds an attempt up
+        to it, and each read after it. Once a delta is out, a failure is final: the attempt is recorded
+        with the usage of what was streamed (the provider's when it sent any, else an estimate) and an
+        `EndpointError` is raised. Closing the generator (a consumer that went away) closes the upstream
+        response and records the attempt as cancelled, with the same usage."""
+        headers = {**headers, "Content-Type": "application/json"}
+        scrub = _Scrubber(self.api_key() if self.config.api_key_env else None)
+        attempts: list[Attempt] = []
+        client = self.client()
+        start = time.perf_counter()
+
+        def record(attempt: Attempt) -> None:
+            attempts.append(attempt)
+            if on_attempt is not None:
+                on_attempt(attempt)
+
+        async def open_stream() -> tuple[httpx.Response, AsyncIterator, Fold, list[Delta], float]:
+            number = len(attempts) + 1
+            t0 = time.perf_counter()
+            response: httpx.Response | None = None
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    request = client.build_request("POST", url, content=payload, headers=headers)
+                    response = await client.send(request, stream=True)
+                    if response.status_code >= 400:
+                        await response.aread()
+                        status = response.status_code
+                        retry_after = parse_retry_after(response.headers)
+                        reason = scrub(f"HTTP {status}: {error_reason(response)}")
+                        record(Attempt(number, False, status, reason, retry_after, time.perf_counter() - t0))
+                        raise AttemptFailed(
+                            reason, status=status, retry_after=retry_after, retryable=retryable_status(status)
+                        )
+                    events = sse_events(response)
+                    reader = fold()
+                    first: list[Delta] = []
+                    while not first and not reader.done:  # pings, role-only chunks: no delta yet
+                        item = await anext(events, None)
+                        if item is None:
+                            break
+                        first = reader.feed(*item)
+                    if not first:  # it ended before any delta: read it whole, as a reply
+                        reader.check_complete()
+                        try:
+                            parse(reader.reply())  # an error in a 200 reply raises (and may retry)
+                        except (ValueError, KeyError, TypeError, IndexError) as e:
+                            raise AttemptFailed(
+                                f"invalid response ({type(e).__name__}: {e})", retryable=False
+                            ) from None
+                    return response, events, reader, first, t0
+            except (httpx.TimeoutException, TimeoutError) as e:
+                reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
+                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
+                failure = AttemptFailed(reason)
+            except httpx.TransportError as e:
+                reason = scrub(f"connection error: {type(e).__name__}: {e}")
+                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
+                failure = AttemptFailed(reason)
+            except AttemptFailed as e:
+                if not attempts or attempts[-1].number != number:
+                    e.reason = scrub(e.reason)
+                    record(Attempt(number, False, 200, e.reason, e.retry_after, time.perf_counter() - t0))
+                failure = e
+            except BaseException:
+                if response is not None:
+                    await response.aclose()
+                raise
+            if response is not None:
+                await response.aclose()
+            raise failure
+
+        try:
+            response, events, reader, first, t0 = await with_retries(open_stream, self.retry_policy)
+        except AttemptFailed as e:
+            raise self._final_error(e, attempts) from None
+        number = len(attempts) + 1
+
+        def partial_usage() -> Usage | None:
+            try:
+                return parse(reader.reply()).usage
+            except Exception:  # a reply too broken to read bills nothing we can count
+                return None
+
+        try:
+            for delta in first:
+                yield delta
+            while not reader.done:
+                item = await anext(events, None)
+                if item is None:
+                    break
+                for delta in reader.feed(*item):
+                    yield delta
+            reader.check_complete()
+            parsed = parse(reader.reply())
+        except (
+            AttemptFailed,
+            httpx.TransportError,
+            httpx.TimeoutException,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as e:
+            reason = e.reason if isinstance(e, AttemptFailed) else f"{type(e).__name__}: {e}"
+            if isinstance(e, httpx.TimeoutException):
+                reason = f"timeout after {self.config.timeout_s:g}s between stream reads"
+            reason = scrub(f"stream broke off after its first delta: {reason}")
+            record(Attempt(number, False, 200, reason, None, time.perf_counter() - t0, partial_usage()))
+            raise EndpointError(self.name, reason, attempts, getattr(e, "status", None)) from None
+        except BaseException:  # cancelled, or the consumer closed the stream: the upstream goes too
+            record(
+                Attempt(
+                    number,
+                    False,
+                    200,
+                    "cancelled mid-stream",
+                    None,
+                    time.perf_counter() - t0,
+                    partial_usage(),
+                )
+            )
+            raise
+        finally:
+            await response.aclose()
+        record(Attempt(number, True, 200, None, None, time.perf_counter() - t0, parsed.usage))
+        yield StreamEnd(
+            ModelResponse(
+                message=parsed.message,
+                usage=parsed.usage,
+                model=parsed.model or self.config.model,
+                finish_reason=parsed.finish_reason,
+                latency_s=time.perf_counter() - start,
+                attempts=attempts,
+            )
         )
 
 

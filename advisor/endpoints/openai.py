@@ -8,10 +8,14 @@ Request: `POST {base_url}/chat/completions` with `Authorization: Bearer $KEY` wh
   sent with its raw text when that is valid JSON, else "{}" (servers that re-parse arguments reject
   invalid JSON; the tool message after it already tells the model what went wrong);
 - assistant reasoning is not sent back (several servers reject `reasoning_content` in requests);
-- effort goes as `reasoning_effort`; `max_tokens` from the call or the config; `config.extra_body` is
-  merged last (shallow), so it can override any field.
+- effort goes as `reasoning_effort`; `max_tokens` from the call or the config; the sampling fields
+  (temperature, top_p, top_k, stop, seed, presence/frequency_penalty) under their own names when set,
+  `parallel_tool_calls` with tools only; `config.extra_body` is merged last (shallow), so it can
+  override any field.
 
-Streaming (opt-in, see `OpenAIEndpoint`) folds the SSE chunks into the same reply shape.
+Streaming: `stream()` sends `stream: true` with `stream_options.include_usage` and yields each chunk's
+deltas as it arrives; `complete()` streams too when asked (see `OpenAIEndpoint`). Either way
+`StreamFold` folds the chunks into the non-streamed reply's shape, read by the same `parse_reply`.
 
 Reply: reasoning is read from `reasoning_content` or `reasoning`; tool-call arguments that are not a
 JSON object give a `ToolCall` with `arguments=None` and `parse_error` set (never an exception).
@@ -25,44 +29,22 @@ length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-import httpx
 
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed, retryable_status
+from advisor.endpoints.stream import (
+    Delta,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    parse_arguments,
+    wire_arguments,
+)
 from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
-
-
-def parse_arguments(raw: Any) -> tuple[dict | None, str, str | None]:
-    """(arguments, raw text, parse error) from a tool call's arguments as the server sent them."""
-    if isinstance(raw, dict):
-        return raw, json.dumps(raw), None
-    if raw is None:
-        return {}, "", None
-    text = raw if isinstance(raw, str) else json.dumps(raw)
-    if not text.strip():
-        return {}, text, None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, text, f"arguments are not valid JSON ({e.msg} at position {e.pos})"
-    if not isinstance(value, dict):
-        return None, text, f"arguments must be a JSON object, got {type(value).__name__}"
-    return value, text, None
-
-
-def _wire_arguments(call: ToolCall) -> str:
-    if call.arguments is not None:
-        return json.dumps(call.arguments)
-    try:
-        if isinstance(json.loads(call.raw_arguments), dict):
-            return call.raw_arguments
-    except (json.JSONDecodeError, TypeError):
-        pass
-    return "{}"
 
 
 def _content(parts: list) -> str | list[dict]:
@@ -111,7 +93,7 @@ def to_openai_messages(messages: list[Message]) -> list[dict]:
                     {
                         "id": c.id,
                         "type": "function",
-                        "function": {"name": c.name, "arguments": _wire_arguments(c)},
+                        "function": {"name": c.name, "arguments": wire_arguments(c)},
                     }
                     for c in msg.tool_calls
                 ]
@@ -276,22 +258,24 @@ def parse_reply(data: dict) -> tuple[Message, str | None]:
     return message, choice.get("finish_reason")
 
 
-async def collect_stream(response: httpx.Response) -> dict:
-    """Fold an OpenAI server-sent-event stream into the dict a non-streamed reply would have been."""
-    model = ""
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, dict] = {}
-    finish = None
-    usage = None
-    done = False
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue  # blank separators, ": keep-alive" comments, event:/id: fields
-        data = line[5:].strip()
+class StreamFold:
+    """Folds OpenAI stream chunks into the dict a non-streamed reply would have been (`reply()`, which
+    `parse_reply` reads as ever), returning each chunk's deltas for a caller that forwards them."""
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict] = {}  # the server's tool-call index -> the call so far
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.error: Any = None
+        self.done = False  # [DONE], or an error chunk: nothing more to read
+
+    def feed(self, event: str | None, data: str) -> list[Delta]:
         if data == "[DONE]":
-            done = True
-            break
+            self.done = True
+            return []
         try:
             chunk = json.loads(data)
         except json.JSONDecodeError as e:
@@ -301,44 +285,69 @@ async def collect_stream(response: httpx.Response) -> dict:
         if not isinstance(chunk, dict):
             raise AttemptFailed(f"invalid stream chunk: a JSON {type(chunk).__name__}", retryable=False)
         if chunk.get("error") and not chunk.get("choices"):
-            return {"error": chunk["error"]}  # parse_reply turns it into a (maybe retryable) failure
-        model = chunk.get("model") or model
-        usage = chunk.get("usage") or usage
+            self.error, self.done = chunk["error"], True  # parse_reply makes it a (maybe retryable) failure
+            return []
+        self.model = chunk.get("model") or self.model
+        self.usage = chunk.get("usage") or self.usage
+        out: list[Delta] = []
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                content.append(delta["content"])
             thought = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(thought, str):
-                reasoning.append(thought)
+            if isinstance(thought, str) and thought:
+                self.reasoning.append(thought)
+                out.append(ReasoningDelta(thought))
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                self.content.append(delta["content"])
+                out.append(TextDelta(delta["content"]))
             for tc in delta.get("tool_calls") or []:
-                slot = calls.setdefault(
-                    tc.get("index", len(calls)),
-                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                key = tc.get("index", len(self.calls))
+                fn = tc.get("function") or {}
+                fresh = key not in self.calls
+                slot = self.calls.setdefault(
+                    key, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
                 )
                 slot["id"] = tc.get("id") or slot["id"]
-                fn = tc.get("function") or {}
                 if fn.get("name") and not slot["function"]["name"]:
                     slot["function"]["name"] = fn["name"]
-                if isinstance(fn.get("arguments"), str):
-                    slot["function"]["arguments"] += fn["arguments"]
-            finish = choice.get("finish_reason") or finish
-    if not done and finish is None:
-        raise AttemptFailed("stream ended before a finish_reason or [DONE]")  # cut off: worth a retry
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
-    if reasoning:
-        message["reasoning_content"] = "".join(reasoning)
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    out: dict[str, Any] = {
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-    }
-    if usage:
-        out["usage"] = usage
-    return out
+                piece = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+                slot["function"]["arguments"] += piece
+                ordinal = list(self.calls).index(key)
+                if fresh:
+                    call_id = slot["id"] or f"call_{ordinal}"
+                    out.append(ToolCallDelta(ordinal, piece, call_id, slot["function"]["name"]))
+                elif piece:
+                    out.append(ToolCallDelta(ordinal, piece))
+            self.finish = choice.get("finish_reason") or self.finish
+        return out
+
+    def check_complete(self) -> None:
+        if not self.done and self.finish is None:
+            raise AttemptFailed("stream ended before a finish_reason or [DONE]")  # cut off: worth a retry
+
+    def reply(self) -> dict:
+        if self.error is not None:
+            return {"error": self.error}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.calls:
+            message["tool_calls"] = [
+                {**call, "id": call["id"] or f"call_{i}"} for i, call in enumerate(self.calls.values())
+            ]
+        out: dict[str, Any] = {
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish}],
+        }
+        if self.usage:
+            out["usage"] = self.usage
+        return out
+
+
+# ChatRequest fields sent under their own names (top_k: vLLM / SGLang take it; OpenAI's API has none,
+# and a client only sets it when it speaks Anthropic to a proxy)
+_SAMPLING = ("temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty")
 
 
 class OpenAIEndpoint(HTTPEndpoint):
@@ -350,23 +359,31 @@ class OpenAIEndpoint(HTTPEndpoint):
 
     def __init__(self, name: str, config: EndpointConfig, *, stream: bool | None = None, **kwargs):
         super().__init__(name, config, **kwargs)
-        self.stream = bool(config.extra_body.get("stream")) if stream is None else stream
+        self.streams = bool(config.extra_body.get("stream")) if stream is None else stream
 
-    def build_body(self, request: ChatRequest) -> dict:
+    def build_body(self, request: ChatRequest, stream: bool = False) -> dict:
         body: dict[str, Any] = {"model": self.config.model, "messages": to_openai_messages(request.messages)}
         if request.tools:
             body["tools"] = [t.openai_schema() for t in request.tools]
             if request.tool_choice:
                 body["tool_choice"] = request.tool_choice
+            if request.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         if request.effort:
             body["reasoning_effort"] = request.effort
+        for field in _SAMPLING:
+            value = getattr(request, field)
+            if value is not None:
+                body[field] = value
         cap = request.max_tokens or self.config.max_tokens
         if cap:
             body["max_tokens"] = cap
-        if self.stream:
+        if stream or self.streams:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # else streamed replies carry no usage
         body.update(self.config.extra_body)
+        if stream:  # a stream() call reads SSE, whatever extra_body says
+            body["stream"] = True
         return body
 
     def headers(self) -> dict[str, str]:
@@ -376,8 +393,7 @@ class OpenAIEndpoint(HTTPEndpoint):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
-        body, payload = await self.prepare(request)
+    def _parser(self, request: ChatRequest, body: dict) -> Callable[[dict], Parsed]:
         schemas = body.get("tools") or []
 
         def parse(data: dict) -> Parsed:
@@ -385,11 +401,27 @@ class OpenAIEndpoint(HTTPEndpoint):
             usage = parse_usage(data.get("usage")) or estimate_usage(request.messages, schemas, message)
             return Parsed(message, usage, finish, data.get("model") or "")
 
+        return parse
+
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        body, payload = await self.prepare(request)
         return await self.post(
             f"{self.base_url}/chat/completions",
             self.headers(),
             payload,
-            parse,
+            self._parser(request, body),
             on_attempt,
-            collect_stream if self.stream else None,
+            StreamFold if self.streams else None,
         )
+
+    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
+        body, payload = await self.prepare(request, stream=True)
+        async for delta in self.post_stream(
+            f"{self.base_url}/chat/completions",
+            self.headers(),
+            payload,
+            self._parser(request, body),
+            StreamFold,
+            on_attempt,
+        ):
+            yield delta

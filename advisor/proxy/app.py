@@ -8,6 +8,10 @@ Every reply carries `x-advisor-session`, `x-advisor-role` (executor | frontier),
 (the upstream model that answered), `x-advisor-cost-usd` (the session's running cost) and, when the
 request set off a consult, `x-advisor-consult` (trigger=outcome). Errors come in the client's wire
 format with a one-line message.
+
+A streamed request is streamed through: its headers go out with the upstream's first delta (so the
+cost header is the session's cost before this call, whose usage ends the stream), each delta is
+forwarded as it arrives, and a failure before the first delta is an HTTP error like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import fnmatch
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -24,11 +29,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from advisor.endpoints.stream import StreamEnd
 from advisor.escalation import estimate_tokens
 from advisor.proxy import report
-from advisor.proxy.router import ProxyError, Routed, Router
+from advisor.proxy.router import ProxyError, Routed, RoutedStream, Router
 from advisor.proxy.sessions import Session
-from advisor.proxy.wire import ANTHROPIC, OPENAI, Wire
+from advisor.proxy.wire import ANTHROPIC, OPENAI, Events, Wire
 
 SESSION_HEADER = "x-advisor-session"
 log = logging.getLogger("advisor.proxy")
@@ -69,7 +75,7 @@ class ProxyApp:
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def _headers(session: Session | None, routed: Routed | None = None) -> dict[str, str]:
+    def _headers(session: Session | None, routed: Routed | RoutedStream | None = None) -> dict[str, str]:
         h: dict[str, str] = {}
         if session is not None:
             h[SESSION_HEADER] = session.id
@@ -116,27 +122,19 @@ class ProxyApp:
                 "not_found_error",
                 f"advisor proxy: unknown model '{parsed.model}'; this proxy serves {', '.join(self.config.models)}",
             )
+        route = self.router.stream if parsed.stream else self.router.handle
         try:
-            routed = await self.router.handle(parsed.chat, request.headers.get(SESSION_HEADER))
+            routed = await route(parsed.chat, request.headers.get(SESSION_HEADER))
         except ProxyError as e:
             return self._error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
             log.exception("advisor proxy: request failed")
-            return self._error(
-                wire, 500, "api_error", f"advisor proxy: internal error: {type(e).__name__}: {e}"
-            )
+            return self._error(wire, 500, "api_error", _internal(e))
         headers = self._headers(routed.session, routed)
-        if not parsed.stream:
+        if isinstance(routed, Routed):
             return JSONResponse(wire.reply(routed.response, parsed.model), headers=headers)
-        events = wire.stream(routed.response, parsed.model, parsed.include_usage)
-
-        async def send():
-            for event in events:
-                yield event
-
-        return StreamingResponse(
-            send(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
-        )
+        events = wire.events(parsed.model, parsed.include_usage)
+        return _Relay(routed, _relay(routed, events), {**headers, "cache-control": "no-cache"})
 
     async def count_tokens(self, request: Request) -> Response:
         try:
@@ -175,6 +173,42 @@ class ProxyApp:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "sessions": len(self.router.store.sessions)})
+
+
+def _internal(e: Exception) -> str:
+    return f"advisor proxy: internal error: {type(e).__name__}: {e}"
+
+
+async def _relay(routed: RoutedStream, events: Events) -> AsyncIterator[str]:
+    """The client's stream: each upstream delta translated as it arrives; a failure after the first
+    byte ends it with an error event in the client's format (the call is booked by the router)."""
+    yield "".join(events.start())
+    try:
+        async for delta in routed:
+            if isinstance(delta, StreamEnd):
+                yield "".join(events.end(delta.response))
+            else:
+                yield "".join(events.delta(delta))
+    except ProxyError as e:
+        yield "".join(events.fail(e.kind, e.message))
+    except Exception as e:
+        log.exception("advisor proxy: stream failed")
+        yield "".join(events.fail("api_error", _internal(e)))
+
+
+class _Relay(StreamingResponse):
+    """A relayed stream that closes its upstream however the response ends: done, failed, or the
+    client gone (starlette cancels the body then; the upstream request is closed with it)."""
+
+    def __init__(self, routed: RoutedStream, body: AsyncIterator[str], headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.routed = routed
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.routed.aclose()
 
 
 def build_app(router: Router) -> Starlette:

@@ -14,13 +14,15 @@ executor keeps seeing them as it would in the loop.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import zlib
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
+from advisor.endpoints.stream import Delta, StreamEnd
 from advisor.escalation import ConsultOutcome, estimate_tokens
 from advisor.messages import Attempt, Message, ModelResponse, Usage, without_images
 from advisor.pricing import FREE, Price
@@ -58,6 +60,39 @@ class Slot:
 
     def for_session(self, session_id: str) -> Endpoint:
         return self.pool[zlib.crc32(session_id.encode()) % len(self.pool)]
+
+
+class RoutedStream:
+    """A streamed answer: who answers (known before the first delta) and the upstream's deltas, the
+    first already in, ending with a StreamEnd. Iterate it once; `aclose()` always (it unlocks the
+    session), also when it was never iterated."""
+
+    def __init__(
+        self,
+        role: str,
+        model: str,
+        session: Session,
+        consult: Consult | None,
+        head: Delta,
+        rest: AsyncIterator[Delta],
+        done: Callable[[], None],
+    ):
+        self.role, self.model, self.session, self.consult = role, model, session, consult
+        self._head, self._rest, self._done = head, rest, done
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        yield self._head
+        async for delta in self._rest:
+            yield delta
+
+    async def aclose(self) -> None:
+        if self._done is None:
+            return
+        try:
+            await self._rest.aclose()
+        finally:
+            done, self._done = self._done, None
+            done()
 
 
 @dataclass
@@ -155,7 +190,40 @@ class Router:
             finally:
                 self.store.save(session)
 
+    async def stream(self, request: ChatRequest, session_id: str | None = None) -> RoutedStream:
+        """Route a streamed request: decided as `handle` decides, then the upstream's reply is streamed.
+        Returns once the first delta is in (the upstream's retries are over by then; when they fail,
+        ProxyError is raised as for `handle`). The session stays locked until the stream is closed."""
+        sid = session_id or session_key(request.messages)
+        session, first = self.store.get(sid)
+        await session.lock.acquire()
+
+        def done() -> None:
+            self.store.save(session)
+            session.lock.release()
+
+        deltas = None
+        try:
+            acting, purpose, upstream, consult = await self._decide(session, first, request)
+            deltas = self._upstream(session, acting, purpose, upstream, stream=True)
+            head = await anext(deltas)
+        except BaseException:
+            if deltas is not None:
+                await deltas.aclose()
+            done()
+            raise
+        return RoutedStream(acting.role, acting.endpoint.config.model, session, consult, head, deltas, done)
+
     async def _handle(self, s: Session, first: bool, request: ChatRequest) -> Routed:
+        acting, purpose, upstream, consult = await self._decide(s, first, request)
+        resp = await self._call(s, acting, purpose, upstream)
+        return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult)
+
+    async def _decide(
+        self, s: Session, first: bool, request: ChatRequest
+    ) -> tuple[Slot, str, ChatRequest, Consult | None]:
+        """Read the request's signals, consult when due, and pick who answers: (slot, purpose, the
+        request to send it, the consult this request set off)."""
         esc = self.config.escalation
         policy, turn, messages = s.policy, s.turn, request.messages
         s.requests += 1
@@ -186,15 +254,9 @@ class Router:
         acting = self.frontier if by_frontier and self.frontier is not None else self.executor
         assert acting is not None
         self._check_budget(s)
-        upstream = ChatRequest(
-            with_inserts(messages, s.inserts),
-            request.tools,
-            request.tool_choice,
-            acting.effort,
-            request.max_tokens,
-        )
-        resp = await self._call(s, acting, "takeover" if by_frontier else "step", upstream)
-        return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult)
+        # the client's own fields (tools, caps, sampling) pass through; the role's effort is the proxy's
+        upstream = replace(request, messages=with_inserts(messages, s.inserts), effort=acting.effort)
+        return acting, "takeover" if by_frontier else "step", upstream, consult
 
     def _check_budget(self, s: Session) -> None:
         b = self.config.budget
@@ -222,64 +284,67 @@ class Router:
                 )
 
     async def _call(self, s: Session, slot: Slot, purpose: str, request: ChatRequest) -> ModelResponse:
+        async for delta in self._upstream(s, slot, purpose, request, stream=False):
+            assert isinstance(delta, StreamEnd)
+            return delta.response
+        raise AssertionError("an upstream call ends in a StreamEnd")
+
+    async def _upstream(
+        self, s: Session, slot: Slot, purpose: str, request: ChatRequest, *, stream: bool
+    ) -> AsyncIterator[Delta]:
+        """One upstream call, booked: the reply's deltas as they come when `stream` (else only the end),
+        then its StreamEnd. The call goes in the ledger and journal however it ends: done, failed
+        (ProxyError; mid-stream, with the usage of what was streamed) or cancelled (the client left)."""
         if not slot.endpoint.config.vision:
-            request = ChatRequest(
-                without_images(request.messages),
-                request.tools,
-                request.tool_choice,
-                request.effort,
-                request.max_tokens,
-            )
+            request = replace(request, messages=without_images(request.messages))
         cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
         estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
         attempts: list[Attempt] = []
         store = self.store
         store.in_flight += 1
         store.reserved_usd += estimate
-        try:
-            resp = await slot.for_session(s.id).complete(request, on_attempt=attempts.append)
-        except EndpointError as e:
-            usage = Usage()
-            for a in e.attempts or attempts:
-                if a.usage is not None:
-                    usage = usage + a.usage
-            store.record_call(
-                s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, error=str(e)
-            )
-            status, kind = (504, "timeout_error") if "timeout after" in str(e) else (502, "api_error")
-            raise ProxyError(status, kind, f"advisor proxy: upstream {slot.role} failed: {e}", s) from None
-        except asyncio.CancelledError:
-            # the client went away mid-call: whatever the attempts billed still goes in the ledger
-            usage = Usage()
-            for a in attempts:
-                if a.usage is not None:
-                    usage = usage + a.usage
-            store.record_call(
-                s,
-                slot.role,
-                slot.endpoint.name,
-                purpose,
-                usage,
-                slot.price,
-                request=s.requests,
-                error="cancelled",
-            )
-            raise
-        finally:
+        sent = 0  # characters forwarded to the client
+
+        def book(usage: Usage, **extra) -> None:
             store.in_flight -= 1
             store.reserved_usd = max(0.0, store.reserved_usd - estimate)
-        store.record_call(
-            s,
-            slot.role,
-            slot.endpoint.name,
-            purpose,
-            resp.usage,
-            slot.price,
-            request=s.requests,
-            model=resp.model,
-            finish_reason=resp.finish_reason,
-        )
-        return resp
+            if stream:
+                extra["streamed_chars"] = sent
+            store.record_call(
+                s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
+            )
+
+        def billed(given: list[Attempt]) -> Usage:
+            usage = Usage()
+            for a in given:
+                if a.usage is not None:
+                    usage = usage + a.usage
+            return usage
+
+        endpoint = slot.for_session(s.id)
+        try:
+            if stream:
+                async with contextlib.aclosing(
+                    endpoint.stream(request, on_attempt=attempts.append)
+                ) as deltas:
+                    async for delta in deltas:
+                        if isinstance(delta, StreamEnd):
+                            resp = delta.response
+                            break
+                        sent += len(getattr(delta, "text", None) or getattr(delta, "arguments", ""))
+                        yield delta
+            else:
+                resp = await endpoint.complete(request, on_attempt=attempts.append)
+        except EndpointError as e:
+            book(billed(e.attempts or attempts), error=str(e))
+            status, kind = (504, "timeout_error") if "timeout after" in str(e) else (502, "api_error")
+            raise ProxyError(status, kind, f"advisor proxy: upstream {slot.role} failed: {e}", s) from None
+        except BaseException:
+            # the client went away mid-call: whatever the attempts billed still goes in the ledger
+            book(billed(attempts), error="cancelled")
+            raise
+        book(resp.usage, model=resp.model, finish_reason=resp.finish_reason)
+        yield StreamEnd(resp)
 
     async def _consult(
         self, s: Session, trigger: str, request: ChatRequest, detail: str

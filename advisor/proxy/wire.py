@@ -4,9 +4,9 @@ Each `Wire` turns a request body into a `ChatRequest` (through the endpoints' ow
 of what they send), and a `ModelResponse` back into a reply, a server-sent-event stream, or an error, in
 its format. Which upstream answered does not matter here: both come back as a neutral `ModelResponse`.
 
-Streams are rendered from the upstream's whole reply (the proxy decides and records a call when it is
-complete), so a stream's events carry the same text, tool calls, usage and stop reason a non-streamed
-reply would.
+A streamed reply is translated delta by delta as the upstream sends it (`Wire.events`: one translator
+per wire, whichever upstream); a complete reply is streamed through the same translator
+(`Wire.stream`), so a stream carries the same text, tool calls, usage and stop reason either way.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from advisor.endpoints.anthropic import (
 )
 from advisor.endpoints.base import ChatRequest, ToolChoice
 from advisor.endpoints.openai import from_openai_messages, openai_usage, to_openai_messages
-from advisor.messages import ModelResponse
+from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta, deltas_of
+from advisor.messages import ModelResponse, Usage
 from tools.spec import ToolSpec
 
 
@@ -67,6 +68,34 @@ def _max_tokens(value: Any, field: str) -> int | None:
     return value
 
 
+def _number(body: dict, field: str, low: float, high: float) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{field}: must be a number from {low:g} to {high:g} (got {value!r})")
+    return value
+
+
+def _integer(body: dict, field: str, low: int | None = None) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        floor = f" of at least {low}" if low is not None else ""
+        raise ValueError(f"{field}: must be an integer{floor} (got {value!r})")
+    return value
+
+
+def _stops(value: Any, field: str) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise ValueError(f"{field}: must be a string or a list of non-empty strings")
+    return stops or None
+
+
 def _model(body: dict) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -88,13 +117,40 @@ class Wire:
     def reply(self, resp: ModelResponse, model: str) -> dict:
         raise NotImplementedError
 
-    def stream(self, resp: ModelResponse, model: str, include_usage: bool) -> Iterator[str]:
+    def events(self, model: str, include_usage: bool) -> Events:
+        """A translator from upstream deltas to this wire's server-sent events, for one reply."""
         raise NotImplementedError
+
+    def stream(self, resp: ModelResponse, model: str, include_usage: bool) -> Iterator[str]:
+        """A complete reply as this wire's stream: its deltas through the same translator."""
+        events = self.events(model, include_usage)
+        yield from events.start()
+        for delta in deltas_of(resp.message):
+            yield from events.delta(delta)
+        yield from events.end(resp)
 
     def error(self, status: int, kind: str, message: str) -> dict:
         raise NotImplementedError
 
     def stream_error(self, kind: str, message: str) -> str:
+        raise NotImplementedError
+
+
+class Events:
+    """One reply's stream in a wire format: `start()` before the first delta, `delta()` per upstream
+    delta, then `end(response)` (finish reason and usage) or `fail(kind, message)` (the stream breaks
+    off with an error event). Each returns the server-sent events to send, in order."""
+
+    def start(self) -> list[str]:
+        raise NotImplementedError
+
+    def delta(self, delta: Delta) -> list[str]:
+        raise NotImplementedError
+
+    def end(self, resp: ModelResponse) -> list[str]:
+        raise NotImplementedError
+
+    def fail(self, kind: str, message: str) -> list[str]:
         raise NotImplementedError
 
 
@@ -127,11 +183,32 @@ class OpenAIWire(Wire):
         cap = _max_tokens(body.get("max_completion_tokens"), "max_completion_tokens") or _max_tokens(
             body.get("max_tokens"), "max_tokens"
         )
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise ValueError(
+                f"n: the advisor proxy routes one answer per request, so n must be 1 (got {n!r})"
+            )
+        parallel = body.get("parallel_tool_calls")
+        if parallel is not None and not isinstance(parallel, bool):
+            raise ValueError(f"parallel_tool_calls: must be true or false (got {parallel!r})")
+        chat = ChatRequest(
+            messages,
+            tools or None,
+            tool_choice,
+            None,
+            cap,
+            temperature=_number(body, "temperature", 0, 2),
+            top_p=_number(body, "top_p", 0, 1),
+            top_k=_integer(body, "top_k", 1),  # vLLM / SGLang's extension
+            stop=_stops(body.get("stop"), "stop"),
+            seed=_integer(body, "seed"),
+            presence_penalty=_number(body, "presence_penalty", -2, 2),
+            frequency_penalty=_number(body, "frequency_penalty", -2, 2),
+            parallel_tool_calls=parallel,
+        )
         stream = bool(body.get("stream"))
         include = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        return WireRequest(
-            ChatRequest(messages, tools or None, tool_choice, None, cap), model, stream, include
-        )
+        return WireRequest(chat, model, stream, include)
 
     @staticmethod
     def _message(resp: ModelResponse) -> dict:
@@ -154,43 +231,57 @@ class OpenAIWire(Wire):
             "usage": openai_usage(resp.usage),
         }
 
-    def stream(self, resp: ModelResponse, model: str, include_usage: bool) -> Iterator[str]:
-        base = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-        }
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-
-        message = self._message(resp)
-        yield chunk({"role": "assistant", "content": ""})
-        if message.get("reasoning_content"):
-            yield chunk({"reasoning_content": message["reasoning_content"]})
-        if message.get("content"):
-            yield chunk({"content": message["content"]})
-        for i, call in enumerate(message.get("tool_calls") or []):
-            fn = call["function"]
-            head = {
-                "index": i,
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": ""},
-            }
-            yield chunk({"tool_calls": [head]})
-            yield chunk({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
-        yield chunk({}, self._finish(resp))
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": openai_usage(resp.usage)})
-        yield "data: [DONE]\n\n"
+    def events(self, model: str, include_usage: bool) -> Events:
+        return OpenAIEvents(self, model, include_usage)
 
     def error(self, status: int, kind: str, message: str) -> dict:
         return {"error": {"message": message, "type": kind, "code": kind, "param": None}}
 
     def stream_error(self, kind: str, message: str) -> str:
         return _sse(self.error(0, kind, message))
+
+
+class OpenAIEvents(Events):
+    """`chat.completion.chunk` events: the role first, then a chunk per delta (a tool call's first one
+    carries its id and name), the finish reason, usage when asked (`stream_options.include_usage`),
+    `[DONE]`. A failure is an error chunk, which the SDKs raise, and no `[DONE]`."""
+
+    def __init__(self, wire: OpenAIWire, model: str, include_usage: bool):
+        self.wire, self.include_usage = wire, include_usage
+        self.base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> str:
+        return _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def start(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, delta: Delta) -> list[str]:
+        if isinstance(delta, TextDelta):
+            return [self._chunk({"content": delta.text})]
+        if isinstance(delta, ReasoningDelta):
+            return [self._chunk({"reasoning_content": delta.text})]
+        if isinstance(delta, ToolCallDelta):
+            call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+            if delta.id is not None:
+                call.update(id=delta.id, type="function")
+                call["function"]["name"] = delta.name or ""
+            return [self._chunk({"tool_calls": [call]})]
+        return []
+
+    def end(self, resp: ModelResponse) -> list[str]:
+        out = [self._chunk({}, OpenAIWire._finish(resp))]
+        if self.include_usage:
+            out.append(_sse({**self.base, "choices": [], "usage": openai_usage(resp.usage)}))
+        return out + ["data: [DONE]\n\n"]
+
+    def fail(self, kind: str, message: str) -> list[str]:
+        return [self.wire.stream_error(kind, message)]
 
 
 _ANTHROPIC_CHOICE: dict[str, ToolChoice] = {
@@ -222,15 +313,28 @@ class AnthropicWire(Wire):
             )
         choice = body.get("tool_choice")
         tool_choice: ToolChoice | None = None
+        parallel = None
         if choice is not None:
             kind = choice.get("type") if isinstance(choice, dict) else None
             if kind not in _ANTHROPIC_CHOICE:
                 raise ValueError(f"tool_choice: unsupported value {choice!r}")
             tool_choice = _ANTHROPIC_CHOICE[kind]
+            if choice.get("disable_parallel_tool_use") is True:
+                parallel = False
         cap = _max_tokens(body.get("max_tokens"), "max_tokens")
-        return WireRequest(
-            ChatRequest(messages, tools or None, tool_choice, None, cap), model, bool(body.get("stream"))
+        chat = ChatRequest(
+            messages,
+            tools or None,
+            tool_choice,
+            None,
+            cap,
+            temperature=_number(body, "temperature", 0, 1),
+            top_p=_number(body, "top_p", 0, 1),
+            top_k=_integer(body, "top_k", 1),
+            stop=_stops(body.get("stop_sequences"), "stop_sequences"),
+            parallel_tool_calls=parallel,
         )
+        return WireRequest(chat, model, bool(body.get("stream")))
 
     @staticmethod
     def _stop(resp: ModelResponse) -> str:
@@ -254,46 +358,87 @@ class AnthropicWire(Wire):
             "usage": anthropic_usage(resp.usage),
         }
 
-    def stream(self, resp: ModelResponse, model: str, include_usage: bool) -> Iterator[str]:
-        usage = anthropic_usage(resp.usage)
-        start = {
-            "id": f"msg_{uuid.uuid4().hex[:24]}",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {**usage, "output_tokens": 0},
-        }
-        yield _sse({"type": "message_start", "message": start}, "message_start")
-        for i, block in enumerate(self._content(resp)):
-            if block["type"] == "text":
-                opening = {"type": "text", "text": ""}
-                delta = {"type": "text_delta", "text": block["text"]}
-            else:
-                opening = {**block, "input": {}}
-                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-            yield _sse(
-                {"type": "content_block_start", "index": i, "content_block": opening}, "content_block_start"
-            )
-            yield _sse({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta")
-            yield _sse({"type": "content_block_stop", "index": i}, "content_block_stop")
-        yield _sse(
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": self._stop(resp), "stop_sequence": None},
-                "usage": usage,
-            },
-            "message_delta",
-        )
-        yield _sse({"type": "message_stop"}, "message_stop")
+    def events(self, model: str, include_usage: bool) -> Events:
+        return AnthropicEvents(self, model)
 
     def error(self, status: int, kind: str, message: str) -> dict:
         return {"type": "error", "error": {"type": kind, "message": message}}
 
     def stream_error(self, kind: str, message: str) -> str:
         return _sse(self.error(0, kind, message), "error")
+
+
+class AnthropicEvents(Events):
+    """Messages streaming events: `message_start`, a text or tool_use content block per run of deltas
+    (opened at the first, closed when the next kind starts), `message_delta` with the stop reason and
+    the usage (known only at the end of an OpenAI upstream's stream, so message_start counts zero),
+    `message_stop`. Reasoning stays out, as in a non-streamed reply. A failure is an `error` event."""
+
+    def __init__(self, wire: AnthropicWire, model: str):
+        self.wire, self.model = wire, model
+        self.index = -1  # the open content block, -1 before the first
+        self.open: str | None = None  # "text", or "tool:<n>" for the tool call numbered n
+
+    def start(self) -> list[str]:
+        message = {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": anthropic_usage(Usage()),
+        }
+        return [_sse({"type": "message_start", "message": message}, "message_start")]
+
+    def _block(self, key: str, block: dict) -> list[str]:
+        out = self._close()
+        self.index += 1
+        self.open = key
+        start = {"type": "content_block_start", "index": self.index, "content_block": block}
+        return [*out, _sse(start, "content_block_start")]
+
+    def _close(self) -> list[str]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [_sse({"type": "content_block_stop", "index": self.index}, "content_block_stop")]
+
+    def _delta(self, delta: dict) -> str:
+        return _sse(
+            {"type": "content_block_delta", "index": self.index, "delta": delta}, "content_block_delta"
+        )
+
+    def delta(self, delta: Delta) -> list[str]:
+        if isinstance(delta, TextDelta):
+            out = [] if self.open == "text" else self._block("text", {"type": "text", "text": ""})
+            return [*out, self._delta({"type": "text_delta", "text": delta.text})]
+        if isinstance(delta, ToolCallDelta):
+            key = f"tool:{delta.index}"
+            out: list[str] = []
+            if self.open != key:
+                block = {"type": "tool_use", "id": delta.id or "", "name": delta.name or "", "input": {}}
+                out = self._block(key, block)
+            if delta.arguments:
+                out.append(self._delta({"type": "input_json_delta", "partial_json": delta.arguments}))
+            return out
+        return []
+
+    def end(self, resp: ModelResponse) -> list[str]:
+        out = self._block("text", {"type": "text", "text": ""}) if self.index < 0 else []
+        out += self._close()
+        delta = {"stop_reason": AnthropicWire._stop(resp), "stop_sequence": None}
+        out.append(
+            _sse(
+                {"type": "message_delta", "delta": delta, "usage": anthropic_usage(resp.usage)},
+                "message_delta",
+            )
+        )
+        return out + [_sse({"type": "message_stop"}, "message_stop")]
+
+    def fail(self, kind: str, message: str) -> list[str]:
+        return [self.wire.stream_error(kind, message)]
 
 
 OPENAI = OpenAIWire()
