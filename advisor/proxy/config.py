@@ -106,7 +106,8 @@ class ProxyConfig(_Strict):
         default=8, ge=1, description="connection pools per upstream endpoint (sessions spread over them)"
     )
     upstream_stream: bool = Field(
-        default=False, description="stream from OpenAI-compatible upstreams (the reply is the same)"
+        default=False,
+        description="stream non-streamed client requests from OpenAI-compatible upstreams too (the reply is the same)",
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -5,8 +5,8 @@ of what they send), and a `ModelResponse` back into a reply, a server-sent-event
 its format. Which upstream answered does not matter here: both come back as a neutral `ModelResponse`.
 
 A streamed reply is translated delta by delta as the upstream sends it (`Wire.events`: one translator
-per wire, whichever upstream); a complete reply is streamed through the same translator
-(`Wire.stream`), so a stream carries the same text, tool calls, usage and stop reason either way.
+per wire, whichever upstream). An upstream that cannot stream answers `Endpoint.stream` with its
+complete reply as deltas (`advisor.endpoints.stream.deltas_of`), which go through the same translator.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from advisor.endpoints.anthropic import (
 )
 from advisor.endpoints.base import ChatRequest, ToolChoice
 from advisor.endpoints.openai import from_openai_messages, openai_usage, to_openai_messages
-from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta, deltas_of
+from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta
 from advisor.messages import ModelResponse, Usage
 from tools.spec import ToolSpec
 
@@ -120,14 +119,6 @@ class Wire:
     def events(self, model: str, include_usage: bool) -> Events:
         """A translator from upstream deltas to this wire's server-sent events, for one reply."""
         raise NotImplementedError
-
-    def stream(self, resp: ModelResponse, model: str, include_usage: bool) -> Iterator[str]:
-        """A complete reply as this wire's stream: its deltas through the same translator."""
-        events = self.events(model, include_usage)
-        yield from events.start()
-        for delta in deltas_of(resp.message):
-            yield from events.delta(delta)
-        yield from events.end(resp)
 
     def error(self, status: int, kind: str, message: str) -> dict:
         raise NotImplementedError
