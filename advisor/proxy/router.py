@@ -14,6 +14,7 @@ executor keeps seeing them as it would in the loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import zlib
@@ -339,9 +340,10 @@ class Router:
             book(billed(e.attempts or attempts), error=str(e))
             status, kind = (504, "timeout_error") if "timeout after" in str(e) else (502, "api_error")
             raise ProxyError(status, kind, f"advisor proxy: upstream {slot.role} failed: {e}", s) from None
-        except BaseException:
+        except BaseException as e:
             # the client went away mid-call: whatever the attempts billed still goes in the ledger
-            book(billed(attempts), error="cancelled")
+            gone = isinstance(e, (asyncio.CancelledError, GeneratorExit))
+            book(billed(attempts), error="cancelled" if gone else f"{type(e).__name__}: {e}")
             raise
         book(resp.usage, model=resp.model, finish_reason=resp.finish_reason)
         yield StreamEnd(resp)

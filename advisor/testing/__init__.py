@@ -28,11 +28,12 @@ is scripted per model name: each request for a model takes the next turn of that
         server.endpoint_config("flash")               # EndpointConfig(provider="openai", free=True, ...)
         server.endpoint_config("claude", "anthropic", price=Price(input=3, output=15))
 
-Routes: `POST /v1/chat/completions` (OpenAI chat completions; `stream: true` is answered with
-server-sent events, text and arguments split over chunks, usage last when
-`stream_options.include_usage`), `POST /v1/messages` (Anthropic Messages, not streamed),
-`GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's wire format
-(Anthropic: thinking/text/tool_use blocks, `stop_reason`, `input_tokens` etc.).
+Routes: `POST /v1/chat/completions` (OpenAI chat completions), `POST /v1/messages` (Anthropic
+Messages), `GET /v1/models`. Both POST routes share the scripts; the reply is rendered in the route's
+wire format (Anthropic: thinking/text/tool_use blocks, `stop_reason`, `input_tokens` etc.). A request
+with `stream: true` is answered with server-sent events in its format (OpenAI chunks, usage last when
+`stream_options.include_usage`; Anthropic's message_start ... message_stop events), each text,
+reasoning and tool-argument string split over two deltas.
 
 A script is either a list of turns (each request consumes one; when the list is used up the server
 answers HTTP 400 with "script for model ... is exhausted", which endpoints do not retry) or a single
@@ -40,7 +41,13 @@ callable `fn(request_json) -> turn` that answers every request. A turn is:
 
 - `Reply(text=..., tool_calls=[...], reasoning=..., usage=..., finish_reason=..., delay_s=...)`;
   `usage=None` omits usage from the response (clients must then estimate); the default usage is
-  `ScriptedUsage(prompt_tokens=100, completion_tokens=20)`.
+  `ScriptedUsage(prompt_tokens=100, completion_tokens=20)`. Streamed, it is paced by
+  `chunk_delay_s` (the wait before each event after the first), `hold` (a `threading.Event`: after
+  the first delta the stream waits until a test sets it, at most `hold_s`, else it is cut off there:
+  a test sets it once its client saw that delta, which proves the delta was passed on before the
+  upstream finished) and `cut_after=N` (the stream ends unfinished after N deltas). How each stream
+  ended is recorded: `RecordedRequest.stream_outcome` is "complete", "cut" or "client left" (the
+  client closed the connection first), `deltas_sent` counts what went out.
 - `ScriptedToolCall(name, arguments)`: `arguments` is a dict (sent as a JSON string), or a str sent
   verbatim (use it for malformed JSON). On the Anthropic route a str is parsed when it is valid JSON,
   else sent as the raw string in `input` (which a client must reject as not an object).
@@ -71,6 +78,7 @@ from advisor.testing.script import (
     Script,
     ScriptedToolCall,
     ScriptedUsage,
+    StreamEvent,
     Turn,
 )
 from advisor.testing.server import ScriptedServer
@@ -84,5 +92,6 @@ __all__ = [
     "ScriptedServer",
     "ScriptedToolCall",
     "ScriptedUsage",
+    "StreamEvent",
     "Turn",
 ]

@@ -1,7 +1,6 @@
 """The Anthropic Messages wire format of a ScriptedServer: `POST /v1/messages`, a reply as a `message`
 with thinking / text / tool_use blocks, `stop_reason` and `input_tokens`-style usage, an error as
-Anthropic's error JSON. Replies are not streamed: a `stream: true` request is refused before it
-consumes a turn."""
+Anthropic's error JSON; with `stream: true`, the Messages streaming events (the server paces them)."""
 
 from __future__ import annotations
 
@@ -10,18 +9,12 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from advisor.testing.script import HTTPError, Reply, WireFormat
+from advisor.testing.script import HTTPError, Reply, StreamEvent, WireFormat
 
 PATH = "/v1/messages"
 
 # OpenAI finish reasons (what a Reply scripts) -> Anthropic stop reasons
 STOP_REASONS = {"tool_calls": "tool_use", "stop": "end_turn", "length": "max_tokens"}
-
-
-def refuse(body: dict) -> HTTPError | None:
-    if body.get("stream"):
-        return HTTPError(400, "ScriptedServer does not stream Anthropic replies")
-    return None
 
 
 def error(err: HTTPError) -> JSONResponse:
@@ -70,4 +63,59 @@ def reply(turn: Reply, body: dict, n: int) -> JSONResponse:
     return JSONResponse(payload)
 
 
-ANTHROPIC = WireFormat(path=PATH, error=error, reply=reply, refuse=refuse)
+def _halves(text: str) -> list[str]:
+    mid = len(text) // 2
+    return [x for x in (text[:mid], text[mid:]) if x]
+
+
+def _event(data: dict, delta: bool = False) -> StreamEvent:
+    return StreamEvent(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n", delta)
+
+
+def stream(turn: Reply, body: dict, n: int) -> list[StreamEvent]:
+    """A reply as Messages streaming events, as Anthropic sends them: message_start (input usage, one
+    output token), a ping, per block its start, deltas (text, thinking and tool input split in two; a
+    thinking block's signature last) and stop, message_delta (stop reason, output tokens), message_stop."""
+    finish = turn.finish
+    start = {
+        "id": f"msg_{n}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model"),
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+    if turn.usage is not None:
+        start["usage"] = {**turn.usage.anthropic(), "output_tokens": 1}
+    events = [_event({"type": "message_start", "message": start}), _event({"type": "ping"})]
+    for i, block in enumerate(content(turn, n)):
+        kind = block["type"]
+        if kind == "tool_use":
+            opening = {**block, "input": {}}
+            args = block["input"] if isinstance(block["input"], str) else json.dumps(block["input"])
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in _halves(args)]
+        elif kind == "thinking":
+            opening = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": p} for p in _halves(block["thinking"])]
+        else:
+            opening = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": p} for p in _halves(block["text"])]
+        events.append(
+            _event({"type": "content_block_start", "index": i, "content_block": opening}, kind == "tool_use")
+        )
+        events += [_event({"type": "content_block_delta", "index": i, "delta": d}, True) for d in deltas]
+        if kind == "thinking":
+            sig = {"type": "signature_delta", "signature": block["signature"]}
+            events.append(_event({"type": "content_block_delta", "index": i, "delta": sig}))
+        events.append(_event({"type": "content_block_stop", "index": i}))
+    end: dict = {
+        "type": "message_delta",
+        "delta": {"stop_reason": STOP_REASONS.get(finish, finish), "stop_sequence": None},
+    }
+    if turn.usage is not None:
+        end["usage"] = {"output_tokens": turn.usage.completion_tokens}
+    return [*events, _event(end), _event({"type": "message_stop"})]
+
+
+ANTHROPIC = WireFormat(path=PATH, error=error, reply=reply, stream=stream)

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions wire format of a ScriptedServer: `POST /v1/chat/completions`, a reply as
 a `chat.completion` (or, with `stream: true`, as server-sent `chat.completion.chunk` events: text and
-tool-call arguments split over two chunks each, usage last when `stream_options.include_usage`), an
-error as OpenAI's error JSON."""
+tool-call arguments split over two chunks each, usage last when `stream_options.include_usage`; the
+server paces them), an error as OpenAI's error JSON."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 import time
 from typing import Any
 
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from advisor.testing.script import HTTPError, Reply, ScriptedUsage, WireFormat
+from advisor.testing.script import HTTPError, Reply, ScriptedUsage, StreamEvent, WireFormat
 
 PATH = "/v1/chat/completions"
 
@@ -51,18 +51,12 @@ def message(turn: Reply, n: int) -> dict[str, Any]:
 
 
 def reply(turn: Reply, body: dict, n: int) -> Response:
-    msg = message(turn, n)
-    finish = turn.finish
-    if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = stream_chunks(f"chatcmpl-{n}", body.get("model"), msg, finish, turn.usage, include_usage)
-        return StreamingResponse(_sse(chunks), media_type="text/event-stream")
     payload = {
         "id": f"chatcmpl-{n}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model"),
-        "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message(turn, n), "finish_reason": turn.finish}],
     }
     if turn.usage is not None:
         payload["usage"] = turn.usage.openai()
@@ -72,6 +66,22 @@ def reply(turn: Reply, body: dict, n: int) -> Response:
 def _halves(text: str) -> list[str]:
     mid = len(text) // 2
     return [x for x in (text[:mid], text[mid:]) if x]
+
+
+def stream(turn: Reply, body: dict, n: int) -> list[StreamEvent]:
+    """A reply as OpenAI stream chunks, each text and tool-call argument split across two chunks, usage
+    last when `stream_options.include_usage`, then `[DONE]`."""
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = stream_chunks(
+        f"chatcmpl-{n}", body.get("model"), message(turn, n), turn.finish, turn.usage, include_usage
+    )
+    events = [StreamEvent(f"data: {json.dumps(c)}\n\n", _is_delta(c)) for c in chunks]
+    return events + [StreamEvent("data: [DONE]\n\n")]
+
+
+def _is_delta(chunk: dict) -> bool:
+    delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
 
 
 def stream_chunks(
@@ -105,10 +115,4 @@ def stream_chunks(
     return chunks
 
 
-async def _sse(chunks: list[dict]):
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-OPENAI = WireFormat(path=PATH, error=error, reply=reply)
+OPENAI = WireFormat(path=PATH, error=error, reply=reply, stream=stream)

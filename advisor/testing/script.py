@@ -8,6 +8,7 @@ their provider's JSON; `advisor.testing.server` serves the scripts over HTTP.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,11 @@ class Reply:
     usage: ScriptedUsage | None = field(default_factory=_default_usage)  # None: no usage in the response
     finish_reason: str | None = None  # default: "tool_calls" when there are tool calls, else "stop"
     delay_s: float = 0.0
+    # streamed replies only (a request with stream: true):
+    chunk_delay_s: float = 0.0  # the wait before each event after the first
+    hold: threading.Event | None = None  # after the first delta, wait for this to be set (at most hold_s)
+    hold_s: float = 10.0  # a hold not set in time cuts the stream off there (the test then fails)
+    cut_after: int | None = None  # end the stream after this many deltas, unfinished (a broken stream)
 
     @property
     def finish(self) -> str:
@@ -99,14 +105,25 @@ Script = list[Turn] | Callable[[dict], Any]
 
 
 @dataclass(frozen=True)
+class StreamEvent:
+    """One server-sent event of a streamed reply; `delta` marks the ones carrying text, reasoning or a
+    tool call's start or arguments (what `Reply.hold` and `cut_after` count)."""
+
+    text: str
+    delta: bool = False
+
+
+@dataclass(frozen=True)
 class WireFormat:
     """One provider's wire format, as the server needs it: the route it answers on, an optional check
-    that refuses a request before it consumes a turn, and how an error and a reply are rendered
-    (`reply(turn, body, n)`: `n` numbers the response, for its ids)."""
+    that refuses a request before it consumes a turn, and how an error, a reply and a streamed reply are
+    rendered (`reply(turn, body, n)`: `n` numbers the response, for its ids; `stream(turn, body, n)`:
+    the events, which the server paces)."""
 
     path: str
     error: Callable[[HTTPError], Response]
     reply: Callable[[Reply, dict, int], Response]
+    stream: Callable[[Reply, dict, int], list[StreamEvent]]
     refuse: Callable[[dict], HTTPError | None] = lambda body: None
 
 
@@ -120,6 +137,10 @@ class RecordedRequest:
     headers: dict[str, str]
     auth_sha256: str | None = None  # SHA-256 of the Authorization / x-api-key value, when one was sent
     time: float = 0.0
+    # a streamed reply: "complete", "cut" (cut_after, or a hold not set in time), or "client left"
+    # (the client closed the connection before the end); None while streaming and for other replies
+    stream_outcome: str | None = None
+    deltas_sent: int = 0
 
     @property
     def has_auth(self) -> bool:

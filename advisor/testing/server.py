@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from advisor.endpoints.base import EndpointConfig
@@ -30,6 +30,7 @@ from advisor.testing.script import (
     RecordedRequest,
     Reply,
     Script,
+    StreamEvent,
     Turn,
     WireFormat,
     sha256_hex,
@@ -179,9 +180,12 @@ class ScriptedServer:
 
     def _handler(self, wire: WireFormat):
         async def handle(request: Request) -> Response:
-            turn, body = await self._turn_for(request, wire)
+            rec, turn, body = await self._turn_for(request, wire)
             if isinstance(turn, HTTPError):
                 return wire.error(turn)
+            if body.get("stream"):
+                events = wire.stream(turn, body, next(self._ids))
+                return StreamingResponse(self._paced(rec, turn, events), media_type="text/event-stream")
             return wire.reply(turn, body, next(self._ids))
 
         return handle
@@ -260,15 +264,46 @@ class ScriptedServer:
         except TimeoutError:
             pass
 
-    async def _turn_for(self, request: Request, wire: WireFormat) -> tuple[Any, Any]:
+    async def _turn_for(self, request: Request, wire: WireFormat) -> tuple[RecordedRequest, Any, Any]:
         rec, body = await self._record(request)
         if not isinstance(body, dict):
-            return HTTPError(400, "request body is not a JSON object"), body
+            return rec, HTTPError(400, "request body is not a JSON object"), body
         refusal = wire.refuse(body)
         if refusal is not None:
-            return refusal, body
+            return rec, refusal, body
         try:
             turn = await self._resolve(self._next_turn(rec.model, body), body)
         except Exception as e:  # a broken callable turn is a test bug: say so in the response
             turn = HTTPError(400, f"scripted turn raised {type(e).__name__}: {e}")
-        return turn, body
+        return rec, turn, body
+
+    async def _paced(self, rec: RecordedRequest, turn: Reply, events: list[StreamEvent]):
+        """A streamed reply's events, paced as the turn says (chunk_delay_s, hold, cut_after); how the
+        stream ended goes in `rec.stream_outcome`."""
+        try:
+            for i, event in enumerate(events):
+                if i and turn.chunk_delay_s:
+                    await self._sleep(turn.chunk_delay_s)
+                if event.delta and turn.cut_after is not None and rec.deltas_sent >= turn.cut_after:
+                    rec.stream_outcome = "cut"
+                    return
+                yield event.text
+                if event.delta:
+                    rec.deltas_sent += 1
+                    if rec.deltas_sent == 1 and turn.hold is not None and not await self._held(turn):
+                        rec.stream_outcome = "cut"
+                        return
+            rec.stream_outcome = "complete"
+        except BaseException:  # cancelled: the client closed the connection mid-stream
+            rec.stream_outcome = "client left"
+            raise
+
+    async def _held(self, turn: Reply) -> bool:
+        # polled, not waited in a thread: a client that leaves cancels this at once
+        assert turn.hold is not None
+        deadline = time.monotonic() + turn.hold_s
+        while not turn.hold.is_set():
+            if self._closing or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
