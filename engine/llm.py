@@ -51,7 +51,8 @@ class LLM:
         self._core = None
         self.speculative, self.num_speculative_tokens = speculative, num_speculative_tokens
         self._spec_k(speculative, num_speculative_tokens)  # a bad option fails at load, not at the first call
-        self.last_speculation: SpeculativeDecoder | None = None  # the last speculative batch (its counts)
+        # the counts of the last speculative call (`SpeculationStats`, or the static path's decoder)
+        self.last_speculation: SpeculationStats | SpeculativeDecoder | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -218,14 +219,13 @@ class LLM:
         images: optional, one entry per prompt: a dict with the `logits` image arguments (pixel_values,
         pixel_values_local, num_local_patches) for that prompt's `<im_patch>` tokens, or None.
         speculative / num_speculative_tokens: as in `from_pretrained`, for this call (None: the LLM's own,
-        "off": plain). Speculative decoding runs on the static batches of `generate_static` (the serving
-        core does not speculate yet).
+        "off": plain); `last_speculation` then holds the call's counts.
         Runs through the serving core (`self.core`: paged KV cache, prefix cache, continuous batching with
         whatever else is running); each prompt samples from its own generator seeded with `seed`.
         use_cache=False recomputes every step without a cache (`generate_static`, the reference).
         """
         k = self._call_spec_k(speculative, num_speculative_tokens)
-        if not use_cache or k:
+        if not use_cache:
             return self.generate_static(
                 prompts,
                 max_new_tokens,
@@ -236,8 +236,7 @@ class LLM:
                 use_cache,
                 max_batch_size,
                 images,
-                speculative="mtp" if k else "off",
-                num_speculative_tokens=k or None,
+                speculative="off",
             )
         if not prompts:
             return []
@@ -247,15 +246,22 @@ class LLM:
             raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
         for p in prompts:
             self._check_ids(torch.as_tensor(list(p), dtype=torch.long))
-        params = self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids)
+        params = self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids, k)
         seqs = self.core.generate(prompts, [params] * len(prompts), images)
+        if k:
+            self.last_speculation = SpeculationStats.of(k, seqs)
         return [s.output for s in seqs]
 
-    def _params(self, max_new_tokens, temperature, top_p, seed, stop_token_ids):
+    @property
+    def speculative_tokens(self) -> int:
+        """Drafts per verify step this LLM decodes with by default (0: plain decoding)."""
+        return self._call_spec_k(None, None)
+
+    def _params(self, max_new_tokens, temperature, top_p, seed, stop_token_ids, k: int = 0):
         from engine.serving.sequence import SamplingParams
 
         stops = tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        return SamplingParams(max(0, max_new_tokens), temperature, top_p, seed, stops)
+        return SamplingParams(max(0, max_new_tokens), temperature, top_p, seed, stops, k)
 
     @property
     def core(self):
@@ -344,23 +350,17 @@ class LLM:
     ) -> Iterator[int]:
         """Yield one prompt's new tokens as they are decoded (same rules as `generate`), through the
         serving core; leaving the loop early cancels the request. With speculation (as in `generate`),
-        each verify step's accepted tokens come at once, from a static batch of one."""
+        each verify step's accepted tokens come at once."""
         if len(prompt) == 0:
             raise ValueError("stream: the prompt needs at least one token")
         self._check_ids(torch.as_tensor(list(prompt), dtype=torch.long))
         k = self._call_spec_k(speculative, num_speculative_tokens)
-        if k:
-            stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            for step in self._decode_speculative(
-                [list(prompt)], [images], max_new_tokens, temperature, top_p, gen, stops, k
-            ):
-                yield from step[0]
-            return
         core = self.core
         seq = core.submit(
-            prompt, self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids), images
+            prompt, self._params(max_new_tokens, temperature, top_p, seed, stop_token_ids, k), images
         )
+        if k:
+            self.last_speculation = SpeculationStats.of(k, [seq])
         sent = 0
         try:
             while True:
@@ -485,6 +485,32 @@ class LLM:
                 if toks and (toks[-1] in stops or count[b] >= max_new):
                     dec.stop(b)
             yield step
+
+
+class SpeculationStats:
+    """A speculative call's counts, summed over its sequences (read when the call is done)."""
+
+    def __init__(self, k: int, seqs) -> None:
+        self.k, self._seqs = k, list(seqs)
+
+    @classmethod
+    def of(cls, k: int, seqs) -> SpeculationStats:
+        return cls(k, seqs)
+
+    @property
+    def row_steps(self) -> int:
+        """Verify steps, all sequences."""
+        return sum(s.spec.steps for s in self._seqs if s.spec is not None)
+
+    @property
+    def accepted(self) -> int:
+        """Drafts accepted, all sequences."""
+        return sum(s.spec.accepted for s in self._seqs if s.spec is not None)
+
+    @property
+    def steps(self) -> int:
+        """Verify steps of the longest-running sequence."""
+        return max((s.spec.steps for s in self._seqs if s.spec is not None), default=0)
 
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):

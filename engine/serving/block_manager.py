@@ -5,9 +5,17 @@ vLLM's hybrid KV groups): a sliding layer only needs the last `window` positions
 handed back as soon as they leave the window, while the full layers' blocks stay for the whole
 sequence. Both pools share one key chain, so a prefix hit is the longest prefix whose blocks every pool
 still has: all of them for full attention, those inside the window before the hit point for sliding.
+
+A speculating sequence's blocks also hold its MTP layers' entries (`engine.serving.speculation`). Layer
+j's entry at position p reads token x_{p+j}, so the entries at a block's end depend on the k tokens after
+it: such a block is cached, and only found, under a key that also hashes those k tokens (and is only
+cached once every layer's entries in it are firm, `Sequence.computed_horizon`). Plain and speculating
+requests therefore never share blocks; requests with the same k do.
 """
 
 from __future__ import annotations
+
+from array import array
 
 from engine.serving.block_pool import BlockKey, BlockPool, block_key
 from engine.serving.sequence import Sequence
@@ -39,10 +47,14 @@ class BlockManager:
         """The sequence's block keys for its first `upto_blocks` full blocks (computed once, kept)."""
         bs = self.block_size
         first_image = self._first_image(seq) if len(seq.keys) < upto_blocks else None
+        ahead = seq.spec.k if seq.spec is not None else 0
         while len(seq.keys) < upto_blocks:
             i = len(seq.keys)
             toks = [seq.token_at(j) for j in range(i * bs, (i + 1) * bs)]
             extra = seq.image_key if first_image is not None and first_image < (i + 1) * bs else b""
+            if ahead:  # the MTP entries' inputs past the block's end (see the module doc)
+                after = [seq.token_at(j) for j in range((i + 1) * bs, (i + 1) * bs + ahead)]
+                extra += b"mtp" + array("q", after).tobytes()
             seq.keys.append(block_key(seq.keys[-1] if seq.keys else None, toks, extra))
         return seq.keys
 
@@ -55,7 +67,8 @@ class BlockManager:
     def prefix_hit(self, seq: Sequence) -> dict[str, list[int | None]]:
         """Block tables for the longest cached prefix (whole blocks, at least one token left to compute)."""
         bs = self.block_size
-        keys = self._extend_keys(seq, (seq.num_tokens - 1) // bs)
+        ahead = seq.spec.k if seq.spec is not None else 0
+        keys = self._extend_keys(seq, max(0, seq.num_tokens - 1 - ahead) // bs)
         # Full layers need every block of the prefix: the hit can be no longer than their chain.
         h = len(keys)
         for t, w in self.windows.items():
@@ -98,6 +111,8 @@ class BlockManager:
                     pool.take(b)
             seq.tables[t] = tables[t]
         seq.num_computed, seq.registered = computed, hit
+        if seq.spec is not None:  # the hit's blocks hold firm MTP entries too (their keys say so)
+            seq.spec.reset(computed)
         self.allocate(seq, n)
         return True
 
@@ -119,18 +134,30 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """After a step: cache the blocks that became full, hand back sliding blocks out of the window."""
         bs = self.block_size
-        full = seq.num_computed // bs
+        done = seq.computed_horizon
+        full = done // bs
         keys = self._extend_keys(seq, full)
         for t, pool in self.pools.items():
             table = seq.tables[t]
             for i in range(seq.registered, full):
                 if table[i] is not None:
                     pool.register(table[i], keys[i])
-            for i in range(self._first_needed(t, seq.num_computed)):
+            for i in range(self._first_needed(t, done)):
                 if table[i] is not None:
                     pool.release(table[i])
                     table[i] = None
         seq.registered = max(seq.registered, full)
+
+    def truncate(self, seq: Sequence) -> None:
+        """Hand back the blocks past the sequence's computed positions (the rejected drafts' slots: never
+        cached, so they are free at once)."""
+        keep = -(-seq.num_computed // self.block_size)
+        for t, table in seq.tables.items():
+            pool = self.pools[t]
+            for b in table[keep:]:
+                if b is not None:
+                    pool.release(b)
+            del table[keep:]
 
     def free(self, seq: Sequence) -> None:
         """Hand back every block of the sequence (cached ones stay cached, in LRU order)."""

@@ -97,6 +97,13 @@ class EngineCore:
             )
         if images and self.llm.vision is None:
             raise ValueError("image inputs given, but this checkpoint has no vision tower loaded")
+        k, n_mtp = params.num_speculative_tokens, len(self.llm.model.mtp)
+        if k and not n_mtp:
+            raise ValueError("speculative decoding with MTP: this checkpoint has no MTP layers")
+        if k > n_mtp:
+            raise ValueError(
+                f"num_speculative_tokens must be between 1 and the checkpoint's {n_mtp}, got {k}"
+            )
         seq = Sequence(prompt, params, images, on_event)
         with self._count:
             self._pending += 1
@@ -177,26 +184,44 @@ class EngineCore:
             for c in chunks:
                 self._end(c.seq, "error", f"{type(e).__name__}: {e}")
             return
+        drafting = []
         for c in chunks:
             seq = c.seq
-            seq.num_computed += c.n
+            new = tokens.get(seq.id, [])
+            if c.drafts:  # a verify step: x_m and the accepted drafts are computed, the rest handed back
+                seq.num_computed += len(new)
+                self.blocks.truncate(seq)
+            else:
+                seq.num_computed += c.n
             self.blocks.commit(seq)
-            if seq.id not in tokens:
-                continue
-            tok = tokens[seq.id]
-            seq.output.append(tok)
-            p = seq.params
             reason = None
-            if tok in p.stop_token_ids:
-                reason = "stop"
-            elif len(seq.output) >= p.max_tokens:
-                reason = "length"
-            elif self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
-                reason = "length"
-            if seq.on_event:
-                seq.on_event(TokenEvent(tok))
+            for tok in new:
+                seq.output.append(tok)
+                p = seq.params
+                if tok in p.stop_token_ids:
+                    reason = "stop"
+                elif len(seq.output) >= p.max_tokens:
+                    reason = "length"
+                elif self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if seq.on_event:
+                    seq.on_event(TokenEvent(tok))
+                if reason:
+                    break
             if reason:
                 self._end(seq, reason)
+            elif seq.spec is not None and new:
+                drafting.append(seq)
+        if drafting:
+            try:
+                self.runner.drafter.draft(drafting, self.max_model_len)
+            except Exception as e:  # as a failed step: these sequences fail, the loop goes on
+                log.exception("MTP drafting failed")
+                for seq in drafting:
+                    self._end(seq, "error", f"{type(e).__name__}: {e}")
+                return
+            for seq in drafting:  # their MTP entries are firm further now: cache and release by them
+                self.blocks.commit(seq)
 
     def fail_all(self, error: str) -> None:
         """End every sequence with an error (after an unexpected failure in the loop)."""

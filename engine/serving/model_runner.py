@@ -1,4 +1,5 @@
-"""One engine step on the model: the scheduled chunks in, one sampled token per finishing chunk out."""
+"""One engine step on the model: the scheduled chunks in, the new tokens of each finishing chunk out
+(one sampled token, or a speculating sequence's accepted drafts and the model's own next token)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from engine.model.sampling import sample
 from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
 from engine.serving.scheduler import ScheduledChunk
 from engine.serving.sequence import Sequence
+from engine.serving.speculation import PagedDrafter, accept, feed
 
 
 class ModelRunner:
@@ -15,13 +17,24 @@ class ModelRunner:
         self.llm, self.model, self.cache = llm, llm.model, cache
         self.device = llm.device
         self.image_token_id = llm.config.image_token_id
+        self._drafter: PagedDrafter | None = None
+
+    @property
+    def drafter(self) -> PagedDrafter:
+        """The MTP layers' drafting and their paged KV (allocated with the first speculating request)."""
+        if self._drafter is None:
+            self._drafter = PagedDrafter(self.llm, self.cache)
+        return self._drafter
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> dict[int, int]:
-        """Computes every chunk's keys and values; returns the next token of each sequence whose chunk
-        reached its last token (keyed by sequence id)."""
+    def run(self, chunks: list[ScheduledChunk]) -> dict[int, list[int]]:
+        """Computes every chunk's keys and values; returns the new tokens of each sequence whose chunk
+        reached its last token (keyed by sequence id): one, or a verify step's accepted drafts and the
+        model's own. Speculating sequences get the main model's stream at their computed positions."""
         ids = torch.tensor(
-            [t for c in chunks for t in _slice(c.seq, c.start, c.n)], dtype=torch.long, device=self.device
+            [t for c in chunks for t in _slice(c.seq, c.start, c.n - len(c.drafts)) + c.drafts],
+            dtype=torch.long,
+            device=self.device,
         )
         embeds = self.model.embed_tokens(ids[None])
         offset = 0
@@ -30,18 +43,34 @@ class ModelRunner:
                 self._place_image_features(embeds[0, offset : offset + c.n], c.seq, c.start, c.n)
             offset += c.n
         meta = paged_meta(self.cache, [ChunkTables(c.start, c.n, c.seq.tables) for c in chunks], self.device)
-        ends, sampling = [], []
+        rows, sampling, verify = [], [], []  # logits rows: one per sampling chunk, 1 + k per verify
         offset = 0
         for c in chunks:
+            if c.drafts:
+                verify.append((c, len(rows), offset))
+                rows.extend(range(offset, offset + c.n))
+            elif c.samples:
+                sampling.append((c.seq, len(rows)))
+                rows.append(offset + c.n - 1)
             offset += c.n
-            if c.samples:
-                ends.append(offset - 1)
-                sampling.append(c.seq)
-        if not sampling:
-            self.model(embeds, meta, None, select=torch.tensor([offset - 1], device=self.device))
-            return {}
-        logits = self.model(embeds, meta, None, select=torch.tensor(ends, device=self.device))[0].float()
-        return _sample(logits, sampling)
+        speculating = any(c.seq.spec is not None for c in chunks)
+        select = torch.tensor(rows or [offset - 1], device=self.device)
+        out = self.model(embeds, meta, None, select=select, hidden=speculating)
+        logits, stream = (out[0][0].float(), out[1][0]) if speculating else (out[0].float(), None)
+        if not rows:
+            logits = logits[:0]
+        result = _sample(logits[[r for _, r in sampling]], [s for s, _ in sampling])
+        for c, r, at in verify:
+            toks = accept(c.seq, c.drafts, logits[r : r + c.n])
+            result[c.seq.id] = toks
+            feed(c.seq, stream[at : at + len(toks)])
+        if stream is not None:
+            offset = 0
+            for c in chunks:
+                if c.seq.spec is not None and not c.drafts:
+                    feed(c.seq, stream[offset : offset + c.n])
+                offset += c.n
+        return result
 
     def prepare_images(self, seq: Sequence) -> None:
         """The sequence's image features, computed once (kept across chunks and preemptions)."""
@@ -74,15 +103,15 @@ def _slice(seq: Sequence, start: int, n: int) -> list[int]:
     return (seq.prompt + seq.output)[start : start + n]
 
 
-def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, int]:
-    out: dict[int, int] = {}
+def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature <= 0]
     if greedy:
         picked = logits[greedy].argmax(-1).tolist()
         for i, t in zip(greedy, picked, strict=True):
-            out[seqs[i].id] = t
+            out[seqs[i].id] = [t]
     for i, s in enumerate(seqs):
         if s.params.temperature > 0:
             t = sample(logits[i : i + 1], s.params.temperature, s.params.top_p, s.generator)
-            out[s.id] = int(t[0])
+            out[s.id] = [int(t[0])]
     return out

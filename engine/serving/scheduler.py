@@ -7,12 +7,15 @@ while there is budget, a free row (`max_num_seqs`) and room in the pool; each st
 cached prefix. When a running sequence needs a block and the pool has none, the newest running
 sequence is preempted: its blocks go back (the full ones stay in the prefix cache) and it waits at the
 head of the queue to be recomputed, which never changes what it generates.
+
+A speculating sequence in decode runs its last token and its drafts (`ScheduledChunk.drafts`): 1 + k
+tokens of the budget and their blocks; the core hands back the rejected drafts' blocks after the step.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.serving.block_manager import BlockManager
 from engine.serving.sequence import Sequence, Status
@@ -22,12 +25,13 @@ from engine.serving.sequence import Sequence, Status
 class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed in this step
-    n: int  # tokens computed in this step
+    n: int  # tokens computed in this step (with the drafts)
+    drafts: list[int] = field(default_factory=list)  # MTP drafts verified after the last token
 
     @property
     def samples(self) -> bool:
         """Whether this chunk ends at the sequence's last token (its logits give the next token)."""
-        return self.start + self.n == self.seq.num_tokens
+        return self.start + self.n - len(self.drafts) == self.seq.num_tokens
 
 
 class Scheduler:
@@ -56,7 +60,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            left = seq.num_tokens - seq.num_computed
+            drafts = seq.spec.drafts if seq.spec is not None and left == 1 else []
+            n = min(left + len(drafts), budget)
+            drafts = drafts[: max(0, n - left)]
             while not self.blocks.can_allocate(seq, n):
                 victim = self._newest_unscheduled(scheduled)
                 self._preempt(victim)
@@ -64,7 +71,7 @@ class Scheduler:
                     break
             else:
                 self.blocks.allocate(seq, n)
-                chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+                chunks.append(ScheduledChunk(seq, seq.num_computed, n, list(drafts)))
                 scheduled.add(seq.id)
                 budget -= n
                 i += 1
@@ -102,6 +109,8 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
+        if seq.spec is not None:
+            seq.spec.reset(0)
         seq.preemptions += 1
         self.num_preemptions += 1
         seq.status = Status.WAITING

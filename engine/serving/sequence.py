@@ -19,8 +19,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    num_speculative_tokens: int = 0  # MTP drafts per verify step (0: plain decoding)
 
     def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
@@ -64,6 +67,36 @@ def image_digest(images: dict[str, Any] | None) -> bytes:
     return h.digest()
 
 
+@dataclass
+class SpecState:
+    """A speculating sequence's MTP drafting state (`engine.serving.speculation`).
+
+    Layer j (1-based) reads, at hidden position p, the previous depth's stream there and token x_{p+j};
+    its KV entry at p (kept in the paged cache at p's slot) is firm once x_{p+j} is no draft.
+    firm[0]: positions whose main-model stream h^0 has been handed over; firm[j]: layer j's firm entries.
+    carry[j]: layer j's input rows for positions [firm[j], firm[j-1]) (for j = 1, h^0 not yet consumed).
+    """
+
+    k: int
+    firm: list[int] = field(default_factory=list)
+    carry: list[torch.Tensor | None] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)  # this step's drafts, d_1..d_k
+    q: torch.Tensor | None = None  # [k, vocab]: the distributions the drafts were drawn from (sampling)
+    steps: int = 0  # verify steps
+    accepted: int = 0  # drafts accepted, all steps
+
+    def reset(self, computed: int) -> None:
+        """Start over from `computed` positions whose MTP entries are in the cache (0, or a prefix hit)."""
+        self.firm = [computed] * (self.k + 1)
+        self.carry = [None] * (self.k + 1)
+        self.drafts, self.q = [], None
+
+    @property
+    def horizon(self) -> int:
+        """Positions whose every KV entry (main and MTP layers) is final."""
+        return min(self.firm) if self.firm else 0
+
+
 @dataclass(eq=False)  # by identity: equal prompts are still different requests
 class Sequence:
     prompt: list[int]
@@ -84,11 +117,21 @@ class Sequence:
     generator: torch.Generator | None = None
     image_features: torch.Tensor | None = None  # computed once, reused by every chunk and after preemption
     preemptions: int = 0
+    spec: SpecState | None = None  # set when the request speculates
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
         self.image_key = image_digest(self.images)
+        if self.params.num_speculative_tokens:
+            self.spec = SpecState(self.params.num_speculative_tokens)
+            self.spec.reset(0)
+
+    @property
+    def computed_horizon(self) -> int:
+        """Positions whose cache entries are final: every computed one, or for a speculating sequence
+        those its MTP layers have also made firm (what may be cached and what sliding layers may drop)."""
+        return self.num_computed if self.spec is None else min(self.num_computed, self.spec.horizon)
 
     @property
     def tokens(self) -> list[int]:

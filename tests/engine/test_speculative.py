@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.model.speculative import SpeculativeDecoder, accept_sampled
+from engine.model.cache import uncached_meta
+from engine.model.mtp import head_logits, mtp_streams
+from engine.model.speculative import accept_sampled
+from engine.serving import EngineCore, SamplingParams, ServingConfig
+from engine.serving.model_runner import ModelRunner
+from engine.serving.speculation import PagedDrafter
 from tests.engine.mtp_models import mtp_checkpoint
 from tests.engine.step_models import TEXT_B, build_reference, save_reference
 
@@ -29,65 +34,140 @@ PROMPTS = [
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_speculation_is_plain_decoding(llm, k):
-    plain = llm.generate(PROMPTS, 24, stop_token_ids=[])
+    plain = llm.generate_static(PROMPTS, 24, stop_token_ids=[])
+    assert llm.generate(PROMPTS, 24, stop_token_ids=[]) == plain
     spec = llm.generate(PROMPTS, 24, stop_token_ids=[], speculative="mtp", num_speculative_tokens=k)
     assert spec == plain
+    static = llm.generate_static(PROMPTS, 24, stop_token_ids=[], speculative="mtp", num_speculative_tokens=k)
+    assert static == plain
 
 
-def _oracle(monkeypatch, plain: list[list[int]], prompts, seed: int):
+def _oracle(monkeypatch, plain: list[list[int]], prompts, seed: int) -> list[list[int]]:
     """Drafts from the true greedy continuation, each wrong from a random index on: rows accept every count
-    from 0 to k (the MTP layers of a random checkpoint rarely agree with the model at all)."""
+    from 0 to k (the MTP layers of a random checkpoint rarely agree with the model at all). The real
+    drafter still runs first (its state goes on as ever). Returns each step's tokens added per verify."""
     rng = random.Random(seed)
-    counts: list[int] = []
-    real_step = SpeculativeDecoder.step
+    want = {tuple(p): w for p, w in zip(prompts, plain, strict=True)}
+    real_draft = PagedDrafter.draft
+    real_run = ModelRunner.run
+    steps: list[list[int]] = []
 
-    def propose(self, new_hidden):
-        B, k = len(self.seqs), self.k
-        d = torch.zeros(B, k, dtype=torch.long)
-        for b in range(B):
-            done = len(self.seqs[b]) - len(prompts[b])
-            cont = (plain[b] + [0] * 3 * (k + 1))[done : done + k]
-            wrong = rng.randint(0, k)
-            d[b] = torch.tensor([t if i < wrong else (t + 1) % 48 for i, t in enumerate(cont)])
-        self.drafts, self.draft_logits = d, torch.zeros(B, k, 48)
+    def draft(self, seqs, max_model_len=None):
+        real_draft(self, seqs, max_model_len)
+        for s in seqs:
+            n = len(s.spec.drafts)
+            cont = (want[tuple(s.prompt)] + [0] * 8)[len(s.output) : len(s.output) + n]
+            wrong = rng.randint(0, n)
+            s.spec.drafts = [t if i < wrong else (t + 1) % 48 for i, t in enumerate(cont)]
 
-    def step(self):
-        before = self.accepted
-        out = real_step(self)
-        counts.append(self.accepted - before)
+    def run(self, chunks):
+        out = real_run(self, chunks)
+        steps.append([len(out[c.seq.id]) for c in chunks if c.drafts])
         return out
 
-    monkeypatch.setattr(SpeculativeDecoder, "_propose", propose)
-    monkeypatch.setattr(SpeculativeDecoder, "step", step)
-    return counts
+    monkeypatch.setattr(PagedDrafter, "draft", draft)
+    monkeypatch.setattr(ModelRunner, "run", run)
+    return steps
+
+
+def _random_prompts(batch: int) -> list[list[int]]:
+    torch.manual_seed(batch)
+    return [torch.randint(1, 48, (int(n),)).tolist() for n in torch.randint(1, 20, (batch,))]
 
 
 @pytest.mark.parametrize("batch", [1, 16])
 def test_rows_accepting_different_counts_keep_plain_greedy_output(llm, monkeypatch, batch):
-    torch.manual_seed(batch)
-    prompts = [torch.randint(1, 48, (int(n),)).tolist() for n in torch.randint(1, 20, (batch,))]
-    plain = llm.generate(prompts, 30, stop_token_ids=[])
-    per_row = []
-    real_step = SpeculativeDecoder.step
-
-    def tracking(self):
-        before = [len(s) for s in self.seqs]
-        out = real_step(self)
-        per_row.append([len(s) - n for s, n in zip(self.seqs, before, strict=True)])
-        return out
-
-    _oracle(monkeypatch, plain, prompts, seed=batch)
-    monkeypatch.setattr(SpeculativeDecoder, "step", tracking)
+    prompts = _random_prompts(batch)
+    plain = llm.generate_static(prompts, 30, stop_token_ids=[])
+    steps = _oracle(monkeypatch, plain, prompts, seed=batch)
     spec = llm.generate(prompts, 30, stop_token_ids=[], speculative="mtp", num_speculative_tokens=3)
     assert spec == plain
-    seen = {n for step in per_row for n in step if n}
+    seen = {n for step in steps for n in step}
     assert seen == {1, 2, 3, 4}  # 0..3 drafts accepted, plus the model's own token
     if batch > 1:
-        assert any(len(set(step)) > 2 for step in per_row)  # rows advancing by different counts at once
+        assert any(len(set(step)) > 2 for step in steps)  # rows advancing by different counts at once
+    s = llm.last_speculation
+    assert s.accepted == sum(n - 1 for step in steps for n in step)
+    assert llm.core.blocks.pools["full_attention"].num_in_use == 0
+
+
+def _definition_drafts(llm, tokens: list[int], k: int) -> list[int]:
+    """Greedy drafts from the MTP definition over the whole sequence (no cache): h^0 of x_0..x_{m-1},
+    layer j at position m - 1 reading x_m and the drafts before it."""
+    model = llm.model
+    m = len(tokens) - 1
+    ids = torch.tensor([tokens[:m]])
+    positions = torch.arange(m)[None]
+    with torch.inference_mode():
+        _, hidden = model(model.embed_tokens(ids), uncached_meta(llm.config.text, positions), hidden=True)
+        drafts: list[int] = []
+        for j in range(1, k + 1):
+            ext = torch.tensor([tokens + drafts])
+            streams = mtp_streams(model, hidden, ext, j)
+            logits = head_logits(model.mtp[j - 1], streams[j - 1][:, m - 1])
+            drafts.append(int(logits.argmax()))
+    return drafts
+
+
+def test_paged_drafts_are_the_definition_through_preemption_and_prefix_hits(llm, monkeypatch):
+    """Every draft the core makes (the MTP layers' paged KV kept, carried, overwritten, dropped with a
+    preempted sequence, served by the prefix cache) is the definition's, while outputs stay plain."""
+    prompts = _random_prompts(6)
+    shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13]
+    prompts = [shared + p for p in prompts[:3]] + prompts[3:]
+    plain = llm.generate_static(prompts, 16, stop_token_ids=[])
+    real_draft = PagedDrafter.draft
+    seen: list[tuple[list[int], list[int]]] = []
+
+    def draft(self, seqs, max_model_len=None):
+        real_draft(self, seqs, max_model_len)
+        seen.extend((s.tokens, list(s.spec.drafts)) for s in seqs)
+
+    monkeypatch.setattr(PagedDrafter, "draft", draft)
+    c = EngineCore(llm, ServingConfig(block_size=4, num_blocks=18, max_num_batched_tokens=24))
+    params = SamplingParams(16, num_speculative_tokens=3)
+    got = [s.output for s in c.generate(prompts, [params] * len(prompts))]
+    assert got == plain
+    assert c.scheduler.num_preemptions > 0
+    for pool in c.blocks.pools.values():
+        assert pool.num_in_use == 0
+    # prefix hits: the cached blocks bring their MTP entries; a block's key also covers the 3 tokens
+    # after it (its MTP entries read them), so a prompt diverging at 12 hits blocks 0-1 only
+    c = EngineCore(llm, ServingConfig(block_size=4, num_blocks=256))
+    first = c.generate([prompts[0]], [params])[0]
+    other = c.generate([prompts[1]], [params])[0]
+    again = c.generate([prompts[0] + first.output[:5]], [params])[0]
+    assert (other.num_cached_prompt, other.output) == (8, plain[1])
+    assert again.num_cached_prompt == (len(prompts[0]) + 5 - 1 - 3) // 4 * 4
+    assert again.output == llm.generate_static([prompts[0] + first.output[:5]], 16, stop_token_ids=[])[0]
+    assert len(seen) > 20
+    for tokens, drafts in seen[::3] + seen[-8:]:
+        assert drafts == _definition_drafts(llm, tokens, len(drafts))[: len(drafts)]
+
+
+def test_rejected_drafts_blocks_go_back_and_only_accepted_tokens_are_cached(llm, monkeypatch):
+    prompts = [[5, 17, 33, 2, 9, 11, 12]]
+    plain = llm.generate_static(prompts, 40, stop_token_ids=[])
+    _oracle(monkeypatch, plain, prompts, seed=3)
+    c = EngineCore(llm, ServingConfig(block_size=2, num_blocks=64))
+    seq = c.submit(prompts[0], SamplingParams(40, num_speculative_tokens=3))
+    pool = c.blocks.pools["full_attention"]
+    while not seq.finished:
+        c.step()
+        if seq.finished:
+            break
+        # the table covers the computed positions only: the drafts' slots went back
+        assert len(seq.tables["full_attention"]) == -(-seq.num_computed // 2)
+        assert pool.num_in_use == len(seq.tables["full_attention"])
+        # cached blocks hold accepted tokens only, and only those whose MTP entries are firm
+        assert seq.registered * 2 <= seq.num_computed - 3 + 1
+    assert seq.output == plain[0]
+    # all but the last few blocks stay cached (a block waits for its 3 firm tokens after it)
+    assert pool.num_in_use == 0 and 15 <= pool.num_cached() <= (len(prompts[0]) + 40 - 1 - 3 + 1) // 2
 
 
 def test_stream_stops_and_max_new_with_speculation(llm, monkeypatch):
-    plain = llm.generate(PROMPTS, 20, stop_token_ids=[])
+    plain = llm.generate_static(PROMPTS, 20, stop_token_ids=[])
     _oracle(monkeypatch, plain, PROMPTS, seed=7)
     assert list(llm.stream(PROMPTS[0], 20, stop_token_ids=[], speculative="mtp")) == plain[0]
     stop = plain[1][6]
@@ -102,7 +182,13 @@ def test_options_and_one_line_errors(llm, tmp_path):
     with pytest.raises(ValueError, match="has no MTP layers") as e:
         LLM.from_pretrained(plain_ckpt, speculative="mtp")
     assert "\n" not in str(e.value) and str(plain_ckpt) in str(e.value)
-    assert LLM.from_pretrained(plain_ckpt).speculative is None  # off unless asked
+    plain_llm = LLM.from_pretrained(plain_ckpt)
+    assert plain_llm.speculative is None and plain_llm.speculative_tokens == 0  # off unless asked
+    with pytest.raises(ValueError, match="has no MTP layers") as e:  # a request asking the core for it
+        plain_llm.core.submit([1, 2], SamplingParams(4, num_speculative_tokens=2))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="between 1 and the checkpoint's 3"):
+        llm.core.submit([1, 2], SamplingParams(4, num_speculative_tokens=4))
     with pytest.raises(ValueError, match="between 1 and the checkpoint's 3"):
         llm.generate(PROMPTS, 4, speculative="mtp", num_speculative_tokens=4)
     with pytest.raises(ValueError, match="unknown method"):
@@ -130,19 +216,7 @@ def _chi2_p(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.special.gammaincc(df / 2.0, stat / 2.0))
 
 
-def test_rejection_sampling_draws_from_the_model_distribution(llm):
-    """2000 samples of tokens 2-4 (all past the first verify step) with speculation against 2000 plain
-    ones: the chi-squared test of homogeneity must not reject them."""
-    prompt = [5, 17, 33, 2, 9]
-    n, bs = 2000, 500
-    kw = dict(temperature=1.0, top_p=0.9, stop_token_ids=[], max_batch_size=bs)
-    # static batches: one generator for the batch (the serving core seeds every prompt alike)
-    plain = llm.generate_static([prompt] * n, 4, seed=11, **kw)
-    spec = llm.generate([prompt] * n, 4, seed=12, speculative="mtp", num_speculative_tokens=3, **kw)
-    s = llm.last_speculation
-    rate = s.accepted / s.row_steps
-    assert 0.2 < rate < 2.5, rate  # drafts are accepted and rejected: both paths are exercised
-    V = llm.config.text.vocab_size
+def _chi2_same(plain: list[list[int]], spec: list[list[int]], V: int) -> None:
     for i in (1, 2, 3):
         a = torch.bincount(torch.tensor([r[i] for r in plain]), minlength=V)
         b = torch.bincount(torch.tensor([r[i] for r in spec]), minlength=V)
@@ -154,6 +228,37 @@ def test_rejection_sampling_draws_from_the_model_distribution(llm):
     assert (
         _chi2_p(torch.cat([ja[big], ja[~big].sum()[None]]), torch.cat([jb[big], jb[~big].sum()[None]])) > 1e-3
     )
+
+
+def test_rejection_sampling_in_the_core_draws_from_the_model_distribution(llm):
+    """2000 samples of tokens 2-4 (all past the first verify step) with speculation in the serving core
+    against 2000 plain ones, every request with its own seed: the chi-squared test must not reject them."""
+    prompt = [5, 17, 33, 2, 9]
+    n = 2000
+    c = EngineCore(llm, ServingConfig(max_num_seqs=500, max_num_batched_tokens=4000, num_blocks=1024))
+
+    def run(k: int, seed0: int) -> list[list[int]]:
+        ps = [SamplingParams(4, 1.0, 0.9, seed0 + i, (), k) for i in range(n)]
+        return [s.output for s in c.generate([prompt] * n, ps)]
+
+    plain = run(0, 0)
+    spec_seqs = c.generate([prompt] * n, [SamplingParams(4, 1.0, 0.9, 10_000 + i, (), 3) for i in range(n)])
+    spec = [s.output for s in spec_seqs]
+    rate = sum(s.spec.accepted for s in spec_seqs) / sum(s.spec.steps for s in spec_seqs)
+    assert 0.2 < rate < 2.5, rate  # drafts are accepted and rejected: both paths are exercised
+    _chi2_same(plain, spec, llm.config.text.vocab_size)
+
+
+def test_rejection_sampling_on_static_batches_draws_from_the_model_distribution(llm):
+    """The same on the static path (`generate_static`, one generator for the batch)."""
+    prompt = [5, 17, 33, 2, 9]
+    n, bs = 2000, 500
+    kw = dict(temperature=1.0, top_p=0.9, stop_token_ids=[], max_batch_size=bs)
+    plain = llm.generate_static([prompt] * n, 4, seed=11, **kw)
+    spec = llm.generate_static([prompt] * n, 4, seed=12, speculative="mtp", num_speculative_tokens=3, **kw)
+    s = llm.last_speculation
+    assert 0.2 < s.accepted / s.row_steps < 2.5
+    _chi2_same(plain, spec, llm.config.text.vocab_size)
 
 
 def test_accept_sampled_matches_target_exactly_in_expectation():
