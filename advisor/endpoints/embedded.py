@@ -9,7 +9,7 @@ relative to the working directory), or the name of a directory under `$ADVISOR_M
 top_p, seed, dtype, max_batch_size (sequences per step), kv_blocks (KV pool size, blocks of 16 tokens),
 and speculative decoding with the checkpoint's MTP layers (`speculative: mtp`, `num_speculative_tokens:
 k`, default all of them; off unless asked, a one-line error for a checkpoint without MTP layers; such
-calls run one at a time on the engine's static batches, the serving core not speculating yet).
+calls speculate inside the serving core, batched with the others).
 Anything else there is an error, since no request body exists.
 
 A call renders the neutral messages with the checkpoint's own chat template (else the engine's default
@@ -41,7 +41,14 @@ from advisor.endpoints.openai import to_openai_messages
 from advisor.messages import Attempt, Effort, Message, ModelResponse, ToolCall, Usage
 from engine.model_paths import MODELS_DIR_ENV, SHIPPED_MODELS, models_dir, resolve_model
 
-__all__ = ["MODELS_DIR_ENV", "SHIPPED_MODELS", "EmbeddedEndpoint", "Generation", "models_dir", "resolve_model"]
+__all__ = [
+    "MODELS_DIR_ENV",
+    "SHIPPED_MODELS",
+    "EmbeddedEndpoint",
+    "Generation",
+    "models_dir",
+    "resolve_model",
+]
 
 DEFAULT_MAX_TOKENS = 2048
 _OPTIONS = {
@@ -80,7 +87,6 @@ class _Engine:
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(self.llm.max_batch_size + 2, thread_name_prefix="advisor-embedded")
-        self._speculating = threading.Lock()
 
     def generate(
         self,
@@ -97,14 +103,9 @@ class _Engine:
         Setting `cancel` (the caller's task was cancelled) aborts the request and frees its blocks."""
         from engine.serving import SamplingParams
 
-        if getattr(self.llm, "speculative", None):  # MTP drafts: the static path, one call at a time
-            with self._speculating:
-                out = self.llm.generate(
-                    [prompt], max_new, temperature, top_p, seed, list(stops), images=[images] if images else None
-                )
-            return Generation(out[0], 0)
+        k = getattr(self.llm, "speculative_tokens", 0)  # MTP drafts per verify step (the LLM's option)
         core = self.llm.core
-        seq = core.submit(prompt, SamplingParams(max_new, temperature, top_p, seed, tuple(stops)), images)
+        seq = core.submit(prompt, SamplingParams(max_new, temperature, top_p, seed, tuple(stops), k), images)
         core.drive(lambda: seq.finished or (cancel is not None and cancel.is_set()))
         if not seq.finished:
             core.abort(seq)

@@ -15,3 +15,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks of 16 tokens")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the config's)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
+    p.add_argument(
+        "--speculative",
+        choices=["mtp", "off"],
+        default="off",
+        help="speculative decoding: mtp drafts with the checkpoint's MTP layers (default: off)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="drafts per verify step with --speculative mtp (default: all the MTP layers)",
+    )

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -103,6 +104,7 @@ def sampling_options(body: dict, served: Served, prompt_len: int):
         top_p=_number(body, "top_p", float, 0.0, 1.0, 1.0) or 1e-9,
         seed=_number(body, "seed", int, None, None, None),
         stop_token_ids=served.stops,
+        num_speculative_tokens=getattr(served.llm, "speculative_tokens", 0),
     )
 
 
@@ -499,15 +501,25 @@ def load_served(
     kv_blocks: int | None = None,
     max_model_len: int | None = None,
     name: str | None = None,
+    speculative: str | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> Served:
-    """Load a checkpoint directory (or a shipped model name) and start its serving core."""
+    """Load a checkpoint directory (or a shipped model name) and start its serving core (speculating with
+    the MTP layers when speculative="mtp": every request drafts `num_speculative_tokens` per step)."""
     from engine import LLM
     from engine.model_paths import resolve_model
     from engine.serving import AsyncLLM, EngineCore, ServingConfig
     from engine.text.tokenizer import StepTokenizer, load_tokenizer
 
     path = resolve_model(model)
-    llm = LLM.from_pretrained(path, device=device, dtype=dtype, max_batch_size=max_num_seqs)
+    llm = LLM.from_pretrained(
+        path,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_num_seqs,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
+    )
     tok = llm.tokenizer if isinstance(llm.tokenizer, StepTokenizer) else None
     if tok is None:
         if not (path / "tokenizer.json").is_file():
@@ -533,15 +545,23 @@ def _context_length(path: Path) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    served = load_served(
-        args.model,
-        args.device,
-        args.dtype,
-        args.max_num_seqs,
-        args.kv_blocks,
-        args.max_model_len,
-        args.served_model_name,
-    )
+    from engine.model.loader import CheckpointError
+
+    try:
+        served = load_served(
+            args.model,
+            args.device,
+            args.dtype,
+            args.max_num_seqs,
+            args.kv_blocks,
+            args.max_model_len,
+            args.served_model_name,
+            getattr(args, "speculative", None),
+            getattr(args, "num_speculative_tokens", None),
+        )
+    except (ValueError, CheckpointError, FileNotFoundError) as e:  # a bad model or option: one line
+        print(f"advisor serve: {e}", file=sys.stderr)
+        return 2
     print(f"advisor serve: {served.name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
     return 0

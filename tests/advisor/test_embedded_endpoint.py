@@ -141,7 +141,10 @@ async def test_concurrent_calls_join_one_running_batch_without_blocking_the_loop
     try:
         t = asyncio.create_task(ticker())
         results = await asyncio.gather(
-            *(e.complete([Message.user(f"question {i}")], max_tokens=4) for i, e in enumerate([ep, other] * 6))
+            *(
+                e.complete([Message.user(f"question {i}")], max_tokens=4)
+                for i, e in enumerate([ep, other] * 6)
+            )
         )
         done = True
         await t
@@ -244,7 +247,9 @@ async def test_images_reach_the_vision_tower(vision_ckpt):
     )
     ids = load_tokenizer(vision_ckpt).encode(processed.token_texts()[0])
     prompt_tokens = resp.usage.input + resp.usage.cached_input
-    assert prompt_tokens == text_only.usage.input + text_only.usage.cached_input + len(ids)  # the whole layout
+    assert prompt_tokens == text_only.usage.input + text_only.usage.cached_input + len(
+        ids
+    )  # the whole layout
     with_img = llm.logits(
         ids,
         pixel_values=processed.pixel_values,
@@ -315,5 +320,7 @@ async def test_extra_body_turns_on_mtp_speculation(ckpt, tmp_path):
     plain = await _endpoint(mtp).complete(MESSAGES, tools=[add], effort="low")
     ep = _endpoint(mtp, speculative="mtp", num_speculative_tokens=2)
     spec = await ep.complete(MESSAGES, tools=[add], effort="low")
-    assert ep._engine.llm.speculative == "mtp" and ep._engine.llm.last_speculation.k == 2
+    llm = ep._engine.llm
+    assert llm.speculative == "mtp" and llm.speculative_tokens == 2
+    assert llm.core.runner._drafter is not None  # the core drafted with the MTP layers
     assert spec.message == plain.message and spec.usage.output == plain.usage.output
