@@ -1,28 +1,32 @@
-"""Decode speed with and without MTP speculation, and how many drafts the model accepts, on real prompts.
+"""Decode speed with and without MTP speculation in the serving core, and how many drafts the model
+accepts, on real prompts.
 
     python -m training.bench_mtp [--model models/step-nano] [--batches 1 16] [--ks 1 2 3]
 
 Prompts are what the embedded endpoint sends on real task traces: every assistant turn of the Quickstart's
 task (`training.quickstart`) and of held-out tasks of the training families (`training.evaluate`'s stream,
-seeds from 100 003), greedy, stopping at the checkpoint's eos, up to `--decode` new tokens. For each batch
-size the same prompts run plain (`LLM.generate_static`, the same static batches the speculative path uses)
-and with k drafts per verify step, alternating, best of `--repeats`; greedy output is checked to be
-identical. (The serving core is not compared: its prefix cache serves the repeated prompts.) Decode tokens/s counts the new tokens after the
-first (the prefill's) over the time after the prefill (a `max_new_tokens=1` run of the same batch; with
-speculation that prefill includes the MTP layers' own over the prompt, printed beside it).
-"Tokens per step" is what each verify step of a row adds: its accepted drafts plus the model's own token.
+seeds from 100 003), greedy, stopping at the checkpoint's eos, up to `--decode` new tokens. Each run goes
+through the serving core (`engine.serving.EngineCore`, what `LLM.generate` and `advisor serve` use), a
+fresh one each time so the prefix cache never serves a repeated prompt: plain, then with k drafts per
+verify step, alternating, best of `--repeats`; greedy output is checked to be identical. The prompts of a
+batch are submitted at once and the core steps until each has its first token (the prefill, with the MTP
+layers' own over the prompt when speculating: timed apart, printed); decode tokens/s counts the tokens
+after the first over the steps after that. At batch 1 the prompts run one at a time (`--rows-at-1`).
+"Tokens per step" is what each verify step of a sequence adds: its accepted drafts plus the model's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from engine import LLM
+from engine.serving import EngineCore, SamplingParams, ServingConfig
 
 
 def task_prompts(llm: LLM, n_tasks: int) -> list[list[int]]:
@@ -40,10 +44,23 @@ def task_prompts(llm: LLM, n_tasks: int) -> list[list[int]]:
     return [tok.encode(s.prompt) for tr in traces for s in samples(tr, tok)]
 
 
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def run_batch(llm: LLM, prompts: list[list[int]], new: int, k: int, blocks: int):
+    """One batch through a fresh core: (outputs, prefill seconds, decode seconds, tokens after the first,
+    verify steps, drafts accepted)."""
+    core = EngineCore(
+        llm,
+        ServingConfig(num_blocks=blocks, max_num_seqs=len(prompts), max_num_batched_tokens=1 << 16),
+    )
+    params = SamplingParams(new, stop_token_ids=tuple(llm.eos_token_ids), num_speculative_tokens=k)
+    seqs = [core.submit(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    core.drive(lambda: all(s.output or s.finished for s in seqs))
+    t1 = time.perf_counter()
+    core.drive(lambda: all(s.finished for s in seqs))
+    t2 = time.perf_counter()
+    steps = sum(s.spec.steps for s in seqs if s.spec)
+    acc = sum(s.spec.accepted for s in seqs if s.spec)
+    return [s.output for s in seqs], t1 - t0, t2 - t1, sum(len(s.output) - 1 for s in seqs), steps, acc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,68 +82,50 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{a.model}: no MTP layers to speculate with")
     ks = a.ks or list(range(1, n_mtp + 1))
     prompts = task_prompts(llm, a.tasks)
-    stops = llm.eos_token_ids
     print(
         f"{a.model}: {len(prompts)} prompts from {a.tasks + 1} tasks (mean {sum(map(len, prompts)) / len(prompts):.0f}"
-        f" tokens), greedy up to {a.decode} new tokens, {torch.get_num_threads()} threads, best of {a.repeats}"
+        f" tokens), greedy up to {a.decode} new tokens, serving core, {torch.get_num_threads()} threads, "
+        f"best of {a.repeats}, load average {os.getloadavg()[0]:.1f}"
     )
     for B in a.batches:
         groups = [[p] for p in prompts[: a.rows_at_1]] if B == 1 else [prompts[:B]]
-        plain_out = [llm.generate_static(g, a.decode, stop_token_ids=stops) for g in groups]
-        n_new = sum(len(r) - 1 for out in plain_out for r in out)  # after the prefill's token
+        longest = max(len(p) for g in groups for p in g) + a.decode + 2 * n_mtp + 2
+        blocks = B * (-(-longest // 16)) + 8
 
-        def run(kind, k=None, gs=groups):
-            for g in gs:
-                if kind == "prefill":
-                    llm.generate_static(g, 1, stop_token_ids=stops)
-                elif kind == "mtp-prefill":
-                    llm.generate(g, 1, stop_token_ids=stops, speculative="mtp", num_speculative_tokens=k)
-                elif kind == "plain":
-                    llm.generate_static(g, a.decode, stop_token_ids=stops)
-                else:
-                    llm.generate(
-                        g, a.decode, stop_token_ids=stops, speculative="mtp", num_speculative_tokens=k
-                    )
+        def run(k: int, groups=groups, blocks=blocks):
+            outs, pre, dec, n, steps, acc = [], 0.0, 0.0, 0, 0, 0
+            for g in groups:
+                o, p, d, nn, s, ac = run_batch(llm, g, a.decode, k, blocks)
+                outs.append(o)
+                pre, dec, n, steps, acc = pre + p, dec + d, n + nn, steps + s, acc + ac
+            return outs, pre, dec, n, steps, acc
 
-        kinds = [("prefill", None), ("plain", None)]
-        kinds += [kk for k in ks for kk in (("mtp-prefill", k), ("mtp", k))]
-        best = {kk: float("inf") for kk in kinds}
+        kinds = [0] + ks
+        best: dict[int, tuple] = {}
         for _ in range(a.repeats):
-            for kk in kinds:
-                best[kk] = min(best[kk], _time(lambda kk=kk: run(*kk)))
-        pre = best[("prefill", None)]
+            for k in kinds:
+                r = run(k)
+                if k not in best or r[2] / max(r[3], 1) < best[k][2] / max(best[k][3], 1):
+                    best[k] = r
+        plain_out = best[0][0]
 
-        def per_s(total: float, prefill: float, n_new: int = n_new) -> float:
-            # nan when the machine's load made the prefill alone slower than the whole run: rerun
-            return n_new / (total - prefill) if total > prefill else float("nan")
+        def rate(r) -> float:
+            return r[3] / r[2] if r[2] > 0 else float("nan")
 
-        rate = {("plain", None): per_s(best[("plain", None)], pre)}
-        for k in ks:
-            rate[("mtp", k)] = per_s(best[("mtp", k)], best[("mtp-prefill", k)])
+        print(f"\nbatch {B}: {len(groups)} x {len(groups[0])} prompts, {best[0][3]} decoded tokens")
         print(
-            f"\nbatch {B}: {len(groups)} x {len(groups[0])} prompts, {n_new} decoded tokens, prefill {pre:.3f} s"
-        )
-        print(
-            f"{'run':<26}{'decode tok/s':>14}{'x plain':>9}{'tokens/step':>13}{'drafts acc.':>13}{'same out':>10}"
+            f"{'run':<22}{'decode tok/s':>14}{'x plain':>9}{'tokens/step':>13}{'drafts acc.':>13}{'same out':>10}"
             f"{'prefill s':>11}"
         )
-        print(
-            f"{'plain (static batches)':<26}{rate[('plain', None)]:>14.1f}{1.0:>9.2f}{1.0:>13.2f}{'':>13}{'':>10}"
-        )
+        base = rate(best[0])
+        print(f"{'plain':<22}{base:>14.1f}{1.0:>9.2f}{1.0:>13.2f}{'':>13}{'':>10}{best[0][1]:>11.3f}")
         for k in ks:
-            acc = steps = 0
-            same = True
-            for g, want in zip(groups, plain_out, strict=True):
-                got = llm.generate(
-                    g, a.decode, stop_token_ids=stops, speculative="mtp", num_speculative_tokens=k
-                )
-                same &= got == want
-                s = llm.last_speculation
-                acc, steps = acc + s.accepted, steps + s.row_steps
-            r = rate[("mtp", k)]
+            r = best[k]
+            tps = 1 + r[5] / r[4] if r[4] else float("nan")
+            acc = r[5] / r[4] / k if r[4] else float("nan")
             print(
-                f"{f'mtp k={k}':<26}{r:>14.1f}{r / rate[('plain', None)]:>9.2f}{1 + acc / steps:>13.2f}"
-                f"{acc / steps / k:>12.0%} {str(same):>9}{best[('mtp-prefill', k)]:>11.3f}"
+                f"{f'mtp k={k}':<22}{rate(r):>14.1f}{rate(r) / base:>9.2f}{tps:>13.2f}"
+                f"{acc:>12.0%} {str(r[0] == plain_out):>9}{r[1]:>11.3f}"
             )
 
 
