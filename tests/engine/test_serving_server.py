@@ -83,7 +83,7 @@ class Scripted:
 
     def __enter__(self):
         def run(chunks):
-            return {c.seq.id: self.ids[len(c.seq.output)] for c in chunks if c.samples}
+            return {c.seq.id: [self.ids[len(c.seq.output)]] for c in chunks if c.samples}
 
         self.served.llm.core.runner.run = run
         return self
@@ -223,7 +223,7 @@ class Endless:
         def run(chunks):
             time.sleep(0.01)
             self.seqs.update((c.seq.id, c.seq) for c in chunks)
-            return {c.seq.id: self.token for c in chunks if c.samples}
+            return {c.seq.id: [self.token] for c in chunks if c.samples}
 
         self.served.llm.core.runner.run = run
         return self
