@@ -14,7 +14,8 @@ random (seeded), so both engines get the same workload.
 - core: `AsyncLLM` over `EngineCore`: continuous batching, chunked prefill, paged KV with prefix caching.
 
 Printed side by side: wall time, generated tokens/s, prompt tokens computed against sent (static
-counts the padding it computes), prefix hit rate, p50/p99 time to first token, peak KV memory.
+counts the padding it computes) and against new (the tokens no earlier call of the loop sent or got
+back: its first prompt, then each tool result), prefix hit rate, p50/p99 time to first token, peak KV memory.
 The model: the ~95M Step-shaped config of `engine.bench` (random weights) or a checkpoint (`step-nano`).
 """
 
@@ -38,6 +39,7 @@ class Result:
     wall_s: float = 0.0
     generated: int = 0
     prompt_sent: int = 0
+    prompt_new: int = 0  # prompt tokens no earlier call of the same loop sent or got back
     prompt_computed: int = 0
     cached: int = 0
     ttft: list[float] = field(default_factory=list)
@@ -65,9 +67,12 @@ async def run_loops(generate, loops: int, steps: int, vocab: int, seed: int, res
 
     async def one(i: int) -> None:
         conv = system + tasks[i]
+        seen = 0  # tokens of this loop's conversation already sent or generated
         for s in range(steps):
             out, ttft, cached = await generate(list(conv))
             result.prompt_sent += len(conv)
+            result.prompt_new += len(conv) - seen
+            seen = len(conv) + len(out)
             result.generated += len(out)
             result.cached += cached
             result.ttft.append(ttft)
@@ -202,6 +207,18 @@ def report(static: Result, core: Result) -> str:
             str(static.prompt_computed),
             str(core.prompt_computed),
             static.prompt_computed / max(1, core.prompt_computed),
+        ),
+        (
+            "prompt tokens new",
+            str(static.prompt_new),
+            str(core.prompt_new),
+            None,
+        ),
+        (
+            "computed / new",
+            f"{static.prompt_computed / max(1, static.prompt_new):.2f}",
+            f"{core.prompt_computed / max(1, core.prompt_new):.2f}",
+            None,
         ),
         ("prefix hit rate", "0%", f"{100 * core.cached / max(1, core.prompt_sent):.1f}%", None),
         (

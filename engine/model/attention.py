@@ -62,7 +62,15 @@ class Attention(nn.Module):
             ck, cv = cache.k[layer], cache.v[layer]
             if ops is not None and cpu_decode.usable(x, ck) and ck.is_contiguous() and cv.is_contiguous():
                 return self._decode_cpu(ops, x, rope, meta, ck, cv)
-        q, k, v, g = self.qkvg(x).split(self.sizes, dim=-1)
+        fused = getattr(meta, "fused", None)  # a paged cache (engine.serving): its compiled CPU op
+        if fused is not None and B == 1:
+            qkvg = self.qkvg(x)
+            out = fused(cpu_decode.ops(), qkvg[0], self, rope, layer)
+            if out is not None:
+                return self.o(out.view(B, T, -1))
+            q, k, v, g = qkvg.split(self.sizes, dim=-1)
+        else:
+            q, k, v, g = self.qkvg(x).split(self.sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.h, self.d))
         k = self.k_norm(k.view(B, T, self.hkv, self.d))
         v = v.view(B, T, self.hkv, self.d)

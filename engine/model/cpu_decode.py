@@ -7,6 +7,21 @@ These ops collapse each cluster into one call:
 - `decode_attention(...)`: q/k norm, RoPE (from the step's tables), the cache write, attention over the
   cache and the sigmoid gate for one new token per row, split over (row, KV head) pairs; each pass of
   query heads and its outputs held in registers, the next pair's keys prefetched;
+- `paged_attention(qkvg, q_scale, k_scale, cos, sin, k_cache, v_cache, tables, cu_q, start, block_size,
+  window, Hq, eps, scale) -> [T, Hq*D]`: the same fused attention over a paged KV cache
+  (`engine.serving.paged_attention`) for one flat step of N sequences. Sequence i owns the flat tokens
+  [cu_q[i], cu_q[i+1]) (cu_q [N+1] int64), a run of consecutive positions start[i], start[i]+1, ...
+  (start [N] int64): one token for a decode, several for a prefill chunk or a speculative verify of k+1
+  tokens. qkvg [T, Hq*D + 2*Hkv*D + Hq] is the fused projection, cos/sin [T, rotary dims] the tokens'
+  RoPE tables; every run's keys and values are normed, rotated and written first (position p of
+  sequence i at storage row tables[i, p // block_size] * block_size + p % block_size of k_cache, v_cache
+  [num_blocks*block_size, Hkv, D]; tables [N, width] int64, -1 where a block is freed or absent), then
+  each token attends over its sequence's positions [0, p] (window <= 0) or (p - window, p], so a run is
+  causal within itself and sees everything before it. A verify therefore passes its k+1 tokens as one
+  run at the sequence's next positions, with blocks allocated for them; rejecting drafts needs no call:
+  their rows are overwritten by the next run at those positions. Blocks shared by prefix hits are only
+  read. Every block read or written is checked against the pool first (a clear error, nothing written).
+  Work splits across threads per token for the writes, then per (sequence, tile of 16 tokens, KV head);
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights (or
   the same in 16 x 16 tiles, `engine.model.moe.block16`, one sequential stream) read once, in place, for all
@@ -59,8 +74,8 @@ _state: dict[str, object] = {}
 
 
 def ops():
-    """The compiled module (`rms_norm`, `decode_attention`, `route`, `decode_experts`, `decode_moe`,
-    `panel_linear`), or None."""
+    """The compiled module (`rms_norm`, `decode_attention`, `paged_attention`, `route`, `decode_experts`,
+    `decode_moe`, `panel_linear`, ...), or None."""
     if "ops" in _state:
         return _state["ops"]
     with _lock:

@@ -17,5 +17,8 @@ def test_the_workload_runs_on_both_engines_and_the_core_reuses_the_prefixes(tmp_
     # later steps re-send the conversation: the core computes far less of it than it is sent
     assert core.cached > 0 and core.prompt_computed + core.cached == core.prompt_sent
     assert static.prompt_computed >= static.prompt_sent
+    # new: the first prompts whole, then only what the loop appended besides the model's own output
+    assert core.prompt_new == static.prompt_new < core.prompt_sent
+    assert core.prompt_computed < core.prompt_new  # the shared system prompt computed once
     table = report(static, core)
-    assert "p99 time to first token" in table and "prefix hit rate" in table
+    assert "p99 time to first token" in table and "prefix hit rate" in table and "computed / new" in table

@@ -92,6 +92,30 @@ def test_prefix_hits_give_the_same_tokens_and_skip_the_shared_prefill(llm):
     assert again.output == plain(llm, [ps[0] + first.output + [7, 8, 9]])[0]
 
 
+@pytest.mark.parametrize("use_cpu_op", [True, False])
+def test_the_compiled_op_and_the_pytorch_path_give_the_plain_tokens(llm, use_cpu_op, monkeypatch):
+    """The CPU runs the compiled paged-attention op where it is built, else the PyTorch gather + SDPA:
+    both, with chunks beside decodes and prefix hits, give the plain path's tokens (and the op really ran)."""
+    from engine.serving.paged_attention import PagedTypeMeta
+
+    ran = []
+    fused = PagedTypeMeta.fused
+
+    def counting(self, *a):
+        out = fused(self, *a)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(PagedTypeMeta, "fused", counting)
+    ps = prompts(llm, n=5, shared=9, seed=6)
+    want = plain(llm, ps)
+    c = core(llm, max_num_batched_tokens=11)
+    c.cache.use_cpu_op = use_cpu_op
+    got = [s.output for s in c.generate(ps[:2], [greedy()] * 2) + c.generate(ps[2:], [greedy()] * 3)]
+    assert got == want
+    assert ran and all(ran) == use_cpu_op and any(ran) == use_cpu_op
+
+
 def test_a_pool_too_small_for_everyone_preempts_and_still_matches(llm):
     ps = prompts(llm, n=6, seed=4)
     want = plain(llm, ps, new=16)

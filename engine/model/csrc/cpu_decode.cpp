@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -772,6 +773,270 @@ torch::Tensor decode_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch:
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Attention over block tables (engine/serving/paged_attention.py): the serving core's flat step.
+namespace {
+
+// Attention of P (query token, head) pairs that share one KV head, over key rows reached through row
+// pointers (the paged storage: a sequence's keys are scattered over its blocks). Pair i sees the slots
+// [lo[i], hi[i]) of the S gathered ones (causal within its run, its window); the pairs go in passes of up
+// to PAIRS_PER_PASS whose queries and outputs stay in registers while each key and value row is read once
+// for all of them (as attend_heads, one mask per pair instead of one per pass).
+template <int VECS_PER_HEAD>
+ADVISOR_INLINE void attend_pairs(const float* const* q, const float* const* K, const float* const* V,
+                                 const int64_t* lo, const int64_t* hi, const float* gate, int64_t P, int64_t S,
+                                 float scale, float* p, float* const* out) {
+  constexpr int PAIRS_PER_PASS = VECS_PER_HEAD >= 8 ? 3 : (24 / VECS_PER_HEAD > 8 ? 8 : 24 / VECS_PER_HEAD);
+  constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+  for (int64_t p0 = 0; p0 < P; p0 += PAIRS_PER_PASS) {
+    const int n = (int)std::min<int64_t>(PAIRS_PER_PASS, P - p0);
+    int64_t s0 = S, s1 = 0;  // the slots any pair of this pass sees
+    for (int i = 0; i < n; ++i) {
+      s0 = std::min(s0, lo[p0 + i]);
+      s1 = std::max(s1, hi[p0 + i]);
+    }
+    f32x16 acc[PAIRS_PER_PASS][VECS_PER_HEAD];
+    for (int i = 0; i < PAIRS_PER_PASS; ++i)
+      for (int d = 0; d < VECS_PER_HEAD; ++d) acc[i][d] = i < n ? load_f32x16(q[p0 + i] + 16 * d) : f32x16{};
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* k_row = K[s];
+      if (s + 4 < s1) __builtin_prefetch(K[s + 4], 0, 3);
+      f32x16 key[VECS_PER_HEAD];
+      for (int d = 0; d < VECS_PER_HEAD; ++d) key[d] = load_f32x16(k_row + 16 * d);
+      for (int i = 0; i < PAIRS_PER_PASS; ++i) {
+        if (i >= n) break;
+        float* row = p + (p0 + i) * S;
+        if (s < lo[p0 + i] || s >= hi[p0 + i]) {
+          row[s] = NEG_INF;
+          continue;
+        }
+        f32x16 t = acc[i][0] * key[0];
+        for (int d = 1; d < VECS_PER_HEAD; ++d) t += acc[i][d] * key[d];
+        row[s] = sum_lanes16(t) * scale;
+      }
+    }
+    for (int i = 0; i < n; ++i)
+      softmax_row(p + (p0 + i) * S + s0, s1 - s0, 1.f / (1.f + std::exp(-gate[p0 + i])));
+    for (int i = 0; i < PAIRS_PER_PASS; ++i)
+      for (int d = 0; d < VECS_PER_HEAD; ++d) acc[i][d] = f32x16{};
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* v_row = V[s];
+      if (s + 4 < s1) __builtin_prefetch(V[s + 4], 0, 3);
+      f32x16 val[VECS_PER_HEAD];
+      for (int d = 0; d < VECS_PER_HEAD; ++d) val[d] = load_f32x16(v_row + 16 * d);
+      for (int i = 0; i < PAIRS_PER_PASS; ++i) {
+        if (i >= n) break;
+        const float w = p[(p0 + i) * S + s];
+        for (int d = 0; d < VECS_PER_HEAD; ++d) acc[i][d] += w * val[d];
+      }
+    }
+    for (int i = 0; i < n; ++i)
+      for (int d = 0; d < VECS_PER_HEAD; ++d) store_f32x16(out[p0 + i] + 16 * d, acc[i][d]);
+  }
+}
+
+// The same for any head size, one pair at a time.
+ADVISOR_INLINE void attend_pairs_any(const float* const* q, const float* const* K, const float* const* V,
+                                     const int64_t* lo, const int64_t* hi, const float* gate, int64_t P,
+                                     int64_t S, int64_t D, float scale, float* p, float* const* out) {
+  for (int64_t i = 0; i < P; ++i) {
+    float* row = p + i * S;
+    for (int64_t s = lo[i]; s < hi[i]; ++s) row[s] = dot(q[i], K[s], D) * scale;
+    softmax_row(row + lo[i], hi[i] - lo[i], 1.f / (1.f + std::exp(-gate[i])));
+    float* o = out[i];
+    std::fill(o, o + D, 0.f);
+    for (int64_t s = lo[i]; s < hi[i]; ++s) {
+      const float w = row[s];
+      const float* vs = V[s];
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) o[j] += w * vs[j];
+    }
+  }
+}
+
+struct PagedStep {
+  const float *qkvg, *q_scale, *k_scale, *cos, *sin;
+  const int64_t *tables, *cu_q, *start;
+  float *k_cache, *v_cache, *q, *out;
+  int64_t N, T, Hq, Hkv, G, D, rot_dims, width, table_width, block_size, window;
+  float eps, scale;
+
+  ADVISOR_INLINE int64_t row_of(int64_t seq, int64_t pos) const {
+    return tables[seq * table_width + pos / block_size] * block_size + pos % block_size;
+  }
+  ADVISOR_INLINE int64_t first_seen(int64_t pos) const { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
+};
+
+// Token t (of sequence `seq`, at position `pos`): q/k RMSNorm and RoPE, its key and value written to its
+// cache row, its normed and rotated queries into a.q [T, Hq, D].
+ADVISOR_CLONES
+void paged_prepare(const PagedStep& a, int64_t t, int64_t seq, int64_t pos) {
+  const int64_t D = a.D;
+  const float* row = a.qkvg + t * a.width;
+  const float *cos_row = a.cos + t * a.rot_dims, *sin_row = a.sin + t * a.rot_dims;
+  const int64_t r = a.row_of(seq, pos);
+  for (int64_t h = 0; h < a.Hkv; ++h) {
+    float* k = a.k_cache + (r * a.Hkv + h) * D;
+    norm_row(row + a.Hq * D + h * D, a.k_scale, a.eps, D, k);
+    rope_head(k, cos_row, sin_row, a.rot_dims);
+    const float* v = row + a.Hq * D + a.Hkv * D + h * D;
+    std::copy(v, v + D, a.v_cache + (r * a.Hkv + h) * D);
+  }
+  for (int64_t h = 0; h < a.Hq; ++h) {
+    float* q = a.q + (t * a.Hq + h) * D;
+    norm_row(row + h * D, a.q_scale, a.eps, D, q);
+    rope_head(q, cos_row, sin_row, a.rot_dims);
+  }
+}
+
+// One task: query tokens [j0, j1) of sequence `seq` against KV head `kvh` (their G query heads each).
+ADVISOR_CLONES
+void paged_tile(const PagedStep& a, int64_t seq, int64_t j0, int64_t j1, int64_t kvh, std::vector<char>& work) {
+  const int64_t G = a.G, D = a.D, t0 = a.cu_q[seq], p0 = a.start[seq];
+  const int64_t lo_pos = a.first_seen(p0 + j0), S = p0 + j1 - lo_pos, P = (j1 - j0) * G;
+  const size_t bytes = sizeof(float*) * (2 * S + 2 * P) + sizeof(int64_t) * 2 * P + sizeof(float) * (P + P * S);
+  if (work.size() < bytes) work.resize(bytes);
+  const float** K = reinterpret_cast<const float**>(work.data());
+  const float** V = K + S;
+  const float** q = V + S;
+  float** out = const_cast<float**>(q + P);
+  int64_t* lo = reinterpret_cast<int64_t*>(out + P);
+  int64_t* hi = lo + P;
+  float* gate = reinterpret_cast<float*>(hi + P);
+  float* p = gate + P;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t r = a.row_of(seq, lo_pos + s);
+    K[s] = a.k_cache + (r * a.Hkv + kvh) * D;
+    V[s] = a.v_cache + (r * a.Hkv + kvh) * D;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t t = t0 + j, pos = p0 + j;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = (j - j0) * G + g, h = kvh * G + g;
+      q[i] = a.q + (t * a.Hq + h) * D;
+      out[i] = a.out + (t * a.Hq + h) * D;
+      lo[i] = a.first_seen(pos) - lo_pos;
+      hi[i] = pos + 1 - lo_pos;
+      gate[i] = a.qkvg[t * a.width + a.Hq * D + 2 * a.Hkv * D + h];
+    }
+  }
+  const float scale = a.scale;
+  switch (D) {
+    case 16: return attend_pairs<1>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    case 32: return attend_pairs<2>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    case 48: return attend_pairs<3>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    case 64: return attend_pairs<4>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    case 96: return attend_pairs<6>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    case 128: return attend_pairs<8>(q, K, V, lo, hi, gate, P, S, scale, p, out);
+    default: return attend_pairs_any(q, K, V, lo, hi, gate, P, S, D, scale, p, out);
+  }
+}
+
+}  // namespace
+
+// Step attention for one serving step over a paged KV cache. The step's T tokens are one flat row:
+// sequence i owns tokens [cu_q[i], cu_q[i+1]), a run of consecutive positions start[i], start[i] + 1, ...
+// (one token for a decode, several for a prefill chunk or a speculative verify). From the fused projection
+// qkvg [T, Hq*D + 2*Hkv*D + Hq] (q, k, v, gate): q/k RMSNorm, partial NeoX RoPE with the tokens' tables
+// cos, sin [T, rotary dims], every new key and value written to its row of k_cache, v_cache
+// [num_blocks * block_size, Hkv, D] (position p of sequence i at row tables[i, p / block_size] *
+// block_size + p % block_size; tables [N, width] int64, -1 where no block), then each token attends over
+// its sequence's positions [0, p] (full attention, window <= 0) or (p - window, p] (sliding), which
+// includes the run's own earlier tokens (causal within the run), and the head-wise sigmoid gate.
+// Returns [T, Hq*D]. GQA: query head h reads KV head h / (Hq / Hkv). Every block a token reads or writes is
+// checked to be in the pool before anything runs. Two phases across ATen's threads: the writes (per
+// token), then the attention, per (sequence, run of up to 16 tokens, KV head).
+torch::Tensor paged_attention(torch::Tensor qkvg, torch::Tensor q_scale, torch::Tensor k_scale, torch::Tensor cos,
+                              torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                              torch::Tensor cu_q, torch::Tensor start, int64_t block_size, int64_t window,
+                              int64_t Hq, double eps, double scale) {
+  const char* op = "paged_attention";
+  check_f32(qkvg, op, "qkvg");
+  check_f32(q_scale, op, "q_scale");
+  check_f32(k_scale, op, "k_scale");
+  check_f32(cos, op, "cos");
+  check_f32(sin, op, "sin");
+  check_f32(k_cache, op, "k_cache");
+  check_f32(v_cache, op, "v_cache");
+  TORCH_CHECK(tables.dtype() == torch::kInt64 && tables.dim() == 2 && tables.is_contiguous() &&
+                  cu_q.dtype() == torch::kInt64 && cu_q.is_contiguous() && start.dtype() == torch::kInt64 &&
+                  start.is_contiguous(),
+              op, ": tables [N, width], cu_q [N + 1] and start [N] must be contiguous int64");
+  TORCH_CHECK(qkvg.dim() == 2 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && block_size > 0 &&
+                  k_cache.size(0) % block_size == 0,
+              op, ": qkvg [T, width] and caches [num_blocks * block_size, Hkv, D] expected");
+  PagedStep a;
+  a.T = qkvg.size(0);
+  a.N = tables.size(0);
+  a.table_width = tables.size(1);
+  a.Hq = Hq;
+  a.Hkv = k_cache.size(1);
+  a.D = k_cache.size(2);
+  TORCH_CHECK(a.Hkv > 0 && Hq % a.Hkv == 0, op, ": ", Hq, " query heads do not group over ", a.Hkv, " KV heads");
+  a.G = Hq / a.Hkv;
+  a.width = qkvg.size(1);
+  TORCH_CHECK(a.width == Hq * a.D + 2 * a.Hkv * a.D + Hq, op, ": qkvg width ", a.width, " does not match ", Hq,
+              " query heads, ", a.Hkv, " KV heads of ", a.D);
+  a.rot_dims = a.T > 0 ? cos.numel() / a.T : 0;
+  TORCH_CHECK(cos.numel() == a.T * a.rot_dims && sin.numel() == cos.numel() && a.rot_dims <= a.D &&
+                  a.rot_dims % 2 == 0 && q_scale.numel() == a.D && k_scale.numel() == a.D,
+              op, ": rotary tables or norm scales do not match ", a.T, " tokens of head size ", a.D);
+  TORCH_CHECK(cu_q.numel() == a.N + 1 && start.numel() == a.N, op, ": cu_q needs N + 1 and start N entries for ",
+              a.N, " sequences");
+  a.tables = tables.data_ptr<int64_t>();
+  a.cu_q = cu_q.data_ptr<int64_t>();
+  a.start = start.data_ptr<int64_t>();
+  a.block_size = block_size;
+  a.window = window;
+  const int64_t num_blocks = k_cache.size(0) / block_size;
+  TORCH_CHECK(a.N == 0 ? a.T == 0 : (a.cu_q[0] == 0 && a.cu_q[a.N] == a.T), op, ": cu_q must run from 0 to ", a.T);
+  std::vector<int64_t> seq_of(a.T);
+  std::vector<std::array<int64_t, 3>> tiles;  // (sequence, first token, end token) of each attention task
+  constexpr int64_t TILE = 16;
+  for (int64_t i = 0; i < a.N; ++i) {
+    const int64_t n = a.cu_q[i + 1] - a.cu_q[i], p0 = a.start[i];
+    TORCH_CHECK(n >= 0 && p0 >= 0, op, ": sequence ", i, " has a negative run or start");
+    if (n == 0) continue;
+    TORCH_CHECK((p0 + n - 1) / block_size < a.table_width, op, ": sequence ", i, "'s positions up to ", p0 + n - 1,
+                " run past its block table (", a.table_width, " blocks of ", block_size, ")");
+    for (int64_t b = a.first_seen(p0) / block_size; b <= (p0 + n - 1) / block_size; ++b) {
+      const int64_t id = a.tables[i * a.table_width + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, op, ": sequence ", i, " reads block ", b, " of its table, id ", id,
+                  ", not in the pool of ", num_blocks, " (freed or never allocated)");
+    }
+    for (int64_t t = a.cu_q[i]; t < a.cu_q[i + 1]; ++t) seq_of[t] = i;
+    for (int64_t j = 0; j < n; j += TILE) tiles.push_back({i, j, std::min(n, j + TILE)});
+  }
+  auto out = torch::empty({a.T, Hq * a.D}, qkvg.options());
+  auto q = torch::empty({a.T, Hq * a.D}, qkvg.options());
+  a.qkvg = qkvg.data_ptr<float>();
+  a.q_scale = q_scale.data_ptr<float>();
+  a.k_scale = k_scale.data_ptr<float>();
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.k_cache = k_cache.data_ptr<float>();
+  a.v_cache = v_cache.data_ptr<float>();
+  a.q = q.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.eps = (float)eps;
+  a.scale = (float)scale;
+  at::parallel_for(0, a.T, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t i = seq_of[t];
+      paged_prepare(a, t, i, a.start[i] + t - a.cu_q[i]);
+    }
+  });
+  const int64_t n_tasks = (int64_t)tiles.size() * a.Hkv;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<char> work;
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto& tile = tiles[k / a.Hkv];
+      paged_tile(a, tile[0], tile[1], tile[2], k % a.Hkv, work);
+    }
+  });
+  return out;
+}
+
 // Routed experts for the (token, slot) pairs in ids [T, k] with routing weights [T, k], plus, when given,
 // the shared expert (weight 1) on every token: out = sum over slots + shared. Experts and the shared one
 // split across ATen's threads (taken one at a time); each token's pairs are summed in expert order.
@@ -1011,6 +1276,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x @ weight for a few rows, the weight in column panels");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows (after adding a residual, when given)");
   m.def("decode_attention", &decode_attention, "one decode step of Step attention");
+  m.def("paged_attention", &paged_attention, "Step attention for a serving step over block tables");
   m.def("decode_experts", &decode_experts, "routed experts (and the shared one) for a few tokens");
   m.def("route", &route, "the Step router for a few tokens");
   m.def("decode_moe", &decode_moe, "router, routed and shared experts for a few tokens");
