@@ -1,9 +1,10 @@
 """Quantized forms side by side on the CPU: load time, resident weight memory, decode tokens/s.
 
-    python -m engine.bench_quant [--dtype fp32,bf16,fp8,int4,nvfp4] [--batches 1 16] [--decode 32]
+    python -m engine.bench_quant [--dtype fp32,bf16,fp8,int4,int4-lm,nvfp4] [--batches 1 16] [--decode 32]
 
 The ~95M-parameter Step-shaped model of `engine.bench` (random weights), saved once in fp32 and quantized
-with `engine.quantize` (fp8 block scales, int4 group 128, NVFP4); each form is loaded in a fresh process
+with `engine.quantize` (fp8 block scales, int4 group 128, the same with the LM head in int4 too
+(`int4-lm`, `--lm-head`: a 16384-token head is a third of this model's bytes), NVFP4); each form is loaded in a fresh process
 (so its resident memory is its own): seconds to load, the bytes of its weights as held (every tensor
 counted once) and the process's RSS growth over the load, then greedy decode at each batch (prompt of 32
 tokens, best of `--repeats`). Ratios are against fp32. Targets (issue 19): 4-bit resident weights <= 0.3x
@@ -21,7 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-FORMS = ("fp32", "bf16", "fp8", "int4", "nvfp4")
+FORMS = ("fp32", "bf16", "fp8", "int4", "int4-lm", "nvfp4")
+# form -> (engine.quantize format, --lm-head)
+_QUANTIZED = {
+    "fp8": ("fp8", False),
+    "int4": ("int4", False),
+    "int4-lm": ("int4", True),
+    "nvfp4": ("nvfp4", False),
+}
 
 
 def _rss() -> int:
@@ -54,9 +62,7 @@ def measure(path: Path, dtype: str, batches: list[int], prompt: int, decode: int
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--dtype", default="fp32,bf16,fp8,int4,nvfp4", help=f"comma-separated, of {', '.join(FORMS)}"
-    )
+    ap.add_argument("--dtype", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32)
@@ -79,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         n = build_checkpoint(src)
         paths = {"fp32": (src, "float32"), "bf16": (src, "bfloat16")}
         for f in forms:
-            if f in ("fp8", "int4", "nvfp4"):
-                quantize_checkpoint(src, Path(tmp) / f, f)
+            if f in _QUANTIZED:
+                fmt, head = _QUANTIZED[f]
+                quantize_checkpoint(src, Path(tmp) / f, fmt, lm_head=head)
                 paths[f] = (Path(tmp) / f, "float32")
         rows = {}
         for f in forms:
@@ -106,13 +113,13 @@ def main(argv: list[str] | None = None) -> None:
             rows[f]["disk"] = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     print(f"Step-shaped model, {n / 1e6:.0f}M text parameters, {os.cpu_count()} CPUs, torch threads default")
     base = rows.get("fp32")
-    head = f"{'form':<6} {'disk MiB':>9} {'load s':>7} {'weights MiB':>12} {'x fp32':>7} {'RSS+ MiB':>9}"
+    head = f"{'form':<7} {'disk MiB':>9} {'load s':>7} {'weights MiB':>12} {'x fp32':>7} {'RSS+ MiB':>9}"
     for b in args.batches:
         head += f" {f'tok/s b={b}':>12} {'x fp32':>7}"
     print(head)
     for f, r in rows.items():
         line = (
-            f"{f:<6} {r['disk'] / 2**20:>9.1f} {r['load_s']:>7.2f} {r['weights'] / 2**20:>12.1f} "
+            f"{f:<7} {r['disk'] / 2**20:>9.1f} {r['load_s']:>7.2f} {r['weights'] / 2**20:>12.1f} "
             f"{r['weights'] / base['weights'] if base else float('nan'):>7.2f} {r['rss'] / 2**20:>9.1f}"
         )
         for b in args.batches:

@@ -4,7 +4,10 @@ release was and the engine (or vLLM / SGLang) loads them.
 
 What is quantized: the routed experts (one [E, out, in] tensor per projection) and, unless
 `--experts-only`, every projection of the decoder layers (attention q/k/v/o/g, the dense MLPs, the shared
-experts). The embeddings, the LM head, the router and its bias, the norms, the MTP layers' eh_proj and head
+experts); with `--lm-head`, the LM head too (as llm-compressor does when a recipe leaves `lm_head` out of
+its `ignore` list, and ModelOpt when it is out of `exclude_modules`; vLLM loads both: at 4 bits it is then
+a quarter of the resident bytes it was, and the largest single read of a decode step shrinks with it). The
+embeddings, the LM head otherwise, the router and its bias, the norms, the MTP layers' eh_proj and head
 and the vision tower stay as they are (in the source dtype), and are listed in the config's exclusions.
 A projection whose inputs are not a multiple of the format's group stays unquantized (and excluded) too.
 
@@ -45,6 +48,7 @@ from engine.quant.scheme import (
 )
 
 _SHARD_BYTES = 4 << 30
+LM_HEAD_WEIGHT = "lm_head.weight"
 
 
 class QuantizeError(ValueError):
@@ -155,9 +159,15 @@ def _prepare(src: Path, dst: Path) -> dict:
 
 
 def quantize_checkpoint(
-    src: str | Path, dst: str | Path, fmt: str, group: int | None = None, experts_only: bool = False
+    src: str | Path,
+    dst: str | Path,
+    fmt: str,
+    group: int | None = None,
+    experts_only: bool = False,
+    lm_head: bool = False,
 ) -> dict:
-    """Write DST, SRC quantized to `fmt`; returns a summary (counts and bytes)."""
+    """Write DST, SRC quantized to `fmt` (the LM head too with `lm_head`); returns a summary (counts and
+    bytes)."""
     if fmt not in FORMATS:
         raise QuantizeError(f"unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
     group = group or DEFAULT_GROUP[fmt]
@@ -174,7 +184,11 @@ def quantize_checkpoint(
     rename = _nvfp4_name if fmt == "nvfp4" else (lambda k: k)
     for key, t in _tensors(src):
         expert = bool(EXPERT_WEIGHT.match(key))
-        wanted = expert or (not experts_only and bool(PROJECTION_WEIGHT.match(key)))
+        wanted = (
+            expert
+            or (not experts_only and bool(PROJECTION_WEIGHT.match(key)))
+            or (lm_head and key == LM_HEAD_WEIGHT)
+        )
         module = rename(key).removesuffix(".weight")
         if wanted and t.is_floating_point() and _fits(fmt, t, group, expert):
             for suffix, q in quantize_tensor(fmt, t, group).items():
@@ -246,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "--group", type=int, default=None, help="int4 group (32 or 128; default 128), fp8 block side"
     )
     ap.add_argument("--experts-only", action="store_true", help="quantize the routed experts only")
+    ap.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
     ap.add_argument("--dequantize", action="store_true", help="write SRC's weights dequantized instead")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
@@ -256,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.format is None:
             ap.error("--format is required (or --dequantize)")
-        s = quantize_checkpoint(args.src, args.dst, args.format, args.group, args.experts_only)
+        if args.lm_head and args.experts_only:
+            ap.error("--lm-head and --experts-only exclude each other")
+        s = quantize_checkpoint(args.src, args.dst, args.format, args.group, args.experts_only, args.lm_head)
     except (QuantizeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

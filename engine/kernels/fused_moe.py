@@ -14,10 +14,13 @@ The router and the shared expert stay in PyTorch (engine/model/moe.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import moe_blocks as blocks  # a module, not its names: see moe_blocks
 from engine.kernels.align_kernel import moe_align_block_size_triton
 from engine.kernels.configs import GemmConfig, MoEConfig, dtype_name, get_config
 from engine.kernels.reference import check_moe_args
@@ -55,23 +58,12 @@ def _grouped_gemm_kernel(
     GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tl.dot would otherwise round them to tf32 on GPUs)
 ):
-    # Grouped launch order: GROUP_M consecutive M blocks share each N slice, so a weight tile read by one
-    # block is still in L2 for the next (only matters when an expert has several blocks: prefill).
-    pid = tl.program_id(0)
-    num_blocks_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_blocks_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
-
+    pid_m, pid_n = blocks.block_position(num_blocks_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    row = (pair // A_ROW_DIV).to(tl.int64)
+    pair, valid, expert, row = blocks.block_pairs(
+        sorted_ids_ptr, block_expert_ptr, pid_m, num_pairs, A_ROW_DIV, BLOCK_M
+    )
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -79,10 +71,9 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_off = expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     b_ptrs = b_ptr + b_off
+    b2_ptrs = b2_ptr + b_off
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        b2_ptrs = b2_ptr + b_off
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up's (GATED); dead code otherwise
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -94,20 +85,22 @@ def _grouped_gemm_kernel(
             b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-
-    if GATED:
-        gate = acc * tl.sigmoid(acc)  # silu
-        up = acc2
-        if CLAMP:
-            # Step's order: clamp after the activation on gate (max only), symmetric on up.
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        acc = gate * up
-    if MUL_WEIGHT:
-        w = tl.load(weight_ptr + pair, mask=valid, other=0.0)
-        acc = acc * w[:, None]
-    c_ptrs = c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    blocks.store_block(
+        acc,
+        acc2,
+        c_ptr,
+        weight_ptr,
+        pair,
+        valid,
+        offs_n,
+        n_ok,
+        limit,
+        stride_cm,
+        stride_cn,
+        GATED,
+        CLAMP,
+        MUL_WEIGHT,
+    )
 
 
 @triton.jit
@@ -122,44 +115,33 @@ def _combine_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.conste
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch_gemm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    b2: torch.Tensor | None,
-    c: torch.Tensor,
-    weights: torch.Tensor | None,
-    align,
-    a_row_div: int,
-    limit: float,
-    cfg: GemmConfig,
-) -> None:
-    n, k = b.shape[1], b.shape[2]
+def launch_grouped(
+    kernel, a: torch.Tensor, c: torch.Tensor, weights, align, n: int, a_row_div: int, limit: float, gated: bool,
+    cfg: GemmConfig, **operands,
+) -> None:  # fmt: skip
+    """One grouped GEMM launch over the aligned pairs: the arguments every such kernel takes (A, C, the
+    routing weights, the alignment, N, the epilogue's switches, the tile) by name, plus the kernel's own
+    operands (its weights and their strides or scales)."""
     num_blocks_m = align.block_expert.numel()
     grid = (num_blocks_m * triton.cdiv(n, cfg.BLOCK_N),)
-    _grouped_gemm_kernel[grid](
-        a,
-        b,
-        b if b2 is None else b2,
-        c,
-        c if weights is None else weights,
-        align.sorted_ids,
-        align.block_expert,
-        align.num_tokens_post_padded,
-        n,
-        k,
-        c.shape[0],
-        num_blocks_m,
-        float(limit),
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        c.stride(0),
-        c.stride(1),
+    kernel[grid](
+        a_ptr=a,
+        c_ptr=c,
+        weight_ptr=c if weights is None else weights,
+        sorted_ids_ptr=align.sorted_ids,
+        block_expert_ptr=align.block_expert,
+        num_post_ptr=align.num_tokens_post_padded,
+        N=n,
+        num_pairs=c.shape[0],
+        num_blocks_m=num_blocks_m,
+        limit=float(limit),
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_cm=c.stride(0),
+        stride_cn=c.stride(1),
         A_ROW_DIV=a_row_div,
-        GATED=b2 is not None,
-        CLAMP=b2 is not None and limit > 0,
+        GATED=gated,
+        CLAMP=gated and limit > 0,
         MUL_WEIGHT=weights is not None,
         BLOCK_M=align.block_m,
         BLOCK_N=cfg.BLOCK_N,
@@ -168,6 +150,46 @@ def _launch_gemm(
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **operands,
+    )
+
+
+def run_routed(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    inter: int,
+    block_m: int,
+    gate_up: Callable[[torch.Tensor, object], None],
+    down: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], None],
+) -> torch.Tensor:
+    """The launches around the two GEMMs, shared by the plain and the quantized fused MoE: the alignment,
+    `gate_up(h, align)` writing act(gate, up) per pair, `down(h, y, weights, align)` writing the weighted
+    down projection per pair, then the combine (each token's k pair rows summed in fp32) -> [T, H]."""
+    T, H = x.shape
+    top_k = topk_ids.shape[1]
+    align = moe_align_block_size_triton(topk_ids, num_experts, block_m)
+    pairs = T * top_k
+    h = x.new_empty(pairs, inter)
+    gate_up(h, align)
+    y = x.new_empty(pairs, H)
+    down(h, y, topk_weights.to(torch.float32).contiguous().reshape(-1), align)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # row-major whatever x's strides
+    block_h = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(T, triton.cdiv(H, block_h))](y, out, H, TOP_K=top_k, BLOCK_H=block_h)
+    return out
+
+
+def _weight_operands(b: torch.Tensor, b2: torch.Tensor | None) -> dict:
+    """The plain kernel's weight operands: b (and b2, up's, when gated) [E, N, K] through their strides."""
+    return dict(
+        b_ptr=b,
+        b2_ptr=b if b2 is None else b2,
+        K=b.shape[2],
+        stride_be=b.stride(0),
+        stride_bn=b.stride(1),
+        stride_bk=b.stride(2),
     )
 
 
@@ -206,14 +228,26 @@ def fused_moe(
     if T == 0:
         return torch.zeros_like(x)
     cfg = config or get_config(T, E, top_k, inter, H, x.dtype)
-    align = moe_align_block_size_triton(topk_ids, E, cfg.BLOCK_M)
-    pairs = T * top_k
-    h = x.new_empty(pairs, inter)
-    _launch_gemm(x, w_gate, w_up, h, None, align, top_k, swiglu_limit, cfg.gate_up)
-    y = x.new_empty(pairs, H)
-    weights = topk_weights.to(torch.float32).contiguous().reshape(-1)
-    _launch_gemm(h, w_down, None, y, weights, align, 1, 0.0, cfg.down)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # row-major whatever x's strides
-    block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](y, out, H, TOP_K=top_k, BLOCK_H=block_h)
-    return out
+
+    def gate_up(h, align):
+        launch_grouped(
+            _grouped_gemm_kernel, x, h, None, align, inter, top_k, swiglu_limit, True, cfg.gate_up,
+            **_weight_operands(w_gate, w_up),
+        )  # fmt: skip
+
+    def down(h, y, weights, align):
+        launch_grouped(
+            _grouped_gemm_kernel,
+            h,
+            y,
+            weights,
+            align,
+            H,
+            1,
+            0.0,
+            False,
+            cfg.down,
+            **_weight_operands(w_down, None),
+        )
+
+    return run_routed(x, topk_weights, topk_ids, E, inter, cfg.BLOCK_M, gate_up, down)

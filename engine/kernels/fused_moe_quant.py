@@ -1,6 +1,6 @@
 """Fused MoE with quantized expert weights (W8A16 FP8 block scales, W4A16 int4 groups and NVFP4), in Triton.
 
-Same four launches as `fused_moe` (alignment, gate/up grouped GEMM with the clamped SwiGLU, down grouped
+Same four launches as `fused_moe`, through its `run_routed` and `launch_grouped` (alignment, gate/up grouped GEMM with the clamped SwiGLU, down grouped
 GEMM times the routing weight, combine), but the weight tiles are read in the engine's quantized layout
 (`engine.quant.packed.QWeight`: 16-column panels of codes, per-group column scales) and dequantized in
 registers into the activations' dtype before `tl.dot`, accumulating in fp32: the weights cross HBM at 8
@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.align_kernel import moe_align_block_size_triton
 from engine.kernels.configs import GemmConfig
+from engine.kernels.fused_moe import launch_grouped, run_routed
+from engine.kernels.moe_blocks import block_pairs, block_position, store_block
 from engine.quant.packed import QWeight
 
 # format -> (BLOCK_M, gate/up tile, down tile) by decode (<= 64 pairs) and prefill; fewer stages for the
@@ -119,26 +120,17 @@ def _qgemm_kernel(
     GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_blocks_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_blocks_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = block_position(num_blocks_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    row = (pair // A_ROW_DIV).to(tl.int64)
+    pair, valid, expert, row = block_pairs(
+        sorted_ids_ptr, block_expert_ptr, pid_m, num_pairs, A_ROW_DIV, BLOCK_M
+    )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up's (GATED); dead code otherwise
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = kb * BLOCK_K + offs_k0
         k_ok = offs_k < K
@@ -168,70 +160,36 @@ def _qgemm_kernel(
                 FMT,
             )
             acc2 = tl.dot(a, b2.to(a.dtype), acc2, input_precision=PRECISION)
-    if GATED:
-        gate = acc * tl.sigmoid(acc)
-        up = acc2
-        if CLAMP:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        acc = gate * up
-    if MUL_WEIGHT:
-        w = tl.load(weight_ptr + pair, mask=valid, other=0.0)
-        acc = acc * w[:, None]
-    c_ptrs = c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    store_block(
+        acc,
+        acc2,
+        c_ptr,
+        weight_ptr,
+        pair,
+        valid,
+        offs_n,
+        n_ok,
+        limit,
+        stride_cm,
+        stride_cn,
+        GATED,
+        CLAMP,
+        MUL_WEIGHT,
+    )
 
 
-@triton.jit
-def _combine_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ok = offs < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        acc += tl.load(src_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def _launch(a, q: QWeight, n, up_offset, c, weights, align, a_row_div, limit, gated, cfg: GemmConfig):
-    num_blocks_m = align.block_expert.numel()
-    grid = (num_blocks_m * triton.cdiv(n, cfg.BLOCK_N),)
-    s2 = q.scale_2 if q.scale_2.numel() else q.scales
-    _qgemm_kernel[grid](
-        a,
-        q.codes,
-        q.scales,
-        s2,
-        c,
-        c if weights is None else weights,
-        align.sorted_ids,
-        align.block_expert,
-        align.num_tokens_post_padded,
-        n,
-        q.in_features,
-        q.codes.shape[1],
-        q.codes.shape[1] * 16,
-        q.group,
-        up_offset,
-        c.shape[0],
-        num_blocks_m,
-        float(limit),
-        a.stride(0),
-        a.stride(1),
-        c.stride(0),
-        c.stride(1),
+def _operands(q: QWeight, up_offset: int) -> dict:
+    """The quantized kernel's weight operands: the codes, scales and scale_2 of a QWeight, its layout."""
+    return dict(
+        codes_ptr=q.codes,
+        scales_ptr=q.scales,
+        s2_ptr=q.scale_2 if q.scale_2.numel() else q.scales,
+        K=q.in_features,
+        P=q.codes.shape[1],
+        NP=q.codes.shape[1] * 16,
+        group=q.group,
+        up_offset=up_offset,
         FMT=_FMT[q.fmt],
-        A_ROW_DIV=a_row_div,
-        GATED=gated,
-        CLAMP=gated and limit > 0,
-        MUL_WEIGHT=weights is not None,
-        BLOCK_M=align.block_m,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        GROUP_M=cfg.GROUP_M,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
 
 
@@ -262,14 +220,24 @@ def fused_moe_quantized(
         return torch.zeros_like(x)
     top_k = topk_ids.shape[1]
     block_m, cfg_gu, cfg_dn = tiles or QUANT_TILES[gate_up.fmt]["decode" if T * top_k <= 64 else "prefill"]
-    align = moe_align_block_size_triton(topk_ids, gate_up.experts, block_m)
-    pairs = T * top_k
-    h = x.new_empty(pairs, inter)
-    _launch(x.contiguous(), gate_up, inter, inter, h, None, align, top_k, swiglu_limit, True, cfg_gu)
-    y = x.new_empty(pairs, H)
-    weights = topk_weights.to(torch.float32).contiguous().reshape(-1)
-    _launch(h, down, H, 0, y, weights, align, 1, 0.0, False, cfg_dn)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](y, out, H, TOP_K=top_k, BLOCK_H=block_h)
-    return out
+    x = x.contiguous()
+
+    def gate_up_gemm(h, align):
+        launch_grouped(
+            _qgemm_kernel,
+            x,
+            h,
+            None,
+            align,
+            inter,
+            top_k,
+            swiglu_limit,
+            True,
+            cfg_gu,
+            **_operands(gate_up, inter),
+        )
+
+    def down_gemm(h, y, weights, align):
+        launch_grouped(_qgemm_kernel, h, y, weights, align, H, 1, 0.0, False, cfg_dn, **_operands(down, 0))
+
+    return run_routed(x, topk_weights, topk_ids, gate_up.experts, inter, block_m, gate_up_gemm, down_gemm)

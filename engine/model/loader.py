@@ -185,6 +185,13 @@ class Checkpoint:
                 )
             want = expected_parts(fmt, scheme.group, shape, scale_dtype)
             if fmt == "nvfp4":
+                # The per-matrix scales as vLLM reads ModelOpt NVFP4 (quantization/modelopt.py: one fp32
+                # `weight_scale_2` and `input_scale` per Linear; models/step3p5.py: the packed experts'
+                # `moe.{gate,up,down}_proj.weight_scale_2` / `.input_scale` a scalar broadcast over the
+                # experts, or one per expert [E]); w = e2m1 * weight_scale * weight_scale_2, no reciprocal
+                # (ModelOpt stores amax / (6 * 448)). Where vLLM fuses q/k/v or gate/up it keeps one
+                # scale_2 (the max, or gate's, warning when the parts differ); `QWeight` keeps each part's
+                # per output column, which is exact whether or not they differ.
                 s2 = base + "weight_scale_2"
                 if s2 not in self.shapes:
                     raise CheckpointError(
@@ -197,8 +204,14 @@ class Checkpoint:
                         f"{list(lead)} for the NVFP4 weight {self.stored[name]} {list(stored)}"
                     )
                 parts["weight_scale_2"] = s2
-                if base + "input_scale" in self.shapes:
-                    parts["input_scale"] = base + "input_scale"
+                inp = base + "input_scale"
+                if inp in self.shapes:
+                    if self.shapes[inp] not in ((), (1,), tuple(lead)):
+                        raise CheckpointError(
+                            f"{self.file_of[inp]}: tensor {self.stored[inp]} has shape {list(self.shapes[inp])}, expected [] or "
+                            f"{list(lead)} for the NVFP4 weight {self.stored[name]} {list(stored)}"
+                        )
+                    parts["input_scale"] = inp
             for suffix, (shp, dt) in want.items():
                 key = base + suffix
                 if key not in self.shapes:

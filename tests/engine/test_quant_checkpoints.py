@@ -208,6 +208,49 @@ def test_missing_and_misshapen_scales_are_named(small_q, tmp_path, fmt, scale):
     assert msg.count("[") >= 3  # the scale's shape, the expected one, the weight's
 
 
+@pytest.mark.parametrize("suffix", ["weight_scale_2", "input_scale"])
+def test_nvfp4_per_matrix_scales_of_the_wrong_shape_are_named(small_q, tmp_path, suffix):
+    """The packed experts' weight_scale_2 / input_scale: [] or one per expert [E], nothing else."""
+    name = f"model.language_model.layers.1.moe.down_proj.{suffix}"
+
+    def per_row(t):
+        t[name] = torch.ones(8, 64)
+
+    path = _edit(tmp_path, small_q["nvfp4"], per_row)
+    with pytest.raises(CheckpointError) as e:
+        LLM.from_pretrained(path)
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "[8, 64]" in msg and "expected [] or [8]" in msg
+    # one per expert is the other published form (vLLM's step3p5 loader takes both)
+    path = _edit(tmp_path / "b", small_q["nvfp4"], lambda t: t.__setitem__(name, torch.ones(8)))
+    assert LLM.from_pretrained(path).logits([1, 2, 3]).shape == (3, 256)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_a_quantized_lm_head_loads_kept_quantized(src, tmp_path, fmt):
+    """`--lm-head`: the head written in the format's layout (compressed-tensors: targeted by name, out of
+    `ignore`; ModelOpt: out of `exclude_modules`), loaded as a quantized projection; logits equal the
+    dequantized model's, and the unquantized-head export of the same model still loads (both forms)."""
+    quantize_checkpoint(src, tmp_path / "q", fmt, 32 if fmt == "int4" else None, lm_head=True)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    names = safe_open(str(tmp_path / "q" / "model.safetensors"), "pt").keys()
+    if fmt == "int4":
+        assert "re:^lm_head$" in qc["config_groups"]["group_0"]["targets"] and "lm_head" not in qc["ignore"]
+        assert {"lm_head.weight_packed", "lm_head.weight_scale", "lm_head.weight_shape"} <= set(names)
+    else:
+        assert "lm_head" not in qc["exclude_modules"]
+        assert {"lm_head.weight", "lm_head.weight_scale", "lm_head.weight_scale_2"} <= set(names)
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "deq")
+    llm, deq = LLM.from_pretrained(tmp_path / "q"), LLM.from_pretrained(tmp_path / "deq")
+    assert isinstance(llm.model.lm_head.layout, Quantized) and llm.model.lm_head.weight is None
+    ids = [[5, 17, 33, 2, 9, 100, 3]]
+    assert rel_err(llm.logits(ids), deq.logits(ids)) < 1e-4
+    quantize_checkpoint(src, tmp_path / "plain", fmt, 32 if fmt == "int4" else None)
+    plain = LLM.from_pretrained(tmp_path / "plain")
+    assert not isinstance(plain.model.lm_head.layout, Quantized)
+    assert weight_bytes(llm.model) < weight_bytes(plain.model)
+
+
 def test_unknown_quant_method_is_one_line(small_q, tmp_path):
     import shutil
 
@@ -240,6 +283,8 @@ def test_cli(small_q, tmp_path, capsys):
     assert LLM.from_pretrained(tmp_path / "out").logits([1, 2, 3]).shape == (3, 256)
     assert main([str(src), str(tmp_path / "out"), "--format", "int4"]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
+    assert main([str(src), str(tmp_path / "head"), "--format", "int4", "--group", "32", "--lm-head"]) == 0
+    assert "lm_head.weight_packed" in safe_open(str(tmp_path / "head" / "model.safetensors"), "pt").keys()
 
 
 def test_decode_runs_through_the_register_decoding_ops(pair, monkeypatch):
