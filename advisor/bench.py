@@ -80,13 +80,21 @@ async def measure(concurrency: int, steps: int, fsync: bool, runs_dir: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50, help="loop steps per task")
-    ap.add_argument("--proxy", action="store_true", help="measure `advisor proxy` instead (see advisor.proxy.bench)")
-    ap.add_argument("--requests", type=int, default=2000, help="--proxy: requests per measurement at 40 sessions")
+    ap.add_argument(
+        "--proxy", action="store_true", help="measure `advisor proxy` instead (see advisor.proxy.bench)"
+    )
+    ap.add_argument(
+        "--requests", type=int, default=2000, help="--proxy: requests per measurement at 40 sessions"
+    )
+    ap.add_argument(
+        "--rate", type=float, default=500.0, help="--proxy: requests/s offered in the open-loop run"
+    )
+    ap.add_argument("--seconds", type=float, default=10.0, help="--proxy: length of the open-loop run")
     args = ap.parse_args(argv)
     if args.proxy:
         from advisor.proxy.bench import main as proxy_bench
 
-        return proxy_bench(args.requests)
+        return proxy_bench(args.requests, args.rate, args.seconds)
     print("| concurrent tasks | trace fsync | steps | CPU ms/step | wall ms/step |")
     print("|---:|:---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,15 +1,23 @@
 """Proxy overhead: `python -m advisor.bench --proxy`.
 
-A zero-latency upstream (a bare ASGI app on uvicorn, in its own process, answering a fixed chat
-completion or stream at once) is called directly and through `advisor proxy` (the real command, in its
-own process, journal fsync on), at 1 and at 40 concurrent sessions, non-streamed and streamed, in one
-run. Printed side by side: client-side latency p50 / p99 direct and proxied, the added latency, the
-proxy process's CPU per request, and requests per second through the proxy.
+Three processes share the machine: a zero-latency upstream (`bench_upstream`: a bare asyncio protocol
+answering a precomputed chat completion or stream), the real `advisor proxy` command (uvicorn, with
+httptools and uvloop when installed; journal fsync on), and a load generator (`bench_client`:
+precomputed requests, a minimal HTTP parser). The upstream is called directly and through the proxy,
+at 1 and at 40 concurrent sessions, non-streamed and streamed, in one run. Printed side by side:
+client-side latency p50 / p99 direct and proxied, the added latency, requests per second through the
+proxy (closed loop: each session sends its next request when the last is answered), and the CPU each
+process spent per proxied request (from /proc; the proxy's is the figure that matters, the others
+show what the harness took from the same cores).
+
+Then an open-loop run offers `--rate` requests per second (default 500) over 40 sessions, each
+request due at a fixed time and its latency counted from then: the proxy sustains the rate when it
+answers them all at that rate with a bounded p99.
 """
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -19,70 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
-_REPLY = {
-    "id": "chatcmpl-bench",
-    "object": "chat.completion",
-    "created": 0,
-    "model": "flash",
-    "choices": [
-        {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "bash", "arguments": '{"cmd": "ls"}'},
-                    }
-                ],
-            },
-            "finish_reason": "tool_calls",
-        }
-    ],
-    "usage": {"prompt_tokens": 900, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 800}},
-}
-_BODY = json.dumps(_REPLY).encode()
-_CHUNKS = [
-    {
-        **_REPLY,
-        "object": "chat.completion.chunk",
-        "choices": [{"index": 0, "delta": _REPLY["choices"][0]["message"], "finish_reason": None}],
-    },
-    {
-        **_REPLY,
-        "object": "chat.completion.chunk",
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
-    },
-    {**_REPLY, "object": "chat.completion.chunk", "choices": []},
-]
-_STREAM = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in _CHUNKS) + b"data: [DONE]\n\n"
-
-
-async def upstream_app(scope, receive, send):
-    """The zero-latency upstream: reads the body, answers the fixed reply (a stream when asked)."""
-    if scope["type"] != "http":
-        return
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
-    stream = b'"stream":true' in body.replace(b" ", b"")
-    payload, kind = (_STREAM, b"text/event-stream") if stream else (_BODY, b"application/json")
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", kind), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+_CLK = os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -91,178 +38,157 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads, from /proc."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / _CLK
 
 
-def _wait(url: str, proc: subprocess.Popen) -> None:
+def _wait(port: int, path: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited ({proc.returncode})")
+            raise RuntimeError(f"port {port}: the server exited ({proc.returncode})")
         try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url}: the server did not start")
-
-
-def _request(stream: bool) -> dict:
-    messages = [
-        {"role": "system", "content": "You are a coding agent. " * 40},
-        {"role": "user", "content": "List the files, then fix the failing test."},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": "c0", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "pwd"}'}}
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c0", "content": "/work/repo"},
-    ]
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "bash",
-            "description": "run a command",
-            "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
-        },
-    }
-    body = {"model": "advisor", "messages": messages, "tools": [tool]}
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    return body
-
-
-async def _load(
-    url: str, concurrency: int, total: int, stream: bool, model: str
-) -> tuple[list[float], float, int]:
-    """(latencies of the requests that succeeded, wall seconds, failed requests)."""
-    body = {**_request(stream), "model": model}
-    latencies: list[float] = []
-    failed = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-
-        async def one(session: int, n: int) -> None:
-            nonlocal failed
-            headers = {"x-advisor-session": f"bench-{session}"}
-            for _ in range(n):
-                t0 = time.perf_counter()
-                try:
-                    if stream:
-                        async with client.stream("POST", url, json=body, headers=headers) as r:
-                            async for _chunk in r.aiter_bytes():
-                                pass
-                    else:
-                        r = await client.post(url, json=body, headers=headers)
-                except httpx.TransportError:
-                    failed += 1  # counted and shown, never retried: a retry would hide it
-                    continue
-                if r.status_code != 200:
-                    raise RuntimeError(f"{url}: HTTP {r.status_code}")
-                latencies.append(time.perf_counter() - t0)
-
-        await asyncio.gather(*(one(i, 10) for i in range(concurrency)))  # warm the connections
-        latencies.clear()
-        failed = 0
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, total // concurrency) for i in range(concurrency)))
-        return latencies, time.perf_counter() - t0, failed
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                if s.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port}: the server did not start")
 
 
 def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main(requests: int = 2000) -> int:
+def load(spec: dict, watch: dict[str, int]) -> dict:
+    """Runs the load generator with `spec`; adds the CPU seconds the `watch`ed processes spent meanwhile."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "advisor.proxy.bench_client", json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    if client.stdout.readline().strip() != "warm":
+        client.wait(timeout=30)
+        raise RuntimeError(f"the load generator failed ({client.returncode})")
+    before = {name: cpu_s(pid) for name, pid in watch.items()}
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    out = client.stdout.readline()
+    after = {name: cpu_s(pid) for name, pid in watch.items()}
+    client.wait(timeout=30)
+    if client.returncode != 0 or not out:
+        raise RuntimeError(f"the load generator failed ({client.returncode})")
+    result = json.loads(out)
+    result["cpu"] = {name: after[name] - before[name] for name in watch} | {"client": result["cpu_s"]}
+    return result
+
+
+def _proxy_config(tmp: Path, up_port: int) -> Path:
+    price = {"input": 0.20, "cached_input": 0.04, "output": 1.15}
+
+    def endpoint(model: str) -> dict:
+        return {
+            "provider": "openai",
+            "model": model,
+            "base_url": f"http://127.0.0.1:{up_port}/v1",
+            "price": price,
+        }
+
+    config = tmp / "proxy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "executor": {"endpoint": "flash"},
+                "frontier": {"endpoint": "big"},
+                "escalation": {"after_failures": 2},
+                "budget": {"max_usd": 1000},
+                "endpoints": {"flash": endpoint("flash"), "big": endpoint("big")},
+            }
+        )
+    )
+    return config
+
+
+def _server_stack() -> str:
+    """What uvicorn's "auto" settings pick in this environment (as `advisor proxy` runs them)."""
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"uvicorn with {http} and {loop}"
+
+
+def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         up_port, px_port = _free_port(), _free_port()
-        up = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "advisor.proxy.bench:upstream_app",
-                "--port",
-                str(up_port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ]
-        )
-        config = Path(tmp) / "proxy.yaml"
-        price = {"input": 0.20, "cached_input": 0.04, "output": 1.15}
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "executor": {"endpoint": "flash"},
-                    "frontier": {"endpoint": "big"},
-                    "escalation": {"after_failures": 2},
-                    "budget": {"max_usd": 1000},
-                    "endpoints": {
-                        "flash": {
-                            "provider": "openai",
-                            "model": "flash",
-                            "base_url": f"http://127.0.0.1:{up_port}/v1",
-                            "price": price,
-                        },
-                        "big": {
-                            "provider": "openai",
-                            "model": "big",
-                            "base_url": f"http://127.0.0.1:{up_port}/v1",
-                            "price": price,
-                        },
-                    },
-                }
-            )
-        )
+        up = subprocess.Popen([sys.executable, "-m", "advisor.proxy.bench_upstream", str(up_port)])
+        config = _proxy_config(Path(tmp), up_port)
         env = {**os.environ, "ADVISOR_CONFIG_DIR": str(Path(tmp) / "no-config")}
         px = subprocess.Popen(
             [sys.executable, "-m", "advisor.cli", "proxy", "--config", str(config), "--port", str(px_port)],
             env=env,
             stderr=subprocess.DEVNULL,
         )
+        watch = {"proxy": px.pid, "upstream": up.pid}
+        direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        proxy_url = f"http://127.0.0.1:{px_port}/v1/chat/completions"
         try:
-            _wait(f"http://127.0.0.1:{up_port}/", up)
-            _wait(f"http://127.0.0.1:{px_port}/health", px)
+            _wait(up_port, "/", up)
+            _wait(px_port, "/health", px)
             print(
                 "| sessions | stream | requests | direct p50 / p99 ms | proxied p50 / p99 ms | added p50 / p99 ms "
-                "| proxy CPU ms/req | proxied req/s | failed direct / proxied |"
+                "| proxied req/s | CPU ms/req proxy / upstream / client | failed direct / proxied |"
             )
             print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
             for conc in (1, 40):
                 for stream in (False, True):
                     n = requests if conc > 1 else requests // 4
-                    direct, _, failed_direct = asyncio.run(
-                        _load(f"http://127.0.0.1:{up_port}/v1/chat/completions", conc, n, stream, "flash")
-                    )
-                    cpu0 = _cpu_s(px.pid)
-                    proxied, wall, failed_proxied = asyncio.run(
-                        _load(f"http://127.0.0.1:{px_port}/v1/chat/completions", conc, n, stream, "advisor")
-                    )
-                    cpu = (_cpu_s(px.pid) - cpu0) * 1000 / max(1, len(proxied) + failed_proxied)
-                    d50, d99, p50, p99 = (
-                        _pct(direct, 0.5),
-                        _pct(direct, 0.99),
-                        _pct(proxied, 0.5),
-                        _pct(proxied, 0.99),
-                    )
+                    spec = {"sessions": conc, "requests": n, "stream": stream}
+                    direct = load({**spec, "url": direct_url, "model": "flash"}, watch)
+                    proxied = load({**spec, "url": proxy_url, "model": "advisor"}, watch)
+                    done = len(proxied["latencies_ms"]) + proxied["failed"]
+                    per = {k: v * 1000 / max(1, done) for k, v in proxied["cpu"].items()}
+                    d50, d99 = _pct(direct["latencies_ms"], 0.5), _pct(direct["latencies_ms"], 0.99)
+                    p50, p99 = _pct(proxied["latencies_ms"], 0.5), _pct(proxied["latencies_ms"], 0.99)
                     print(
-                        f"| {conc} | {'yes' if stream else 'no'} | {len(proxied)} | {d50:.2f} / {d99:.2f} | {p50:.2f} / {p99:.2f} "
-                        f"| {p50 - d50:.2f} / {p99 - d99:.2f} | {cpu:.2f} | {len(proxied) / wall:.0f} "
-                        f"| {failed_direct} / {failed_proxied} |"
+                        f"| {conc} | {'yes' if stream else 'no'} | {len(proxied['latencies_ms'])} "
+                        f"| {d50:.2f} / {d99:.2f} | {p50:.2f} / {p99:.2f} | {p50 - d50:.2f} / {p99 - d99:.2f} "
+                        f"| {len(proxied['latencies_ms']) / proxied['wall_s']:.0f} "
+                        f"| {per['proxy']:.3f} / {per['upstream']:.3f} / {per['client']:.3f} "
+                        f"| {direct['failed']} / {proxied['failed']} |"
                     )
+            print()
+            print(
+                "| open loop, 40 sessions | stream | offered req/s | answered req/s | latency p50 / p99 ms "
+                "| proxy CPU ms/req | proxy busy (of one core) | failed |"
+            )
+            print("|---|:---:|---:|---:|---:|---:|---:|---:|")
+            for stream in (False, True):
+                n = int(rate * seconds) // 40 * 40
+                spec = {"sessions": 40, "requests": n, "stream": stream, "rate": rate, "warm": 5}
+                res = load({**spec, "url": proxy_url, "model": "advisor"}, watch)
+                ok = len(res["latencies_ms"])
+                print(
+                    f"| proxied | {'yes' if stream else 'no'} | {rate:.0f} | {ok / res['wall_s']:.0f} "
+                    f"| {_pct(res['latencies_ms'], 0.5):.2f} / {_pct(res['latencies_ms'], 0.99):.2f} "
+                    f"| {res['cpu']['proxy'] * 1000 / max(1, ok + res['failed']):.3f} "
+                    f"| {100 * res['cpu']['proxy'] / res['wall_s']:.0f}% | {res['failed']} |"
+                )
         finally:
             for proc in (px, up):
                 proc.terminate()
                 proc.wait(timeout=30)
-    load = os.getloadavg()[0]
+    load_avg = os.getloadavg()[0]
     print(
-        f"(cores: {os.cpu_count()}, load average {load:.1f}; the client, the proxy and the upstream share them)"
+        f"(cores: {os.cpu_count()}, load average {load_avg:.1f}; proxy on {_server_stack()}; the client, the proxy "
+        "and the upstream are separate processes sharing the cores)"
     )
     return 0
