@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from advisor.endpoints import make_endpoint
-from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
+from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.http import aiohttp_available
 from advisor.endpoints.stream import Delta, StreamEnd
 from advisor.escalation import ConsultOutcome, estimate_tokens
 from advisor.messages import Attempt, Message, ModelResponse, Usage, without_images
@@ -122,6 +123,19 @@ def _digest(messages: list[Message]) -> str:
     return "\n".join(lines[-_DIGEST_ENTRIES:])
 
 
+def upstream_options(config: ProxyConfig, endpoint: EndpointConfig) -> dict:
+    """make_endpoint's options for a proxy upstream: its HTTP client, and streaming when asked."""
+    options: dict = {}
+    if endpoint.provider in ("openai", "anthropic"):
+        client = config.upstream_client
+        if client == "auto":
+            client = "aiohttp" if aiohttp_available() else "httpx"
+        options["http_client"] = client
+    if endpoint.provider == "openai" and config.upstream_stream:
+        options["stream"] = True
+    return options
+
+
 def with_inserts(messages: list[Message], inserts: list[tuple[int, str]]) -> list[Message]:
     """The conversation with the session's notes at their positions (ones past its end go last)."""
     if not inserts:
@@ -155,7 +169,7 @@ class Router:
             pool = given.get(rc.endpoint)
             if pool is None:
                 cfg = config.endpoints[rc.endpoint]
-                options = {"stream": True} if cfg.provider == "openai" and config.upstream_stream else {}
+                options = upstream_options(config, cfg)
                 pool = [make_endpoint(rc.endpoint, cfg, **options) for _ in range(config.upstream_pools)]
             elif not isinstance(pool, list):
                 pool = [pool]

@@ -53,12 +53,19 @@ def make_config(
 def fast_router(cfg: ProxyConfig) -> Router:
     """A router whose endpoints retry without waiting (the retry count still comes from the config)."""
     from advisor.endpoints import make_endpoint
+    from advisor.proxy.router import upstream_options
 
     async def no_sleep(_s: float) -> None:
         return None
 
     eps = {
-        name: make_endpoint(name, cfg.endpoints[name], backoff_s=0.0, sleep=no_sleep)
+        name: make_endpoint(
+            name,
+            cfg.endpoints[name],
+            backoff_s=0.0,
+            sleep=no_sleep,
+            **upstream_options(cfg, cfg.endpoints[name]),
+        )
         for name in (cfg.executor.endpoint, cfg.frontier.endpoint if cfg.frontier else None)
         if name
     }

@@ -587,3 +587,20 @@ def test_each_session_keeps_to_one_of_the_upstream_pools(upstream, tmp_path):
     with ProxyServer(router) as proxy:
         r = httpx.post(f"{proxy.base_url}/chat/completions", json=oa([{"role": "user", "content": "x"}]))
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("client", ["auto", "httpx"])
+def test_upstream_calls_go_out_on_aiohttp_unless_httpx_is_asked_for(upstream, tmp_path, client):
+    pytest.importorskip("aiohttp")
+    upstream.script("flash", lambda body: Reply(text="ok", usage=ScriptedUsage(321, 12)))
+    cfg = make_config(upstream, tmp_path, upstream_client=client, upstream_stream=True)
+    router = Router(cfg)
+    assert {e.http_client for e in router.executor.pool + router.frontier.pool} == (
+        {"aiohttp"} if client == "auto" else {"httpx"}
+    )
+    assert all(e.streams for e in router.executor.pool)  # the OpenAI upstream streams, as asked
+    with ProxyServer(router) as proxy:
+        r = httpx.post(f"{proxy.base_url}/chat/completions", json=oa([{"role": "user", "content": "x"}]))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+    assert r.json()["usage"]["prompt_tokens"] == 321 and r.headers["x-advisor-role"] == "executor"
+    assert upstream.requests_for("flash")[0].body["stream"] is True
