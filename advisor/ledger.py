@@ -25,6 +25,10 @@ class Ledger:
 
     frontier_price: Price | None = None
     calls: list[CallRecord] = field(default_factory=list)
+    # the running total over calls[:_counted] (calls is append-only): a proxy reads the total at every
+    # request, and summing a long session's calls each time grew with the session
+    _total: float = field(default=0.0, init=False, repr=False, compare=False)
+    _counted: int = field(default=0, init=False, repr=False, compare=False)
 
     def record(self, role: str, endpoint: str, purpose: str, usage: Usage, price: Price) -> CallRecord:
         rec = CallRecord(role, endpoint, purpose, usage, price.cost(usage))
@@ -43,7 +47,14 @@ class Ledger:
 
     @property
     def total_usd(self) -> float:
-        return self.cost()
+        calls = self.calls
+        if len(calls) < self._counted:  # replaced rather than appended to: count again
+            self._total, self._counted = 0.0, 0
+        total = self._total
+        for c in calls[self._counted :]:  # same order of additions as sum(), so the same float
+            total += c.cost_usd
+        self._total, self._counted = total, len(calls)
+        return total
 
     def frontier_only_estimate(self) -> float:
         if self.frontier_price is None:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from advisor import fastjson
+
 Listener = Callable[[dict], None]
 
 
@@ -68,7 +70,7 @@ class Trace:
         event = {"seq": self._seq, "t": time.time(), "type": type_, **fields}
         self._seq += 1
         if self._fh is not None:
-            self._fh.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
+            self._fh.write(fastjson.dumps(event, default=str).decode() + "\n")
             self._fh.flush()
             if self._fsync:
                 _SYNCER.mark(self)

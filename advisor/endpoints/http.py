@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 import httpx
 
+from advisor import fastjson
 from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.retry import (
     AttemptFailed,
@@ -40,6 +41,8 @@ from advisor.messages import Attempt, ImagePart, Message, ModelResponse, TextPar
 
 try:  # optional (`pip install 'advisor[proxy]'`): the cheaper client for a proxy's upstream calls
     import aiohttp
+    import aiohttp.helpers
+    import yarl
 except ImportError:  # pragma: no cover - exercised where aiohttp is not installed
     aiohttp = None  # type: ignore[assignment]
 
@@ -211,6 +214,7 @@ class HTTPEndpoint(Endpoint):
         self._client: httpx.AsyncClient | None = None
         self._session = None  # aiohttp.ClientSession, made in the loop that first uses it
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._proxy: tuple = (None, None)  # (proxy URL, its auth) from the environment, for aiohttp
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.config.model!r}, base_url={self.base_url!r})"
@@ -249,9 +253,14 @@ class HTTPEndpoint(Endpoint):
                 # an attempt is bounded by asyncio.timeout; each read of a stream by sock_read, as httpx's
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self.config.timeout_s),
                 cookie_jar=aiohttp.DummyCookieJar(),  # as stateless as the httpx client's use here
-                trust_env=True,  # proxy variables from the environment, as httpx reads them
             )
             self._session_loop = loop
+            # proxy variables from the environment, as httpx reads them; looked up once here, since
+            # aiohttp's trust_env does it in a worker thread at every request
+            try:
+                self._proxy = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(self.base_url))
+            except LookupError:
+                self._proxy = (None, None)
         return self._session
 
     async def aclose(self) -> None:
@@ -275,7 +284,7 @@ class HTTPEndpoint(Endpoint):
 
         def build() -> tuple[dict, bytes]:
             body = self.build_body(request, stream)
-            try:
+            try:  # json, not fastjson: a NaN here must be refused, not sent as null
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise EndpointError(self.name, one_line(f"request body is not valid JSON: {e}")) from None
@@ -380,7 +389,7 @@ class HTTPEndpoint(Endpoint):
                     reason, status=status, retry_after=retry_after, retryable=retryable_status(status)
                 )
             try:
-                data = streamed if streamed is not None else response.json()
+                data = streamed if streamed is not None else fastjson.loads(response.content)
                 if not isinstance(data, dict):
                     raise AttemptFailed(
                         f"invalid response: expected a JSON object, got {type(data).__name__}",

@@ -80,22 +80,24 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class _RetryAfterOrBackoff(wait_base):
-    def __init__(self, policy: RetryPolicy):
-        self.policy = policy
+def _wait_s(exc: BaseException | None, policy: RetryPolicy, failed_attempts: int) -> float:
+    """The wait after the `failed_attempts`-th failure: the server's Retry-After, else backoff."""
+    if isinstance(exc, AttemptFailed) and exc.retry_after is not None:
+        return exc.retry_after
+    # exponential with additive jitter (tenacity's wait_exponential_jitter renamed its arguments
+    # across versions; this is the same rule, stable across tenacity >= 8.2)
+    exp = policy.backoff_s * 2 ** (failed_attempts - 1)
+    return min(policy.max_backoff_s, exp + random.uniform(0, policy.backoff_s))
 
-    def backoff(self, retry_state) -> float:
-        # exponential with additive jitter (tenacity's wait_exponential_jitter renamed its arguments
-        # across versions; this is the same rule, stable across tenacity >= 8.2)
-        p = self.policy
-        exp = p.backoff_s * 2 ** (retry_state.attempt_number - 1)
-        return min(p.max_backoff_s, exp + random.uniform(0, p.backoff_s))
+
+class _RetryAfterOrBackoff(wait_base):
+    def __init__(self, policy: RetryPolicy, before: int = 0):
+        self.policy = policy
+        self.before = before  # attempts made before tenacity took over
 
     def __call__(self, retry_state) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, AttemptFailed) and exc.retry_after is not None:
-            return exc.retry_after
-        return self.backoff(retry_state)
+        return _wait_s(exc, self.policy, self.before + retry_state.attempt_number)
 
 
 def should_retry(exc: BaseException, policy: RetryPolicy) -> bool:
@@ -106,9 +108,18 @@ def should_retry(exc: BaseException, policy: RetryPolicy) -> bool:
 
 async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
     """Await `attempt()` until it succeeds or the policy gives up; re-raises the last `AttemptFailed`."""
+    # the first try runs bare: most calls succeed at once, and building tenacity's machinery for
+    # each of them cost a proxy more CPU than the HTTP call itself
+    try:
+        return await attempt()
+    except AttemptFailed as e:
+        if policy.max_retries == 0 or not should_retry(e, policy):
+            raise
+        first = e
+    await policy.sleep(_wait_s(first, policy, 1))
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.max_retries + 1),
-        wait=_RetryAfterOrBackoff(policy),
+        stop=stop_after_attempt(policy.max_retries),
+        wait=_RetryAfterOrBackoff(policy, before=1),
         retry=retry_if_exception(lambda e: should_retry(e, policy)),
         sleep=policy.sleep,
         reraise=True,

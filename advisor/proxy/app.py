@@ -26,9 +26,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
+from advisor import fastjson
 from advisor.endpoints.stream import StreamEnd
 from advisor.escalation import estimate_tokens
 from advisor.proxy import report
@@ -39,6 +41,11 @@ from advisor.proxy.wire import ANTHROPIC, OPENAI, Events, Wire
 SESSION_HEADER = "x-advisor-session"
 log = logging.getLogger("advisor.proxy")
 _BIG_BODY = 256 * 1024  # bodies above this (images, long contexts) are decoded off the event loop
+
+
+class JSONResponse(StarletteJSONResponse):
+    def render(self, content: Any) -> bytes:
+        return fastjson.dumps(content)  # starlette's format (compact, UTF-8), in a fraction of the time
 
 
 def _kind(status: int) -> str:
@@ -97,8 +104,8 @@ class ProxyApp:
             raise ValueError("the request body is empty; send a JSON object")
         try:
             if len(raw) > _BIG_BODY:
-                return await asyncio.to_thread(json.loads, raw)
-            return json.loads(raw)
+                return await asyncio.to_thread(fastjson.loads, raw)
+            return fastjson.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON ({getattr(e, 'msg', e)})") from None
 

@@ -31,8 +31,15 @@ from advisor.trace import Trace
 JOURNAL = "journal.jsonl"
 
 
+_DAY: list = [-1, ""]  # (UTC day number, its date): formatting a date at every call was a hot spot
+
+
 def today(t: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%d")
+    t = time.time() if t is None else t
+    day = int(t // 86400)
+    if day != _DAY[0]:
+        _DAY[:] = [day, datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")]
+    return _DAY[1]
 
 
 def session_key(messages: list[Message]) -> str:

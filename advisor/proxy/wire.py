@@ -11,7 +11,6 @@ complete reply as deltas (`advisor.endpoints.stream.deltas_of`), which go throug
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from advisor import fastjson
 from advisor.endpoints.anthropic import (
     FINISH_TO_STOP,
     anthropic_usage,
@@ -104,7 +104,7 @@ def _model(body: dict) -> str:
 
 def _sse(data: Any, event: str | None = None) -> str:
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"{head}data: {fastjson.dumps(data).decode()}\n\n"
 
 
 class Wire:

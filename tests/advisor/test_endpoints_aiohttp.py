@@ -119,3 +119,18 @@ def test_bad_client_choices_are_one_line_errors():
         make_endpoint("m", cfg, http_client="requests")
     with pytest.raises(EndpointError, match="cannot be used with http_client aiohttp"):
         make_endpoint("m", cfg, http_client="aiohttp", transport=httpx.MockTransport(lambda r: None))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_proxy_from_the_environment_is_used(client, monkeypatch):
+    with ScriptedServer({"m": ["via the proxy"]}) as server:
+        monkeypatch.setenv("HTTP_PROXY", server.root_url)  # the scripted server answers as the proxy
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        cfg = EndpointConfig(
+            provider="openai", model="m", base_url="http://upstream.invalid/v1", free=True, max_retries=0
+        )
+        ep = make_endpoint("m", cfg, http_client=client)
+        resp = await ep.complete([Message.user("x")])
+        await ep.aclose()
+    assert resp.message.text == "via the proxy"
