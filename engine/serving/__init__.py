@@ -9,8 +9,10 @@ Modules, in the order data flows (nano-vllm's split):
 - `scheduler`: which sequences run next and how many tokens each (chunked prefill, preemption);
 - `paged_attention`: the paged KV tensors and attention over block tables;
 - `model_runner`: one step on the model (flat batch in, sampled tokens out);
+- `sampler`: the next token from a row of logits (penalties, logit bias, greedy or sampled, logprobs);
 - `core`: the engine loop (`EngineCore`), thread-safe submission and cancellation, `AsyncLLM`;
-- `server` (with `args`, `prompts`): `advisor serve`, the OpenAI-compatible HTTP server.
+- `server` (with `args`, `prompts`, `openai_request` for the request body, `outputs` for what the client
+  sees of the tokens: stop strings, logprobs): `advisor serve`, the OpenAI-compatible HTTP server.
 
 Public names are imported lazily (as `engine`'s): `advisor --help` needs no torch.
 """
@@ -22,9 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.serving.core import AsyncLLM, EngineCore, ServingConfig
-    from engine.serving.sequence import SamplingParams, Sequence, TokenEvent
+    from engine.serving.sequence import SamplingParams, Sequence, TokenEvent, TokenLogprobs
 
-__all__ = ["AsyncLLM", "EngineCore", "SamplingParams", "Sequence", "ServingConfig", "TokenEvent"]
+__all__ = [
+    "AsyncLLM",
+    "EngineCore",
+    "SamplingParams",
+    "Sequence",
+    "ServingConfig",
+    "TokenEvent",
+    "TokenLogprobs",
+]
 
 _LAZY = {
     "AsyncLLM": "engine.serving.core",
@@ -33,6 +43,7 @@ _LAZY = {
     "SamplingParams": "engine.serving.sequence",
     "Sequence": "engine.serving.sequence",
     "TokenEvent": "engine.serving.sequence",
+    "TokenLogprobs": "engine.serving.sequence",
 }
 
 

@@ -69,7 +69,7 @@ class EngineCore:
         self.max_model_len = config.max_model_len
         self._lock = threading.Lock()
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self._aborts: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[tuple[Sequence, str]] = queue.SimpleQueue()
         self._pending = 0  # submitted and not yet finished
         self._count = threading.Lock()  # guards _pending (submit runs in any thread, _end in the driver)
         self.stats = CoreStats()
@@ -110,9 +110,10 @@ class EngineCore:
         self._incoming.put(seq)
         return seq
 
-    def abort(self, seq: Sequence) -> None:
-        """Cancel a request: at the next step it ends (reason "abort") and its blocks go back."""
-        self._aborts.put(seq)
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a request early: at the next step it finishes with `reason` (a cancelled one "abort", one
+        the server saw reach a stop string "stop") and its blocks go back."""
+        self._aborts.put((seq, reason))
 
     def has_work(self) -> bool:
         return self._pending > 0
@@ -144,11 +145,11 @@ class EngineCore:
                 self.scheduler.add(seq)
         while True:
             try:
-                seq = self._aborts.get_nowait()
+                seq, reason = self._aborts.get_nowait()
             except queue.Empty:
                 break
             if not seq.finished:
-                self._end(seq, "abort")
+                self._end(seq, reason)
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq, reason)
@@ -195,6 +196,8 @@ class EngineCore:
                 seq.num_computed += c.n
             self.blocks.commit(seq)
             reason = None
+            # logprobs come with a sampled token (a verify step's accepted drafts carry none)
+            logprobs, seq.next_logprobs = seq.next_logprobs, None
             for tok in new:
                 seq.output.append(tok)
                 p = seq.params
@@ -205,7 +208,7 @@ class EngineCore:
                 elif self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
                     reason = "length"
                 if seq.on_event:
-                    seq.on_event(TokenEvent(tok))
+                    seq.on_event(TokenEvent(tok, logprobs=logprobs if len(new) == 1 else None))
                 if reason:
                     break
             if reason:
@@ -306,6 +309,11 @@ class AsyncLLM:
         self._wake.set()
         return RequestStream(self, seq, events)
 
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a request early (callable from the event loop): see `EngineCore.abort`."""
+        self.core.abort(seq, reason)
+        self._wake.set()
+
 
 class RequestStream:
     """One request's events, in order; `seq` is its Sequence (output, num_cached_prompt, finish_reason)."""
@@ -322,5 +330,4 @@ class RequestStream:
                 yield ev
         finally:
             if not done:  # the consumer left early (cancelled, disconnected): free the blocks now
-                self.engine.core.abort(self.seq)
-                self.engine._wake.set()
+                self.engine.abort(self.seq)

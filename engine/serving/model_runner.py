@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.sampling import sample
 from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
+from engine.serving.sampler import sample_next
 from engine.serving.scheduler import ScheduledChunk
 from engine.serving.sequence import Sequence
 from engine.serving.speculation import PagedDrafter, accept, feed
@@ -59,7 +59,8 @@ class ModelRunner:
         logits, stream = (out[0][0].float(), out[1][0]) if speculating else (out[0].float(), None)
         if not rows:
             logits = logits[:0]
-        result = _sample(logits[[r for _, r in sampling]], [s for s, _ in sampling])
+        picked = sample_next(logits[[r for _, r in sampling]], [s for s, _ in sampling])
+        result: dict[int, list[int]] = {sid: [t] for sid, t in picked.items()}
         for c, r, at in verify:
             toks = accept(c.seq, c.drafts, logits[r : r + c.n])
             result[c.seq.id] = toks
@@ -101,17 +102,3 @@ def _slice(seq: Sequence, start: int, n: int) -> list[int]:
     if start + n <= p:
         return seq.prompt[start : start + n]
     return (seq.prompt + seq.output)[start : start + n]
-
-
-def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    greedy = [i for i, s in enumerate(seqs) if s.params.temperature <= 0]
-    if greedy:
-        picked = logits[greedy].argmax(-1).tolist()
-        for i, t in zip(greedy, picked, strict=True):
-            out[seqs[i].id] = [t]
-    for i, s in enumerate(seqs):
-        if s.params.temperature > 0:
-            t = sample(logits[i : i + 1], s.params.temperature, s.params.top_p, s.generator)
-            out[s.id] = [int(t[0])]
-    return out

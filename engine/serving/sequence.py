@@ -14,12 +14,21 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one sequence picks its tokens. The penalties and `logit_bias` change the logits before
+    greedy or sampled choice (as vLLM applies them: the penalties count the output tokens only);
+    `logprobs` (None: off) asks for the sampled token's log-probability and the `logprobs` most likely
+    tokens', from the raw model logits before any of that, reported on each TokenEvent."""
+
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     num_speculative_tokens: int = 0  # MTP drafts per verify step (0: plain decoding)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
@@ -30,12 +39,27 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely tokens' at its position (log_softmax of the
+    raw logits), most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -46,6 +70,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
+    logprobs: TokenLogprobs | None = None  # only when the sequence's params ask for them
 
 
 _ids = itertools.count()
@@ -118,6 +143,7 @@ class Sequence:
     image_features: torch.Tensor | None = None  # computed once, reused by every chunk and after preemption
     preemptions: int = 0
     spec: SpecState | None = None  # set when the request speculates
+    next_logprobs: TokenLogprobs | None = None  # set by the sampler with the token, taken by the core
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

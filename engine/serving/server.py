@@ -4,19 +4,23 @@ Routes: `POST /v1/chat/completions` (stream and not; tools and tool_choice; tool
 Step format into `tool_calls`, one delta per call as soon as it closes when streaming; reasoning in
 `reasoning_content`, as vLLM and SGLang send it; `reasoning_effort`; `image_url` parts as data URLs;
 `usage` with `prompt_tokens_details.cached_tokens`, also in a last chunk with
-`stream_options.include_usage`), `POST /v1/completions`, `GET /v1/models`, `GET /health`.
+`stream_options.include_usage`), `POST /v1/completions`, `GET /v1/models`, `GET /health`. Both
+completion routes take `n` choices (the later ones read the prompt from the prefix cache), `stop`
+strings (the text ends before the first, and the sequence ends in the core), `logprobs`, `seed`, the
+presence and frequency penalties and `logit_bias` (`openai_request` lists what else is honoured,
+ignored or refused).
 
 Bad input is an OpenAI-shaped error (`{"error": {"message", "type", "param", "code"}}`) with a 400. A
 client that goes away cancels its request, streamed or not: a stream's generator is closed, a reply still
 being computed has its task cancelled when the connection's `http.disconnect` arrives; either way the
-sequence is aborted and its blocks are freed at the next step. Nothing one request does stops the server.
+sequences are aborted and their blocks are freed at the next step. Nothing one request does stops the
+server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -24,23 +28,24 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.serving.openai_request import (
+    BadRequest,
+    RequestOptions,
+    chat_prompt,
+    check_parameters,
+    completion_prompt,
+    error_body,
+    request_options,
+)
+from engine.serving.outputs import CompletionLogprobs, TextOutput, chat_logprobs
+
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 1024
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
-def error_body(message: str, param: str | None = None, code: str | None = None, kind="invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass
@@ -54,147 +59,6 @@ class Served:
     max_model_len: int
     stops: tuple[int, ...]
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-# ---------------------------------------------------------------------------------------- parsing
-def _number(body: dict, key: str, kind, lo=None, hi=None, default=None):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {v!r}", key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return kind(v)
-
-
-def sampling_options(body: dict, served: Served, prompt_len: int):
-    """SamplingParams from an OpenAI body; a prompt too long for the context is a 400 naming both lengths."""
-    from engine.serving import SamplingParams
-
-    if _number(body, "n", int, 1, 1, 1) != 1:
-        raise BadRequest("only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number({key: max_tokens}, key, int, 1, None, None)
-    room = served.max_model_len - prompt_len
-    if room < 1:
-        raise BadRequest(
-            f"the prompt is {prompt_len} tokens, longer than this model's context length of "
-            f"{served.max_model_len} tokens",
-            "messages",
-            "context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
-    elif prompt_len + max_tokens > served.max_model_len:
-        raise BadRequest(
-            f"the prompt ({prompt_len} tokens) plus {key} ({max_tokens}) exceeds this model's context "
-            f"length of {served.max_model_len} tokens",
-            key,
-            "context_length_exceeded",
-        )
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadRequest("logprobs are not supported", "logprobs")
-    if body.get("stop"):
-        raise BadRequest("stop sequences are not supported (the model stops at its end-of-turn)", "stop")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", float, 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", float, 0.0, 1.0, 1.0) or 1e-9,
-        seed=_number(body, "seed", int, None, None, None),
-        stop_token_ids=served.stops,
-        num_speculative_tokens=getattr(served.llm, "speculative_tokens", 0),
-    )
-
-
-def _tools(body: dict) -> list[dict] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(
-        isinstance(t, dict)
-        and t.get("type") == "function"
-        and isinstance(t.get("function"), dict)
-        and isinstance(t["function"].get("name"), str)
-        for t in tools
-    ):
-        raise BadRequest("'tools' must be a list of {type: function, function: {name, parameters}}", "tools")
-    choice = body.get("tool_choice", "auto")
-    if choice == "none":
-        return None
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        picked = [t for t in tools if t["function"]["name"] == name]
-        if not picked:
-            raise BadRequest(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-        return picked
-    if choice not in ("auto", "required"):
-        raise BadRequest(
-            f"tool_choice must be none, auto, required or a function, got {choice!r}", "tool_choice"
-        )
-    return tools
-
-
-def _images(messages: list) -> list[bytes]:
-    """The bytes of every image_url part (data URLs only: the server fetches nothing), in order."""
-    out = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if not isinstance(content, list):
-            continue
-        for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                url = (part.get("image_url") or {}).get("url", "")
-                if not url.startswith("data:") or ";base64," not in url:
-                    raise BadRequest(
-                        f"messages[{i}].content[{j}]: only base64 data URLs are accepted", "messages"
-                    )
-                try:
-                    out.append(base64.b64decode(url.split(";base64,", 1)[1], validate=True))
-                except ValueError as e:
-                    raise BadRequest(f"messages[{i}].content[{j}]: bad base64 ({e})", "messages") from None
-    return out
-
-
-def chat_prompt(served: Served, body: dict) -> tuple[list[int], dict | None, list[dict] | None, bool]:
-    """Prompt ids, image inputs, the tools offered and whether the prompt ends inside `<think>`."""
-    from engine.serving.prompts import image_inputs
-    from engine.text.chat import ChatTemplateError
-
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    tools = _tools(body)
-    effort = body.get("reasoning_effort")
-    if effort is not None and effort not in ("low", "medium", "high"):
-        raise BadRequest(f"reasoning_effort must be low, medium or high, got {effort!r}", "reasoning_effort")
-    schemas = tools or None
-    try:
-        text = served.tokenizer.apply_chat_template(messages, schemas, effort=effort, tokenize=False)
-    except (ChatTemplateError, ValueError, TypeError, KeyError) as e:
-        raise BadRequest(f"messages: {e}", "messages") from None
-    try:
-        text, images = image_inputs(served.llm, served.tokenizer, _images(messages), text)
-    except ValueError as e:
-        raise BadRequest(str(e), "messages") from None
-    return served.tokenizer.encode(text), images, schemas, text.rstrip().endswith("<think>")
-
-
-# ---------------------------------------------------------------------------------------- decoding
-class Detokenizer:
-    """Text deltas from a growing list of ids (holding back an incomplete UTF-8 character)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
 
 
 def _usage(prompt_len: int, cached: int, completion: int, reasoning: int) -> dict:
@@ -213,6 +77,82 @@ def _reasoning_count(ids: list[int], think_close: int | None, in_reasoning: bool
     return len(ids) if in_reasoning else 0
 
 
+# ---------------------------------------------------------------------------------------- the choices
+class EngineFailed(Exception):
+    pass
+
+
+class Choice:
+    """One of a request's n choices as it is generated: its visible text so far, the log-probabilities
+    not yet sent, and once it ends, why."""
+
+    def __init__(self, index: int, served: Served, opts: RequestOptions):
+        self.index, self.seq = index, None
+        self.out = TextOutput(served.tokenizer, served.stops, opts.stop)
+        self.logprobs: list = []  # (token, TokenLogprobs) not yet sent
+        self.finish: str | None = None
+
+    def take_logprobs(self) -> list:
+        items, self.logprobs = self.logprobs, []
+        return items
+
+    @property
+    def tokens(self) -> list[int]:
+        """The completion tokens (up to a stop string, not the few generated after it)."""
+        return self.seq.output[: self.out.num_tokens]
+
+
+async def _choice_events(engine, ids, images, params) -> AsyncIterator[tuple[int, Any, Any]]:
+    """(choice index, TokenEvent, Sequence) for every choice, as they come. With n > 1 the first choice
+    runs alone until its prompt is computed (its first event); then the others are submitted and read
+    the prompt's full blocks from the prefix cache instead of computing it again."""
+    events: asyncio.Queue = asyncio.Queue()
+    streams, tasks = [], []
+
+    async def pump(i: int, stream) -> None:
+        async for ev in stream:  # cancelling this task aborts the sequence (RequestStream's finally)
+            events.put_nowait((i, ev))
+
+    def start(i: int) -> None:
+        streams.append(engine.generate(ids, params[i], images))
+        tasks.append(asyncio.ensure_future(pump(i, streams[i])))
+
+    start(0)
+    left = len(params)
+    try:
+        while left:
+            i, ev = await events.get()
+            while len(streams) < len(params):
+                start(len(streams))
+            left -= ev.finished
+            yield i, ev, streams[i].seq
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _choice_deltas(served: Served, ids, images, opts: RequestOptions):
+    """(choice, text delta, ended) as tokens arrive. A choice that reaches a stop string ends in the core
+    at once (its blocks go back), and nothing after the stop string is ever released."""
+    choices = [Choice(i, served, opts) for i in range(opts.n)]
+    async with aclosing(_choice_events(served.engine, ids, images, opts.params)) as events:
+        async for i, ev, seq in events:
+            c = choices[i]
+            c.seq = seq
+            if ev.token is not None and not c.out.stopped:
+                text = c.out.add(ev.token)
+                if ev.logprobs is not None:
+                    c.logprobs.append((ev.token, ev.logprobs))
+                if c.out.stopped:
+                    served.engine.abort(seq, "stop")
+                yield c, text, False
+            if ev.finished:
+                if seq.finish_reason == "error":
+                    raise EngineFailed(seq.error)
+                c.finish = "stop" if c.out.stopped else seq.finish_reason
+                yield c, c.out.flush(), True
+
+
 # ---------------------------------------------------------------------------------------- the app
 def build_app(served: Served):
     from starlette.applications import Starlette
@@ -220,7 +160,7 @@ def build_app(served: Served):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request, route: str) -> dict:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -233,6 +173,7 @@ def build_app(served: Served):
             raise BadRequest(
                 f"unknown model {model!r}; this server serves {served.name!r}", "model", "model_not_found"
             )
+        check_parameters(body, route)
         return body
 
     async def health(request: Request):
@@ -255,51 +196,25 @@ def build_app(served: Served):
         return JSONResponse({"object": "list", "data": [card]})
 
     async def chat(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, "chat")
         ids, images, schemas, in_reasoning = await asyncio.to_thread(chat_prompt, served, body)
-        params = sampling_options(body, served, len(ids))
+        opts = request_options(body, served, len(ids), "chat")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            gen = _chat_stream(
-                served, ids, images, params, schemas, in_reasoning, rid, created, include_usage
-            )
-            return StreamingResponse(gen, media_type="text/event-stream")
-        return await _unless_disconnected(
-            request, _chat_once(served, ids, images, params, schemas, in_reasoning, rid, created)
-        )
+        args = (served, ids, images, opts, schemas, in_reasoning, rid, created)
+        if opts.stream:
+            return StreamingResponse(_chat_stream(*args), media_type="text/event-stream")
+        return await _unless_disconnected(request, _chat_once(*args))
 
     async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = served.tokenizer.encode(prompt)
-        elif (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            ids = list(prompt)
-            vocab = served.llm.config.text.vocab_size
-            if min(ids) < 0 or max(ids) >= vocab:
-                raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
-        else:
-            raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
-        if not ids:
-            raise BadRequest("the prompt is empty", "prompt")
-        if body.get("echo"):
-            raise BadRequest("echo is not supported", "echo")
-        params = sampling_options(body, served, len(ids))
+        body = await read_body(request, "completions")
+        ids = completion_prompt(served, body)
+        opts = request_options(body, served, len(ids), "completions")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if opts.stream:
             return StreamingResponse(
-                _completion_stream(served, ids, params, rid, created, include_usage),
-                media_type="text/event-stream",
+                _completion_stream(served, ids, opts, rid, created), media_type="text/event-stream"
             )
-        return await _unless_disconnected(request, _completion_once(served, ids, params, rid, created))
+        return await _unless_disconnected(request, _completion_once(served, ids, opts, rid, created))
 
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse(error_body(str(exc), exc.param, exc.code), status_code=400)
@@ -355,140 +270,202 @@ async def _unless_disconnected(request, work):
     return JSONResponse(task.result())
 
 
-def _raise_engine_error(seq) -> None:
-    if seq is not None and seq.finish_reason == "error":
-        raise BadRequest(f"the engine refused the request: {seq.error}")
-
-
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _chat_once(served, ids, images, params, schemas, in_reasoning, rid, created) -> dict:
+def _engine_error(e: EngineFailed) -> str:
+    return _sse(error_body(f"the engine failed the request: {e}", kind="server_error"))
+
+
+def _chat_finish(c: Choice, calls: int) -> str:
+    return "tool_calls" if calls else ("length" if c.finish == "length" else "stop")
+
+
+def _chat_usage(served: Served, ids, choices: list[Choice], in_reasoning: bool) -> dict:
+    close = served.tokenizer.token_to_id("</think>")
+    return _usage(
+        len(ids),
+        choices[0].seq.num_cached_prompt,  # the prompt as the request sent it: its first choice's
+        sum(len(c.tokens) for c in choices),
+        sum(_reasoning_count(c.tokens, close, in_reasoning) for c in choices),
+    )
+
+
+async def _collect(served: Served, ids, images, opts: RequestOptions) -> list[tuple[Choice, str]]:
+    """Every choice to its end, with its whole visible text, in index order."""
+    texts: dict[int, str] = {}
+    ended: dict[int, Choice] = {}
+    try:
+        async with aclosing(_choice_deltas(served, ids, images, opts)) as deltas:
+            async for c, text, done in deltas:
+                texts[c.index] = texts.get(c.index, "") + text
+                if done:
+                    ended[c.index] = c
+    except EngineFailed as e:
+        raise BadRequest(f"the engine refused the request: {e}") from None
+    return [(ended[i], texts[i]) for i in range(opts.n)]
+
+
+async def _chat_once(served, ids, images, opts, schemas, in_reasoning, rid, created) -> dict:
     from engine.text.chat_parse import parse_output
 
-    stream = served.engine.generate(ids, params, images)
-    async for _ in stream:
-        pass
-    seq = stream.seq
-    _raise_engine_error(seq)
-    out = seq.output
-    body = out[:-1] if out and out[-1] in params.stop_token_ids else out
-    parsed = parse_output(served.tokenizer.decode(body), schemas, in_reasoning=in_reasoning)
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
-    if parsed.reasoning:
-        message["reasoning_content"] = parsed.reasoning
-    if parsed.tool_calls:
-        message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-    finish = "tool_calls" if parsed.tool_calls else ("length" if seq.finish_reason == "length" else "stop")
-    reasoning = _reasoning_count(out, served.tokenizer.token_to_id("</think>"), in_reasoning)
+    done = await _collect(served, ids, images, opts)
+    choices = []
+    for c, text in done:
+        parsed = parse_output(text, schemas, in_reasoning=in_reasoning)
+        calls = parsed.tool_calls if opts.parallel_tool_calls else parsed.tool_calls[:1]
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
+        if parsed.reasoning:
+            message["reasoning_content"] = parsed.reasoning
+        if calls:
+            message["tool_calls"] = [t.to_openai() for t in calls]
+        logprobs = None
+        if opts.logprobs is not None:
+            logprobs = {"content": chat_logprobs(served.tokenizer, c.take_logprobs()), "refusal": None}
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "finish_reason": _chat_finish(c, len(calls)),
+                "logprobs": logprobs,
+            }
+        )
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": served.name,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": _usage(len(ids), seq.num_cached_prompt, len(out), reasoning),
+        "choices": choices,
+        "usage": _chat_usage(served, ids, [c for c, _ in done], in_reasoning),
     }
 
 
-async def _completion_once(served, ids, params, rid, created) -> dict:
-    detok, finish, text = Detokenizer(served.tokenizer), None, ""
-    stream = served.engine.generate(ids, params)
-    async for ev in stream:
-        if ev.token is not None and ev.token not in params.stop_token_ids:
-            text += detok.add(ev.token)
-        finish = ev.finish_reason
-    seq = stream.seq
-    _raise_engine_error(seq)
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": served.name,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": _usage(len(ids), seq.num_cached_prompt, len(seq.output), 0),
-    }
-
-
-async def _chat_stream(served, ids, images, params, schemas, in_reasoning, rid, created, include_usage):
+async def _chat_stream(served, ids, images, opts, schemas, in_reasoning, rid, created):
     from engine.text.chat_parse import StreamingParser
 
-    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        choices = (
-            [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-        )
+    def chunk(c: Choice | None, delta: dict | None, finish: str | None = None, usage: dict | None = None):
         obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
-        obj["choices"] = choices
-        if include_usage:
+        obj["choices"] = []
+        if c is not None:
+            logprobs = None
+            if opts.logprobs is not None:
+                logprobs = {"content": chat_logprobs(served.tokenizer, c.take_logprobs()), "refusal": None}
+            obj["choices"] = [
+                {"index": c.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            ]
+        if opts.include_usage:
             obj["usage"] = usage
         return _sse(obj)
 
-    parser = StreamingParser(schemas, in_reasoning=in_reasoning)
-    detok = Detokenizer(served.tokenizer)
-    calls = 0
-    yield chunk({"role": "assistant", "content": ""})
+    parsers = [StreamingParser(schemas, in_reasoning=in_reasoning) for _ in range(opts.n)]
+    calls = [0] * opts.n
+    for i in range(opts.n):
+        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
+        obj["choices"] = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None,
+                "logprobs": None,
+            }
+        ]
+        if opts.include_usage:
+            obj["usage"] = None
+        yield _sse(obj)
 
-    def deltas(d) -> list[dict]:
-        nonlocal calls
+    def deltas(i: int, d) -> list[dict]:
         out = []
         if d.reasoning:
             out.append({"reasoning_content": d.reasoning})
         if d.content:
             out.append({"content": d.content})
-        for c in d.tool_calls:
-            entry = c.to_openai()
-            entry["index"] = calls
-            calls += 1
+        for call in d.tool_calls:
+            if calls[i] and not opts.parallel_tool_calls:
+                continue  # only the first call is kept
+            entry = call.to_openai()
+            entry["index"] = calls[i]
+            calls[i] += 1
             out.append({"tool_calls": [entry]})
         return out
 
-    stream = served.engine.generate(ids, params, images)
-    async for ev in stream:
-        if ev.token is not None and ev.token not in params.stop_token_ids:
-            text = detok.add(ev.token)
-            if text:
-                for d in deltas(parser.feed(text)):
-                    yield chunk(d)
-    seq = stream.seq
-    if seq.finish_reason == "error":
-        yield _sse(error_body(f"the engine failed the request: {seq.error}", kind="server_error"))
+    ended: list[Choice] = []
+    try:
+        async with aclosing(_choice_deltas(served, ids, images, opts)) as stream:
+            async for c, text, done in stream:
+                parts = deltas(c.index, parsers[c.index].feed(text)) if text else []
+                if done:
+                    parts += deltas(c.index, parsers[c.index].finish())
+                for d in parts:
+                    yield chunk(c, d)
+                if done:
+                    ended.append(c)
+                    yield chunk(c, {}, _chat_finish(c, calls[c.index]))
+    except EngineFailed as e:
+        yield _engine_error(e)
         return
-    for d in deltas(parser.finish()):
-        yield chunk(d)
-    finish = "tool_calls" if calls else ("length" if seq.finish_reason == "length" else "stop")
-    yield chunk({}, finish)
-    if include_usage:
-        reasoning = _reasoning_count(seq.output, served.tokenizer.token_to_id("</think>"), in_reasoning)
-        yield chunk(None, usage=_usage(len(ids), seq.num_cached_prompt, len(seq.output), reasoning))
+    if opts.include_usage:
+        ended.sort(key=lambda c: c.index)
+        yield chunk(None, None, usage=_chat_usage(served, ids, ended, in_reasoning))
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(served, ids, params, rid, created, include_usage):
-    detok = Detokenizer(served.tokenizer)
+def _completion_finish(c: Choice) -> str:
+    return c.finish if c.finish in ("stop", "length") else "stop"
 
-    def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> str:
-        obj = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
-        obj["choices"] = (
-            [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+
+def _completion_usage(ids, choices: list[Choice]) -> dict:
+    return _usage(len(ids), choices[0].seq.num_cached_prompt, sum(len(c.tokens) for c in choices), 0)
+
+
+async def _completion_once(served, ids, opts, rid, created) -> dict:
+    done = await _collect(served, ids, None, opts)
+    choices = []
+    for c, text in done:
+        logprobs = None
+        if opts.logprobs is not None:
+            logprobs = CompletionLogprobs(served.tokenizer).take(c.take_logprobs())
+        choices.append(
+            {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": _completion_finish(c)}
         )
-        if include_usage:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": served.name,
+        "choices": choices,
+        "usage": _completion_usage(ids, [c for c, _ in done]),
+    }
+
+
+async def _completion_stream(served, ids, opts, rid, created):
+    offsets = [CompletionLogprobs(served.tokenizer) for _ in range(opts.n)]
+
+    def chunk(c: Choice | None, text: str, finish: str | None = None, usage: dict | None = None) -> str:
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+        obj["choices"] = []
+        if c is not None:
+            logprobs = offsets[c.index].take(c.take_logprobs()) if opts.logprobs is not None else None
+            obj["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        if opts.include_usage:
             obj["usage"] = usage
         return _sse(obj)
 
-    stream = served.engine.generate(ids, params)
-    async for ev in stream:
-        if ev.token is not None and ev.token not in params.stop_token_ids:
-            text = detok.add(ev.token)
-            if text:
-                yield chunk(text)
-    seq = stream.seq
-    if seq.finish_reason == "error":
-        yield _sse(error_body(f"the engine failed the request: {seq.error}", kind="server_error"))
+    ended: list[Choice] = []
+    try:
+        async with aclosing(_choice_deltas(served, ids, None, opts)) as stream:
+            async for c, text, done in stream:
+                if text:  # a held-back token's logprobs go with the text it becomes part of
+                    yield chunk(c, text)
+                if done:
+                    ended.append(c)
+                    yield chunk(c, "", _completion_finish(c))
+    except EngineFailed as e:
+        yield _engine_error(e)
         return
-    yield chunk("", seq.finish_reason if seq.finish_reason in ("stop", "length") else "stop")
-    if include_usage:
-        yield chunk(None, usage=_usage(len(ids), seq.num_cached_prompt, len(seq.output), 0))
+    if opts.include_usage:
+        ended.sort(key=lambda c: c.index)
+        yield chunk(None, "", usage=_completion_usage(ids, ended))
     yield "data: [DONE]\n\n"
 
 

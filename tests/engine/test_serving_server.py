@@ -3,7 +3,6 @@ on a tiny random Step checkpoint with the project's test tokenizer."""
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import subprocess
@@ -17,32 +16,12 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from engine.serving.server import load_served, running  # noqa: E402
-from engine.text.tokenizer import build_step_tokenizer  # noqa: E402
-from tests.engine.step_models import TEXT_C, build_reference  # noqa: E402
-
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-}
-MESSAGES = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
+from tests.engine.serve_helpers import ADD, MESSAGES, Scripted, endless, idle, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve_ckpt")
-    tok = build_step_tokenizer(path, vocab_size=400)
-    text = copy.deepcopy(TEXT_C)
-    text.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    build_reference(text, seed=3).save_pretrained(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
 
 
 def free_port() -> int:
@@ -61,35 +40,6 @@ def server(ckpt):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0)
-
-
-def idle(base: str) -> dict:
-    """/health once the engine has nothing running (a cancelled request lands at the next step)."""
-    for _ in range(300):
-        h = httpx.get(base + "/health").json()
-        if h["running"] == 0 and h["waiting"] == 0 and h["kv_blocks_in_use"] == 0:
-            return h
-        time.sleep(0.02)
-    raise AssertionError(f"the engine did not go idle: {h}")
-
-
-class Scripted:
-    """Stands in for the model's step: every sequence generates `text` then end-of-turn (the scheduler,
-    block pool and server stay real)."""
-
-    def __init__(self, served, text: str):
-        self.served, self.ids = served, served.tokenizer.encode(text) + [served.tokenizer.eos_token_id]
-        self.real = served.llm.core.runner.run
-
-    def __enter__(self):
-        def run(chunks):
-            return {c.seq.id: [self.ids[len(c.seq.output)]] for c in chunks if c.samples}
-
-        self.served.llm.core.runner.run = run
-        return self
-
-    def __exit__(self, *exc):
-        self.served.llm.core.runner.run = self.real
 
 
 def test_models_and_health(client, server):
@@ -211,38 +161,17 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(server):
     assert served.llm.core.stats.prompt_tokens > 0
 
 
-class Endless:
-    """Stands in for the model's step: every sequence repeats one token and never ends by itself, at one
-    step every 10 ms (so a long max_tokens keeps it running for seconds); the sequences seen are kept."""
-
-    def __init__(self, served):
-        self.served, self.real, self.seqs = served, served.llm.core.runner.run, {}
-        self.token = served.tokenizer.encode("word")[0]
-
-    def __enter__(self):
-        def run(chunks):
-            time.sleep(0.01)
-            self.seqs.update((c.seq.id, c.seq) for c in chunks)
-            return {c.seq.id: [self.token] for c in chunks if c.samples}
-
-        self.served.llm.core.runner.run = run
-        return self
-
-    def __exit__(self, *exc):
-        self.served.llm.core.runner.run = self.real
-
-
-@pytest.mark.parametrize("route", ["chat", "completions"])
-def test_a_client_that_disconnects_before_a_non_streamed_reply_cancels_its_request(server, route):
+@pytest.mark.parametrize("route, n", [("chat", 1), ("chat", 2), ("completions", 1)])
+def test_a_client_that_disconnects_before_a_non_streamed_reply_cancels_its_request(server, route, n):
     served, base = server
-    body = {"model": "tiny", "max_tokens": 1400, "temperature": 0}
+    body = {"model": "tiny", "max_tokens": 1400, "temperature": 0, "n": n}
     body.update({"messages": MESSAGES} if route == "chat" else {"prompt": "Once upon a time"})
-    with Endless(served) as fake:
+    with endless(served) as fake:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             httpx.post(f"{base}/v1/{'chat/' if route == 'chat' else ''}completions", json=body, timeout=1.0)
         h = idle(base)  # polls with a deadline: the request left the running set, its blocks went back
-    (seq,) = fake.seqs.values()
-    assert seq.finish_reason == "abort" and 0 < len(seq.output) < 1400
+    seqs = list(fake.seqs.values())
+    assert len(seqs) == n and all(s.finish_reason == "abort" and 0 < len(s.output) < 1400 for s in seqs)
     assert h["kv_blocks_in_use"] == 0 and h["running"] == 0
 
 
