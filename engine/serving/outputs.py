@@ -12,24 +12,32 @@ from engine.serving.sequence import TokenLogprobs
 
 
 class Detokenizer:
-    """Text deltas from a growing list of ids (holding back an incomplete UTF-8 character)."""
+    """Text deltas from a growing list of ids, holding back an incomplete UTF-8 character. Each token
+    decodes only a short window (the ids since the last released text, and the few before them for
+    context, as vLLM's incremental detokenizer does), so a long reply costs linear time, not quadratic."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # ids up to here have been released as text
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+        return self._delta(final=False)
 
     def flush(self) -> str:
         """Whatever is held back, at the end of the sequence."""
-        text = self.tokenizer.decode(self.ids)
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]
 
 
 class TextOutput:

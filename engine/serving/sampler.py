@@ -32,14 +32,16 @@ def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, int]:
             t = sample(logits[i : i + 1], s.params.temperature, s.params.top_p, s.generator)
             out[s.id] = int(t[0])
     if raw is not None:
-        raw = raw.cpu()
+        # The top-k and the sampled token's entry on the device; only those few numbers come back.
+        k = max(seqs[i].params.logprobs for i in wants)
+        picked = torch.tensor([out[seqs[i].id] for i in wants], dtype=torch.long, device=raw.device)
+        chosen = raw.gather(1, picked[:, None])[:, 0].tolist()
+        top_v, top_i = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
         for row, i in enumerate(wants):
-            s, k = seqs[i], seqs[i].params.logprobs
-            top = ()
-            if k:
-                values, ids = raw[row].topk(k)
-                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-            s.next_logprobs = TokenLogprobs(float(raw[row, out[s.id]]), top)
+            n = seqs[i].params.logprobs
+            top = tuple(zip(top_i[row][:n], top_v[row][:n], strict=True))
+            seqs[i].next_logprobs = TokenLogprobs(chosen[row], top)
     return out
 
 

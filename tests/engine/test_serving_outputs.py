@@ -88,3 +88,20 @@ def test_logprobs_are_the_raw_logits_log_softmax_whatever_the_sampling(temperatu
         assert [t for t, _ in lp.top] == ref[i].topk(s.params.logprobs).indices.tolist()
         assert all(math.isclose(v, float(ref[i, t]), abs_tol=1e-6) for t, v in lp.top)
     assert seqs[2].next_logprobs is None
+
+
+def test_the_windowed_detokenizer_releases_exactly_the_whole_decode(tmp_path):
+    from engine.serving.outputs import Detokenizer
+    from engine.text.tokenizer import build_step_tokenizer
+
+    tok = build_step_tokenizer(tmp_path, vocab_size=400)
+    gen = torch.Generator().manual_seed(0)
+    texts = ["héllo wörld € 2 + 3 = 5", "<think>\nplain</think> ünïcödé", "日本語のテキスト"]
+    for text in texts:  # a character split over tokens is released whole, once complete
+        d = Detokenizer(tok)
+        deltas = [d.add(t) for t in tok.encode(text)]
+        assert "".join(deltas) == text and not any("\ufffd" in x for x in deltas)
+    for _ in range(5):  # any ids at all (pieces that never make a character): the same text as one decode
+        ids = torch.randint(3, tok.vocab_size, (40,), generator=gen).tolist()
+        d = Detokenizer(tok)
+        assert "".join(d.add(t) for t in ids) + d.flush() == tok.decode(ids)
