@@ -105,7 +105,8 @@ class Choice:
 async def _choice_events(engine, ids, images, params) -> AsyncIterator[tuple[int, Any, Any]]:
     """(choice index, TokenEvent, Sequence) for every choice, as they come. With n > 1 the first choice
     runs alone until its prompt is computed (its first event); then the others are submitted and read
-    the prompt's full blocks from the prefix cache instead of computing it again."""
+    the prompt's full blocks from the prefix cache instead of computing it again (none are, if the first
+    failed). Leaving early aborts every choice still running."""
     events: asyncio.Queue = asyncio.Queue()
     streams, tasks = [], []
 
@@ -118,15 +119,18 @@ async def _choice_events(engine, ids, images, params) -> AsyncIterator[tuple[int
         tasks.append(asyncio.ensure_future(pump(i, streams[i])))
 
     start(0)
-    left = len(params)
+    ended = 0
     try:
-        while left:
+        while ended < len(streams):
             i, ev = await events.get()
-            while len(streams) < len(params):
-                start(len(streams))
-            left -= ev.finished
+            if len(streams) < len(params) and ev.finish_reason != "error":
+                while len(streams) < len(params):
+                    start(len(streams))
+            ended += ev.finished
             yield i, ev, streams[i].seq
     finally:
+        for s in streams:  # also those whose task never ran (so never reached RequestStream's finally)
+            engine.abort(s.seq)  # a finished one stays as it is
         for t in tasks:
             t.cancel()
 

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 from engine.serving.server import load_served, running  # noqa: E402
-from tests.engine.serve_helpers import ADD, MESSAGES, Scripted, idle, tiny_checkpoint  # noqa: E402
+from tests.engine.serve_helpers import ADD, MESSAGES, Scripted, endless, idle, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,22 @@ def test_n_choices_compute_the_prompt_once_and_sum_their_completion_tokens(clien
     assert all(finish[i] == once.choices[i].finish_reason for i in range(3))
     assert chunks[-1].usage.completion_tokens == once.usage.completion_tokens
     idle(base)
+
+
+def test_n_choices_after_a_failed_first_choice_start_nothing(client, server):
+    served, base = server
+    with endless(served) as fake:
+        scripted = served.llm.core.runner.run
+
+        def fail_once(chunks):
+            served.llm.core.runner.run = scripted
+            raise RuntimeError("the step failed")
+
+        served.llm.core.runner.run = fail_once
+        with pytest.raises(openai.BadRequestError, match="the step failed"):
+            client.completions.create(model="tiny", prompt="fails first", max_tokens=1400, n=3)
+        idle(base)  # the other two were never submitted: nothing is left running
+    assert fake.seqs == {}
 
 
 def test_n_choices_on_completions(client, server):
