@@ -86,7 +86,9 @@ class Sessions(_Strict):
     dir: str = Field(default="proxy-sessions", description="journal directory, relative to proxy.yaml")
     ttl_s: float = Field(default=7 * 86400, gt=0, description="a session idle this long expires")
     max_sessions: int = Field(default=10000, ge=1, description="beyond this the least recently used expire")
-    fsync: bool = Field(default=True, description="fsync the journal (in a background thread)")
+    fsync: bool = Field(
+        default=True, description="fsync the journal in a background thread, at most every 50 ms"
+    )
 
 
 class ProxyConfig(_Strict):

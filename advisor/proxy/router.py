@@ -227,6 +227,7 @@ class Router:
                 await deltas.aclose()
             done()
             raise
+        self.store.commit()  # the decision's events, before the headers saying who answers go out
         return RoutedStream(acting.role, acting.endpoint.config.model, session, consult, head, deltas, done)
 
     async def _handle(self, s: Session, first: bool, request: ChatRequest) -> Routed:
@@ -328,6 +329,8 @@ class Router:
             store.record_call(
                 s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
             )
+            if stream:  # written before the stream's end (its usage) reaches the client
+                store.commit()
 
         def billed(given: list[Attempt]) -> Usage:
             usage = Usage()

@@ -2,7 +2,8 @@
 append-only journal (`journal.jsonl` in the sessions directory) that a restarted proxy replays.
 
 Each request appends its model calls (`call`), consults (`consult`), the policy's failure counts
-(`step_failed`, written by `EscalationPolicy.failure` itself) and the session's state after it (`state`).
+(`step_failed`, written by `EscalationPolicy.failure` itself) and the session's state after it (`state`),
+written together before the reply goes out (`commit`; `advisor.proxy.journal` says what survives what).
 Replay keeps the last state and every call, so a session resumes where it was. Sessions idle past
 `ttl_s`, or beyond `max_sessions` (least recently used first), expire; a restart compacts the journal
 to the live sessions (written beside it, then renamed over it) and each UTC day's spend.
@@ -26,7 +27,7 @@ from advisor.ledger import CallRecord, Ledger
 from advisor.messages import Message, Usage
 from advisor.pricing import Price
 from advisor.proxy.config import ProxyEscalation
-from advisor.trace import Trace
+from advisor.proxy.journal import Journal
 
 JOURNAL = "journal.jsonl"
 
@@ -143,7 +144,7 @@ class SessionStore:
         self.expired = 0
         self._last_sweep = time.time()
         self.directory = directory
-        self._journal: Trace | None = None
+        self._journal: Journal | None = None
         if directory is not None:
             path = directory / JOURNAL
             if path.is_file():
@@ -151,7 +152,7 @@ class SessionStore:
             if not read_only:
                 directory.mkdir(parents=True, exist_ok=True)
                 self._compact(path)
-                self._journal = Trace(path, fsync=fsync)
+                self._journal = Journal(path, fsync=fsync)
 
     # -- sessions ----------------------------------------------------------------------------
     def _new(self, sid: str, created: float | None = None) -> Session:
@@ -235,13 +236,22 @@ class SessionStore:
         self.emit("consult", session=session.id, **consult.__dict__, **extra)
 
     def save(self, session: Session) -> None:
+        """The session's state after a request, committed with the request's other events."""
         self.emit("state", session=session.id, state=session.state())
+        self.commit()
 
     # -- the journal -------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> dict:
+        """Queues an event for the journal; it is written at the next `commit`."""
         if self._journal is None:
             return {"type": type_, **fields}
         return self._journal.emit(type_, **fields)
+
+    def commit(self) -> None:
+        """Writes the queued events (see `advisor.proxy.journal` for what that guarantees): called
+        before anything that depends on them reaches a client."""
+        if self._journal is not None:
+            self._journal.commit()
 
     def close(self) -> None:
         if self._journal is not None:
