@@ -6,10 +6,12 @@ one-line `EndpointError`. The API key is read from the environment variable name
 `config.api_key_env` at call time, added to each request's headers only, and scrubbed from any text
 that leaves this module.
 
-Two clients can send: httpx (the default; tests mock it with respx or a transport) or aiohttp
+Three clients can send: httpx (the default; tests mock it with respx or a transport), aiohttp
 (`http_client="aiohttp"`, when the optional `aiohttp` package is installed), whose C parser costs a
-fraction of httpx's CPU per call: `advisor proxy` uses it for its upstreams. A reply from either is
-handed to the providers' parsers as an `httpx.Response`, so they are the same for both.
+fraction of httpx's CPU per call, and `advisor.endpoints.http1` (`http_client="httptools"`: plain
+http:// only, a tenth of aiohttp's CPU per call). `advisor proxy` picks the cheapest that can reach
+its upstream (`preferred_client`). A reply from any of them is read as an `httpx.Response` (the
+http1 one offers the same attributes), so the providers' parsers are the same for all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import binascii
 import json
 import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -28,6 +31,7 @@ import httpx
 
 from advisor import fastjson
 from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
+from advisor.endpoints.http1 import HTTP1Error, HTTP1Pool, HTTP1Response
 from advisor.endpoints.retry import (
     AttemptFailed,
     RetryPolicy,
@@ -46,10 +50,12 @@ try:  # optional (`pip install 'advisor[proxy]'`): the cheaper client for a prox
 except ImportError:  # pragma: no cover - exercised where aiohttp is not installed
     aiohttp = None  # type: ignore[assignment]
 
-HTTPClient = Literal["httpx", "aiohttp"]
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,) + (
+HTTPClient = Literal["httpx", "aiohttp", "httptools"]
+CLIENTS: tuple[HTTPClient, ...] = ("httpx", "aiohttp", "httptools")
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, HTTP1Error) + (
     (aiohttp.ClientError,) if aiohttp is not None else ()
 )
+Reply = httpx.Response | HTTP1Response
 # aiohttp has already decoded the body these describe
 _DECODED = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
@@ -83,7 +89,7 @@ class Fold(Protocol):
     def reply(self) -> dict: ...
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+async def sse_events(response: Reply) -> AsyncIterator[tuple[str | None, str]]:
     """(event name, data) per server-sent event; comments and id/retry fields are skipped."""
     event: str | None = None
     data: list[str] = []
@@ -105,7 +111,7 @@ def one_line(text: str, limit: int = _MAX_REASON) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def error_reason(response: httpx.Response) -> str:
+def error_reason(response: Reply) -> str:
     """A short reason from a provider's error JSON (OpenAI, Anthropic, vLLM, FastAPI shapes), else the body."""
     try:
         data = response.json()
@@ -144,6 +150,25 @@ def aiohttp_available() -> bool:
     return aiohttp is not None
 
 
+def _env_proxy_for(url: str) -> bool:
+    """Whether the environment's proxy variables (HTTP_PROXY, ALL_PROXY, NO_PROXY, as httpx reads
+    them) send requests to `url` through a proxy."""
+    proxies = urllib.request.getproxies()
+    scheme, _, rest = url.partition("://")
+    if not (proxies.get(scheme.lower()) or proxies.get("all")):
+        return False
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    return not urllib.request.proxy_bypass(host.rsplit(":", 1)[0] if "]" not in host else host)
+
+
+def preferred_client(base_url: str) -> HTTPClient:
+    """The cheapest client that can reach `base_url`: httptools for plain http:// that no
+    environment proxy covers (local model servers), else aiohttp when installed, else httpx."""
+    if base_url.lower().startswith("http://") and not _env_proxy_for(base_url):
+        return "httptools"
+    return "aiohttp" if aiohttp is not None else "httpx"
+
+
 class _AiohttpBody(httpx.AsyncByteStream):
     """An aiohttp reply's body, read as it arrives, as the stream of an `httpx.Response`."""
 
@@ -171,7 +196,8 @@ class HTTPEndpoint(Endpoint):
 
     transport: an httpx transport (e.g. a mock); backoff_s / max_backoff_s / max_retry_after_s and
     sleep: the retry policy (`config.max_retries` sets the count); max_connections: the pool size;
-    http_client: "httpx" (default) or "aiohttp" (needs the aiohttp package; not with `transport`).
+    http_client: "httpx" (default), "aiohttp" (needs the aiohttp package) or "httptools" (plain
+    http:// base URLs only); neither of the last two with `transport`.
     """
 
     default_base_url: str | None = None
@@ -190,14 +216,14 @@ class HTTPEndpoint(Endpoint):
         http_client: HTTPClient = "httpx",
     ):
         super().__init__(name, config)
-        if http_client not in ("httpx", "aiohttp"):
-            raise EndpointError(name, f"http_client must be httpx or aiohttp, not {http_client!r}")
+        if http_client not in CLIENTS:
+            raise EndpointError(name, f"http_client must be httpx, aiohttp or httptools, not {http_client!r}")
         if http_client == "aiohttp" and aiohttp is None:
             raise EndpointError(
                 name, "http_client aiohttp needs the aiohttp package: pip install 'advisor[proxy]'"
             )
-        if http_client == "aiohttp" and transport is not None:
-            raise EndpointError(name, "an httpx transport cannot be used with http_client aiohttp")
+        if http_client != "httpx" and transport is not None:
+            raise EndpointError(name, f"an httpx transport cannot be used with http_client {http_client}")
         self.http_client: HTTPClient = http_client
         base = config.base_url or self.default_base_url
         if not base:
@@ -205,6 +231,12 @@ class HTTPEndpoint(Endpoint):
                 name, f"{config.provider} endpoint needs base_url (e.g. http://127.0.0.1:8000/v1)"
             )
         self.base_url = base.rstrip("/")
+        if http_client == "httptools" and not self.base_url.lower().startswith("http://"):
+            raise EndpointError(
+                name,
+                f"http_client httptools takes http:// base URLs only (TLS goes through aiohttp or httpx), "
+                f"not {self.base_url}",
+            )
         policy = RetryPolicy(config.max_retries, backoff_s, max_backoff_s, max_retry_after_s)
         if sleep is not None:
             policy.sleep = sleep
@@ -215,6 +247,8 @@ class HTTPEndpoint(Endpoint):
         self._session = None  # aiohttp.ClientSession, made in the loop that first uses it
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._proxy: tuple = (None, None)  # (proxy URL, its auth) from the environment, for aiohttp
+        self._h1: HTTP1Pool | None = None
+        self._h1_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.config.model!r}, base_url={self.base_url!r})"
@@ -263,7 +297,18 @@ class HTTPEndpoint(Endpoint):
                 self._proxy = (None, None)
         return self._session
 
+    def h1(self) -> HTTP1Pool:
+        """The http1 pool (http_client httptools), one per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._h1 is None or self._h1.closed or self._h1_loop is not loop:
+            self._h1 = HTTP1Pool(self.base_url, self._max_connections)
+            self._h1_loop = loop
+        return self._h1
+
     async def aclose(self) -> None:
+        if self._h1 is not None:
+            self._h1.close()
+            self._h1 = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -299,8 +344,16 @@ class HTTPEndpoint(Endpoint):
             return build()
         return await asyncio.to_thread(build)
 
-    async def _send(self, url: str, payload: bytes, headers: dict[str, str], stream: bool) -> httpx.Response:
+    async def _send(self, url: str, payload: bytes, headers: dict[str, str], stream: bool) -> Reply:
         """POST on the endpoint's client; a streamed response must be closed (`aclose`) by the caller."""
+        if self.http_client == "httptools":
+            reply = await self.h1().request("POST", url, headers, payload, self.config.timeout_s)
+            if not stream:
+                try:
+                    await reply.aread()
+                finally:
+                    await reply.aclose()
+            return reply
         if self.http_client == "aiohttp":
             session = self.session()
             proxy, proxy_auth = self._proxy
@@ -343,7 +396,7 @@ class HTTPEndpoint(Endpoint):
             if on_attempt is not None:
                 on_attempt(attempt)
 
-        async def fetch() -> tuple[httpx.Response, dict | None]:
+        async def fetch() -> tuple[Reply, dict | None]:
             if fold is None:
                 return await self._send(url, payload, headers, stream=False), None
             response = await self._send(url, payload, headers, stream=True)
@@ -457,10 +510,10 @@ class HTTPEndpoint(Endpoint):
             if on_attempt is not None:
                 on_attempt(attempt)
 
-        async def open_stream() -> tuple[httpx.Response, AsyncIterator, Fold, list[Delta], float]:
+        async def open_stream() -> tuple[Reply, AsyncIterator, Fold, list[Delta], float]:
             number = len(attempts) + 1
             t0 = time.perf_counter()
-            response: httpx.Response | None = None
+            response: Reply | None = None
             try:
                 async with asyncio.timeout(self.config.timeout_s):
                     response = await self._send(url, payload, headers, stream=True)

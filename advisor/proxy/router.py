@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
-from advisor.endpoints.http import aiohttp_available
+from advisor.endpoints.http import preferred_client
 from advisor.endpoints.stream import Delta, StreamEnd
 from advisor.escalation import ConsultOutcome, estimate_tokens
 from advisor.messages import Attempt, Message, ModelResponse, Usage, without_images
@@ -129,7 +129,8 @@ def upstream_options(config: ProxyConfig, endpoint: EndpointConfig) -> dict:
     if endpoint.provider in ("openai", "anthropic"):
         client = config.upstream_client
         if client == "auto":
-            client = "aiohttp" if aiohttp_available() else "httpx"
+            base = endpoint.base_url or ("https://" if endpoint.provider == "anthropic" else "")
+            client = preferred_client(base)
         options["http_client"] = client
     if endpoint.provider == "openai" and config.upstream_stream:
         options["stream"] = True

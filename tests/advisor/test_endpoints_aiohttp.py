@@ -1,4 +1,4 @@
-"""The HTTP endpoints give the same results on either client (httpx, aiohttp) against a real server."""
+"""The HTTP endpoints give the same results on every client (httpx, aiohttp, httptools) against a real server."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig, EndpointError
+from advisor.endpoints.http import preferred_client
+from advisor.endpoints.stream import StreamEnd
 from advisor.messages import Message
 from advisor.testing import Delay, HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
 
 pytest.importorskip("aiohttp")
-CLIENTS = ["httpx", "aiohttp"]
+CLIENTS = ["httpx", "aiohttp", "httptools"]
 
 
 async def _no_sleep(_s: float) -> None:
@@ -42,7 +44,7 @@ def _summary(resp) -> tuple:
 
 
 @pytest.mark.parametrize("provider, stream", [("openai", False), ("openai", True), ("anthropic", False)])
-async def test_a_reply_is_the_same_on_both_clients(provider, stream):
+async def test_a_reply_is_the_same_on_every_client(provider, stream):
     results = {}
     with ScriptedServer({"m": lambda body: _reply()}) as server:
         for client in CLIENTS:
@@ -53,9 +55,26 @@ async def test_a_reply_is_the_same_on_both_clients(provider, stream):
             finally:
                 await ep.aclose()
         bodies = [r.body for r in server.requests]
-    assert results["httpx"] == results["aiohttp"]
+    assert results["httpx"] == results["aiohttp"] == results["httptools"]
     assert results["aiohttp"][0] == "looking" and results["aiohttp"][2] == [("c1", "bash", {"cmd": "ls"})]
-    assert bodies[0] == bodies[1]  # the same request went out
+    assert bodies[0] == bodies[1] == bodies[2]  # the same request went out
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_stream_is_the_same_on_every_client(provider):
+    deltas = {}
+    with ScriptedServer({"m": lambda body: _reply()}) as server:
+        for client in CLIENTS:
+            ep = _endpoint(server, "m", client, provider)
+            try:
+                deltas[client] = [
+                    _summary(d.response) if isinstance(d, StreamEnd) else d
+                    async for d in ep.stream([Message.user("list the files")])
+                ]
+            finally:
+                await ep.aclose()
+    assert deltas["httpx"] == deltas["aiohttp"] == deltas["httptools"]
+    assert len(deltas["httptools"]) >= 3  # reasoning, text, the tool call, then the end
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -104,24 +123,42 @@ async def test_a_refused_connection_is_a_retried_connection_error(client):
     assert "connection error" in str(err.value) and "(after 2 attempts)" in str(err.value)
 
 
-async def test_the_api_key_goes_in_the_header_on_aiohttp(monkeypatch):
+@pytest.mark.parametrize("client", ["aiohttp", "httptools"])
+async def test_the_api_key_goes_in_the_header(client, monkeypatch):
     monkeypatch.setenv("SCRIPTED_KEY", "sk-test-123")
-    with ScriptedServer({"m": ["ok"]}) as server:
-        ep = _endpoint(server, "m", "aiohttp", api_key_env="SCRIPTED_KEY")
+    with ScriptedServer({"m": ["ok", HTTPError(401, "no such key")]}) as server:
+        ep = _endpoint(server, "m", client, api_key_env="SCRIPTED_KEY")
         await ep.complete([Message.user("x")])
+        with pytest.raises(EndpointError) as err:
+            await ep.complete([Message.user("x")])
         await ep.aclose()
         assert server.requests[0].auth_is("sk-test-123")
+    assert "HTTP 401" in str(err.value) and "sk-test-123" not in str(err.value)
 
 
 def test_bad_client_choices_are_one_line_errors():
     cfg = EndpointConfig(provider="openai", model="m", base_url="http://127.0.0.1:9/v1", free=True)
-    with pytest.raises(EndpointError, match="http_client must be httpx or aiohttp"):
+    with pytest.raises(EndpointError, match="http_client must be httpx, aiohttp or httptools"):
         make_endpoint("m", cfg, http_client="requests")
     with pytest.raises(EndpointError, match="cannot be used with http_client aiohttp"):
         make_endpoint("m", cfg, http_client="aiohttp", transport=httpx.MockTransport(lambda r: None))
+    tls = cfg.model_copy(update={"base_url": "https://api.example.com/v1"})
+    with pytest.raises(EndpointError, match="httptools takes http:// base URLs only"):
+        make_endpoint("m", tls, http_client="httptools")
 
 
-@pytest.mark.parametrize("client", CLIENTS)
+def test_the_preferred_client_is_httptools_where_it_can_reach(monkeypatch):
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert preferred_client("http://127.0.0.1:8000/v1") == "httptools"
+    assert preferred_client("https://api.openai.com/v1") == "aiohttp"  # TLS
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    assert preferred_client("http://10.0.0.5:8000/v1") == "aiohttp"  # through the proxy
+    monkeypatch.setenv("NO_PROXY", "10.0.0.5")
+    assert preferred_client("http://10.0.0.5:8000/v1") == "httptools"
+
+
+@pytest.mark.parametrize("client", ["httpx", "aiohttp"])
 async def test_a_proxy_from_the_environment_is_used(client, monkeypatch):
     with ScriptedServer({"m": ["via the proxy"]}) as server:
         monkeypatch.setenv("HTTP_PROXY", server.root_url)  # the scripted server answers as the proxy

@@ -589,14 +589,16 @@ def test_each_session_keeps_to_one_of_the_upstream_pools(upstream, tmp_path):
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("client", ["auto", "httpx"])
-def test_upstream_calls_go_out_on_aiohttp_unless_httpx_is_asked_for(upstream, tmp_path, client):
+@pytest.mark.parametrize("client", ["auto", "aiohttp", "httpx"])
+def test_upstream_calls_go_out_on_the_client_asked_for(upstream, tmp_path, client, monkeypatch):
     pytest.importorskip("aiohttp")
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     upstream.script("flash", lambda body: Reply(text="ok", usage=ScriptedUsage(321, 12)))
     cfg = make_config(upstream, tmp_path, upstream_client=client, upstream_stream=True)
     router = Router(cfg)
     assert {e.http_client for e in router.executor.pool + router.frontier.pool} == (
-        {"aiohttp"} if client == "auto" else {"httpx"}
+        {"httptools"} if client == "auto" else {client}  # auto: the upstreams are plain http://
     )
     assert all(e.streams for e in router.executor.pool)  # the OpenAI upstream streams, as asked
     with ProxyServer(router) as proxy:
