@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import os
 import time
 import urllib.request
@@ -140,6 +139,17 @@ def decode_image(data: str, media_type: str, where: str) -> ImagePart:
     except (binascii.Error, ValueError):
         raise ValueError(f"{where}: the image's base64 data is invalid") from None
     return ImagePart(raw, media_type or "image/png")
+
+
+def _small_text(messages: list[Message]) -> bool:
+    """Only text, under _INLINE_CHARS of it."""
+    chars = 0
+    for m in messages:
+        for p in m.content:
+            if not isinstance(p, TextPart):
+                return False
+            chars += len(p.text)
+    return chars < _INLINE_CHARS
 
 
 def json_text(value) -> str:
@@ -329,18 +339,14 @@ class HTTPEndpoint(Endpoint):
 
         def build() -> tuple[dict, bytes]:
             body = self.build_body(request, stream)
-            try:  # json, not fastjson: a NaN here must be refused, not sent as null
-                data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            try:  # a NaN here must be refused, not sent as null
+                data = fastjson.dumps_finite(body)
             except (TypeError, ValueError) as e:
                 raise EndpointError(self.name, one_line(f"request body is not valid JSON: {e}")) from None
-            return body, data.encode()
+            return body, data
 
         # a small text-only body encodes in microseconds: a thread hop would cost more than it saves
-        if (
-            not any(m.images for m in request.messages)
-            and sum(len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart))
-            < _INLINE_CHARS
-        ):
+        if _small_text(request.messages):
             return build()
         return await asyncio.to_thread(build)
 

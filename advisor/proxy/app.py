@@ -12,6 +12,11 @@ format with a one-line message.
 A streamed request is streamed through: its headers go out with the upstream's first delta (so the
 cost header is the session's cost before this call, whose usage ends the stream), each delta is
 forwarded as it arrives, and a failure before the first delta is an HTTP error like any other.
+
+The two chat routes are plain ASGI handlers that the app calls before starlette's routing (a table
+of their paths; starlette's middleware, routing and Response objects cost more CPU per request than
+the proxy's own work): they read the body and one header from the scope, and send each reply as one
+head and one body message. Everything else, and a wrong method on a chat path, goes through starlette.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from advisor import fastjson
 from advisor.endpoints.stream import StreamEnd
@@ -39,6 +45,9 @@ from advisor.proxy.sessions import Session
 from advisor.proxy.wire import ANTHROPIC, OPENAI, Events, Wire
 
 SESSION_HEADER = "x-advisor-session"
+_SESSION_HEADER = SESSION_HEADER.encode()
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 log = logging.getLogger("advisor.proxy")
 _BIG_BODY = 256 * 1024  # bodies above this (images, long contexts) are decoded off the event loop
 
@@ -62,12 +71,14 @@ class ProxyApp:
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.config.models)
 
-    def app(self) -> Starlette:
+    def app(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         routes = []
+        hot: dict[str, _Chat] = {}
         for prefix in ("/v1", ""):
+            for path, wire in ((f"{prefix}/chat/completions", OPENAI), (f"{prefix}/messages", ANTHROPIC)):
+                hot[path] = _Chat(self, wire)
+                routes.append(Route(path, hot[path], methods=["POST"]))
             routes += [
-                Route(f"{prefix}/chat/completions", self.chat_completions, methods=["POST"]),
-                Route(f"{prefix}/messages", self.messages, methods=["POST"]),
                 Route(f"{prefix}/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route(f"{prefix}/models", self.models, methods=["GET"]),
             ]
@@ -78,28 +89,36 @@ class ProxyApp:
             yield
             await self.router.aclose()
 
-        return Starlette(routes=routes, lifespan=lifespan)
+        routed = Starlette(routes=routes, lifespan=lifespan)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["method"] == "POST":
+                chat = hot.get(scope["path"])
+                if chat is not None:
+                    return await chat(scope, receive, send)
+            await routed(scope, receive, send)
+
+        return app
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def _headers(session: Session | None, routed: Routed | RoutedStream | None = None) -> dict[str, str]:
-        h: dict[str, str] = {}
+    def _headers(
+        session: Session | None, routed: Routed | RoutedStream | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        h: list[tuple[bytes, bytes]] = []
         if session is not None:
-            h[SESSION_HEADER] = session.id
-            h["x-advisor-cost-usd"] = f"{session.ledger.total_usd:.8f}"
+            h.append((_SESSION_HEADER, session.id.encode("latin-1")))
+            h.append((b"x-advisor-cost-usd", b"%.8f" % session.ledger.total_usd))
         if routed is not None:
-            h["x-advisor-role"] = routed.role
-            h["x-advisor-model"] = routed.model
+            h.append((b"x-advisor-role", routed.role.encode("latin-1")))
+            h.append((b"x-advisor-model", routed.model.encode("latin-1")))
             if routed.consult is not None:
-                h["x-advisor-consult"] = f"{routed.consult.trigger}={routed.consult.kind}"
+                consult = f"{routed.consult.trigger}={routed.consult.kind}"
+                h.append((b"x-advisor-consult", consult.encode("latin-1")))
         return h
 
     @staticmethod
-    def _error(wire: Wire, status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(wire.error(status, kind, message), status_code=status, headers=headers)
-
-    async def _body(self, request: Request) -> Any:
-        raw = await request.body()
+    async def _json(raw: bytes) -> Any:
         if not raw:
             raise ValueError("the request body is empty; send a JSON object")
         try:
@@ -109,21 +128,17 @@ class ProxyApp:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON ({getattr(e, 'msg', e)})") from None
 
-    # -- routes ------------------------------------------------------------------------------
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._chat(request, OPENAI)
+    async def _body(self, request: Request) -> Any:
+        return await self._json(await request.body())
 
-    async def messages(self, request: Request) -> Response:
-        return await self._chat(request, ANTHROPIC)
-
-    async def _chat(self, request: Request, wire: Wire) -> Response:
+    async def chat(self, raw: bytes, session_id: str | None, wire: Wire) -> _Reply | _Stream:
+        """One chat request: its body and session header in, the reply (or stream) to send out."""
         try:
-            body = await self._body(request)
-            parsed = wire.parse(body)
+            parsed = wire.parse(await self._json(raw))
         except ValueError as e:
-            return self._error(wire, 400, "invalid_request_error", f"advisor proxy: {e}")
+            return _Reply.error(wire, 400, "invalid_request_error", f"advisor proxy: {e}")
         if not self.serves(parsed.model):
-            return self._error(
+            return _Reply.error(
                 wire,
                 404,
                 "not_found_error",
@@ -131,18 +146,18 @@ class ProxyApp:
             )
         route = self.router.stream if parsed.stream else self.router.handle
         try:
-            routed = await route(parsed.chat, request.headers.get(SESSION_HEADER))
+            routed = await route(parsed.chat, session_id)
         except ProxyError as e:
-            return self._error(wire, e.status, e.kind, e.message, self._headers(e.session))
+            return _Reply.error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
             log.exception("advisor proxy: request failed")
-            return self._error(wire, 500, "api_error", _internal(e))
+            return _Reply.error(wire, 500, "api_error", _internal(e))
         headers = self._headers(routed.session, routed)
         if isinstance(routed, Routed):
-            return JSONResponse(wire.reply(routed.response, parsed.model), headers=headers)
-        events = wire.events(parsed.model, parsed.include_usage)
-        return _Relay(routed, _relay(routed, events), {**headers, "cache-control": "no-cache"})
+            return _Reply(200, headers, fastjson.dumps(wire.reply(routed.response, parsed.model)))
+        return _Stream(routed, wire.events(parsed.model, parsed.include_usage), headers)
 
+    # -- the other routes --------------------------------------------------------------------
     async def count_tokens(self, request: Request) -> Response:
         try:
             parsed = ANTHROPIC.parse({"max_tokens": 1, **(await self._body(request))})
@@ -203,20 +218,100 @@ async def _relay(routed: RoutedStream, events: Events) -> AsyncIterator[str]:
         yield "".join(events.fail("api_error", _internal(e)))
 
 
-class _Relay(StreamingResponse):
-    """A relayed stream that closes its upstream however the response ends: done, failed, or the
-    client gone (starlette cancels the body then; the upstream request is closed with it)."""
+class _Reply:
+    """A whole reply: status, the advisor headers, a JSON body."""
 
-    def __init__(self, routed: RoutedStream, body: AsyncIterator[str], headers: dict[str, str]):
-        super().__init__(body, media_type="text/event-stream", headers=headers)
-        self.routed = routed
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
 
-    async def __call__(self, scope, receive, send) -> None:
+    @classmethod
+    def error(cls, wire: Wire, status: int, kind: str, message: str, headers: list | None = None) -> _Reply:
+        return cls(status, headers or [], fastjson.dumps(wire.error(status, kind, message)))
+
+    async def send(self, send: Send) -> None:
+        length = [(b"content-length", b"%d" % len(self.body))]
+        await send(
+            {"type": "http.response.start", "status": self.status, "headers": _JSON + length + self.headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class _Stream:
+    """A relayed stream, sent as its deltas arrive; its upstream is closed however it ends: done,
+    failed, or the client gone (a task watching for the disconnect cancels the relay then)."""
+
+    def __init__(self, routed: RoutedStream, events: Events, headers: list[tuple[bytes, bytes]]):
+        self.routed, self.events, self.headers = routed, events, headers
+
+    async def send(self, send: Send, receive: Receive) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        live = True
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if live:  # the client left mid-stream (after the end, a disconnect is only the end)
+                gone = True
+                relay.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE + self.headers})
+            async with contextlib.aclosing(_relay(self.routed, self.events)) as chunks:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            live = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            relay.uncancel()  # the client left: nothing to send, the upstream is closed below
         finally:
+            live = False
+            watcher.cancel()
             await self.routed.aclose()
 
 
-def build_app(router: Router) -> Starlette:
+class _Chat:
+    """The ASGI handler of one chat route (OpenAI or Anthropic wire)."""
+
+    def __init__(self, app: ProxyApp, wire: Wire):
+        self.app, self.wire = app, wire
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        raw = message.get("body", b"")
+        if message.get("more_body"):
+            chunks = [raw]
+            while message.get("more_body"):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left before its request was whole
+                chunks.append(message.get("body", b""))
+            raw = b"".join(chunks)
+        session_id = None
+        for name, value in scope["headers"]:
+            if name == _SESSION_HEADER:
+                session_id = value.decode("latin-1")
+                break
+        try:
+            reply = await self.app.chat(raw, session_id, self.wire)
+        except Exception as e:  # a bug of ours: the harness still gets its format and one line
+            log.exception("advisor proxy: request failed")
+            reply = _Reply.error(self.wire, 500, "api_error", _internal(e))
+        if isinstance(reply, _Stream):
+            await reply.send(send, receive)
+        else:
+            await reply.send(send)
+
+
+# uvicorn's settings for the proxy: no access log, and no X-Forwarded-* middleware around every
+# request (the proxy reads no client address)
+UVICORN_OPTIONS: dict[str, Any] = {"log_level": "warning", "access_log": False, "proxy_headers": False}
+
+
+def build_app(router: Router) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     return ProxyApp(router).app()

@@ -12,7 +12,9 @@ show what the harness took from the same cores).
 
 Then an open-loop run offers `--rate` requests per second (default 500) over 40 sessions, each
 request due at a fixed time and its latency counted from then: the proxy sustains the rate when it
-answers them all at that rate with a bounded p99.
+answers them all at that rate with a bounded p99. Each row says how busy each process was (CPU
+seconds per wall second, of one core) and which one was CPU-bound, if any: a rate the proxy misses
+while it is not CPU-bound was lost to the machine (the load average is printed before and after).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from advisor.endpoints.http import preferred_client
+
 _CLK = os.sysconf("SC_CLK_TCK")
+_BOUND = 0.9  # a process busy this much of one core is CPU-bound (each is single-threaded at heart)
 
 
 def _free_port() -> int:
@@ -119,6 +124,22 @@ def _proxy_config(tmp: Path, up_port: int) -> Path:
     return config
 
 
+def _busy(result: dict) -> dict[str, float]:
+    """Each process's CPU seconds per wall second of a run (1.0: one core, all the time)."""
+    return {name: cpu / result["wall_s"] for name, cpu in result["cpu"].items()}
+
+
+def _bound(busy: dict[str, float]) -> str:
+    name, most = max(busy.items(), key=lambda kv: kv[1])
+    if most >= _BOUND:
+        return f"{name} CPU-bound"
+    return f"none CPU-bound (busiest: {name})"
+
+
+def _busy_cell(busy: dict[str, float]) -> str:
+    return " / ".join(f"{100 * busy[k]:.0f}%" for k in ("proxy", "upstream", "client"))
+
+
 def _server_stack() -> str:
     """What uvicorn's "auto" settings pick in this environment (as `advisor proxy` runs them)."""
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
@@ -127,6 +148,7 @@ def _server_stack() -> str:
 
 
 def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> int:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         up_port, px_port = _free_port(), _free_port()
         up = subprocess.Popen([sys.executable, "-m", "advisor.proxy.bench_upstream", str(up_port)])
@@ -138,6 +160,7 @@ def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> in
             stderr=subprocess.DEVNULL,
         )
         watch = {"proxy": px.pid, "upstream": up.pid}
+        client = preferred_client(f"http://127.0.0.1:{up_port}/v1")  # what upstream_client auto picks
         direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         proxy_url = f"http://127.0.0.1:{px_port}/v1/chat/completions"
         try:
@@ -145,9 +168,10 @@ def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> in
             _wait(px_port, "/health", px)
             print(
                 "| sessions | stream | requests | direct p50 / p99 ms | proxied p50 / p99 ms | added p50 / p99 ms "
-                "| proxied req/s | CPU ms/req proxy / upstream / client | failed direct / proxied |"
+                "| proxied req/s | CPU ms/req proxy / upstream / client | busy proxy / upstream / client "
+                "| failed direct / proxied |"
             )
-            print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
+            print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for conc in (1, 40):
                 for stream in (False, True):
                     n = requests if conc > 1 else requests // 4
@@ -163,32 +187,35 @@ def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> in
                         f"| {d50:.2f} / {d99:.2f} | {p50:.2f} / {p99:.2f} | {p50 - d50:.2f} / {p99 - d99:.2f} "
                         f"| {len(proxied['latencies_ms']) / proxied['wall_s']:.0f} "
                         f"| {per['proxy']:.3f} / {per['upstream']:.3f} / {per['client']:.3f} "
-                        f"| {direct['failed']} / {proxied['failed']} |"
+                        f"| {_busy_cell(_busy(proxied))} | {direct['failed']} / {proxied['failed']} |"
                     )
             print()
             print(
                 "| open loop, 40 sessions | stream | offered req/s | answered req/s | latency p50 / p99 ms "
-                "| proxy CPU ms/req | proxy busy (of one core) | failed |"
+                "| CPU ms/req proxy / upstream / client | busy proxy / upstream / client | CPU-bound | failed |"
             )
-            print("|---|:---:|---:|---:|---:|---:|---:|---:|")
+            print("|---|:---:|---:|---:|---:|---:|---:|---|---:|")
             for stream in (False, True):
                 n = int(rate * seconds) // 40 * 40
                 spec = {"sessions": 40, "requests": n, "stream": stream, "rate": rate, "warm": 5}
                 res = load({**spec, "url": proxy_url, "model": "advisor"}, watch)
                 ok = len(res["latencies_ms"])
+                per = {k: v * 1000 / max(1, ok + res["failed"]) for k, v in res["cpu"].items()}
+                busy = _busy(res)
                 print(
                     f"| proxied | {'yes' if stream else 'no'} | {rate:.0f} | {ok / res['wall_s']:.0f} "
                     f"| {_pct(res['latencies_ms'], 0.5):.2f} / {_pct(res['latencies_ms'], 0.99):.2f} "
-                    f"| {res['cpu']['proxy'] * 1000 / max(1, ok + res['failed']):.3f} "
-                    f"| {100 * res['cpu']['proxy'] / res['wall_s']:.0f}% | {res['failed']} |"
+                    f"| {per['proxy']:.3f} / {per['upstream']:.3f} / {per['client']:.3f} "
+                    f"| {_busy_cell(busy)} | {_bound(busy)} | {res['failed']} |"
                 )
         finally:
             for proc in (px, up):
                 proc.terminate()
                 proc.wait(timeout=30)
-    load_avg = os.getloadavg()[0]
+    load_after = os.getloadavg()[0]
     print(
-        f"(cores: {os.cpu_count()}, load average {load_avg:.1f}; proxy on {_server_stack()}; the client, the proxy "
-        "and the upstream are separate processes sharing the cores)"
+        f"(cores: {os.cpu_count()}, load average {load_before:.1f} before, {load_after:.1f} after; proxy on "
+        f"{_server_stack()}, upstream calls on {client}; the client, the proxy and the upstream are separate processes sharing the "
+        f"cores; busy: CPU seconds per wall second, of one core; CPU-bound: busy {100 * _BOUND:.0f}% or more)"
     )
     return 0

@@ -19,7 +19,7 @@ import contextlib
 import json
 import zlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
@@ -121,6 +121,14 @@ def _digest(messages: list[Message]) -> str:
             r = results.get(c.id)
             lines.append(f"{c.name}({args[:300]}) -> {r.text[:300] if r else '(no result)'}")
     return "\n".join(lines[-_DIGEST_ENTRIES:])
+
+
+def _with(request: ChatRequest, **changes) -> ChatRequest:
+    """dataclasses.replace(request, **changes), without its look-up of the fields at every call (a
+    hot spot of a proxied request)."""
+    new = object.__new__(ChatRequest)
+    new.__dict__.update(request.__dict__, **changes)
+    return new
 
 
 def upstream_options(config: ProxyConfig, endpoint: EndpointConfig) -> dict:
@@ -272,7 +280,7 @@ class Router:
         assert acting is not None
         self._check_budget(s)
         # the client's own fields (tools, caps, sampling) pass through; the role's effort is the proxy's
-        upstream = replace(request, messages=with_inserts(messages, s.inserts), effort=acting.effort)
+        upstream = _with(request, messages=with_inserts(messages, s.inserts), effort=acting.effort)
         return acting, "takeover" if by_frontier else "step", upstream, consult
 
     def _check_budget(self, s: Session) -> None:
@@ -313,7 +321,7 @@ class Router:
         then its StreamEnd. The call goes in the ledger and journal however it ends: done, failed
         (ProxyError; mid-stream, with the usage of what was streamed) or cancelled (the client left)."""
         if not slot.endpoint.config.vision:
-            request = replace(request, messages=without_images(request.messages))
+            request = _with(request, messages=without_images(request.messages))
         cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
         estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
         attempts: list[Attempt] = []

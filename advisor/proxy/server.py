@@ -13,7 +13,7 @@ import time
 
 import uvicorn
 
-from advisor.proxy.app import build_app
+from advisor.proxy.app import UVICORN_OPTIONS, build_app
 from advisor.proxy.router import Router
 
 
@@ -37,9 +37,7 @@ class ProxyServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            build_app(self.router), log_level="warning", access_log=False, timeout_graceful_shutdown=2
-        )
+        config = uvicorn.Config(build_app(self.router), timeout_graceful_shutdown=2, **UVICORN_OPTIONS)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="advisor-proxy", daemon=True

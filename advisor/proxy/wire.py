@@ -11,8 +11,8 @@ complete reply as deltas (`advisor.endpoints.stream.deltas_of`), which go throug
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,11 @@ def _model(body: dict) -> str:
     if not isinstance(model, str) or not model:
         raise ValueError("model: required (a model name this proxy serves)")
     return model
+
+
+def _rid() -> str:
+    """24 random hex digits for a reply's id (as uuid4().hex[:24], without building a UUID)."""
+    return os.urandom(12).hex()
 
 
 def _sse(data: Any, event: str | None = None) -> str:
@@ -214,7 +219,7 @@ class OpenAIWire(Wire):
 
     def reply(self, resp: ModelResponse, model: str) -> dict:
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": f"chatcmpl-{_rid()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -240,7 +245,7 @@ class OpenAIEvents(Events):
     def __init__(self, wire: OpenAIWire, model: str, include_usage: bool):
         self.wire, self.include_usage = wire, include_usage
         self.base = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": f"chatcmpl-{_rid()}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
@@ -339,7 +344,7 @@ class AnthropicWire(Wire):
 
     def reply(self, resp: ModelResponse, model: str) -> dict:
         return {
-            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "id": f"msg_{_rid()}",
             "type": "message",
             "role": "assistant",
             "model": model,
@@ -372,7 +377,7 @@ class AnthropicEvents(Events):
 
     def start(self) -> list[str]:
         message = {
-            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "id": f"msg_{_rid()}",
             "type": "message",
             "role": "assistant",
             "model": self.model,

@@ -53,3 +53,13 @@ def test_unknown_types_go_to_default_as_in_json(backend):
         fastjson.dumps({"p": Point(1)})
     with pytest.raises(TypeError):
         fastjson.dumps({"s": {1, 2}})
+
+
+def test_dumps_finite_refuses_nan_and_infinity_wherever_they_are(backend):
+    assert fastjson.dumps_finite(DOC) == json.dumps(DOC, ensure_ascii=False, separators=(",", ":")).encode()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        doc = {"content": None, "tools": [{"schema": {"minimum": (1, bad)}}]}
+        with pytest.raises(ValueError, match="Out of range float"):
+            fastjson.dumps_finite(doc)
+    with pytest.raises(TypeError):
+        fastjson.dumps_finite({"p": Point(1)})  # no default here: json's TypeError

@@ -11,6 +11,7 @@ import pytest
 from advisor.messages import Usage
 from advisor.proxy.router import Router
 from advisor.proxy.server import ProxyServer
+from advisor.proxy.wire import OPENAI
 from advisor.testing import Delay, HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
 from tests.advisor.proxy_helpers import EXEC_PRICE, FRONTIER_PRICE, fast_router, make_config, proxy_for
 
@@ -471,6 +472,35 @@ def test_bad_input_answers_one_line_errors_in_the_clients_format(upstream, tmp_p
         models = httpx.get(f"{proxy.base_url}/models").json()
         assert [m["id"] for m in models["data"]] == ["advisor"]
     assert upstream.requests == []
+
+
+def test_chat_routes_take_bodies_in_pieces_refuse_other_methods_and_report_their_own_bugs(
+    upstream, tmp_path, monkeypatch
+):
+    upstream.script("flash", lambda body: "fine")
+    cfg = make_config(upstream, tmp_path)
+    body = json.dumps(oa([{"role": "user", "content": "x" * 300_000}])).encode()
+
+    def pieces():  # a chunked upload: the app reads it as several ASGI messages
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    with proxy_for(cfg) as proxy:
+        url = f"{proxy.base_url}/chat/completions"
+        r = httpx.post(url, content=pieces(), headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+        assert (
+            httpx.get(url).status_code == 405
+            and httpx.get(f"{proxy.root_url}/v1/messages").status_code == 405
+        )
+
+        def broken(*_a, **_k):
+            raise RuntimeError("a bug in the reply")
+
+        monkeypatch.setattr(type(OPENAI), "reply", broken)
+        r = httpx.post(url, json=oa([{"role": "user", "content": "x"}]))
+    assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
+    assert r.json()["error"]["message"] == "advisor proxy: internal error: RuntimeError: a bug in the reply"
 
 
 def test_upstream_429_and_5xx_are_retried_then_reported(upstream, tmp_path):
