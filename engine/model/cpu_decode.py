@@ -25,12 +25,15 @@ These ops collapse each cluster into one call:
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights (or
   the same in 16 x 16 tiles, `engine.model.moe.block16`, one sequential stream) read once, in place, for all
-  of its tokens (experts split across ATen's threads; register tiles of four
-  tokens when an expert has several). Measured on a 2-core AVX2 CPU (E=64, top-8, H=512, I=128, weights
-  not in cache, one run), routed experts per layer against `engine.model.moe.experts_torch`: 0.34 ms for one
-  token, 1.6 against 4.9 ms for four, 3.7 against 6.5 for sixteen, 7.4 against 8.8-9.7 for 64, 21 against
-  28 for 256, 39 against 43 for 512 (64 pairs per expert), 88 against 56 for 1024. So it runs while there
-  are at most 32 pairs per expert: decode, and prefills of a few hundred tokens;
+  of its tokens (tasks of at most 64 rows split across ATen's threads; each token's pairs then summed in
+  expert order, tokens split across threads). Where the CPU has AVX2 + FMA (`experts_kernel()` "avx2") the
+  GEMMs are register tiles of 6 tokens x 16 columns held over the whole K; elsewhere (or after
+  `set_qkernels(1)`) generic tiles of 4 tokens. Measured on the 2-core AVX2 CPU here (E=64, top-8, H=512,
+  I=128, one thread, thread CPU time, the machine loaded), routed experts per layer, AVX2 / generic /
+  `engine.model.moe.experts_torch` on the blocked weights: 0.86 / 1.2 / 4.4 ms for one token, 6.4 / 11 / 30
+  for sixteen, 9.4 / 35 / 46 for 64, 29 / 133 / 74 for 256, 56 / 264 / 107 for 512 (64 pairs per expert),
+  108 / 543 / 177 for 1024. So with the AVX2 kernel it runs at any size (decode and prefill chunks); with
+  the generic one while there are at most 32 pairs per expert;
 - `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
 - `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
   (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead.
@@ -75,7 +78,7 @@ _state: dict[str, object] = {}
 
 def ops():
     """The compiled module (`rms_norm`, `decode_attention`, `paged_attention`, `route`, `decode_experts`,
-    `decode_moe`, `panel_linear`, ...), or None."""
+    `decode_moe`, `panel_linear`, `experts_kernel`, ...), or None."""
     if "ops" in _state:
         return _state["ops"]
     with _lock:
@@ -200,6 +203,10 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def experts_fit(n_pairs: int, gate_up_t: torch.Tensor, down_t: torch.Tensor) -> bool:
-    """Whether the routed experts of a call go through `decode_experts`: at most 32 (token, expert) pairs
-    per expert (beyond that MKL's GEMMs catch up), K-major or blocked weights laid out contiguously."""
-    return n_pairs <= 32 * gate_up_t.shape[0] and gate_up_t.is_contiguous() and down_t.is_contiguous()
+    """Whether the routed experts of a call go through `decode_experts`: K-major or blocked weights laid out
+    contiguously, and any number of (token, expert) pairs with the AVX2 kernel (`experts_kernel()`), at most 32
+    per expert with the generic loops (beyond that MKL's GEMMs catch up)."""
+    if not (gate_up_t.is_contiguous() and down_t.is_contiguous()):
+        return False
+    m = ops()
+    return n_pairs <= 32 * gate_up_t.shape[0] or (m is not None and m.experts_kernel() == "avx2")

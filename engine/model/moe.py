@@ -1,8 +1,9 @@
 """Step MoE block: fp32 sigmoid router with a selection-only bias, renormalised top-k, routed scaling,
 clamped-SwiGLU experts and an always-on shared expert.
 
-The routed experts run through the Triton fused-MoE kernel on CUDA (engine.kernels.fused_moe) and through
-`experts_torch` elsewhere; both take the same (weights, ids) produced by `route`.
+The routed experts run through the Triton fused-MoE kernel on CUDA (engine.kernels.fused_moe), through the
+compiled CPU op (`cpu_decode.decode_moe`) where `cpu_decode.experts_fit` holds, and through `experts_torch`
+elsewhere; all take the same (weights, ids) produced by `route`.
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ class MoE(nn.Module):
                 and cpu_decode.experts_fit(x.shape[0] * self.top_k, self.gate_up, self.down)
                 and isinstance(self.shared.gate_up.layout, KMajor)
                 and isinstance(self.shared.down.layout, KMajor)
-            ):  # decode at small batches on the CPU: router, routed and shared experts in one call
+            ):  # CPU: router, routed and shared experts in one call (at any size with its AVX2 kernel)
                 sh = self.shared
                 out = ops.decode_moe(
                     x.contiguous(),

@@ -35,12 +35,27 @@ def test_rms_norm_matches_the_pytorch_norm(residual, monkeypatch):
         _close(a, b)
 
 
+@pytest.fixture(params=["best", "generic"])
+def expert_kernels(request):
+    """Which fp32 expert kernels run; the CPU's best must be the AVX2 ones where the CPU has AVX2."""
+    mode = 0 if request.param == "best" else 1
+    ops.set_qkernels(mode)
+    name = ops.experts_kernel()
+    if mode == 1:
+        assert name == "generic"
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert name == "avx2"
+    yield name
+    ops.set_qkernels(0)
+
+
 @needs_ops
-# 16 x 4 pairs on 16 experts: experts shared by tokens (register tiles of 1-4 tokens); 40 x 4: ten per
-# expert; hidden 40: no 16-wide tiles, the row-at-a-time loop.
-@pytest.mark.parametrize(("tokens", "H"), [(1, 48), (2, 48), (16, 48), (40, 48), (16, 40)])
+# 16 x 4 pairs on 16 experts: experts shared by tokens (register tiles of 1-6 tokens); 40 x 4: ten per
+# expert; 300 x 4: 75 per expert, so experts and the shared expert split into tasks of 64 rows; hidden 40:
+# no 16-wide tiles, the row-at-a-time loop.
+@pytest.mark.parametrize(("tokens", "H"), [(1, 48), (2, 48), (16, 48), (40, 48), (300, 48), (16, 40)])
 @pytest.mark.parametrize("limit", [0.0, 0.5])
-def test_experts_match_the_pytorch_experts(tokens, H, limit):
+def test_experts_match_the_pytorch_experts(tokens, H, limit, expert_kernels):
     g = torch.Generator().manual_seed(tokens)
     E, inter, k, shared = 16, 24, 4, 20
     gu, dn = torch.randn(E, H, 2 * inter, generator=g), torch.randn(E, inter, H, generator=g)
@@ -57,8 +72,8 @@ def test_experts_match_the_pytorch_experts(tokens, H, limit):
 
 
 @needs_ops
-@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
-def test_blocked_experts_match_the_k_major_ones(tokens):
+@pytest.mark.parametrize("tokens", [1, 3, 7, 16, 40, 200])
+def test_blocked_experts_match_the_k_major_ones(tokens, expert_kernels):
     g = torch.Generator().manual_seed(tokens)
     E, H, inter, k, shared = 8, 48, 32, 2, 20
     gu, dn = (
@@ -108,7 +123,7 @@ def _moe() -> MoE:
 
 
 @needs_ops
-def test_the_moe_block_takes_the_ops_for_a_few_tokens_only(monkeypatch):
+def test_the_moe_block_takes_the_ops_where_their_kernel_is_fast(monkeypatch, expert_kernels):
     m = _moe()
     assert m.layout == "blocked"  # hidden 32, experts 16 wide: the 16 x 16 tiles
     calls = []
@@ -116,22 +131,21 @@ def test_the_moe_block_takes_the_ops_for_a_few_tokens_only(monkeypatch):
     class Counting:
         def __getattr__(self, name):
             fn = getattr(ops, name)
-            return lambda *a: calls.append((name, a[0].shape[0])) or fn(*a)
+            return lambda *a: (calls.append((name, a[0].shape[0])) if a else None) or fn(*a)
 
     monkeypatch.setitem(cpu_decode._state, "ops", Counting())
     x = torch.randn(130, 32)
     with torch.inference_mode():
-        one, four, many = (
-            m(x[:1]),
-            m(x[:4]),
-            m(x),
-        )  # 2 and 8 pairs on 8 experts: the ops; 260 > 32 x 8: PyTorch
-    assert calls == [("decode_moe", 1), ("decode_moe", 4)]
+        one, four, many = m(x[:1]), m(x[:4]), m(x)
+    # 2 and 8 pairs on 8 experts: the ops; 260 > 32 x 8: the ops with the AVX2 kernel only, else PyTorch
+    assert calls == [("decode_moe", 1), ("decode_moe", 4)] + (
+        [("decode_moe", 130)] if expert_kernels == "avx2" else []
+    )
     monkeypatch.setitem(cpu_decode._state, "ops", None)
     with torch.inference_mode():
         _close(m(x[:1]), one)
         _close(m(x[:4]), four)
-        _close(m(x)[:1], many[:1])
+        _close(m(x), many)
 
 
 def _decode_logits(llm, prompts, steps):
@@ -193,8 +207,15 @@ def test_only_fp32_cpu_tensors_outside_autograd():
     assert not cpu_decode.usable(torch.zeros(1, 8, requires_grad=True), w)
     assert not cpu_decode.usable(torch.zeros(1, 8, dtype=torch.bfloat16), w)
     d = torch.zeros(4, 8, 8)
-    assert cpu_decode.experts_fit(128, w, d) and not cpu_decode.experts_fit(129, w, d)  # 32 pairs per expert
+    assert cpu_decode.experts_fit(128, w, d)
     assert not cpu_decode.experts_fit(2, w, d.transpose(1, 2))  # down not K-major contiguous
+
+
+@needs_ops
+def test_the_generic_expert_loops_take_32_pairs_per_expert_at_most(expert_kernels):
+    w, d = torch.zeros(4, 8, 16), torch.zeros(4, 8, 8)
+    assert cpu_decode.experts_fit(128, w, d)
+    assert cpu_decode.experts_fit(129, w, d) == (expert_kernels == "avx2")
 
 
 def test_they_can_be_turned_off(monkeypatch):

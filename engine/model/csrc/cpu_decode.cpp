@@ -191,6 +191,104 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
   }
 }
 
+// Which kernels run: 0 the best this CPU has, 1 the generic loops (`set_qkernels`, for the tests to hold both
+// against the same reference): the 4-bit formats' and the fp32 experts'.
+std::atomic<int> g_qkernel_mode{0};
+
+#if ADVISOR_X86_KERNELS
+#define ADVISOR_AVX2 __attribute__((target("avx2,fma")))
+
+bool use_avx2_f32() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2 && g_qkernel_mode.load(std::memory_order_relaxed) == 0;
+}
+
+// ---- AVX2 + FMA kernel of the fp32 expert GEMMs (gate_up, then down), the generic register tiles' replacement
+// where the CPU has them. The generic tiles are f32x16 arrays, which GCC keeps in memory on a 256-bit CPU (every
+// accumulator through the stack at each k); and they stop at 16 weight rows, storing the accumulators between
+// blocks. This one keeps a tile of up to 6 rows x 16 columns (12 ymm accumulators) in registers over the whole
+// K, each k's 16 weights loaded once for the 6 rows, the next 16-row block of the panel read ahead; for 1-3
+// rows, 2-4 accumulator sets over alternating k (otherwise one row waits out the FMA latency at every k). The
+// panel (K x 16 weights: 32 KiB at K = 512) then serves every tile of rows from the L1/L2 cache.
+template <int R, int U>
+ADVISOR_AVX2 ADVISOR_INLINE void f32tile_avx2(const float* const* a, const float* w, int64_t K, int64_t row_stride,
+                                              int64_t block_stride, float* const* out) {
+  __m256 lo[U][R], hi[U][R];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r) lo[u][r] = hi[u][r] = _mm256_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 16 <= K; k0 += 16) {
+    const float* t = w + (k0 / 16) * block_stride;
+    for (int kk = 0; kk < 16; kk += U) {
+      if (k0 + 16 < K) _mm_prefetch(reinterpret_cast<const char*>(t + block_stride + kk * row_stride), _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const float* wr = t + (kk + u) * row_stride;
+        const __m256 w0 = _mm256_loadu_ps(wr), w1 = _mm256_loadu_ps(wr + 8);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xb = _mm256_broadcast_ss(a[r] + k0 + kk + u);
+          lo[u][r] = _mm256_fmadd_ps(xb, w0, lo[u][r]);
+          hi[u][r] = _mm256_fmadd_ps(xb, w1, hi[u][r]);
+        }
+      }
+    }
+  }
+  // K-major only: a last block of fewer than 16 rows
+  for (const float* t = w + (k0 / 16) * block_stride; k0 < K; ++k0, t += row_stride) {
+    const __m256 w0 = _mm256_loadu_ps(t), w1 = _mm256_loadu_ps(t + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(a[r] + k0);
+      lo[0][r] = _mm256_fmadd_ps(xb, w0, lo[0][r]);
+      hi[0][r] = _mm256_fmadd_ps(xb, w1, hi[0][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s0 = lo[0][r], s1 = hi[0][r];
+    for (int u = 1; u < U; ++u) {
+      s0 = _mm256_add_ps(s0, lo[u][r]);
+      s1 = _mm256_add_ps(s1, hi[u][r]);
+    }
+    _mm256_storeu_ps(out[r], s0);
+    _mm256_storeu_ps(out[r] + 8, s1);
+  }
+}
+
+// out[r] = a[rows[r]] @ W for c rows (a rows of stride lda, out rows of stride N), W [K, N] K-major or blocked
+// as `small_gemm` reads it (N a multiple of 16; blocked: K too): panel by panel, the rows six at a time.
+ADVISOR_AVX2 void f32gemm_avx2(const float* a, const int64_t* rows, int64_t c, int64_t lda, const float* W,
+                               bool blocked, int64_t K, int64_t N, float* out) {
+  const int64_t row_stride = blocked ? 16 : N, block_stride = blocked ? N * 16 : 16 * N;
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const float* panel = blocked ? W + n0 * 16 : W + n0;
+    for (int64_t r0 = 0; r0 < c; r0 += 6) {
+      const int R = (int)std::min<int64_t>(6, c - r0);
+      const float* ar[6];
+      float* orow[6];
+      for (int r = 0; r < R; ++r) {
+        ar[r] = a + (rows ? rows[r0 + r] : r0 + r) * lda;
+        orow[r] = out + (r0 + r) * N + n0;
+      }
+      switch (R) {
+        case 6: f32tile_avx2<6, 1>(ar, panel, K, row_stride, block_stride, orow); break;
+        case 5: f32tile_avx2<5, 1>(ar, panel, K, row_stride, block_stride, orow); break;
+        case 4: f32tile_avx2<4, 1>(ar, panel, K, row_stride, block_stride, orow); break;
+        case 3: f32tile_avx2<3, 2>(ar, panel, K, row_stride, block_stride, orow); break;
+        case 2: f32tile_avx2<2, 2>(ar, panel, K, row_stride, block_stride, orow); break;
+        default: f32tile_avx2<1, 4>(ar, panel, K, row_stride, block_stride, orow); break;
+      }
+    }
+  }
+}
+
+// `expert` through f32gemm_avx2 (its contract; N of both GEMMs a multiple of 16).
+ADVISOR_AVX2 void expert_avx2(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gate_up,
+                              const float* down, bool blocked, float limit, int64_t H, int64_t I, float* inter,
+                              float* y) {
+  f32gemm_avx2(x, rows, c, H, gate_up, blocked, H, 2 * I, inter);
+  for (int64_t r = 0; r < c; ++r) swiglu_row(inter + r * 2 * I, I, limit, w[r]);
+  f32gemm_avx2(inter, nullptr, c, 2 * I, down, blocked, I, H, y);
+}
+#endif
+
 // One expert (or the shared expert) on its c tokens: y[r] = w[r] * down(swiglu(x[rows[r]] @ gate_up)),
 // with K-major weights (gate_up [H, 2I], down [I, H]), so each weight row is read once for all c tokens,
 // or the same blocked (then always in register tiles, one token too).
@@ -198,6 +296,10 @@ ADVISOR_CLONES
 void expert(const float* x, const int64_t* rows, const float* w, int64_t c, const float* gate_up, const float* down,
             bool blocked, float limit, int64_t H, int64_t I, float* inter, float* y) {
   const int64_t I2 = 2 * I;
+#if ADVISOR_X86_KERNELS
+  if ((blocked || (I2 % 16 == 0 && H % 16 == 0)) && use_avx2_f32())
+    return expert_avx2(x, rows, w, c, gate_up, down, blocked, limit, H, I, inter, y);
+#endif
   const bool tiled = blocked || (c > 1 && I2 % 16 == 0 && H % 16 == 0);
   if (tiled) small_gemm(x, rows, c, H, gate_up, blocked, H, I2, inter);
   else std::fill(inter, inter + c * I2, 0.f);
@@ -753,10 +855,6 @@ ADVISOR_AVX2 void qgemm4_avx2(const float* a, const int64_t* rows, int64_t c, in
 }
 #endif
 
-// Which 4-bit kernels run: 0 the best this CPU has, 1 the generic loops (`set_qkernels`, for the tests to hold
-// both against the same reference).
-std::atomic<int> g_qkernel_mode{0};
-
 bool use_avx2_q4(int fmt, const QMat& q) {
 #if ADVISOR_X86_KERNELS
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -1259,47 +1357,67 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gate_up, torch::Tens
     rows[s] = p / k;
     pair_weight[s] = weights_f32.data_ptr<float>()[p];
   }
-  std::vector<int64_t> tasks;  // -1 for the shared expert (the most tokens: first), then experts with tokens
-  if (has_shared) tasks.push_back(-1);
+  // Tasks of at most 64 rows (an expert's tokens, or a range of all tokens for the shared expert), taken one at a
+  // time from a shared counter: experts differ in tokens, and a long prefill's shared expert (every token) would
+  // otherwise be one task as long as several threads' share. The shared expert's first: the most rows.
+  constexpr int64_t kRows = 64;
+  struct Task {
+    int64_t expert, begin, end;  // expert -1: the shared one; rows [begin, end) of its sorted pairs (or tokens)
+  };
+  std::vector<Task> tasks;
+  if (has_shared)
+    for (int64_t b = 0; b < T; b += kRows) tasks.push_back({-1, b, std::min(T, b + kRows)});
   for (int64_t i = 0; i < E; ++i)
-    if (count[i + 1] > count[i]) tasks.push_back(i);
+    for (int64_t b = count[i]; b < count[i + 1]; b += kRows) tasks.push_back({i, b, std::min(count[i + 1], b + kRows)});
   std::vector<int64_t> all_rows(T);
   std::vector<float> ones(T, 1.f);
   for (int64_t t = 0; t < T; ++t) all_rows[t] = t;
-  auto pair_out = torch::empty({n, H}, x.options());
-  auto shared_y = torch::empty({has_shared ? T : 0, H}, x.options());
+  // The pairs' outputs in a buffer kept by the calling thread: a long prefill's are megabytes, which a fresh
+  // allocation would map (and fault in) anew at every layer.
+  thread_local std::vector<float> pair_buf;
+  pair_buf.resize(std::max<size_t>(pair_buf.size(), (size_t)((n + (has_shared ? T : 0)) * H)));
+  float* pair_out_p = pair_buf.data();
+  float* shared_y = pair_out_p + n * H;
   const float *xp = x.data_ptr<float>(), *gate_up_p = gate_up.data_ptr<float>(), *down_p = down.data_ptr<float>();
-  float* pair_out_p = pair_out.data_ptr<float>();
-  // Tasks taken one at a time from a shared counter: experts differ in tokens, the shared one has them all.
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = (int64_t)tasks.size();
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> inter;
-    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
-      const int64_t expert_id = tasks[task];
-      if (expert_id < 0) {
-        inter.resize(T * 2 * shared_I);
-        expert(xp, all_rows.data(), ones.data(), T, shared_gate_up->data_ptr<float>(), shared_down->data_ptr<float>(),
-               false, (float)shared_limit, H, shared_I, inter.data(), shared_y.data_ptr<float>());
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
+      const Task& task = tasks[i];
+      const int64_t b = task.begin, c = task.end - b;
+      if (task.expert < 0) {
+        inter.resize(c * 2 * shared_I);
+        expert(xp, all_rows.data() + b, ones.data(), c, shared_gate_up->data_ptr<float>(),
+               shared_down->data_ptr<float>(), false, (float)shared_limit, H, shared_I, inter.data(), shared_y + b * H);
         continue;
       }
-      const int64_t s = count[expert_id], c = count[expert_id + 1] - s;
       inter.resize(c * 2 * I);
-      expert(xp, rows.data() + s, pair_weight.data() + s, c, gate_up_p + expert_id * H * 2 * I,
-             down_p + expert_id * I * H, blocked, (float)limit, H, I, inter.data(), pair_out_p + s * H);
+      expert(xp, rows.data() + b, pair_weight.data() + b, c, gate_up_p + task.expert * H * 2 * I,
+             down_p + task.expert * I * H, blocked, (float)limit, H, I, inter.data(), pair_out_p + b * H);
     }
   });
-  auto out = torch::zeros_like(x);
+  // Each token's pairs summed in expert order (its slots in ascending order), then the shared expert: the same
+  // sums whichever tokens share the call. Tokens split across threads.
+  std::vector<int64_t> slot_of(n);
+  {
+    std::vector<int64_t> filled(T, 0);
+    for (int64_t s = 0; s < n; ++s) slot_of[rows[s] * k + filled[rows[s]]++] = s;  // s ascending per token
+  }
+  auto out = torch::empty_like(x);
   float* o = out.data_ptr<float>();
-  for (int64_t s = 0; s < n; ++s) {
-    float* out_row = o + rows[s] * H;
-    const float* y = pair_out_p + s * H;
-    for (int64_t j = 0; j < H; ++j) out_row[j] += y[j];
-  }
-  if (has_shared) {
-    const float* sy = shared_y.data_ptr<float>();
-    for (int64_t i = 0; i < T * H; ++i) o[i] += sy[i];
-  }
+  at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      float* out_row = o + t * H;
+      std::fill(out_row, out_row + H, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float* y = pair_out_p + slot_of[t * k + j] * H;
+        for (int64_t d = 0; d < H; ++d) out_row[d] += y[d];
+      }
+      if (has_shared)
+        for (int64_t d = 0; d < H; ++d) out_row[d] += shared_y[t * H + d];
+    }
+  });
   return out;
 }
 
@@ -1390,6 +1508,14 @@ std::string set_qkernels(int64_t mode) {
   return use_avx2_q4(1, probe) ? "avx2" : "generic";
 }
 
+// Which kernel the fp32 experts run now: "avx2" (f32gemm_avx2, any number of tokens per expert) or "generic".
+std::string experts_kernel() {
+#if ADVISOR_X86_KERNELS
+  if (use_avx2_f32()) return "avx2";
+#endif
+  return "generic";
+}
+
 // Expert e's (or the matrix's) weight dequantized K-major into out [K, N] (fp32, contiguous).
 void qdequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor s2, int64_t fmt, int64_t group, int64_t N,
               torch::Tensor out) {
@@ -1470,5 +1596,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "x @ a quantized weight (FP8, int4, NVFP4), dequantized in registers");
   m.def("qdequant", &qdequant, "a quantized weight dequantized K-major into a buffer");
   m.def("decode_moe_q", &decode_moe_q, "router and routed experts with quantized expert weights");
+  m.def("experts_kernel", &experts_kernel, "the fp32 experts' kernel now: avx2 or generic");
   m.def("set_qkernels", &set_qkernels, "0: the best 4-bit kernels this CPU has, 1: the generic loops");
 }
