@@ -40,6 +40,7 @@ from advisor import fastjson
 from advisor.endpoints.stream import StreamEnd
 from advisor.escalation import estimate_tokens
 from advisor.proxy import report
+from advisor.proxy.coalesce import CoalescingHttpToolsProtocol
 from advisor.proxy.router import ProxyError, Routed, RoutedStream, Router
 from advisor.proxy.sessions import Session
 from advisor.proxy.wire import ANTHROPIC, OPENAI, Events, Wire
@@ -201,21 +202,24 @@ def _internal(e: Exception) -> str:
     return f"advisor proxy: internal error: {type(e).__name__}: {e}"
 
 
-async def _relay(routed: RoutedStream, events: Events) -> AsyncIterator[str]:
-    """The client's stream: each upstream delta translated as it arrives; a failure after the first
-    byte ends it with an error event in the client's format (the call is booked by the router)."""
-    yield "".join(events.start())
+async def _relay(routed: RoutedStream, events: Events) -> AsyncIterator[tuple[str, bool]]:
+    """The client's stream as (events, last) pieces: each upstream delta translated as it arrives
+    (the opening events go with the first, which is in already); a failure after the first byte ends
+    it with an error event in the client's format (the call is booked by the router). The last piece
+    goes out with the end of the response, one write fewer."""
+    opening = events.start()
     try:
         async for delta in routed:
             if isinstance(delta, StreamEnd):
-                yield "".join(events.end(delta.response))
-            else:
-                yield "".join(events.delta(delta))
+                yield "".join(opening + events.end(delta.response)), True
+                return
+            yield "".join(opening + events.delta(delta)), False
+            opening = []
     except ProxyError as e:
-        yield "".join(events.fail(e.kind, e.message))
+        yield "".join(opening + events.fail(e.kind, e.message)), True
     except Exception as e:
         log.exception("advisor proxy: stream failed")
-        yield "".join(events.fail("api_error", _internal(e)))
+        yield "".join(opening + events.fail("api_error", _internal(e))), True
 
 
 class _Reply:
@@ -260,11 +264,17 @@ class _Stream:
         watcher = asyncio.create_task(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + self.headers})
-            async with contextlib.aclosing(_relay(self.routed, self.events)) as chunks:
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-            live = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = False
+            async with contextlib.aclosing(_relay(self.routed, self.events)) as pieces:
+                async for piece, last in pieces:
+                    if last:
+                        live = False
+                    await send({"type": "http.response.body", "body": piece.encode(), "more_body": not last})
+                    if last:
+                        break
+            if not last:  # the relay ends with a last piece; this is only a guard
+                live = False
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:
                 raise
@@ -308,9 +318,14 @@ class _Chat:
             await reply.send(send)
 
 
-# uvicorn's settings for the proxy: no access log, and no X-Forwarded-* middleware around every
-# request (the proxy reads no client address)
-UVICORN_OPTIONS: dict[str, Any] = {"log_level": "warning", "access_log": False, "proxy_headers": False}
+# uvicorn's settings for the proxy: no access log, no X-Forwarded-* middleware around every request
+# (the proxy reads no client address), and one socket write per reply (advisor.proxy.coalesce)
+UVICORN_OPTIONS: dict[str, Any] = {
+    "log_level": "warning",
+    "access_log": False,
+    "proxy_headers": False,
+    "http": CoalescingHttpToolsProtocol,
+}
 
 
 def build_app(router: Router) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

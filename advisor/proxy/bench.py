@@ -141,10 +141,9 @@ def _busy_cell(busy: dict[str, float]) -> str:
 
 
 def _server_stack() -> str:
-    """What uvicorn's "auto" settings pick in this environment (as `advisor proxy` runs them)."""
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    """How `advisor proxy` runs uvicorn here (its loop is uvicorn's "auto" pick)."""
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    return f"uvicorn with {http} and {loop}"
+    return f"uvicorn with httptools (one write per reply) and {loop}"
 
 
 def main(requests: int = 2000, rate: float = 500.0, seconds: float = 10.0) -> int:
