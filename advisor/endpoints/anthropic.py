@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from advisor import fastjson
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
@@ -263,7 +264,7 @@ class StreamFold:
 
     def feed(self, event: str | None, data: str) -> list[Delta]:
         try:
-            ev = json.loads(data)
+            ev = fastjson.loads(data)
         except json.JSONDecodeError as e:
             raise AttemptFailed(
                 f"invalid stream event ({e.msg} at position {e.pos})", retryable=False

@@ -32,6 +32,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from advisor import fastjson
 from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
@@ -277,7 +278,7 @@ class StreamFold:
             self.done = True
             return []
         try:
-            chunk = json.loads(data)
+            chunk = fastjson.loads(data)
         except json.JSONDecodeError as e:
             raise AttemptFailed(
                 f"invalid stream chunk ({e.msg} at position {e.pos})", retryable=False

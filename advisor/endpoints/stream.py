@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from advisor import fastjson
 from advisor.messages import Message, ModelResponse, ToolCall
 
 
@@ -55,7 +56,7 @@ def parse_arguments(raw: Any) -> tuple[dict | None, str, str | None]:
     if not text.strip():
         return {}, text, None
     try:
-        value = json.loads(text)
+        value = fastjson.loads(text)
     except json.JSONDecodeError as e:
         return None, text, f"arguments are not valid JSON ({e.msg} at position {e.pos})"
     if not isinstance(value, dict):
