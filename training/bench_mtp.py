@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import time
 from pathlib import Path
@@ -29,8 +30,10 @@ from engine import LLM
 from engine.serving import EngineCore, SamplingParams, ServingConfig
 
 
-def task_prompts(llm: LLM, n_tasks: int) -> list[list[int]]:
-    """Prompt ids of every assistant turn: the Quickstart's task first, then `n_tasks` held-out tasks."""
+def task_prompts(llm: LLM, n_tasks: int, at_least: int = 0) -> tuple[list[list[int]], int]:
+    """Prompt ids of every assistant turn: the Quickstart's task first, then `n_tasks` held-out tasks, and
+    more held-out tasks after those while there are fewer than `at_least` prompts (a batch of B is B
+    different prompts). Returns the prompts and the number of held-out tasks they came from."""
     from training.quickstart import SEED_BASE, candidate
     from training.runlog import HELD_OUT_SEED_OFFSET
     from training.tasks import FAMILIES, generate
@@ -38,10 +41,16 @@ def task_prompts(llm: LLM, n_tasks: int) -> list[list[int]]:
 
     qs_index = 5  # examples/quickstart: seed 500 005 (training/README.md)
     assert SEED_BASE + qs_index == 500_005
-    tasks = [candidate(qs_index)] + list(generate(n_tasks, HELD_OUT_SEED_OFFSET, FAMILIES))
-    traces = asyncio.run(run_traces(tasks, "low"))
+    held_out = generate(10_000, HELD_OUT_SEED_OFFSET, FAMILIES)  # the same first tasks for any count
     tok = llm.tokenizer
-    return [tok.encode(s.prompt) for tr in traces for s in samples(tr, tok)]
+    prompts: list[list[int]] = []
+    batch, used = [candidate(qs_index)] + list(itertools.islice(held_out, n_tasks)), n_tasks
+    while True:
+        traces = asyncio.run(run_traces(batch, "low"))
+        prompts += [tok.encode(s.prompt) for tr in traces for s in samples(tr, tok)]
+        if len(prompts) >= at_least:
+            return prompts, used
+        batch, used = [next(held_out)], used + 1
 
 
 def run_batch(llm: LLM, prompts: list[list[int]], new: int, k: int, blocks: int):
@@ -81,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     if not n_mtp:
         raise SystemExit(f"{a.model}: no MTP layers to speculate with")
     ks = a.ks or list(range(1, n_mtp + 1))
-    prompts = task_prompts(llm, a.tasks)
+    prompts, n_tasks = task_prompts(llm, a.tasks, max(a.batches))
     print(
-        f"{a.model}: {len(prompts)} prompts from {a.tasks + 1} tasks (mean {sum(map(len, prompts)) / len(prompts):.0f}"
+        f"{a.model}: {len(prompts)} prompts from {n_tasks + 1} tasks (mean {sum(map(len, prompts)) / len(prompts):.0f}"
         f" tokens), greedy up to {a.decode} new tokens, serving core, {torch.get_num_threads()} threads, "
         f"best of {a.repeats}, load average {os.getloadavg()[0]:.1f}"
     )

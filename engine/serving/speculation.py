@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.model.layers import rope_tables
+from engine.model import cpu_decode
+from engine.model.layers import MLP, PANEL_ROWS, ColumnPanels, rope_tables
 from engine.model.mtp import head_logits, mtp_config
 from engine.model.sampling import draw
-from engine.model.speculative import _dist, accept_greedy, accept_sampled
+from engine.model.speculative import _dist, accept_sampled
 from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
 from engine.serving.sequence import Sequence
 
@@ -36,16 +37,21 @@ def accept(seq: Sequence, drafts: list[int], logits: torch.Tensor) -> list[int]:
     the model's after x_m and after each draft)."""
     spec, p = seq.spec, seq.params
     assert spec is not None
-    d = torch.tensor(drafts, dtype=torch.long)[None]
-    if p.temperature <= 0:
-        n, nxt = accept_greedy(d, logits[None].cpu())
+    if p.temperature <= 0:  # `accept_greedy` for one row, on one host copy of the argmax
+        best = logits.argmax(-1).tolist()
+        n = 0
+        while n < len(drafts) and best[n] == drafts[n]:
+            n += 1
+        nxt = best[n]
     else:
         target = _dist(logits, p.temperature, p.top_p)[None]
         assert spec.q is not None
-        n, nxt = accept_sampled(d, spec.q[None, : len(drafts)], target, seq.generator)
+        d = torch.tensor(drafts, dtype=torch.long)[None]
+        ns, nx = accept_sampled(d, spec.q[None, : len(drafts)], target, seq.generator)
+        n, nxt = ns[0], nx[0]
     spec.steps += 1
-    spec.accepted += n[0]
-    return drafts[: n[0]] + [nxt[0]]
+    spec.accepted += n
+    return drafts[:n] + [nxt]
 
 
 def feed(seq: Sequence, rows: torch.Tensor) -> None:
@@ -58,7 +64,14 @@ def feed(seq: Sequence, rows: torch.Tensor) -> None:
 
 
 class PagedDrafter:
-    """The MTP layers over the paged cache, for every speculating sequence of a core."""
+    """The MTP layers over the paged cache, for every speculating sequence of a core.
+
+    A drafting round is a few tokens per sequence through one layer, so on the CPU its cost is the glue
+    between a dozen small ops, not their maths: where the compiled ops run (fp32 on the CPU, the block's
+    projections in column panels, a dense MLP) each round is one `mtp_layer` call (the embedding, eh_proj,
+    the block with its paged attention, the head and the argmax). Elsewhere, and for the long first round
+    over a prompt, the layers run as modules (the definition; the same maths up to fp32 rounding).
+    """
 
     def __init__(self, llm, main: PagedKVCache):
         self.model = model = llm.model
@@ -68,6 +81,82 @@ class PagedDrafter:
         if missing:  # a block table per attention type: the MTP layers need the main model's types
             raise ValueError(f"MTP layers of attention types {sorted(missing)} the main model lacks")
         self.cache = PagedKVCache(cfg, main.num_blocks, main.block_size, llm.dtype, llm.device)
+        self._weights: dict[int, list[torch.Tensor] | None] = {}
+
+    def _fused_weights(self, j: int) -> list[torch.Tensor] | None:
+        """Layer j's (0-based) tensors in `mtp_layer`'s order, or None where that op cannot run it."""
+        if j not in self._weights:
+            self._weights[j] = None
+            ops = cpu_decode.ops()
+            layer = self.model.mtp[j]
+            block, attn, mlp = layer.block, layer.block.attn, layer.block.mlp
+            if ops is None or not hasattr(ops, "mtp_layer") or not isinstance(mlp, MLP):
+                return None
+            linears = (attn.qkvg, attn.o, mlp.gate_up, mlp.down)
+            if not all(isinstance(m.layout, ColumnPanels) for m in linears):
+                return None
+            w = [
+                layer.enorm.scale(),
+                layer.hnorm.scale(),
+                layer.eh_proj.contiguous(),
+                block.input_norm.scale(),
+                attn.qkvg.layout.panels,
+                attn.q_norm.scale(),
+                attn.k_norm.scale(),
+                attn.o.layout.panels,
+                block.post_attn_norm.scale(),
+                mlp.gate_up.layout.panels,
+                mlp.down.layout.panels,
+                layer.head_norm.scale(),
+                layer.head.contiguous(),
+            ]
+            if cpu_decode.usable(*w, self.model.embed, self.cache.k[j]):
+                self._weights[j] = w
+        return self._weights[j]
+
+    def _layer(self, j: int, ids: list[int], hid: torch.Tensor, chunks: list[ChunkTables], ends: list[int]):
+        """Layer j (1-based) over the round's flat tokens: (its stream [T, H], the logits [len(ends), V]
+        (fp32, on the CPU) at the flat rows `ends`, their argmax as a list or None)."""
+        model, layer = self.model, self.model.mtp[j - 1]
+        t = layer.block.attention_type
+        w = self._fused_weights(j - 1) if self.cache.use_cpu_op and hid.shape[0] <= PANEL_ROWS else None
+        if w is not None:
+            table = [c.tables[t] for c in chunks]
+            width = max(len(tb) for tb in table)
+            tables = torch.tensor([[-1 if b is None else b for b in tb] + [-1] * (width - len(tb)) for tb in table])
+            cu = [0]
+            for c in chunks:
+                cu.append(cu[-1] + c.n)
+            attn = layer.block.attn
+            stream, logits, picks = cpu_decode.ops().mtp_layer(
+                torch.tensor(ids, dtype=torch.long),
+                hid.contiguous(),
+                model.embed,
+                w,
+                model.inv_freq[t],
+                j,
+                self.cache.k[j - 1],
+                self.cache.v[j - 1],
+                tables,
+                cu,
+                [c.start for c in chunks],
+                ends,
+                self.cache.block_size,
+                self.cache.windows()[t] or 0,
+                attn.h,
+                layer.block.mlp.inter,
+                attn.q_norm.eps,
+                attn.scale,
+                layer.block.mlp.limit,
+            )
+            return stream, logits, picks.tolist()
+        meta = paged_meta(self.cache, chunks, self.device)
+        e = layer.enorm(model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device)[None]))
+        x = F.linear(torch.cat([e, layer.hnorm(hid[None].to(self.device))], dim=-1), layer.eh_proj)
+        rope = rope_tables(model.inv_freq, meta.positions + j, x.dtype)[t]
+        stream = layer.block(x, rope, meta.types[t], None, j - 1)[0]  # [T, H]
+        rows = torch.tensor(ends, device=self.device)
+        return stream, head_logits(layer, stream[rows]).float().cpu(), None
 
     @torch.inference_mode()
     def draft(self, seqs: list[Sequence], max_model_len: int | None = None) -> None:
@@ -89,35 +178,24 @@ class PagedDrafter:
                 todo.append((s, cap))
         if not todo:
             return
-        model = self.model
-        H = model.cfg.hidden_size
         prev: dict[int, torch.Tensor] = {}  # layer j-1's stream this round, per sequence
         new_firm: dict[int, list[int]] = {s.id: [s.num_computed] for s, _ in todo}
         qs: dict[int, list[torch.Tensor]] = {s.id: [] for s, _ in todo}
         for j in range(1, max(c for _, c in todo) + 1):
             group = [s for s, c in todo if c >= j]
-            inputs, tokens, chunks = [], [], []
+            inputs, tokens, chunks, ends = [], [], [], []
             for s in group:
                 spec = s.spec
                 m, lo = s.num_computed, spec.firm[j]
                 parts = [t for t in (spec.carry[j], prev.get(s.id)) if t is not None and t.shape[0]]
                 h = torch.cat(parts) if len(parts) > 1 else parts[0]
                 assert h.shape[0] == m - lo, (j, h.shape, m, lo)
-                ext = s.tokens + spec.drafts[: j - 1]
                 inputs.append(h)
-                tokens.extend(ext[lo + j : m + j])
+                tokens.extend(_tokens(s, lo + j, m + j, spec.drafts))
                 chunks.append(ChunkTables(lo, m - lo, s.tables))
-            meta = paged_meta(self.cache, chunks, self.device)
-            layer = model.mtp[j - 1]
-            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
-            hid = torch.cat(inputs)[None].to(self.device)
-            e = layer.enorm(model.embed_tokens(ids))
-            x = F.linear(torch.cat([e, layer.hnorm(hid)], dim=-1), layer.eh_proj)
-            t = layer.block.attention_type
-            rope = rope_tables(model.inv_freq, meta.positions + j, x.dtype)[t]
-            stream = layer.block(x, rope, meta.types[t], None, j - 1)[0]  # [T, H]
-            ends = torch.tensor([c.n for c in chunks]).cumsum(0) - 1
-            logits = head_logits(layer, stream[ends.to(self.device)]).float().cpu()
+                ends.append((ends[-1] if ends else -1) + m - lo)
+            hid = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            stream, logits, picks = self._layer(j, tokens, hid, chunks, ends)
             offset = 0
             for i, s in enumerate(group):
                 spec, n = s.spec, chunks[i].n
@@ -128,19 +206,33 @@ class PagedDrafter:
                 # at positions layer j+1 still needs (up to layer j-1's new firm end)
                 firm = max(lo, m - j + 1)
                 upto = new_firm[s.id][j - 1]
-                spec.carry[j] = inputs[i][firm - lo : max(firm, upto) - lo].clone()
+                kept = inputs[i][firm - lo : max(firm, upto) - lo]
+                spec.carry[j] = kept.clone() if kept.shape[0] else None
                 new_firm[s.id].append(firm)
                 prev[s.id] = out
                 p = s.params
                 if p.temperature <= 0:
-                    spec.drafts.append(int(logits[i].argmax()))
+                    spec.drafts.append(picks[i] if picks is not None else int(logits[i].argmax()))
                 else:
                     q = _dist(logits[i : i + 1], p.temperature, p.top_p)
                     spec.drafts.append(int(draw(q, s.generator)[0]))
                     qs[s.id].append(q[0])
-            assert offset == stream.shape[0] and H == stream.shape[-1]
+            assert offset == stream.shape[0]
         for s, cap in todo:
             spec = s.spec
             spec.firm[: cap + 1] = new_firm[s.id]
             if qs[s.id]:
                 spec.q = torch.stack(qs[s.id])
+
+
+def _tokens(seq: Sequence, a: int, b: int, drafts: list[int]) -> list[int]:
+    """Tokens [a, b) of the sequence followed by its drafts so far."""
+    n, p = seq.num_tokens, len(seq.prompt)
+    out = []
+    if a < p:
+        out.extend(seq.prompt[a : min(b, p)])
+    if b > p and a < n:
+        out.extend(seq.output[max(a, p) - p : min(b, n) - p])
+    if b > n:
+        out.extend(drafts[max(a, n) - n : b - n])
+    return out

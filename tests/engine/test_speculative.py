@@ -145,6 +145,39 @@ def test_paged_drafts_are_the_definition_through_preemption_and_prefix_hits(llm,
         assert drafts == _definition_drafts(llm, tokens, len(drafts))[: len(drafts)]
 
 
+def test_compiled_mtp_rounds_are_the_module_path(llm, monkeypatch):
+    """Each drafting round through the compiled `mtp_layer` op gives the stream and logits of the layer's
+    modules on the PyTorch attention path (same inputs, same cache), and the argmax of its logits; the
+    long first round over a prompt runs the modules; greedy output stays plain decoding's."""
+    real = PagedDrafter._layer
+    fused: list[int] = []
+    modules: list[int] = []
+
+    def layer(self, j, ids, hid, chunks, ends):
+        stream, logits, picks = real(self, j, ids, hid, chunks, ends)
+        if picks is None:
+            modules.append(len(ids))
+            return stream, logits, picks
+        fused.append(len(chunks))
+        self.cache.use_cpu_op = False
+        try:
+            ref_stream, ref_logits, ref_picks = real(self, j, ids, hid, chunks, ends)
+        finally:
+            self.cache.use_cpu_op = True
+        assert ref_picks is None
+        torch.testing.assert_close(stream, ref_stream, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+        assert picks == logits.argmax(-1).tolist()
+        return stream, logits, picks
+
+    monkeypatch.setattr(PagedDrafter, "_layer", layer)
+    prompts = _random_prompts(5) + [list(range(1, 48)) * 4]  # 188 tokens: past the op's 128 rows
+    plain = llm.generate_static(prompts, 20, stop_token_ids=[])
+    assert llm.generate(prompts, 20, stop_token_ids=[], speculative="mtp", num_speculative_tokens=3) == plain
+    assert max(fused) > 1 and len(fused) > 20  # several sequences in one call, every later round
+    assert max(modules) > 128
+
+
 def test_rejected_drafts_blocks_go_back_and_only_accepted_tokens_are_cached(llm, monkeypatch):
     prompts = [[5, 17, 33, 2, 9, 11, 12]]
     plain = llm.generate_static(prompts, 40, stop_token_ids=[])

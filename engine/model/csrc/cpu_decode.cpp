@@ -1585,6 +1585,79 @@ torch::Tensor decode_moe_q(torch::Tensor x, torch::Tensor router, torch::Tensor 
   return out;
 }
 
+namespace {
+
+ADVISOR_CLONES
+void swiglu_rows(float* h, int64_t T, int64_t I, float limit) {
+  for (int64_t t = 0; t < T; ++t) swiglu_row(h + t * 2 * I, I, limit, 1.f);
+}
+
+}  // namespace
+
+// One MTP layer (engine/model/mtp.py) on a serving step's flat tokens over block tables, in one call:
+// x = eh_proj(cat[enorm(embed[ids]), hnorm(hidden)]), its decoder block (dense clamped SwiGLU MLP; the
+// attention is paged_attention's, sequence i owning the flat tokens [cu[i], cu[i+1]) at positions start[i],
+// start[i] + 1, ...), and for the flat rows `last` the layer's head, head(head_norm(stream)). RoPE turns
+// position p by p + rope_offset (the position of the token the layer embeds). A drafting round is a few
+// tokens per sequence, so the Python glue between a dozen ops cost more than their maths; here it is one
+// call. w: enorm, hnorm (norm scales, 1 + w), eh_proj [H, 2H], input_norm, qkvg panels, q_norm, k_norm, o
+// panels, post_attn_norm, gate_up panels (2 * inter outputs), down panels, head_norm, head [V, H].
+// Returns {stream [T, H], logits [len(last), V], their argmax [len(last)]}.
+std::vector<torch::Tensor> mtp_layer(torch::Tensor ids, torch::Tensor hidden, torch::Tensor embed,
+                                     std::vector<torch::Tensor> w, torch::Tensor inv_freq, int64_t rope_offset,
+                                     torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                                     std::vector<int64_t> cu, std::vector<int64_t> start, std::vector<int64_t> last,
+                                     int64_t block_size, int64_t window, int64_t Hq, int64_t inter, double eps,
+                                     double scale, double limit) {
+  const char* op = "mtp_layer";
+  TORCH_CHECK(w.size() == 13, op, ": 13 weights expected, got ", w.size());
+  check_f32(hidden, op, "hidden");
+  check_f32(embed, op, "embed");
+  check_f32(inv_freq, op, "inv_freq");
+  TORCH_CHECK(hidden.dim() == 2 && embed.dim() == 2 && embed.size(1) == hidden.size(1), op,
+              ": hidden [T, H] and embed [V, H] expected");
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = embed.size(0);
+  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1 && ids.numel() == T, op, ": ids must be ", T,
+              " int64 token ids");
+  TORCH_CHECK(cu.size() == start.size() + 1 && cu.front() == 0 && cu.back() == T, op, ": cu must run from 0 to ",
+              T, " with one more entry than start");
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < V, op, ": token id ", ip[t], " out of range [0, ", V, ")");
+  for (int64_t r : last) TORCH_CHECK(r >= 0 && r < T, op, ": head row ", r, " not among the ", T, " tokens");
+  const int64_t Hkv = k_cache.size(1), D = k_cache.size(2);
+  const auto in = embed.index_select(0, ids);
+  const auto x = at::linear(at::cat({rms_norm(in, {}, w[0], eps)[1], rms_norm(hidden, {}, w[1], eps)[1]}, 1), w[2]);
+  // RoPE tables at the tokens' positions (engine.model.layers.rope_cos_sin: the angles in fp32, halves repeated)
+  const int64_t F = inv_freq.numel();
+  auto cos = torch::empty({T, 2 * F}, hidden.options()), sin = torch::empty({T, 2 * F}, hidden.options());
+  {
+    const float* f = inv_freq.data_ptr<float>();
+    float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+    for (size_t i = 0; i + 1 < cu.size(); ++i) {
+      for (int64_t t = cu[i]; t < cu[i + 1]; ++t) {
+        const float pos = (float)std::max<int64_t>(0, start[i] + (t - cu[i]) + rope_offset);
+        for (int64_t j = 0; j < F; ++j) {
+          const float a = pos * f[j];
+          c[t * 2 * F + j] = c[t * 2 * F + F + j] = std::cos(a);
+          s[t * 2 * F + j] = s[t * 2 * F + F + j] = std::sin(a);
+        }
+      }
+    }
+  }
+  const auto cu_t = torch::tensor(cu, torch::kInt64), start_t = torch::tensor(start, torch::kInt64);
+  const auto qkvg = panel_linear(rms_norm(x, {}, w[3], eps)[1], w[4], Hq * D + 2 * Hkv * D + Hq);
+  const auto att = paged_attention(qkvg, w[5], w[6], cos, sin, k_cache, v_cache, tables, cu_t, start_t, block_size,
+                                   window, Hq, eps, scale);
+  const auto mid = rms_norm(panel_linear(att, w[7], H), x, w[8], eps);  // {x + attention, its norm}
+  auto gu = panel_linear(mid[1], w[9], 2 * inter).contiguous();
+  swiglu_rows(gu.data_ptr<float>(), T, inter, (float)limit);
+  const auto stream = mid[0] + panel_linear(gu.narrow(1, 0, inter).contiguous(), w[10], H);
+  const auto rows = stream.index_select(0, torch::tensor(last, torch::kInt64));
+  const auto logits = at::linear(rms_norm(rows, {}, w[11], eps)[1], w[12]);
+  return {stream, logits, logits.argmax(1)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x @ weight for a few rows, the weight in column panels");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows (after adding a residual, when given)");
@@ -1597,5 +1670,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qdequant", &qdequant, "a quantized weight dequantized K-major into a buffer");
   m.def("decode_moe_q", &decode_moe_q, "router and routed experts with quantized expert weights");
   m.def("experts_kernel", &experts_kernel, "the fp32 experts' kernel now: avx2 or generic");
+  m.def("mtp_layer", &mtp_layer, "one MTP layer (embedding, block, head) over block tables");
   m.def("set_qkernels", &set_qkernels, "0: the best 4-bit kernels this CPU has, 1: the generic loops");
 }
