@@ -37,6 +37,9 @@ These ops collapse each cluster into one call:
 - `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
 - `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
   (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead.
+- `mtp_layer(...)`: one MTP layer's drafting round over block tables (`engine.serving.speculation`): the
+  embedding, enorm / hnorm and eh_proj, its block (a dense MLP; attention as `paged_attention`), the head
+  and its argmax at each sequence's last token, in one call instead of a dozen small ops and their glue.
 The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
 at load time; exp is vectorised (softmax, SwiGLU).
 The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.RMSNorm` and `Linear`) take them only where `usable`
