@@ -128,3 +128,32 @@ def save_reference(model, path: Path, dtype: torch.dtype = torch.float32, **kwar
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def reference_experts(x, w_gate_up, w_down, topk_weights, topk_ids, swiglu_limit, implementation="eager"):
+    """transformers' Step3p7Experts on the given weights (checkpoint layout: [E, 2I, H] and [E, H, I]).
+
+    Built through Step3p7SparseMoeBlock from a config so that the limit reaches the experts however the
+    installed transformers wires it: 5.24 passes `swiglu_limit=` to Step3p7Experts, 5.25 has it read
+    `config.swiglu_limits[layer_idx]`. `implementation` is 5.25's config.experts_implementation (the full
+    model defaults to grouped_mm there; 5.24's Step3p7Experts has only the eager path).
+    """
+    from transformers import Step3p7TextConfig
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7SparseMoeBlock
+
+    E, H, inter = w_down.shape
+    cfg = Step3p7TextConfig(
+        hidden_size=H,
+        n_routed_experts=E,
+        moe_intermediate_size=inter,
+        num_experts_per_tok=topk_ids.shape[1],
+        share_expert_dim=inter,
+        num_hidden_layers=1,
+        swiglu_limits=[swiglu_limit],
+        experts_implementation=implementation,
+    )
+    experts = Step3p7SparseMoeBlock(cfg, layer_idx=0).experts.to(x.dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(w_gate_up)
+        experts.down_proj.copy_(w_down)
+        return experts(x, topk_ids, topk_weights)

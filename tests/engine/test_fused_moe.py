@@ -23,10 +23,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     import json
-    from types import SimpleNamespace
 
     import torch
-    from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
     from engine.kernels import bench_moe, configs
     from engine.kernels.align import moe_align_block_size
@@ -35,6 +33,7 @@ else:
     from engine.kernels.fused_moe import fused_moe
     from engine.model import moe
     from engine.model.moe import experts_torch
+    from tests.engine.step_models import reference_experts
 
     E = 8
     TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # relative to the output's scale
@@ -54,19 +53,6 @@ else:
         scale = want.float().abs().max().item()
         err = (got.float() - want.float()).abs().max().item()
         assert err <= TOL[dtype] * max(scale, 1e-3), f"max abs err {err:.3g} at scale {scale:.3g}"
-
-    def _transformers(x, w_gate_up, w_down, weights, ids, limit):
-        cfg = SimpleNamespace(
-            num_local_experts=E,
-            hidden_size=x.shape[1],
-            moe_intermediate_size=w_down.shape[2],
-            hidden_act="silu",
-        )
-        ref = Step3p7Experts(cfg, swiglu_limit=limit or None).to(x.dtype)
-        with torch.no_grad():
-            ref.gate_up_proj.copy_(w_gate_up)
-            ref.down_proj.copy_(w_down)
-            return ref(x, ids, weights)
 
     @pytest.mark.parametrize(
         "T,k,experts,bm",
@@ -93,7 +79,7 @@ else:
     @pytest.mark.parametrize("T,k,H,inter", SHAPES)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
     @pytest.mark.parametrize("limit", [0.0, 0.6], ids=["noclamp", "clamp"])
-    def test_matches_the_pytorch_path_and_transformers(T, k, H, inter, dtype, limit):
+    def test_matches_the_pytorch_path_andreference_experts(T, k, H, inter, dtype, limit):
         x, w_gate_up, w_down, weights, ids = _case(T, k, H, inter, dtype)
         w_gate, w_up = w_gate_up[:, :inter].contiguous(), w_gate_up[:, inter:].contiguous()
         got = fused_moe(x, w_gate, w_up, w_down, weights, ids, swiglu_limit=limit)
@@ -102,7 +88,7 @@ else:
         f = [t.float() for t in (x, w_gate_up, w_down)]
         ours = experts_torch(f[0], f[1].transpose(1, 2), f[2].transpose(1, 2), weights, ids, limit)
         _close(got, ours, dtype)
-        _close(got, _transformers(x, w_gate_up, w_down, weights, ids, limit), dtype)
+        _close(got, reference_experts(x, w_gate_up, w_down, weights, ids, limit), dtype)
         # The clamp must bite at this limit (otherwise the clamped cases would prove nothing).
         if limit:
             unclamped = experts_torch(f[0], f[1].transpose(1, 2), f[2].transpose(1, 2), weights, ids, 0.0)
@@ -126,7 +112,7 @@ else:
             swiglu_limit=0.6,
             config=SMALL,
         )
-        _close(got, _transformers(x, w_gate_up, w_down, weights, ids, 0.6), dtype)
+        _close(got, reference_experts(x, w_gate_up, w_down, weights, ids, 0.6), dtype)
 
     def test_packed_gate_up_views_and_a_hot_expert():
         """w_up=None: w_gate is the packed [E, 2I, H] tensor (strided views, no copy); all tokens on one
@@ -134,7 +120,7 @@ else:
         x, w_gate_up, w_down, weights, _ = _case(20, 2, 32, 32, torch.float32, seed=5)
         ids = torch.stack([torch.full((20,), 4), torch.arange(20) % 3], dim=1)
         got = fused_moe(x, w_gate_up, None, w_down, weights, ids)
-        _close(got, _transformers(x, w_gate_up, w_down, weights, ids, 0.0), torch.float32)
+        _close(got, reference_experts(x, w_gate_up, w_down, weights, ids, 0.0), torch.float32)
 
     def test_strided_activations():
         """x as a column-major view (what a transpose upstream hands over): read through its strides."""
@@ -143,7 +129,7 @@ else:
         assert not xt.is_contiguous()
         got = fused_moe(xt, w_gate_up, None, w_down, weights, ids, swiglu_limit=0.6)
         assert got.is_contiguous()
-        _close(got, _transformers(x, w_gate_up, w_down, weights, ids, 0.6), torch.float32)
+        _close(got, reference_experts(x, w_gate_up, w_down, weights, ids, 0.6), torch.float32)
 
     def test_no_tokens_and_bad_shapes():
         x, w_gate_up, w_down, weights, ids = _case(3, 2, 32, 32, torch.float32)

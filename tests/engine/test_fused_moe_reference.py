@@ -3,14 +3,12 @@ Step3p7Experts and the engine's own expert path, on the same weights. No Triton 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
 from engine.kernels.reference import fused_moe_torch
 from engine.model.moe import experts_torch
+from tests.engine.step_models import reference_experts
 
 E = 8
 
@@ -31,17 +29,6 @@ def _routing(T: int, k: int, seed: int, duplicates: bool):
     return torch.rand(T, k, generator=g) * 3.0, ids
 
 
-def _transformers(x, w_gate_up, w_down, weights, ids, limit):
-    cfg = SimpleNamespace(
-        num_local_experts=E, hidden_size=x.shape[1], moe_intermediate_size=w_down.shape[2], hidden_act="silu"
-    )
-    ref = Step3p7Experts(cfg, swiglu_limit=limit or None).to(x.dtype)
-    with torch.no_grad():
-        ref.gate_up_proj.copy_(w_gate_up)
-        ref.down_proj.copy_(w_down)
-        return ref(x, ids, weights)
-
-
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6)).item()
 
@@ -49,14 +36,16 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("T,k,H,inter", [(1, 2, 32, 32), (5, 3, 64, 48), (33, 2, 32, 48)])
 @pytest.mark.parametrize("limit", [0.0, 0.6], ids=["noclamp", "clamp"])
 @pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "dup"])
-def test_matches_transformers_and_the_engine_path_in_fp32(T, k, H, inter, limit, duplicates):
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_matches_transformers_and_the_engine_path_in_fp32(T, k, H, inter, limit, duplicates, implementation):
     w_gate_up, w_down = _weights(H, inter, torch.float32, seed=T + k)
     weights, ids = _routing(T, k, seed=T * k, duplicates=duplicates)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(11))
     w_gate, w_up = w_gate_up[:, :inter], w_gate_up[:, inter:]
     got = fused_moe_torch(x, w_gate, w_up, w_down, weights, ids.int(), swiglu_limit=limit)
     assert got.dtype == torch.float32 and got.shape == (T, H)
-    assert _rel_err(got, _transformers(x, w_gate_up, w_down, weights, ids, limit)) < 1e-5
+    want = reference_experts(x, w_gate_up, w_down, weights, ids, limit, implementation)
+    assert _rel_err(got, want) < 1e-5
     engine = experts_torch(x, w_gate_up.transpose(1, 2), w_down.transpose(1, 2), weights, ids, limit)
     assert _rel_err(got, engine) < 1e-5
     if limit:  # the clamp must change the result here, or the clamped cases would prove nothing
