@@ -51,9 +51,9 @@ def expert_kernels(request):
 
 @needs_ops
 # 16 x 4 pairs on 16 experts: experts shared by tokens (register tiles of 1-6 tokens); 40 x 4: ten per
-# expert; 300 x 4: 75 per expert, so experts and the shared expert split into tasks of 64 rows; hidden 40:
-# no 16-wide tiles, the row-at-a-time loop.
-@pytest.mark.parametrize(("tokens", "H"), [(1, 48), (2, 48), (16, 48), (40, 48), (300, 48), (16, 40)])
+# expert; 300 x 4: 75 per expert, so experts and the shared expert split into tasks of 64 rows; 1100: two
+# slices of at most 1024 tokens; hidden 40: no 16-wide tiles, the row-at-a-time loop.
+@pytest.mark.parametrize(("tokens", "H"), [(1, 48), (2, 48), (16, 48), (40, 48), (300, 48), (1100, 48), (16, 40)])
 @pytest.mark.parametrize("limit", [0.0, 0.5])
 def test_experts_match_the_pytorch_experts(tokens, H, limit, expert_kernels):
     g = torch.Generator().manual_seed(tokens)

@@ -1343,6 +1343,20 @@ torch::Tensor decode_experts(torch::Tensor x, torch::Tensor gate_up, torch::Tens
   }
   auto weights_f32 = weights.to(torch::kFloat32).contiguous();
   auto ids_i64 = ids.to(torch::kInt64).contiguous();
+  // A long input (a static batch's prefill) in slices of 1024 tokens: a slice's pair outputs are 16 MiB at H 512
+  // and top-8, where the whole input's could be hundreds, held by the buffer below. A token's sums do not
+  // depend on the slicing.
+  constexpr int64_t kSlice = 1024;
+  if (T > kSlice) {
+    auto out = torch::empty_like(x);
+    for (int64_t b = 0; b < T; b += kSlice) {
+      const int64_t len = std::min(kSlice, T - b);
+      out.narrow(0, b, len)
+          .copy_(decode_experts(x.narrow(0, b, len), gate_up, down, weights_f32.narrow(0, b, len),
+                                ids_i64.narrow(0, b, len), limit, shared_gate_up, shared_down, shared_limit));
+    }
+    return out;
+  }
   const int64_t n = T * k;
   const int64_t* expert_of = ids_i64.data_ptr<int64_t>();
   for (int64_t p = 0; p < n; ++p)
