@@ -54,6 +54,7 @@ CLIENTS: tuple[HTTPClient, ...] = ("httpx", "aiohttp", "httptools")
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, HTTP1Error) + (
     (aiohttp.ClientError,) if aiohttp is not None else ()
 )
+_CONNECTION_FAILURES = (httpx.TimeoutException, TimeoutError, *_TRANSPORT_ERRORS)
 Reply = httpx.Response | HTTP1Response
 # aiohttp has already decoded the body these describe
 _DECODED = frozenset({"content-encoding", "content-length", "transfer-encoding"})
@@ -352,6 +353,7 @@ class HTTPEndpoint(Endpoint):
 
     async def _send(self, url: str, payload: bytes, headers: dict[str, str], stream: bool) -> Reply:
         """POST on the endpoint's client; a streamed response must be closed (`aclose`) by the caller."""
+        headers = {**headers, "Content-Type": "application/json"}
         if self.http_client == "httptools":
             reply = await self.h1().request("POST", url, headers, payload, self.config.timeout_s)
             if not stream:
@@ -392,15 +394,8 @@ class HTTPEndpoint(Endpoint):
         With `fold`, the reply is streamed and read whole by a new `fold()` per attempt into the dict a
         non-streaming reply would have been, so `parse` is the same either way (a stream cut off is
         retried: nothing of it has left this call)."""
-        headers = {**headers, "Content-Type": "application/json"}
-        scrub = _Scrubber(self.api_key() if self.config.api_key_env else None)
-        attempts: list[Attempt] = []
-        start = time.perf_counter()
-
-        def record(attempt: Attempt) -> None:
-            attempts.append(attempt)
-            if on_attempt is not None:
-                on_attempt(attempt)
+        log = _AttemptLog(self, on_attempt)
+        scrub, record = log.scrub, log.record
 
         async def fetch() -> tuple[Reply, dict | None]:
             if fold is None:
@@ -421,19 +416,13 @@ class HTTPEndpoint(Endpoint):
                 await response.aclose()
 
         async def once() -> Parsed:
-            number = len(attempts) + 1
+            number = log.next_number
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(self.config.timeout_s):
                     response, streamed = await fetch()
-            except (httpx.TimeoutException, TimeoutError) as e:
-                reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
-                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
-                raise AttemptFailed(reason) from None
-            except _TRANSPORT_ERRORS as e:
-                reason = scrub(f"connection error: {type(e).__name__}: {e}")
-                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
-                raise AttemptFailed(reason) from None
+            except _CONNECTION_FAILURES as e:
+                raise log.connection_failed(e, t0) from None
             except AttemptFailed as e:  # a stream that broke its own format
                 e.reason = scrub(e.reason)
                 record(Attempt(number, False, 200, e.reason, None, time.perf_counter() - t0))
@@ -469,15 +458,8 @@ class HTTPEndpoint(Endpoint):
         try:
             parsed = await with_retries(once, self.retry_policy)
         except AttemptFailed as e:
-            raise self._final_error(e, attempts) from None
-        return ModelResponse(
-            message=parsed.message,
-            usage=parsed.usage,
-            model=parsed.model or self.config.model,
-            finish_reason=parsed.finish_reason,
-            latency_s=time.perf_counter() - start,
-            attempts=attempts,
-        )
+            raise self._final_error(e, log.attempts) from None
+        return log.response(parsed)
 
     def _final_error(self, e: AttemptFailed, attempts: list[Attempt]) -> EndpointError:
         message = e.reason
@@ -506,18 +488,11 @@ class HTTPEndpoint(Endpoint):
         with the usage of what was streamed (the provider's when it sent any, else an estimate) and an
         `EndpointError` is raised. Closing the generator (a consumer that went away) closes the upstream
         response and records the attempt as cancelled, with the same usage."""
-        headers = {**headers, "Content-Type": "application/json"}
-        scrub = _Scrubber(self.api_key() if self.config.api_key_env else None)
-        attempts: list[Attempt] = []
-        start = time.perf_counter()
-
-        def record(attempt: Attempt) -> None:
-            attempts.append(attempt)
-            if on_attempt is not None:
-                on_attempt(attempt)
+        log = _AttemptLog(self, on_attempt)
+        scrub, record, attempts = log.scrub, log.record, log.attempts
 
         async def open_stream() -> tuple[Reply, AsyncIterator, Fold, list[Delta], float]:
-            number = len(attempts) + 1
+            number = log.next_number
             t0 = time.perf_counter()
             response: Reply | None = None
             try:
@@ -549,14 +524,8 @@ class HTTPEndpoint(Endpoint):
                                 f"invalid response ({type(e).__name__}: {e})", retryable=False
                             ) from None
                     return response, events, reader, first, t0
-            except (httpx.TimeoutException, TimeoutError) as e:
-                reason = f"timeout after {self.config.timeout_s:g}s ({type(e).__name__})"
-                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
-                failure = AttemptFailed(reason)
-            except _TRANSPORT_ERRORS as e:
-                reason = scrub(f"connection error: {type(e).__name__}: {e}")
-                record(Attempt(number, False, error=reason, latency_s=time.perf_counter() - t0))
-                failure = AttemptFailed(reason)
+            except _CONNECTION_FAILURES as e:
+                failure = log.connection_failed(e, t0)
             except AttemptFailed as e:
                 if not attempts or attempts[-1].number != number:
                     e.reason = scrub(e.reason)
@@ -574,7 +543,7 @@ class HTTPEndpoint(Endpoint):
             response, events, reader, first, t0 = await with_retries(open_stream, self.retry_policy)
         except AttemptFailed as e:
             raise self._final_error(e, attempts) from None
-        number = len(attempts) + 1
+        number = log.next_number
 
         def partial_usage() -> Usage | None:
             try:
@@ -624,15 +593,48 @@ class HTTPEndpoint(Endpoint):
         finally:
             await response.aclose()
         record(Attempt(number, True, 200, None, None, time.perf_counter() - t0, parsed.usage))
-        yield StreamEnd(
-            ModelResponse(
-                message=parsed.message,
-                usage=parsed.usage,
-                model=parsed.model or self.config.model,
-                finish_reason=parsed.finish_reason,
-                latency_s=time.perf_counter() - start,
-                attempts=attempts,
-            )
+        yield StreamEnd(log.response(parsed))
+
+
+class _AttemptLog:
+    """One call's tries: numbered in order, their reasons scrubbed of the API key, each passed to the
+    caller's hook as it is recorded and all of them kept for the final reply or error."""
+
+    def __init__(self, endpoint: HTTPEndpoint, on_attempt: AttemptHook | None):
+        self.scrub = _Scrubber(endpoint.api_key() if endpoint.config.api_key_env else None)
+        self.attempts: list[Attempt] = []
+        self._on_attempt = on_attempt
+        self._timeout_s = endpoint.config.timeout_s
+        self._model = endpoint.config.model
+        self._start = time.perf_counter()
+
+    @property
+    def next_number(self) -> int:
+        return len(self.attempts) + 1
+
+    def record(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+        if self._on_attempt is not None:
+            self._on_attempt(attempt)
+
+    def connection_failed(self, e: BaseException, t0: float) -> AttemptFailed:
+        """Record a try that got no reply (a timeout or a transport error, one of _CONNECTION_FAILURES)
+        and return the retryable failure to raise for it."""
+        if isinstance(e, (httpx.TimeoutException, TimeoutError)):
+            reason = f"timeout after {self._timeout_s:g}s ({type(e).__name__})"
+        else:
+            reason = self.scrub(f"connection error: {type(e).__name__}: {e}")
+        self.record(Attempt(self.next_number, False, error=reason, latency_s=time.perf_counter() - t0))
+        return AttemptFailed(reason)
+
+    def response(self, parsed: Parsed) -> ModelResponse:
+        return ModelResponse(
+            message=parsed.message,
+            usage=parsed.usage,
+            model=parsed.model or self._model,
+            finish_reason=parsed.finish_reason,
+            latency_s=time.perf_counter() - self._start,
+            attempts=self.attempts,
         )
 
 
