@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from advisor import fastjson
-from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
+from advisor.endpoints.base import ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed
 from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta
-from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
+from advisor.messages import ImagePart, Message, TextPart, ToolCall, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -332,6 +332,8 @@ class AnthropicEndpoint(HTTPEndpoint):
     """An Anthropic Messages endpoint. See the module docstring for the wire mapping."""
 
     default_base_url = "https://api.anthropic.com"
+    path = "/v1/messages"
+    stream_fold = StreamFold
 
     def __init__(
         self,
@@ -490,21 +492,3 @@ class AnthropicEndpoint(HTTPEndpoint):
             return Parsed(message, usage, finish, data.get("model") or "")
 
         return parse
-
-    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
-        body, payload = await self.prepare(request)
-        return await self.post(
-            f"{self.base_url}/v1/messages", self.headers(), payload, self._parser(request, body), on_attempt
-        )
-
-    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
-        body, payload = await self.prepare(request, stream=True)
-        async for delta in self.post_stream(
-            f"{self.base_url}/v1/messages",
-            self.headers(),
-            payload,
-            self._parser(request, body),
-            StreamFold,
-            on_attempt,
-        ):
-            yield delta

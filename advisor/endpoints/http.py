@@ -212,6 +212,9 @@ class HTTPEndpoint(Endpoint):
     """
 
     default_base_url: str | None = None
+    path: str  # the chat route below base_url, e.g. "/chat/completions"
+    stream_fold: Callable[[], Fold]  # the provider's stream parser
+    streams = False  # send() reads the reply as a stream too (OpenAI's stream=True)
 
     def __init__(
         self,
@@ -330,8 +333,33 @@ class HTTPEndpoint(Endpoint):
 
     # -- sending -----------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        return self.base_url + self.path
+
     def build_body(self, request: ChatRequest, stream: bool = False) -> dict:
         raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _parser(self, request: ChatRequest, body: dict) -> Callable[[dict], Parsed]:
+        raise NotImplementedError
+
+    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
+        body, payload = await self.prepare(request)
+        fold = self.stream_fold if self.streams else None
+        return await self.post(
+            self.url, self.headers(), payload, self._parser(request, body), on_attempt, fold
+        )
+
+    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
+        body, payload = await self.prepare(request, stream=True)
+        parse = self._parser(request, body)
+        async for delta in self.post_stream(
+            self.url, self.headers(), payload, parse, self.stream_fold, on_attempt
+        ):
+            yield delta
 
     async def prepare(self, request: ChatRequest, stream: bool = False) -> tuple[dict, bytes]:
         """Build the request body (a streamed one when `stream`) and encode it, in a worker thread when it

@@ -29,11 +29,11 @@ length (see `advisor.endpoints.estimate`) and marked `estimated=True`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from advisor import fastjson
-from advisor.endpoints.base import AttemptHook, ChatRequest, EndpointConfig
+from advisor.endpoints.base import ChatRequest, EndpointConfig
 from advisor.endpoints.estimate import estimate_usage
 from advisor.endpoints.http import HTTPEndpoint, Parsed, decode_image
 from advisor.endpoints.retry import AttemptFailed, retryable_status
@@ -45,7 +45,7 @@ from advisor.endpoints.stream import (
     parse_arguments,
     wire_arguments,
 )
-from advisor.messages import ImagePart, Message, ModelResponse, TextPart, ToolCall, Usage
+from advisor.messages import ImagePart, Message, TextPart, ToolCall, Usage
 
 
 def _content(parts: list) -> str | list[dict]:
@@ -358,6 +358,9 @@ class OpenAIEndpoint(HTTPEndpoint):
     `stream_options.include_usage`; the result is the same `ModelResponse`.
     """
 
+    path = "/chat/completions"
+    stream_fold = StreamFold
+
     def __init__(self, name: str, config: EndpointConfig, *, stream: bool | None = None, **kwargs):
         super().__init__(name, config, **kwargs)
         self.streams = bool(config.extra_body.get("stream")) if stream is None else stream
@@ -403,26 +406,3 @@ class OpenAIEndpoint(HTTPEndpoint):
             return Parsed(message, usage, finish, data.get("model") or "")
 
         return parse
-
-    async def send(self, request: ChatRequest, on_attempt: AttemptHook | None) -> ModelResponse:
-        body, payload = await self.prepare(request)
-        return await self.post(
-            f"{self.base_url}/chat/completions",
-            self.headers(),
-            payload,
-            self._parser(request, body),
-            on_attempt,
-            StreamFold if self.streams else None,
-        )
-
-    async def send_stream(self, request: ChatRequest, on_attempt: AttemptHook | None) -> AsyncIterator[Delta]:
-        body, payload = await self.prepare(request, stream=True)
-        async for delta in self.post_stream(
-            f"{self.base_url}/chat/completions",
-            self.headers(),
-            payload,
-            self._parser(request, body),
-            StreamFold,
-            on_attempt,
-        ):
-            yield delta
