@@ -36,7 +36,9 @@ These ops collapse each cluster into one call:
   the generic one while there are at most 32 pairs per expert;
 - `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
 - `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
-  (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead.
+  (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead; an AVX2 + FMA kernel
+  where the CPU has them (rows six at a time against each panel, independent accumulators per row), else the
+  generic loop; `set_qkernels(1)` forces the generic one (tests, `python -m engine.bench_linear`).
 - `mtp_layer(...)`: one MTP layer's drafting round over block tables (`engine.serving.speculation`): the
   embedding, enorm / hnorm and eh_proj, its block (a dense MLP; attention as `paged_attention`), the head
   and its argmax at each sequence's last token, in one call instead of a dozen small ops and their glue.

@@ -112,3 +112,40 @@ def test_bf16_projections_are_not_packed():
     m = Linear(2100, 512).to(torch.bfloat16)
     m.relayout()
     assert isinstance(m.layout, KMajor)
+
+
+@pytest.fixture(params=["best", "generic"])
+def fp32_kernels(request):
+    """Which fp32 panel kernel runs; the CPU's best must be the AVX2 one where the CPU has AVX2."""
+    ops = cpu_decode.ops()
+    mode = 0 if request.param == "best" else 1
+    name = ops.set_qkernels(mode)
+    if mode == 1:
+        assert name == "generic"
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert name == "avx2"
+    yield ops
+    ops.set_qkernels(0)
+
+
+@pytest.mark.skipif(cpu_decode.ops() is None, reason="no C++ toolchain: the other layouts run instead")
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "rows"),
+    [
+        (37, 24, range(1, 131)),  # every row count: each register tile and remainder, past PANEL_ROWS
+        (100, 77, range(1, 131)),  # K not a multiple of the unrolling
+        (5, 3, range(1, 20)),  # one partial panel, K below any unrolling
+        (1036, 512, [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 64, 130]),  # the bench model's sliding qkvg
+        (519, 1408, [1, 2, 6, 9]),
+    ],
+)
+def test_panel_linear_kernels_match_the_matmul(fp32_kernels, out_f, in_f, rows):
+    g = torch.Generator().manual_seed(out_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    panels = to_panels(w)
+    for m in rows:
+        x = torch.randn(m, in_f, generator=g)
+        want = (x.double() @ w.double().T).float()
+        got = fp32_kernels.panel_linear(x, panels, out_f)
+        assert got.shape == (m, out_f)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * in_f**0.5, msg=f"{m} rows")

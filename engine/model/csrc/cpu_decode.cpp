@@ -192,7 +192,7 @@ ADVISOR_INLINE void small_gemm(const float* a, const int64_t* rows, int64_t c, i
 }
 
 // Which kernels run: 0 the best this CPU has, 1 the generic loops (`set_qkernels`, for the tests to hold both
-// against the same reference): the 4-bit formats' and the fp32 experts'.
+// against the same reference): the 4-bit formats', the fp32 experts' and fp32 panel_linear's.
 std::atomic<int> g_qkernel_mode{0};
 
 #if ADVISOR_X86_KERNELS
@@ -537,7 +537,9 @@ void route_rows(const float* x, const float* w, const float* bias, int64_t H, in
 // columns p*16.., zero past N), each contiguous. One panel against R rows of x, given transposed as
 // xt [K][R]: R accumulators of 16 columns, each k one weight vector and R broadcast FMAs; no sums across
 // lanes, and the panels are one sequential stream, read 8 KiB ahead (without that the FMAs of 16 rows left
-// the memory idle: 19 GB/s). Measured on the 2-core Zen 5 here, weights not in cache, against oneDNN's
+// the memory idle: 19 GB/s). The generic loop: where the CPU has AVX2 + FMA, `fpanel_avx2` runs instead (these
+// arrays of 512-bit vectors spill on 256-bit registers, ~1 G weights/s a thread). Measured with 512-bit
+// registers on a 2-core Zen 5, weights not in cache, against oneDNN's
 // packed linear: 16 rows 35 against 26 GB/s on the 16384 x 512 head, 31 against 20 on 1036 x 512; one
 // row 40 against 35 and 34 against 26; 64 rows still 13 against 11 (an [out, in] dot-product kernel tried
 // first stalled at 22 GB/s at 16 rows, its cross-lane sums a quarter of the work).
@@ -715,7 +717,8 @@ ADVISOR_INLINE void qgemm_t(const float* a, const int64_t* rows, int64_t c, int6
 // in memory, round-tripping every accumulator through the stack at each k; and one row's accumulator is one FMA
 // dependency chain, so a single row waits out the FMA latency at every k however fast the decoding. Measured alone
 // on the AVX2 Zen here (1 thread, thread CPU time, 1280 x 512, one row): the generic int4 loop 5.5 G weights/s,
-// fp32 panel_linear 1.0, this int4 kernel 19 and the NVFP4 one 9 (16 rows: 0.2, 1.9 and 1.4 G row-weights/s x 16).
+// the generic fp32 panel loop 1.0, this int4 kernel 19 and the NVFP4 one 9 (16 rows: 0.2, 1.9 and 1.4 G
+// row-weights/s x 16); fp32 has its own AVX2 kernel since (`fpanel_avx2` below, `python -m engine.bench_linear`).
 // What they do instead:
 // - each k's 8 code bytes zero-extended into 8 int32 lanes by one vpmovzxbd (byte j: column j low, j + 8 high);
 //   the low nibbles are `& 15`, the high ones `>> 4`, converted in registers;
@@ -853,6 +856,92 @@ ADVISOR_AVX2 void qgemm4_avx2(const float* a, const int64_t* rows, int64_t c, in
       }
     }
 }
+
+// ---- The AVX2 + FMA kernel of fp32 panel_linear (the generic panel_rows' replacement where the CPU has them),
+// for the reasons above: R rows against one panel, its 16 columns two 256-bit accumulators per row, each k one
+// pair of weight loads and R broadcast FMA pairs, all in registers (R = 6: 12 accumulators, 2 weights and the
+// broadcast, 15 of the 16 ymm registers). Fewer rows keep U independent accumulator pairs per row (one row: 4
+// k in flight, 8 FMA chains), so a single row waits on the memory, not on FMA latency. The rows are read in
+// place (no transposed copy), six at a time, so each loaded panel serves six rows; the first group of a panel
+// asks for the lines 8 KiB ahead (the next panels: the weights are one sequential stream), the later groups
+// find the panel in L1 or L2.
+template <int R, int U, bool PREFETCH>
+ADVISOR_AVX2 ADVISOR_INLINE void fpanel_avx2(const float* const* a, const float* panel, int64_t K, float* const* out,
+                                             int64_t cols) {
+  __m256 c0[R][U], c1[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) c0[r][u] = c1[r][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    for (int u = 0; u < U; ++u) {
+      const float* w = panel + (k + u) * 16;  // one 64-byte line
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + 128 * 16), _MM_HINT_T0);
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(a[r] + k + u);
+        c0[r][u] = _mm256_fmadd_ps(xb, w0, c0[r][u]);
+        c1[r][u] = _mm256_fmadd_ps(xb, w1, c1[r][u]);
+      }
+    }
+  for (; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * 16), w1 = _mm256_loadu_ps(panel + k * 16 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(a[r] + k);
+      c0[r][0] = _mm256_fmadd_ps(xb, w0, c0[r][0]);
+      c1[r][0] = _mm256_fmadd_ps(xb, w1, c1[r][0]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 t0 = c0[r][0], t1 = c1[r][0];
+    for (int u = 1; u < U; ++u) {
+      t0 = _mm256_add_ps(t0, c0[r][u]);
+      t1 = _mm256_add_ps(t1, c1[r][u]);
+    }
+    if (cols == 16) {
+      _mm256_storeu_ps(out[r], t0);
+      _mm256_storeu_ps(out[r] + 8, t1);
+    } else {
+      alignas(32) float t[16];
+      _mm256_store_ps(t, t0);
+      _mm256_store_ps(t + 8, t1);
+      std::copy(t, t + cols, out[r]);
+    }
+  }
+}
+
+template <int R, int U>
+ADVISOR_AVX2 ADVISOR_INLINE void fpanel_group_avx2(const float* const* a, const float* panel, int64_t K,
+                                                   float* const* out, int64_t cols, bool first) {
+  if (first) fpanel_avx2<R, U, true>(a, panel, K, out, cols);
+  else fpanel_avx2<R, U, false>(a, panel, K, out, cols);
+}
+
+// out [M, N] = x [M, K] @ W for panels [p0, p1) (W in column panels [P][K][16]).
+ADVISOR_AVX2 void panel_cols_avx2(const float* x, int64_t M, const float* W, int64_t K, int64_t N, int64_t p0,
+                                  int64_t p1, float* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = W + p * K * 16;
+    const int64_t cols = std::min<int64_t>(16, N - p * 16);
+    for (int64_t m = 0; m < M; m += 6) {
+      const int R = (int)std::min<int64_t>(6, M - m);
+      const float* a[6];
+      float* o[6];
+      for (int r = 0; r < R; ++r) {
+        a[r] = x + (m + r) * K;
+        o[r] = out + (m + r) * N + p * 16;
+      }
+      const bool first = m == 0;
+      switch (R) {  // FMA chains in flight: 12 from three rows, 8 for one, two or four
+        case 6: fpanel_group_avx2<6, 1>(a, panel, K, o, cols, first); break;
+        case 5: fpanel_group_avx2<5, 1>(a, panel, K, o, cols, first); break;
+        case 4: fpanel_group_avx2<4, 1>(a, panel, K, o, cols, first); break;
+        case 3: fpanel_group_avx2<3, 2>(a, panel, K, o, cols, first); break;
+        case 2: fpanel_group_avx2<2, 2>(a, panel, K, o, cols, first); break;
+        default: fpanel_group_avx2<1, 4>(a, panel, K, o, cols, first); break;
+      }
+    }
+  }
+}
 #endif
 
 bool use_avx2_q4(int fmt, const QMat& q) {
@@ -961,6 +1050,17 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
               "panel_linear: x ", x.sizes(), " and weight panels ", panels.sizes(), " do not match ", N,
               " outputs");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  // at least ~64 KiB of weights per task: below that, waking a second thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(16, 16 * K));
+#if ADVISOR_X86_KERNELS
+  if (use_avx2_f32()) {
+    auto out = torch::empty({M, N}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = panels.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) { panel_cols_avx2(xp, M, wp, K, N, b, e, op); });
+    return out;
+  }
+#endif
   const int64_t full = M / 16 * 16, rest = M - full;
   const int64_t tail_r = rest == 0 ? 0 : rest <= 1 ? 1 : rest <= 2 ? 2 : rest <= 4 ? 4 : rest <= 8 ? 8 : 16;
   // x transposed per group of rows, padded with zero rows (their outputs go to spare rows, dropped)
@@ -972,8 +1072,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
   }
   auto out = torch::empty({full + tail_r, N}, x.options());
   float* op = out.data_ptr<float>();
-  // at least ~64 KiB of weights per task: below that, waking a second thread costs more than it saves
-  at::parallel_for(0, P, std::max<int64_t>(1, (1 << 14) / (16 * K)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) {
     panel_cols(xt.data(), M, panels.data_ptr<float>(), K, N, b, e, tail_r, op);
   });
   return out.narrow(0, 0, M);  // without the padded group's spare rows
@@ -1511,8 +1610,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales
   return out;
 }
 
-// 0: the best 4-bit kernels this CPU has (AVX2 + FMA where present); 1: the generic loops. Returns the kernels
-// the 4-bit formats then run ("avx2" or "generic"). For the tests: both against one reference.
+// 0: the best kernels this CPU has (AVX2 + FMA where present); 1: the generic loops. Returns the kernels the 4-bit
+// formats then run ("avx2" or "generic"; the fp32 experts and panel_linear follow the same switch). For the tests
+// and benchmarks: both against one reference.
 std::string set_qkernels(int64_t mode) {
   TORCH_CHECK(mode == 0 || mode == 1, "set_qkernels: mode 0 (best) or 1 (generic), got ", mode);
   g_qkernel_mode.store((int)mode);
