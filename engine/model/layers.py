@@ -117,9 +117,10 @@ class Linear(nn.Module):
     - fp32 with the compiled CPU ops there: `ColumnPanels` [ceil(out/16), in, 16] (`to_panels`), which the
       `panel_linear` op reads as one sequential stream for up to 128 rows (decode, short prompts); longer
       inputs unpack the panels for the call and run oneDNN's linear on the plain weight (as fast as on its
-      packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured on the 2-core
-      Zen 5 here (weights not in cache, 16 rows / one): the 16384 x 512 head 0.96 / 0.84 ms against
-      1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512 68 / 63 us against 104 / 82.
+      packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured with the op's
+      generic loop on a 2-core Zen 5 with 512-bit registers (weights not in cache, 16 rows / one): the
+      16384 x 512 head 0.96 / 0.84 ms against 1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512
+      68 / 63 us against 104 / 82. AVX2 CPUs run the op's AVX2 kernel (`python -m engine.bench_linear`).
     - otherwise, projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked
       layout (`OneDNNPacked`) and run through its linear (on the 2-core AVX2 CPU measured before: the head
       3.6 against 9.4 ms for sixteen rows through MKL). `ADVISOR_CPU_ONEDNN=0` keeps those on MKL.
@@ -172,9 +173,10 @@ class Linear(nn.Module):
         self.weight = None
 
 
-# Up to this many rows a panel-laid projection runs the compiled op. Measured here against the unpacked
-# weight through oneDNN (the alternative for these layouts, before the copy): 128 rows of the 1036 x 512
-# qkvg 0.37 against 0.45 ms, the head 10.9 against 11.7; at 2048 rows oneDNN leads (5.3 against 6.1).
+# Up to this many rows a panel-laid projection runs the compiled op. Measured with its generic loop (512-bit
+# registers) against the unpacked weight through oneDNN (the alternative for these layouts, before the copy):
+# 128 rows of the 1036 x 512 qkvg 0.37 against 0.45 ms, the head 10.9 against 11.7; at 2048 rows oneDNN leads
+# (5.3 against 6.1). Not yet re-measured for the AVX2 kernel (`engine.bench_linear --rows 64 128`).
 PANEL_ROWS = 128
 
 
