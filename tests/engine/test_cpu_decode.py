@@ -10,6 +10,7 @@ from engine.model import cpu_decode
 from engine.model.cache import KVCache
 from engine.model.layers import RMSNorm
 from engine.model.moe import MoE, block16, experts_torch, route, unblock16
+from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 from tests.engine.step_models import TEXT_A, TEXT_B, build_reference, save_reference
 
 ops = cpu_decode.ops()
@@ -35,18 +36,11 @@ def test_rms_norm_matches_the_pytorch_norm(residual, monkeypatch):
         _close(a, b)
 
 
-@pytest.fixture(params=["best", "generic"])
+@pytest.fixture(params=KERNEL_SETS)
 def expert_kernels(request):
-    """Which fp32 expert kernels run; the CPU's best must be the AVX2 ones where the CPU has AVX2."""
-    mode = 0 if request.param == "best" else 1
-    ops.set_qkernels(mode)
-    name = ops.experts_kernel()
-    if mode == 1:
-        assert name == "generic"
-    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert name == "avx2"
-    yield name
-    ops.set_qkernels(0)
+    """Which fp32 expert kernels run."""
+    with kernel_set(ops, request.param, running=ops.experts_kernel) as name:
+        yield name
 
 
 @needs_ops

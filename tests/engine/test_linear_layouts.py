@@ -19,6 +19,7 @@ from engine.model.layers import (
     from_panels,
     to_panels,
 )
+from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 
 
 def _linear(out_f: int, in_f: int, seed: int = 0) -> tuple[Linear, torch.Tensor]:
@@ -114,18 +115,12 @@ def test_bf16_projections_are_not_packed():
     assert isinstance(m.layout, KMajor)
 
 
-@pytest.fixture(params=["best", "generic"])
+@pytest.fixture(params=KERNEL_SETS)
 def fp32_kernels(request):
-    """Which fp32 panel kernel runs; the CPU's best must be the AVX2 one where the CPU has AVX2."""
+    """Which fp32 panel kernel runs."""
     ops = cpu_decode.ops()
-    mode = 0 if request.param == "best" else 1
-    name = ops.set_qkernels(mode)
-    if mode == 1:
-        assert name == "generic"
-    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert name == "avx2"
-    yield ops
-    ops.set_qkernels(0)
+    with kernel_set(ops, request.param):
+        yield ops
 
 
 @pytest.mark.skipif(cpu_decode.ops() is None, reason="no C++ toolchain: the other layouts run instead")

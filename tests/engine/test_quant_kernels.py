@@ -13,12 +13,12 @@ from engine.model.layers import swiglu
 from engine.model.moe import route
 from engine.quant import formats as F
 from engine.quant.packed import from_checkpoint
+from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 
 ops = cpu_decode.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="the compiled CPU ops are not built here")
 
 FORMATS = [("fp8", 128), ("int4", 32), ("int4", 128), ("nvfp4", 16)]
-KERNELS = ["best", "generic"]
 
 
 def _qweight(fmt, group, w):
@@ -34,17 +34,11 @@ def _qweight(fmt, group, w):
     return from_checkpoint(fmt, group, t, tuple(w.shape))
 
 
-@pytest.fixture(params=KERNELS)
+@pytest.fixture(params=KERNEL_SETS)
 def kernels(request):
-    """Which 4-bit kernels run; the CPU's best must be the AVX2 ones where the CPU has AVX2."""
-    mode = 0 if request.param == "best" else 1
-    name = ops.set_qkernels(mode)
-    if mode == 1:
-        assert name == "generic"
-    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert name == "avx2"
-    yield name
-    ops.set_qkernels(0)
+    """Which 4-bit kernels run."""
+    with kernel_set(ops, request.param) as name:
+        yield name
 
 
 def _rel(a, b):
