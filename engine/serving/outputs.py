@@ -9,6 +9,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from engine.serving.sequence import TokenLogprobs
+from engine.text.chat_parse import held_suffix
 
 
 class Detokenizer:
@@ -79,20 +80,9 @@ class TextOutput:
         if hits:
             self.stopped, self.pending = True, ""
             return text[: min(hits)]
-        keep = 0 if final else _longest_stop_prefix(text, self.stop)
+        keep = 0 if final else held_suffix(text, self.stop)
         self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
-
-
-def _longest_stop_prefix(text: str, stop: tuple[str, ...]) -> int:
-    """The length of the longest suffix of `text` that some stop string starts with (shorter than it)."""
-    best = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 # ------------------------------------------------------------------------------------ log-probabilities

@@ -129,8 +129,9 @@ class _Channel:
         return self.push(text)
 
 
-def _held_suffix(buf: str, markers: Sequence[str]) -> int:
-    """Length of the longest suffix of buf that is a proper prefix of some marker."""
+def held_suffix(buf: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of buf that is a proper prefix of some marker: what a streaming
+    reader holds back while it could still become one (markers here, stop strings in serving)."""
     best = 0
     for m in markers:
         for n in range(min(len(m) - 1, len(buf)), best, -1):
@@ -228,7 +229,7 @@ class StreamingParser:
     def _step_text(self, delta: ChatDelta, final: bool, markers: Sequence[str], reasoning: bool) -> bool:
         pos, marker = _find_first(self._buf, markers)
         if pos < 0:
-            keep = 0 if final else _held_suffix(self._buf, markers)
+            keep = 0 if final else held_suffix(self._buf, markers)
             text, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
             self._emit(delta, text, reasoning)
             return False
