@@ -41,7 +41,10 @@ These ops collapse each cluster into one call:
   generic loop; `set_qkernels(1)` forces the generic one (tests, `python -m engine.bench_linear`).
 - `mtp_layer(...)`: one MTP layer's drafting round over block tables (`engine.serving.speculation`): the
   embedding, enorm / hnorm and eh_proj, its block (a dense MLP; attention as `paged_attention`), the head
-  and its argmax at each sequence's last token, in one call instead of a dozen small ops and their glue.
+  and its argmax at each sequence's last token, in one call instead of a dozen small ops and their glue
+  (eh_proj and the head as column panels);
+- `mtp_draft(...)`: a whole greedy drafting round, every MTP layer chained (layer j's drafts and stream
+  feeding layer j + 1) for all speculating sequences, with `PagedDrafter.draft`'s firm ends and carried rows.
 The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
 at load time; exp is vectorised (softmax, SwiGLU).
 The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.RMSNorm` and `Linear`) take them only where `usable`

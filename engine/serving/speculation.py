@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import cpu_decode
-from engine.model.layers import MLP, PANEL_ROWS, ColumnPanels, rope_tables
+from engine.model.layers import MLP, PANEL_ROWS, ColumnPanels, rope_tables, to_panels
 from engine.model.mtp import head_logits, mtp_config
 from engine.model.sampling import draw
 from engine.model.speculative import _dist, accept_sampled
@@ -98,7 +98,8 @@ class PagedDrafter:
             w = [
                 layer.enorm.scale(),
                 layer.hnorm.scale(),
-                layer.eh_proj.contiguous(),
+                # eh_proj and the head in panels for the op's kernels (a copy: the modules keep theirs)
+                to_panels(layer.eh_proj.detach()),
                 block.input_norm.scale(),
                 attn.qkvg.layout.panels,
                 attn.q_norm.scale(),
@@ -108,7 +109,7 @@ class PagedDrafter:
                 mlp.gate_up.layout.panels,
                 mlp.down.layout.panels,
                 layer.head_norm.scale(),
-                layer.head.contiguous(),
+                to_panels(layer.head.detach()),
             ]
             if cpu_decode.usable(*w, self.model.embed, self.cache.k[j]):
                 self._weights[j] = w
@@ -121,9 +122,7 @@ class PagedDrafter:
         t = layer.block.attention_type
         w = self._fused_weights(j - 1) if self.cache.use_cpu_op and hid.shape[0] <= PANEL_ROWS else None
         if w is not None:
-            table = [c.tables[t] for c in chunks]
-            width = max(len(tb) for tb in table)
-            tables = torch.tensor([[-1 if b is None else b for b in tb] + [-1] * (width - len(tb)) for tb in table])
+            tables = _table_tensor([c.tables[t] for c in chunks])
             cu = [0]
             for c in chunks:
                 cu.append(cu[-1] + c.n)
@@ -176,7 +175,7 @@ class PagedDrafter:
             spec.drafts, spec.q = [], None
             if cap > 0:
                 todo.append((s, cap))
-        if not todo:
+        if not todo or self._draft_chained(todo):
             return
         prev: dict[int, torch.Tensor] = {}  # layer j-1's stream this round, per sequence
         new_firm: dict[int, list[int]] = {s.id: [s.num_computed] for s, _ in todo}
@@ -223,6 +222,84 @@ class PagedDrafter:
             spec.firm[: cap + 1] = new_firm[s.id]
             if qs[s.id]:
                 spec.q = torch.stack(qs[s.id])
+
+
+    def _chain(self, todo: list[tuple[Sequence, int]]) -> str | None:
+        """The attention type of the MTP layers where `mtp_draft` can run this round's greedy drafts in one
+        call (compiled weights for every layer it needs, one attention type, at most PANEL_ROWS rows a
+        layer), else None."""
+        if not self.cache.use_cpu_op or any(s.params.temperature > 0 for s, _ in todo):
+            return None
+        k = max(c for _, c in todo)
+        blocks = [self.model.mtp[j].block for j in range(k)]
+        types = {b.attention_type for b in blocks}
+        shapes = {(b.attn.h, b.attn.scale, b.attn.q_norm.eps, b.mlp.inter, b.mlp.limit) for b in blocks}
+        if len(types) != 1 or len(shapes) != 1 or any(self._fused_weights(j) is None for j in range(k)):
+            return None
+        for j in range(1, k + 1):
+            if sum(s.num_computed - s.spec.firm[j] for s, c in todo if c >= j) > PANEL_ROWS:
+                return None
+        return types.pop()
+
+    def _draft_chained(self, todo: list[tuple[Sequence, int]]) -> bool:
+        """Greedy drafts of every layer for all of `todo` in one `mtp_draft` call (the rule of the loop in
+        `draft`, which runs where this returns False): on a small model a round's cost is the glue between
+        the layers, not their maths."""
+        t = self._chain(todo)
+        if t is None:
+            return False
+        k = max(c for _, c in todo)
+        tables = _table_tensor([s.tables[t] for s, _ in todo])
+        ms, caps, firm, toks, froms, carry = [], [], [], [], [], []
+        for s, cap in todo:
+            spec, m = s.spec, s.num_computed
+            lo = spec.firm[1 : cap + 1]
+            a = min(f + j for j, f in enumerate(lo, 1))
+            ms.append(m)
+            caps.append(cap)
+            firm.append(lo)
+            froms.append(a)
+            toks.append(_tokens(s, a, m + 1, []))
+            carry.append([c if c is not None else _EMPTY for c in spec.carry[1 : cap + 1]])
+        first = self.model.mtp[0]
+        attn = first.block.attn
+        drafts, new_firm, new_carry = cpu_decode.ops().mtp_draft(
+            self.model.embed,
+            [self._fused_weights(j) for j in range(k)],
+            [self.model.inv_freq[t]] * k,
+            [self.cache.k[j] for j in range(k)],
+            [self.cache.v[j] for j in range(k)],
+            tables,
+            ms,
+            caps,
+            firm,
+            toks,
+            froms,
+            carry,
+            self.cache.block_size,
+            self.cache.windows()[t] or 0,
+            attn.h,
+            first.block.mlp.inter,
+            attn.q_norm.eps,
+            attn.scale,
+            first.block.mlp.limit,
+        )
+        for (s, cap), d, f, c in zip(todo, drafts, new_firm, new_carry, strict=True):
+            spec = s.spec
+            spec.drafts = d
+            spec.firm[: cap + 1] = f
+            for j, rows in enumerate(c, 1):
+                spec.carry[j] = rows if rows.shape[0] else None
+        return True
+
+
+_EMPTY = torch.empty(0)
+
+
+def _table_tensor(tables: list[list[int | None]]) -> torch.Tensor:
+    """Block tables [N, width] int64 for the compiled ops: -1 where a block is freed or absent."""
+    width = max(len(tb) for tb in tables)
+    return torch.tensor([[-1 if b is None else b for b in tb] + [-1] * (width - len(tb)) for tb in tables])
 
 
 def _tokens(seq: Sequence, a: int, b: int, drafts: list[int]) -> list[int]:

@@ -3,6 +3,7 @@ different numbers of drafts), rejection sampling's distribution, options and err
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from engine.model.speculative import accept_sampled
 from engine.serving import EngineCore, SamplingParams, ServingConfig
 from engine.serving.model_runner import ModelRunner
 from engine.serving.speculation import PagedDrafter
-from tests.engine.mtp_models import mtp_checkpoint
+from tests.engine.mtp_models import TEXT_MTP, add_mtp_layers, mtp_checkpoint
 from tests.engine.step_models import TEXT_B, build_reference, save_reference
 
 
@@ -89,6 +90,68 @@ def test_rows_accepting_different_counts_keep_plain_greedy_output(llm, monkeypat
     s = llm.last_speculation
     assert s.accepted == sum(n - 1 for step in steps for n in step)
     assert llm.core.blocks.pools["full_attention"].num_in_use == 0
+
+
+@pytest.fixture(scope="module")
+def dense_llm(tmp_path_factory):
+    """MTP layers as the release's and `training.mtp`'s (sliding attention, a dense MLP), which the chained
+    `mtp_draft` op runs."""
+    from training.mtp import with_mtp_config
+
+    path = tmp_path_factory.mktemp("mtp_dense") / "plain"
+    text = copy.deepcopy(TEXT_MTP)
+    n = text["num_hidden_layers"]
+    text["num_nextn_predict_layers"] = 0
+    per_layer = ("layer_types", "rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared")
+    for key in per_layer:
+        text[key] = text[key][:n]
+    save_reference(build_reference(text, seed=6), path)
+    mtp = with_mtp_config(path, 3, path.parent / "mtp")
+    for f in path.iterdir():
+        if f.name != "config.json":
+            (mtp / f.name).write_bytes(f.read_bytes())
+    return LLM.from_pretrained(add_mtp_layers(mtp, seed=7))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_chained_drafting_is_the_layer_loop(dense_llm, monkeypatch, batch):
+    """A greedy round through `mtp_draft` (every layer in one call) leaves each sequence the drafts, firm
+    ends and carried rows that the layer-by-layer loop computes from the same state, while rows accept
+    every count from 0 to k; outputs stay plain decoding's."""
+    llm = dense_llm
+    assert all(type(layer.block.mlp).__name__ == "MLP" for layer in llm.model.mtp)
+    prompts = _random_prompts(batch)
+    plain = llm.generate_static(prompts, 30, stop_token_ids=[])
+    real, loop = PagedDrafter._draft_chained, PagedDrafter.draft  # the drafter's own, before the oracle's
+    rounds: list[list[int]] = []
+
+    def chained(self, todo):
+        before = [(s.spec.firm[:], list(s.spec.carry)) for s, _ in todo]
+        if not real(self, todo):
+            return False
+        rounds.append([cap for _, cap in todo])
+        got = [(s.spec.drafts, s.spec.firm[:], list(s.spec.carry)) for s, _ in todo]
+        for (s, _), (firm, carry) in zip(todo, before, strict=True):
+            s.spec.firm[:], s.spec.carry[:] = firm, carry
+        monkeypatch.setattr(PagedDrafter, "_draft_chained", lambda self, todo: False)
+        try:
+            loop(self, [s for s, _ in todo])
+        finally:
+            monkeypatch.setattr(PagedDrafter, "_draft_chained", chained)
+        for (s, _), (drafts, firm, carry) in zip(todo, got, strict=True):
+            assert (s.spec.drafts, s.spec.firm) == (drafts, firm)
+            for a, b in zip(s.spec.carry, carry, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+        return True
+
+    monkeypatch.setattr(PagedDrafter, "_draft_chained", chained)
+    steps = _oracle(monkeypatch, plain, prompts, seed=batch)
+    spec = llm.generate(prompts, 30, stop_token_ids=[], speculative="mtp", num_speculative_tokens=3)
+    assert spec == plain
+    assert {n for step in steps for n in step} == {1, 2, 3, 4}
+    assert len(rounds) > 5 and {3, 2} <= {c for r in rounds for c in r}  # caps shrink near max_tokens
+    if batch > 1:
+        assert max(len(r) for r in rounds) > 8
 
 
 def _definition_drafts(llm, tokens: list[int], k: int) -> list[int]:

@@ -1699,11 +1699,118 @@ torch::Tensor decode_moe_q(torch::Tensor x, torch::Tensor router, torch::Tensor 
   return out;
 }
 
+
 namespace {
 
-ADVISOR_CLONES
-void swiglu_rows(float* h, int64_t T, int64_t I, float limit) {
-  for (int64_t t = 0; t < T; ++t) swiglu_row(h + t * 2 * I, I, limit, 1.f);
+// x [M, K] @ panels into out [M, N] (rows of stride N), the same kernels as panel_linear, no allocation.
+void panel_into(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
+  const int64_t P = (N + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(16, 16 * K));
+#if ADVISOR_X86_KERNELS
+  if (use_avx2_f32()) {
+    at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) { panel_cols_avx2(x, M, panels, K, N, b, e, out); });
+    return;
+  }
+#endif
+  auto xt = torch::from_blob(const_cast<float*>(x), {M, K}, torch::kFloat32);
+  auto w = torch::from_blob(const_cast<float*>(panels), {P, K, 16}, torch::kFloat32);
+  const auto y = panel_linear(xt, w, N);
+  std::copy(y.data_ptr<float>(), y.data_ptr<float>() + M * N, out);
+}
+
+// What one MTP layer needs besides its weights: the embedding, RoPE, the paged KV and its tables.
+struct MtpCtx {
+  const float* embed;
+  int64_t V, H;
+  torch::Tensor inv_freq, k_cache, v_cache, tables;
+  int64_t block_size, window, Hq, inter;
+  float eps, scale, limit;
+};
+
+void check_mtp_weights(const std::vector<torch::Tensor>& w, int64_t H, int64_t V, const char* op) {
+  TORCH_CHECK(w.size() == 13, op, ": 13 weights expected, got ", w.size());
+  for (const auto& t : w) check_f32(t, op, "an MTP weight");
+  TORCH_CHECK(w[2].dim() == 3 && w[2].size(0) == (H + 15) / 16 && w[2].size(1) == 2 * H, op,
+              ": eh_proj must be in column panels [H/16, 2H, 16]");
+  TORCH_CHECK(w[12].dim() == 3 && w[12].size(0) == (V + 15) / 16 && w[12].size(1) == H, op,
+              ": the head must be in column panels [V/16, H, 16]");
+}
+
+// One MTP layer over the flat tokens ids [T] with their hidden rows [T, H] (sequence i owning the flat tokens
+// [cu[i], cu[i+1]) at positions start[i], start[i] + 1, ...): returns its stream [T, H] and, for the flat
+// rows `last`, the head's logits [len(last), V] (written to `logits` when it is defined).
+torch::Tensor mtp_forward(const MtpCtx& c, const std::vector<torch::Tensor>& w, const int64_t* ids, const float* hidden,
+                          int64_t T, const std::vector<int64_t>& cu, const std::vector<int64_t>& start,
+                          int64_t rope_offset, const std::vector<int64_t>& last, float* logits) {
+  const int64_t H = c.H, V = c.V, Hkv = c.k_cache.size(1), D = c.k_cache.size(2);
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  // cat[enorm(embed(ids)), hnorm(hidden)] in one buffer, then eh_proj
+  std::vector<float> xin(T * 2 * H);
+  for (int64_t t = 0; t < T; ++t) {
+    norm_row(c.embed + ids[t] * H, w[0].data_ptr<float>(), c.eps, H, xin.data() + t * 2 * H);
+    norm_row(hidden + t * H, w[1].data_ptr<float>(), c.eps, H, xin.data() + t * 2 * H + H);
+  }
+  auto x = torch::empty({T, H}, opts);
+  panel_into(xin.data(), T, 2 * H, w[2].data_ptr<float>(), H, x.data_ptr<float>());
+  // RoPE tables at the tokens' positions (engine.model.layers.rope_cos_sin: the angles in fp32, halves repeated)
+  const int64_t F = c.inv_freq.numel();
+  auto cos = torch::empty({T, 2 * F}, opts), sin = torch::empty({T, 2 * F}, opts);
+  {
+    const float* f = c.inv_freq.data_ptr<float>();
+    float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    for (size_t i = 0; i + 1 < cu.size(); ++i) {
+      for (int64_t t = cu[i]; t < cu[i + 1]; ++t) {
+        const float pos = (float)std::max<int64_t>(0, start[i] + (t - cu[i]) + rope_offset);
+        for (int64_t j = 0; j < F; ++j) {
+          const float a = pos * f[j];
+          cp[t * 2 * F + j] = cp[t * 2 * F + F + j] = std::cos(a);
+          sp[t * 2 * F + j] = sp[t * 2 * F + F + j] = std::sin(a);
+        }
+      }
+    }
+  }
+  const auto cu_t = torch::tensor(cu, torch::kInt64), start_t = torch::tensor(start, torch::kInt64);
+  const auto qkvg = panel_linear(rms_norm(x, {}, w[3], c.eps)[1], w[4], c.Hq * D + 2 * Hkv * D + c.Hq);
+  const auto att = paged_attention(qkvg, w[5], w[6], cos, sin, c.k_cache, c.v_cache, c.tables, cu_t, start_t,
+                                   c.block_size, c.window, c.Hq, c.eps, c.scale);
+  const auto mid = rms_norm(panel_linear(att, w[7], H), x, w[8], c.eps);  // {x + attention, its norm}
+  const int64_t I = c.inter;
+  std::vector<float> gu(T * 2 * I), act(T * I);
+  panel_into(mid[1].data_ptr<float>(), T, H, w[9].data_ptr<float>(), 2 * I, gu.data());
+  for (int64_t t = 0; t < T; ++t) {
+    swiglu_row(gu.data() + t * 2 * I, I, c.limit, 1.f);
+    std::copy(gu.data() + t * 2 * I, gu.data() + t * 2 * I + I, act.data() + t * I);
+  }
+  auto stream = torch::empty({T, H}, opts);
+  float* sp = stream.data_ptr<float>();
+  panel_into(act.data(), T, I, w[10].data_ptr<float>(), H, sp);
+  const float* res = mid[0].data_ptr<float>();
+  for (int64_t i = 0; i < T * H; ++i) sp[i] += res[i];
+  if (logits != nullptr && !last.empty()) {
+    const int64_t L = last.size();
+    std::vector<float> hn(L * H);
+    for (int64_t r = 0; r < L; ++r) norm_row(sp + last[r] * H, w[11].data_ptr<float>(), c.eps, H, hn.data() + r * H);
+    panel_into(hn.data(), L, H, w[12].data_ptr<float>(), V, logits);
+  }
+  return stream;
+}
+
+int64_t argmax_row(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;
+  return best;
+}
+
+MtpCtx mtp_ctx(const torch::Tensor& embed, const torch::Tensor& inv_freq, const torch::Tensor& k_cache,
+               const torch::Tensor& v_cache, const torch::Tensor& tables, int64_t block_size, int64_t window,
+               int64_t Hq, int64_t inter, double eps, double scale, double limit, const char* op) {
+  check_f32(embed, op, "embed");
+  check_f32(inv_freq, op, "inv_freq");
+  TORCH_CHECK(embed.dim() == 2, op, ": embed [V, H] expected");
+  TORCH_CHECK(k_cache.dim() == 3, op, ": caches [num_blocks * block_size, Hkv, D] expected");
+  return MtpCtx{embed.data_ptr<float>(), embed.size(0), embed.size(1), inv_freq, k_cache, v_cache, tables,
+                block_size, window, Hq, inter, (float)eps, (float)scale, (float)limit};
 }
 
 }  // namespace
@@ -1714,9 +1821,9 @@ void swiglu_rows(float* h, int64_t T, int64_t I, float limit) {
 // start[i] + 1, ...), and for the flat rows `last` the layer's head, head(head_norm(stream)). RoPE turns
 // position p by p + rope_offset (the position of the token the layer embeds). A drafting round is a few
 // tokens per sequence, so the Python glue between a dozen ops cost more than their maths; here it is one
-// call. w: enorm, hnorm (norm scales, 1 + w), eh_proj [H, 2H], input_norm, qkvg panels, q_norm, k_norm, o
-// panels, post_attn_norm, gate_up panels (2 * inter outputs), down panels, head_norm, head [V, H].
-// Returns {stream [T, H], logits [len(last), V], their argmax [len(last)]}.
+// call. w: enorm, hnorm (norm scales, 1 + w), eh_proj panels [H/16, 2H, 16], input_norm, qkvg panels,
+// q_norm, k_norm, o panels, post_attn_norm, gate_up panels (2 * inter outputs), down panels, head_norm,
+// head panels [V/16, H, 16]. Returns {stream [T, H], logits [len(last), V], their argmax [len(last)]}.
 std::vector<torch::Tensor> mtp_layer(torch::Tensor ids, torch::Tensor hidden, torch::Tensor embed,
                                      std::vector<torch::Tensor> w, torch::Tensor inv_freq, int64_t rope_offset,
                                      torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
@@ -1724,13 +1831,12 @@ std::vector<torch::Tensor> mtp_layer(torch::Tensor ids, torch::Tensor hidden, to
                                      int64_t block_size, int64_t window, int64_t Hq, int64_t inter, double eps,
                                      double scale, double limit) {
   const char* op = "mtp_layer";
-  TORCH_CHECK(w.size() == 13, op, ": 13 weights expected, got ", w.size());
+  const MtpCtx c = mtp_ctx(embed, inv_freq, k_cache, v_cache, tables, block_size, window, Hq, inter, eps, scale,
+                           limit, op);
+  check_mtp_weights(w, c.H, c.V, op);
   check_f32(hidden, op, "hidden");
-  check_f32(embed, op, "embed");
-  check_f32(inv_freq, op, "inv_freq");
-  TORCH_CHECK(hidden.dim() == 2 && embed.dim() == 2 && embed.size(1) == hidden.size(1), op,
-              ": hidden [T, H] and embed [V, H] expected");
-  const int64_t T = hidden.size(0), H = hidden.size(1), V = embed.size(0);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == c.H, op, ": hidden [T, H] and embed [V, H] expected");
+  const int64_t T = hidden.size(0), V = c.V;
   TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1 && ids.numel() == T, op, ": ids must be ", T,
               " int64 token ids");
   TORCH_CHECK(cu.size() == start.size() + 1 && cu.front() == 0 && cu.back() == T, op, ": cu must run from 0 to ",
@@ -1739,37 +1845,111 @@ std::vector<torch::Tensor> mtp_layer(torch::Tensor ids, torch::Tensor hidden, to
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(ip[t] >= 0 && ip[t] < V, op, ": token id ", ip[t], " out of range [0, ", V, ")");
   for (int64_t r : last) TORCH_CHECK(r >= 0 && r < T, op, ": head row ", r, " not among the ", T, " tokens");
-  const int64_t Hkv = k_cache.size(1), D = k_cache.size(2);
-  const auto in = embed.index_select(0, ids);
-  const auto x = at::linear(at::cat({rms_norm(in, {}, w[0], eps)[1], rms_norm(hidden, {}, w[1], eps)[1]}, 1), w[2]);
-  // RoPE tables at the tokens' positions (engine.model.layers.rope_cos_sin: the angles in fp32, halves repeated)
-  const int64_t F = inv_freq.numel();
-  auto cos = torch::empty({T, 2 * F}, hidden.options()), sin = torch::empty({T, 2 * F}, hidden.options());
-  {
-    const float* f = inv_freq.data_ptr<float>();
-    float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
-    for (size_t i = 0; i + 1 < cu.size(); ++i) {
-      for (int64_t t = cu[i]; t < cu[i + 1]; ++t) {
-        const float pos = (float)std::max<int64_t>(0, start[i] + (t - cu[i]) + rope_offset);
-        for (int64_t j = 0; j < F; ++j) {
-          const float a = pos * f[j];
-          c[t * 2 * F + j] = c[t * 2 * F + F + j] = std::cos(a);
-          s[t * 2 * F + j] = s[t * 2 * F + F + j] = std::sin(a);
-        }
+  auto logits = torch::empty({(int64_t)last.size(), V}, hidden.options());
+  auto picks = torch::empty({(int64_t)last.size()}, torch::kInt64);
+  const auto stream =
+      mtp_forward(c, w, ip, hidden.data_ptr<float>(), T, cu, start, rope_offset, last, logits.data_ptr<float>());
+  for (size_t r = 0; r < last.size(); ++r) picks.data_ptr<int64_t>()[r] = argmax_row(logits.data_ptr<float>() + r * V, V);
+  return {stream, logits, picks};
+}
+
+// A greedy drafting round of the chained MTP layers for N sequences in one call (engine.serving.speculation,
+// PagedDrafter.draft's rule, which this follows step for step). Sequence i is in decode with m[i] computed
+// positions and drafts caps[i] tokens; firm[i][j-1] is layer j's firm end (j = 1..caps[i]), carry[i][j-1]
+// layer j's carried input rows (positions [firm_j, firm_{j-1}), for layer 1 [firm_1, m)), tokens[i] its
+// tokens from position tok_from[i] to m[i]. Layer j computes positions [firm_j, m) of every sequence with
+// caps >= j, reading x_{p+j} (a draft past m) and layer j-1's input carried plus its stream of this round,
+// and drafts the argmax of its head at the last one. All layers share one attention type: `tables` [N, width]
+// and `window`. Returns, per sequence, (drafts, the new firm ends [m, firm_1, ..], the new carries).
+std::tuple<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>,
+           std::vector<std::vector<torch::Tensor>>>
+mtp_draft(torch::Tensor embed, std::vector<std::vector<torch::Tensor>> layers, std::vector<torch::Tensor> inv_freqs,
+          std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches, torch::Tensor tables,
+          std::vector<int64_t> m, std::vector<int64_t> caps, std::vector<std::vector<int64_t>> firm,
+          std::vector<std::vector<int64_t>> tokens, std::vector<int64_t> tok_from,
+          std::vector<std::vector<torch::Tensor>> carry, int64_t block_size, int64_t window, int64_t Hq,
+          int64_t inter, double eps, double scale, double limit) {
+  const char* op = "mtp_draft";
+  const int64_t N = m.size(), K = layers.size();
+  TORCH_CHECK(caps.size() == (size_t)N && firm.size() == (size_t)N && tokens.size() == (size_t)N &&
+                  tok_from.size() == (size_t)N && carry.size() == (size_t)N && tables.dim() == 2 &&
+                  tables.size(0) == N,
+              op, ": one entry per sequence expected in every per-sequence argument");
+  TORCH_CHECK(inv_freqs.size() == (size_t)K && k_caches.size() == (size_t)K && v_caches.size() == (size_t)K, op,
+              ": one RoPE table and cache per layer expected");
+  int64_t kmax = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(caps[i] >= 0 && caps[i] <= K && (int64_t)firm[i].size() >= caps[i] &&
+                    (int64_t)carry[i].size() >= caps[i] && tok_from[i] >= 0 &&
+                    (int64_t)tokens[i].size() == m[i] + 1 - tok_from[i],
+                op, ": sequence ", i, "'s cap, firm ends, carries or tokens do not match");
+    kmax = std::max(kmax, caps[i]);
+  }
+  std::vector<MtpCtx> ctx;
+  for (int64_t j = 0; j < K; ++j) {
+    ctx.push_back(mtp_ctx(embed, inv_freqs[j], k_caches[j], v_caches[j], tables, block_size, window, Hq, inter, eps,
+                          scale, limit, op));
+    check_mtp_weights(layers[j], ctx[j].H, ctx[j].V, op);
+  }
+  const int64_t H = embed.size(1), V = embed.size(0);
+  std::vector<std::vector<int64_t>> drafts(N), new_firm(N);
+  std::vector<std::vector<torch::Tensor>> new_carry(N);
+  std::vector<torch::Tensor> prev(N);  // layer j-1's stream this round, positions [its old firm, m)
+  for (int64_t i = 0; i < N; ++i) new_firm[i].push_back(m[i]);
+  std::vector<float> logits;
+  for (int64_t j = 1; j <= kmax; ++j) {
+    std::vector<int64_t> ids, cu{0}, start, last, group;
+    std::vector<float> hid;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t lo = caps[i] >= j ? firm[i][j - 1] : m[i];
+      const int64_t n = m[i] - lo;
+      start.push_back(lo);
+      if (caps[i] < j) {
+        cu.push_back(cu.back());
+        continue;
       }
+      TORCH_CHECK(n > 0, op, ": sequence ", i, "'s layer ", j, " has nothing to compute");
+      const auto& c = carry[i][j - 1];
+      const int64_t have = c.defined() ? c.size(0) : 0;
+      const int64_t from_prev = j == 1 ? 0 : m[i] - firm[i][j - 2];
+      TORCH_CHECK(have + from_prev == n, op, ": sequence ", i, "'s layer ", j, " has ", have, " carried and ",
+                  from_prev, " new input rows for ", n, " positions");
+      if (have) {
+        check_f32(c, op, "a carried row block");
+        TORCH_CHECK(c.dim() == 2 && c.size(1) == H, op, ": carried rows must be [r, H]");
+        hid.insert(hid.end(), c.data_ptr<float>(), c.data_ptr<float>() + have * H);
+      }
+      if (from_prev) hid.insert(hid.end(), prev[i].data_ptr<float>(), prev[i].data_ptr<float>() + from_prev * H);
+      for (int64_t p = lo; p < m[i]; ++p) {
+        const int64_t at = p + j;  // the token this layer embeds at position p
+        TORCH_CHECK(at > m[i] || at >= tok_from[i], op, ": sequence ", i, " lacks token ", at);
+        const int64_t tok = at <= m[i] ? tokens[i][at - tok_from[i]] : drafts[i][at - m[i] - 1];
+        TORCH_CHECK(tok >= 0 && tok < V, op, ": token id ", tok, " out of range [0, ", V, ")");
+        ids.push_back(tok);
+      }
+      cu.push_back(cu.back() + n);
+      last.push_back(cu.back() - 1);
+      group.push_back(i);
+    }
+    const int64_t T = cu.back();
+    logits.resize(last.size() * V);
+    const auto stream =
+        mtp_forward(ctx[j - 1], layers[j - 1], ids.data(), hid.data(), T, cu, start, j, last, logits.data());
+    const float* in = hid.data();
+    for (size_t g = 0; g < group.size(); ++g) {
+      const int64_t i = group[g], lo = firm[i][j - 1], n = m[i] - lo, off = cu[i];
+      drafts[i].push_back(argmax_row(logits.data() + g * V, V));
+      // firm from here on: p <= m - j; the carry is this layer's input at positions layer j+1 still needs
+      // (up to layer j-1's new firm end)
+      const int64_t f = std::max(lo, m[i] - j + 1), upto = std::max(f, new_firm[i][j - 1]);
+      new_firm[i].push_back(f);
+      auto kept = torch::empty({upto - f, H}, torch::kFloat32);
+      std::copy(in + (off + f - lo) * H, in + (off + upto - lo) * H, kept.data_ptr<float>());
+      new_carry[i].push_back(kept);
+      prev[i] = stream.narrow(0, off, n);
     }
   }
-  const auto cu_t = torch::tensor(cu, torch::kInt64), start_t = torch::tensor(start, torch::kInt64);
-  const auto qkvg = panel_linear(rms_norm(x, {}, w[3], eps)[1], w[4], Hq * D + 2 * Hkv * D + Hq);
-  const auto att = paged_attention(qkvg, w[5], w[6], cos, sin, k_cache, v_cache, tables, cu_t, start_t, block_size,
-                                   window, Hq, eps, scale);
-  const auto mid = rms_norm(panel_linear(att, w[7], H), x, w[8], eps);  // {x + attention, its norm}
-  auto gu = panel_linear(mid[1], w[9], 2 * inter).contiguous();
-  swiglu_rows(gu.data_ptr<float>(), T, inter, (float)limit);
-  const auto stream = mid[0] + panel_linear(gu.narrow(1, 0, inter).contiguous(), w[10], H);
-  const auto rows = stream.index_select(0, torch::tensor(last, torch::kInt64));
-  const auto logits = at::linear(rms_norm(rows, {}, w[11], eps)[1], w[12]);
-  return {stream, logits, logits.argmax(1)};
+  return {drafts, new_firm, new_carry};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1785,5 +1965,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_moe_q", &decode_moe_q, "router and routed experts with quantized expert weights");
   m.def("experts_kernel", &experts_kernel, "the fp32 experts' kernel now: avx2 or generic");
   m.def("mtp_layer", &mtp_layer, "one MTP layer (embedding, block, head) over block tables");
+  m.def("mtp_draft", &mtp_draft, "a greedy drafting round of the chained MTP layers over block tables");
   m.def("set_qkernels", &set_qkernels, "0: the best 4-bit kernels this CPU has, 1: the generic loops");
 }
