@@ -126,7 +126,6 @@ class PagedDrafter:
             cu = [0]
             for c in chunks:
                 cu.append(cu[-1] + c.n)
-            attn = layer.block.attn
             stream, logits, picks = cpu_decode.ops().mtp_layer(
                 torch.tensor(ids, dtype=torch.long),
                 hid.contiguous(),
@@ -140,13 +139,7 @@ class PagedDrafter:
                 cu,
                 [c.start for c in chunks],
                 ends,
-                self.cache.block_size,
-                self.cache.windows()[t] or 0,
-                attn.h,
-                layer.block.mlp.inter,
-                attn.q_norm.eps,
-                attn.scale,
-                layer.block.mlp.limit,
+                *self._op_shape(layer.block),
             )
             return stream, logits, picks.tolist()
         meta = paged_meta(self.cache, chunks, self.device)
@@ -223,6 +216,12 @@ class PagedDrafter:
             if qs[s.id]:
                 spec.q = torch.stack(qs[s.id])
 
+    def _op_shape(self, block) -> tuple:
+        """The compiled MTP ops' trailing arguments for a layer's block: block size, window, query heads,
+        MLP width, norm eps, attention scale, SwiGLU limit."""
+        attn, mlp = block.attn, block.mlp
+        window = self.cache.windows()[block.attention_type] or 0
+        return self.cache.block_size, window, attn.h, mlp.inter, attn.q_norm.eps, attn.scale, mlp.limit
 
     def _chain(self, todo: list[tuple[Sequence, int]]) -> str | None:
         """The attention type of the MTP layers where `mtp_draft` can run this round's greedy drafts in one
@@ -233,7 +232,7 @@ class PagedDrafter:
         k = max(c for _, c in todo)
         blocks = [self.model.mtp[j].block for j in range(k)]
         types = {b.attention_type for b in blocks}
-        shapes = {(b.attn.h, b.attn.scale, b.attn.q_norm.eps, b.mlp.inter, b.mlp.limit) for b in blocks}
+        shapes = {self._op_shape(b) for b in blocks}
         if len(types) != 1 or len(shapes) != 1 or any(self._fused_weights(j) is None for j in range(k)):
             return None
         for j in range(1, k + 1):
@@ -261,8 +260,6 @@ class PagedDrafter:
             froms.append(a)
             toks.append(_tokens(s, a, m + 1, []))
             carry.append([c if c is not None else _EMPTY for c in spec.carry[1 : cap + 1]])
-        first = self.model.mtp[0]
-        attn = first.block.attn
         drafts, new_firm, new_carry = cpu_decode.ops().mtp_draft(
             self.model.embed,
             [self._fused_weights(j) for j in range(k)],
@@ -276,13 +273,7 @@ class PagedDrafter:
             toks,
             froms,
             carry,
-            self.cache.block_size,
-            self.cache.windows()[t] or 0,
-            attn.h,
-            first.block.mlp.inter,
-            attn.q_norm.eps,
-            attn.scale,
-            first.block.mlp.limit,
+            *self._op_shape(self.model.mtp[0].block),
         )
         for (s, cap), d, f, c in zip(todo, drafts, new_firm, new_carry, strict=True):
             spec = s.spec

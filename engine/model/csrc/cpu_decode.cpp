@@ -1040,6 +1040,21 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
   return {sum, y};
 }
 
+namespace {
+
+// Panels per task: at least ~64 KiB of weights, below which waking a second thread costs more than it saves.
+int64_t panel_grain(int64_t K) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(16, 16 * K)); }
+
+#if ADVISOR_X86_KERNELS
+// x [M, K] @ panels into out [M, N] with the AVX2 kernel, the panels split across ATen's threads.
+void panel_cols_into(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
+  at::parallel_for(0, (N + 15) / 16, panel_grain(K),
+                   [&](int64_t b, int64_t e) { panel_cols_avx2(x, M, panels, K, N, b, e, out); });
+}
+#endif
+
+}  // namespace
+
 // x [M, K] @ W -> [M, N], W in column panels [ceil(N/16), K, 16] (`engine.model.layers.to_panels`), for a few
 // rows. The panels split across ATen's threads in contiguous ranges, one sequential stream each.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
@@ -1050,14 +1065,11 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
               "panel_linear: x ", x.sizes(), " and weight panels ", panels.sizes(), " do not match ", N,
               " outputs");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
-  // at least ~64 KiB of weights per task: below that, waking a second thread costs more than it saves
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(16, 16 * K));
+  const int64_t grain = panel_grain(K);
 #if ADVISOR_X86_KERNELS
   if (use_avx2_f32()) {
     auto out = torch::empty({M, N}, x.options());
-    const float *xp = x.data_ptr<float>(), *wp = panels.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) { panel_cols_avx2(xp, M, wp, K, N, b, e, op); });
+    panel_cols_into(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), N, out.data_ptr<float>());
     return out;
   }
 #endif
@@ -1704,16 +1716,11 @@ namespace {
 
 // x [M, K] @ panels into out [M, N] (rows of stride N), the same kernels as panel_linear, no allocation.
 void panel_into(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
-  const int64_t P = (N + 15) / 16;
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(16, 16 * K));
 #if ADVISOR_X86_KERNELS
-  if (use_avx2_f32()) {
-    at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) { panel_cols_avx2(x, M, panels, K, N, b, e, out); });
-    return;
-  }
+  if (use_avx2_f32()) return panel_cols_into(x, M, K, panels, N, out);
 #endif
   auto xt = torch::from_blob(const_cast<float*>(x), {M, K}, torch::kFloat32);
-  auto w = torch::from_blob(const_cast<float*>(panels), {P, K, 16}, torch::kFloat32);
+  auto w = torch::from_blob(const_cast<float*>(panels), {(N + 15) / 16, K, 16}, torch::kFloat32);
   const auto y = panel_linear(xt, w, N);
   std::copy(y.data_ptr<float>(), y.data_ptr<float>() + M * N, out);
 }
