@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from advisor.result import TaskResult
     from advisor.runner import Advisor
     from advisor.task import Task, TaskError, load_task
-    from tools.spec import ToolContext, ToolResult, tool
+    from advisor.tools.spec import ToolContext, ToolResult, tool
 
 __all__ = ["Advisor", "Task", "TaskError", "TaskResult", "ToolContext", "ToolResult", "load_task", "tool"]
 
@@ -25,9 +25,9 @@ _LAZY = {
     "TaskError": "advisor.task",
     "load_task": "advisor.task",
     "TaskResult": "advisor.result",
-    "ToolContext": "tools.spec",
-    "ToolResult": "tools.spec",
-    "tool": "tools.spec",
+    "ToolContext": "advisor.tools.spec",
+    "ToolResult": "advisor.tools.spec",
+    "tool": "advisor.tools.spec",
 }
 
 

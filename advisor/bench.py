@@ -19,7 +19,7 @@ from advisor.messages import Attempt, Message, ModelResponse, ToolCall, Usage
 from advisor.pricing import Price
 from advisor.runner import Advisor
 from advisor.task import Task
-from tools.spec import tool
+from advisor.tools.spec import tool
 
 PRICE = Price(input=0.20, cached_input=0.04, output=1.15)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from advisor.task import Check, Shell
-from tools.commands import format_result, run_command
+from advisor.tools.commands import format_result, run_command
 
 CHECK_OUTPUT_CHARS = 4000  # of a command check's output, what goes back to the executor
 

@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     again = endpoints_sub.add_parser("check", help="the same as `advisor check`")
     again.add_argument("file", type=Path, help="an advisor.yaml (endpoints) or a task.yaml")
     again.set_defaults(func=cmd_check)
-    from engine.plan import add_engine_parser  # `advisor engine plan`: torch is imported only when it runs
+    from advisor.engine.plan import (
+        add_engine_parser,  # `advisor engine plan`: torch is imported only when it runs
+    )
 
     add_engine_parser(sub)
     # packages above advisor (evals: `eval`, `report`) plug their subcommands in through this entry-point
@@ -212,15 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_parser(sub) -> None:
-    """`advisor serve MODEL`: the OpenAI-compatible server (engine.serving.server; torch loads on use)."""
+    """`advisor serve MODEL`: the OpenAI-compatible server (advisor.engine.serving.server; torch loads on use)."""
 
     def cmd_serve(args: argparse.Namespace) -> int:
-        from engine.serving.server import serve
+        from advisor.engine.serving.server import serve
 
         return serve(args)
 
     serve_p = sub.add_parser("serve", help="serve a Step checkpoint over an OpenAI-compatible HTTP API")
-    from engine.serving.args import add_serve_arguments
+    from advisor.engine.serving.args import add_serve_arguments
 
     add_serve_arguments(serve_p)
     serve_p.set_defaults(func=cmd_serve)

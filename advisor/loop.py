@@ -33,13 +33,13 @@ from advisor.prompts import render
 from advisor.repeats import CallRepeats, call_key
 from advisor.result import TaskResult
 from advisor.task import Task
+from advisor.tools.images import ImageLedger
+from advisor.tools.mcp_client import McpError, McpPool
+from advisor.tools.profiles import profile_for
+from advisor.tools.spec import ToolContext, ToolResult, ToolSpec
 from advisor.trace import Listener, Trace
 from advisor.workspace import Snapshot, WorkspaceError, fill_from_folder, fill_from_git, snapshot
 from advisor.workspace import diff as workspace_diff
-from tools.images import ImageLedger
-from tools.mcp_client import McpError, McpPool
-from tools.profiles import profile_for
-from tools.spec import ToolContext, ToolResult, ToolSpec
 
 TEXT_IN_TRACE = 2000  # tool output kept in the trace per call; the model sees its own truncation
 

@@ -2,7 +2,7 @@
 
 Endpoints convert these to their wire format (OpenAI chat, Anthropic Messages, the Step chat
 template for the embedded engine) and back; nothing else in `advisor/` knows a wire format. The content
-parts (`TextPart`, `ImagePart`) come from `tools.content`, below both, since tools make them too.
+parts (`TextPart`, `ImagePart`) come from `advisor.tools.content`, below both, since tools make them too.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from tools.content import ImagePart, Part, TextPart
+from advisor.tools.content import ImagePart, Part, TextPart
 
 __all__ = [
     "Attempt",

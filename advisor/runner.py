@@ -20,7 +20,7 @@ from advisor.pricing import FREE, Price
 from advisor.progress import Progress
 from advisor.result import TaskResult
 from advisor.task import Task, TaskError
-from tools.mcp_client import McpPool
+from advisor.tools.mcp_client import McpPool
 
 STRATEGIES = ("advisor", "executor", "frontier")
 

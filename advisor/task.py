@@ -26,8 +26,8 @@ from pydantic import (
 
 from advisor.endpoints.base import EndpointConfig
 from advisor.messages import Effort
-from tools.mcp_client import McpServerConfig
-from tools.spec import ToolSpec, tool
+from advisor.tools.mcp_client import McpServerConfig
+from advisor.tools.spec import ToolSpec, tool
 
 Trigger = Literal["plan", "replan", "final"]
 
@@ -141,7 +141,7 @@ class Shell(_Strict):
     max_output_chars: int = Field(default=12_000, gt=100, description="per stream, what the model sees")
 
     def limits(self, timeout_s: float):
-        from tools.commands import Limits
+        from advisor.tools.commands import Limits
 
         return Limits(
             timeout_s=timeout_s,
@@ -153,7 +153,7 @@ class Shell(_Strict):
 
     def settings(self):
         """What the shell tool reads from its context."""
-        from tools.shell import ShellSettings
+        from advisor.tools.shell import ShellSettings
 
         return ShellSettings(self.sandbox, self.limits(self.max_timeout_s), self.max_timeout_s)
 
@@ -238,7 +238,7 @@ class Task(BaseModel):
     @field_validator("tools")
     @classmethod
     def _tools(cls, v: list[Any]) -> list[Any]:
-        from tools.registry import BUILTIN
+        from advisor.tools.registry import BUILTIN
 
         for i, t in enumerate(v):
             if isinstance(t, str):
@@ -269,7 +269,7 @@ class Task(BaseModel):
         return self
 
     def tool_specs(self) -> list[ToolSpec]:
-        from tools.registry import BUILTIN
+        from advisor.tools.registry import BUILTIN
 
         specs: list[ToolSpec] = []
         for t in self.tools:
@@ -321,7 +321,7 @@ class Task(BaseModel):
                     f"{src}: mcp_servers.{name}: environment variable {missing[0]} is not set; export {missing[0]}=..."
                 )
         if self.check.type == "command" or "shell" in {t.name for t in self.tool_specs()}:
-            from tools.commands import SandboxUnavailable, require_sandbox
+            from advisor.tools.commands import SandboxUnavailable, require_sandbox
 
             try:
                 require_sandbox(self.shell.sandbox)

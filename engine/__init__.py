@@ -1,6 +1,6 @@
 """Embedded Step 3.7 Flash inference engine (PyTorch, with Triton kernels on CUDA).
 
-Public names are imported lazily so that light users of the package (e.g. `engine.text.chat`) do not pay for
+Public names are imported lazily so that light users of the package (e.g. `advisor.engine.text.chat`) do not pay for
 importing torch.
 """
 
@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.llm import LLM
-    from engine.model.config import ConfigError
-    from engine.model.loader import CheckpointError
+    from advisor.engine.llm import LLM
+    from advisor.engine.model.config import ConfigError
+    from advisor.engine.model.loader import CheckpointError
 
 __all__ = ["LLM", "CheckpointError", "ConfigError"]
 
-_LAZY = {"LLM": "engine.llm", "CheckpointError": "engine.model.loader", "ConfigError": "engine.model.config"}
+_LAZY = {"LLM": "advisor.engine.llm", "CheckpointError": "advisor.engine.model.loader", "ConfigError": "advisor.engine.model.config"}
 
 
 def __getattr__(name: str) -> Any:

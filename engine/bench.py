@@ -1,6 +1,6 @@
 """CPU throughput of the engine against the transformers reference, same weights, same run.
 
-    python -m engine.bench [--batches 1 16] [--prompt 128] [--decode 32] [--repeats 5]
+    python -m advisor.engine.bench [--batches 1 16] [--prompt 128] [--decode 32] [--repeats 5]
 
 Builds a Step-shaped random model (~95M parameters: dense first layer, then MoE layers; full attention
 every 4th layer, sliding elsewhere, with more query heads on sliding layers, partial RoPE and llama3
@@ -92,7 +92,7 @@ def reference_runner(model, ids: torch.Tensor, n_decode: int):
 
 def engine_runner(llm, ids: torch.Tensor, n_decode: int):
     """One timed greedy run of the engine (what LLM.generate does, minus bookkeeping)."""
-    from engine.model.cache import KVCache
+    from advisor.engine.model.cache import KVCache
 
     B, T = ids.shape
     positions = torch.arange(T).expand(B, -1)
@@ -179,9 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from advisor.engine import LLM
     from transformers import Step3p7ForConditionalGeneration
-
-    from engine import LLM
 
     with tempfile.TemporaryDirectory() as tmp:
         n_params = build_checkpoint(Path(tmp))

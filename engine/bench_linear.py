@@ -3,9 +3,9 @@ torch's own linear (MKL) on the plain [out, in] weight and oneDNN's on its packe
 this torch has it), in G weights/s (weights read per second: at r
 rows each weight serves r rows, so equal figures at 1 and r rows mean r rows cost what one does).
 
-    python -m engine.bench_linear [--rows 1 2 4 8 16] [--repeats 7] [--threads N]
+    python -m advisor.engine.bench_linear [--rows 1 2 4 8 16] [--repeats 7] [--threads N]
 
-The shapes are the projections of `engine.bench`'s ~88M Step-shaped model (hidden 512; qkvg of its full and
+The shapes are the projections of `advisor.engine.bench`'s ~88M Step-shaped model (hidden 512; qkvg of its full and
 sliding attention layers, their output projections, the dense MLP, the 16384-token head). Weights are cycled
 through enough copies (>= 64 MiB) that each call reads them from memory, as a decode step does. The kernels
 alternate call by call within each round (a noisy neighbour slows them alike); each figure is the best round.
@@ -19,10 +19,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from engine.bench import BENCH_TEXT
-from engine.model import cpu_decode
-from engine.model.layers import _onednn_linear, to_panels
+from advisor.engine.bench import BENCH_TEXT
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import _onednn_linear, to_panels
 
 
 def projection_shapes(cfg: dict = BENCH_TEXT) -> list[tuple[str, int, int]]:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ops = cpu_decode.ops()
     if ops is None:
-        raise SystemExit("engine.bench_linear: the compiled CPU ops are not available here (see the log above)")
+        raise SystemExit("advisor.engine.bench_linear: the compiled CPU ops are not available here (see the log above)")
     best_name = ops.set_qkernels(0)
     ops.set_qkernels(1)
     print(

@@ -1,9 +1,9 @@
 """Quantized forms side by side on the CPU: load time, resident weight memory, decode tokens/s.
 
-    python -m engine.bench_quant [--dtype fp32,bf16,fp8,int4,int4-lm,nvfp4] [--batches 1 16] [--decode 32]
+    python -m advisor.engine.bench_quant [--dtype fp32,bf16,fp8,int4,int4-lm,nvfp4] [--batches 1 16] [--decode 32]
 
-The ~95M-parameter Step-shaped model of `engine.bench` (random weights), saved once in fp32 and quantized
-with `engine.quantize` (fp8 block scales, int4 group 128, the same with the LM head in int4 too
+The ~95M-parameter Step-shaped model of `advisor.engine.bench` (random weights), saved once in fp32 and quantized
+with `advisor.engine.quantize` (fp8 block scales, int4 group 128, the same with the LM head in int4 too
 (`int4-lm`, `--lm-head`: a 16384-token head is a third of this model's bytes), NVFP4); each form is loaded in a fresh process
 (so its resident memory is its own): seconds to load, the bytes of its weights as held (every tensor
 counted once) and the process's RSS growth over the load, then greedy decode at each batch (prompt of 32
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 FORMS = ("fp32", "bf16", "fp8", "int4", "int4-lm", "nvfp4")
-# form -> (engine.quantize format, --lm-head)
+# form -> (advisor.engine.quantize format, --lm-head)
 _QUANTIZED = {
     "fp8": ("fp8", False),
     "int4": ("int4", False),
@@ -40,10 +40,9 @@ def _rss() -> int:
 def measure(path: Path, dtype: str, batches: list[int], prompt: int, decode: int, repeats: int) -> dict:
     """In this process: load, then time decode (called in a child per form)."""
     import torch
-
-    from engine import LLM
-    from engine.bench import engine_runner
-    from engine.quant.packed import weight_bytes
+    from advisor.engine import LLM
+    from advisor.engine.bench import engine_runner
+    from advisor.engine.quant.packed import weight_bytes
 
     torch.manual_seed(0)
     rss0 = _rss()
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [f for f in forms if f not in FORMS]
     if bad:
         ap.error(f"unknown form {bad[0]!r} (use {', '.join(FORMS)})")
-    from engine.bench import build_checkpoint
-    from engine.quantize import quantize_checkpoint
+    from advisor.engine.bench import build_checkpoint
+    from advisor.engine.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "fp32"
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [
                 sys.executable,
                 "-m",
-                "engine.bench_quant",
+                "advisor.engine.bench_quant",
                 "--child",
                 str(path),
                 dtype,

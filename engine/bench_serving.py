@@ -1,6 +1,6 @@
 """A simulated agent workload on the serving core against the static batching it replaced.
 
-    python -m engine.bench_serving [--model bench|step-nano|PATH] [--loops 40] [--steps 8] [--new 24]
+    python -m advisor.engine.bench_serving [--model bench|step-nano|PATH] [--loops 40] [--steps 8] [--new 24]
 
 `loops` agent loops run at once. Each starts from the same system prompt (an agent's instructions and
 tool schemas, shared by every loop) plus its own task, and at each of `steps` steps sends its whole
@@ -16,7 +16,7 @@ random (seeded), so both engines get the same workload.
 Printed side by side: wall time, generated tokens/s, prompt tokens computed against sent (static
 counts the padding it computes) and against new (the tokens no earlier call of the loop sent or got
 back: its first prompt, then each tool result), prefix hit rate, p50/p99 time to first token, peak KV memory.
-The model: the ~95M Step-shaped config of `engine.bench` (random weights) or a checkpoint (`step-nano`).
+The model: the ~95M Step-shaped config of `advisor.engine.bench` (random weights) or a checkpoint (`step-nano`).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class StaticBatcher:
         return await fut
 
     def _work(self) -> None:
-        from engine.model.cache import KVCache
+        from advisor.engine.model.cache import KVCache
 
         llm = self.llm
         while True:
@@ -157,7 +157,7 @@ async def bench_static(llm, loops, steps, new, batch, seed) -> Result:
 
 # ---------------------------------------------------------------------------------------- core
 async def bench_core(llm, loops, steps, new, seed, num_blocks, chunk) -> Result:
-    from engine.serving import AsyncLLM, EngineCore, SamplingParams, ServingConfig
+    from advisor.engine.serving import AsyncLLM, EngineCore, SamplingParams, ServingConfig
 
     core = EngineCore(
         llm, ServingConfig(num_blocks=num_blocks, max_num_seqs=loops, max_num_batched_tokens=chunk)
@@ -248,16 +248,16 @@ def report(static: Result, core: Result) -> str:
 
 
 def load(model: str):
-    from engine import LLM
+    from advisor.engine import LLM
 
     if model == "bench":
-        from engine.bench import build_checkpoint
+        from advisor.engine.bench import build_checkpoint
 
         path = Path(tempfile.mkdtemp(prefix="bench_serving_")) / "ckpt"
         n = build_checkpoint(path)
-        print(f"model: engine.bench's Step-shaped config, {n / 1e6:.0f}M parameters (random weights)")
+        print(f"model: advisor.engine.bench's Step-shaped config, {n / 1e6:.0f}M parameters (random weights)")
     else:
-        from engine.model_paths import resolve_model
+        from advisor.engine.model_paths import resolve_model
 
         path = resolve_model(model)
         print(f"model: {path}")
@@ -266,7 +266,7 @@ def load(model: str):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="bench", help="bench (engine.bench's config), step-nano, or a path")
+    p.add_argument("--model", default="bench", help="bench (advisor.engine.bench's config), step-nano, or a path")
     p.add_argument("--loops", type=int, default=40)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--new", type=int, default=24, help="tokens generated per step")

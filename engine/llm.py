@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.model.backbone import StepTextModel
-from engine.model.cache import KVCache, uncached_meta
-from engine.model.config import ModelConfig, load_config
-from engine.model.loader import Checkpoint, CheckpointError, check_unexpected, load_spec, resolve_dtype
-from engine.model.sampling import sample
-from engine.model.speculative import SpeculativeDecoder
-from engine.quant.scheme import SchemeError, read_scheme
+from advisor.engine.model.backbone import StepTextModel
+from advisor.engine.model.cache import KVCache, uncached_meta
+from advisor.engine.model.config import ModelConfig, load_config
+from advisor.engine.model.loader import (
+    Checkpoint,
+    CheckpointError,
+    check_unexpected,
+    load_spec,
+    resolve_dtype,
+)
+from advisor.engine.model.sampling import sample
+from advisor.engine.model.speculative import SpeculativeDecoder
+from advisor.engine.quant.scheme import SchemeError, read_scheme
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +263,7 @@ class LLM:
         return self._call_spec_k(None, None)
 
     def _params(self, max_new_tokens, temperature, top_p, seed, stop_token_ids, k: int = 0):
-        from engine.serving.sequence import SamplingParams
+        from advisor.engine.serving.sequence import SamplingParams
 
         stops = tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return SamplingParams(max(0, max_new_tokens), temperature, top_p, seed, stops, k)
@@ -266,9 +271,9 @@ class LLM:
     @property
     def core(self):
         """The serving core every `generate` and `stream` runs on (made on first use with the default
-        `ServingConfig`; assign an `engine.serving.EngineCore` to configure it)."""
+        `ServingConfig`; assign an `advisor.engine.serving.EngineCore` to configure it)."""
         if self._core is None:
-            from engine.serving.core import EngineCore, ServingConfig
+            from advisor.engine.serving.core import EngineCore, ServingConfig
 
             self._core = EngineCore(self, ServingConfig(max_num_seqs=self.max_batch_size))
         return self._core
@@ -292,7 +297,7 @@ class LLM:
         num_speculative_tokens: int | None = None,
     ) -> list[list[int]]:
         """`generate` as it ran before the serving core: left-padded static batches of `max_batch_size`,
-        one static KV cache each, one generator for the batch. Kept for `engine.bench_serving`'s comparison
+        one static KV cache each, one generator for the batch. Kept for `advisor.engine.bench_serving`'s comparison
         and as the reference the paged core is tested against (use_cache=False: no cache at all).
 
         stop_token_ids=None stops at the checkpoint's eos ids; pass [] to never stop early.
@@ -456,7 +461,7 @@ class LLM:
 
     def _decode_speculative(self, prompts, images, max_new, temperature, top_p, gen, stops, k):
         """Each round's new tokens per row ([] for finished rows), the MTP layers drafting k tokens per
-        verify step (`engine.model.speculative`); stop tokens and max_new cut a row's last round."""
+        verify step (`advisor.engine.model.speculative`); stop tokens and max_new cut a row's last round."""
         if max_new <= 0:
             return
         with torch.inference_mode():
@@ -514,14 +519,14 @@ class SpeculationStats:
 
 
 def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
-    """The vision tower + projector (engine.model.vision), when the checkpoint has one; with the keys it used."""
+    """The vision tower + projector (advisor.engine.model.vision), when the checkpoint has one; with the keys it used."""
     if cfg.vision is None or not any(k.startswith(_VISION_PREFIXES) for k in ckpt.keys()):
         return None, set()
     try:
-        from engine.model.vision import build_vision, vision_keys
+        from advisor.engine.model.vision import build_vision, vision_keys
     except ImportError:
         log.warning(
-            "checkpoint has a vision tower but engine.model.vision is unavailable; images are disabled"
+            "checkpoint has a vision tower but advisor.engine.model.vision is unavailable; images are disabled"
         )
         return None, set()
     vision = build_vision(cfg.vision, cfg.text.hidden_size, cfg.projector_bias, device="meta", dtype=dtype)
@@ -537,11 +542,11 @@ def _load_vision(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device:
 
 
 def _load_tokenizer(path: Path):
-    """engine.text.tokenizer's loader when present, else the raw `tokenizers` tokenizer; None without tokenizer.json."""
+    """advisor.engine.text.tokenizer's loader when present, else the raw `tokenizers` tokenizer; None without tokenizer.json."""
     if not (path / "tokenizer.json").exists():
         return None
     try:
-        from engine.text import tokenizer as tok_mod
+        from advisor.engine.text import tokenizer as tok_mod
     except ImportError:
         tok_mod = None
     if tok_mod is not None:
@@ -556,7 +561,7 @@ def _load_tokenizer(path: Path):
                     return fn(path)
                 except Exception as e:  # a tokenizer problem must not make the weights unusable
                     log.warning(
-                        "engine.text.tokenizer could not load %s (%s); using the raw tokenizer.json", path, e
+                        "advisor.engine.text.tokenizer could not load %s (%s); using the raw tokenizer.json", path, e
                     )
                 break
     from tokenizers import Tokenizer

@@ -1,15 +1,17 @@
 """Where checkpoints are found by name: a path, a directory under `$ADVISOR_MODELS_DIR` (default
-`~/.cache/advisor/models`), or one of the models shipped in the repository's `models/` folder. Shared by
-the embedded endpoint, `advisor serve` and the benchmarks (torch-free)."""
+`~/.cache/advisor/models`), or one of the models shipped with the package (`advisor.models`: the repository's
+`models/` folder). Shared by the embedded endpoint, `advisor serve` and the benchmarks (torch-free)."""
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 MODELS_DIR_ENV = "ADVISOR_MODELS_DIR"
-# the project's own small checkpoints (models/step-nano, ...), found by name without any set-up
-SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
+# the project's own small checkpoints (models/step-nano, ...), found by name without any set-up: package
+# data, so a wheel install has them too
+SHIPPED_MODELS = Path(str(files("advisor.models")))
 
 
 def models_dir() -> Path:

@@ -1,9 +1,9 @@
 """Fit planner: will this checkpoint run on this device, in which format, with how many contexts?
 
 `advisor engine plan CHECKPOINT_OR_CONFIG --device h200|h100|cpu:128GiB [--format ...] [--context 32768
---seqs 40]` (or `python -m engine.plan ...`). From config.json alone (no weights): the model is built on
+--seqs 40]` (or `python -m advisor.engine.plan ...`). From config.json alone (no weights): the model is built on
 PyTorch's meta device, so every checkpoint tensor's name and shape come from the same code that loads
-checkpoints, and each format's bytes follow from what its export quantizes (`engine.quantize`):
+checkpoints, and each format's bytes follow from what its export quantizes (`advisor.engine.quantize`):
 - bf16: every tensor 2 bytes;
 - fp8 (block scales, as the DeepSeek / Qwen / Step FP8 exports): the decoder layers' projections and the
   routed experts 1 byte, plus an fp32 scale per 128 x 128 block; the rest bf16;
@@ -28,8 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.model.config import FULL, ModelConfig, parse_config
-from engine.quant.scheme import EXPERT_WEIGHT, PROJECTION_WEIGHT
+from advisor.engine.model.config import FULL, ModelConfig, parse_config
+from advisor.engine.quant.scheme import EXPERT_WEIGHT, PROJECTION_WEIGHT
 
 GiB = 2**30
 # Memory as the driver reports it (nvidia-smi's total): the 141 GB H200 and the 80 GB H100 (SXM).
@@ -56,8 +56,7 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the checkpoint the config describes (text model with its MTP layers, vision tower
     when the config has one), name -> shape, from the engine's own load specs on the meta device."""
     import torch
-
-    from engine.model.backbone import StepTextModel
+    from advisor.engine.model.backbone import StepTextModel
 
     with torch.device("meta"):
         model = StepTextModel(cfg.text, with_mtp=bool(cfg.text.mtp_layers))
@@ -66,7 +65,7 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for key, shape in parts:
             shapes[key] = tuple(shape)
     if cfg.vision is not None:
-        from engine.model.vision import build_vision, vision_keys
+        from advisor.engine.model.vision import build_vision, vision_keys
 
         vision = build_vision(cfg.vision, cfg.text.hidden_size, cfg.projector_bias, device="meta")
         shapes.update(vision_keys(vision))
@@ -245,7 +244,7 @@ def add_engine_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m advisor.engine.plan", description=__doc__.splitlines()[0])
     add_arguments(ap)
     return run(ap.parse_args(argv))
 

@@ -1,4 +1,4 @@
-"""`python -m engine.quantize SRC DST --format fp8|nvfp4|int4 [--group 128]`: write a quantized copy of a
+"""`python -m advisor.engine.quantize SRC DST --format fp8|nvfp4|int4 [--group 128]`: write a quantized copy of a
 Step checkpoint in the published layout of that format, so fine-tunes can be quantized the way the
 release was and the engine (or vLLM / SGLang) loads them.
 
@@ -34,11 +34,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from engine.quant import formats as F
-from engine.quant.scheme import (
+from advisor.engine.quant import formats as F
+from advisor.engine.quant.scheme import (
     DEFAULT_GROUP,
     EXPERT_WEIGHT,
     FORMATS,
@@ -46,6 +43,8 @@ from engine.quant.scheme import (
     read_scheme,
     scheme_config,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 _SHARD_BYTES = 4 << 30
 LM_HEAD_WEIGHT = "lm_head.weight"
@@ -214,9 +213,9 @@ def quantize_checkpoint(
 
 
 def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write DST: SRC's quantized weights dequantized (from the format's definition, `engine.quant.formats`,
+    """Write DST: SRC's quantized weights dequantized (from the format's definition, `advisor.engine.quant.formats`,
     not the engine's kernels) in `dtype`, everything else as it is, under the hub names."""
-    from engine.model.loader import canonical_key
+    from advisor.engine.model.loader import canonical_key
 
     src, dst = Path(src), Path(dst)
     config = _prepare(src, dst)
@@ -252,7 +251,7 @@ def _disk_bytes(d: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.quantize", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m advisor.engine.quantize", description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)
     ap.add_argument("--format", choices=FORMATS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from evals.records import ROLES, TOKEN_KINDS, TaskRecord
+from advisor.evals.records import ROLES, TOKEN_KINDS, TaskRecord
 
 VOLUMES = (1_000, 10_000, 100_000)
 BUILTIN_ORDER = ("executor", "frontier", "advisor")

@@ -6,16 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from advisor.evals.harness import plan_jobs, run_suite
+from advisor.evals.records import load_prices
+from advisor.evals.report import headline_lines, tables, write_report
+from advisor.evals.suite import load_suite
 from rich.console import Console
 from rich.table import Table
 
 from advisor import interrupt
 from advisor.progress import Progress, notes_to
 from advisor.task import TaskError, config_otel, user_config_dir
-from evals.harness import plan_jobs, run_suite
-from evals.records import load_prices
-from evals.report import headline_lines, tables, write_report
-from evals.suite import load_suite
 
 
 def _err(msg: str) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from advisor.evals.records import ROLES, TOKEN_KINDS
+from advisor.evals.suite import Suite
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -23,8 +25,6 @@ from advisor.result import TaskResult
 from advisor.runner import Advisor
 from advisor.task import Task
 from advisor.trace import read_trace
-from evals.records import ROLES, TOKEN_KINDS
-from evals.suite import Suite
 
 RunFn = Callable[[Task, str, Path], Awaitable[TaskResult]]
 

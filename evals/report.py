@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import jinja2
+from advisor.evals import plots
+from advisor.evals.aggregate import VOLUMES, aggregate
+from advisor.evals.records import ROLES, load_records
 
 from advisor.pricing import Price, usd
 from advisor.report_format import HTML_STYLE, HTML_TABLES, md_table, write_whole
-from evals import plots
-from evals.aggregate import VOLUMES, aggregate
-from evals.records import ROLES, load_records
 
 
 def pct(x: float | None) -> str:

@@ -9,15 +9,15 @@ MODULES = [
     "advisor",
     "advisor.messages",
     "advisor.cli",
-    "tools.images",
-    "tools.registry",
-    "tools.profiles",
+    "advisor.tools.images",
+    "advisor.tools.registry",
+    "advisor.tools.profiles",
     "engine",
-    "engine.text.chat",
-    "engine.text.image_plan",
-    "engine.model.config",
-    "engine.serving",
-    "evals.cli",
+    "advisor.engine.text.chat",
+    "advisor.engine.text.image_plan",
+    "advisor.engine.model.config",
+    "advisor.engine.serving",
+    "advisor.evals.cli",
 ]
 
 
@@ -30,7 +30,7 @@ def test_module_imports_alone(module):
 
 
 def test_light_modules_do_not_import_torch():
-    code = "import sys, advisor.task, tools.profiles, engine.text.image_plan; print('torch' in sys.modules)"
+    code = "import sys, advisor.task, advisor.tools.profiles, advisor.engine.text.image_plan; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     ).stdout.strip()

@@ -1,7 +1,7 @@
 import asyncio
 from pathlib import Path
 
-from tools.spec import ToolContext, ToolResult, tool
+from advisor.tools.spec import ToolContext, ToolResult, tool
 
 
 @tool

@@ -1,4 +1,4 @@
-"""How long the tools take: `python -m tools.bench` (CPU; median of several runs each).
+"""How long the tools take: `python -m advisor.tools.bench` (CPU; median of several runs each).
 
 Not a test: the figures depend on the machine. Vision timings are on a 2000x1500 upscaled photo and
 on synthetic documents; the python tool figure is the whole call (process start to result).
@@ -12,13 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from advisor.tools import vision
+from advisor.tools.images import ImageLedger
+from advisor.tools.registry import BUILTIN
+from advisor.tools.spec import ToolContext
+from advisor.tools.testdata import make_receipt, make_table
 from PIL import Image
-
-from tools import vision
-from tools.images import ImageLedger
-from tools.registry import BUILTIN
-from tools.spec import ToolContext
-from tools.testdata import make_receipt, make_table
 
 
 def _median_ms(fn, runs: int = 7) -> float:
@@ -75,8 +74,8 @@ def main() -> None:
             ms = statistics.median(asyncio.run(py(code)) for _ in range(5))
             print(f"{label:<45} {ms:8.1f} ms")
 
-        from tools.commands import bwrap_problem
-        from tools.shell import ShellSettings
+        from advisor.tools.commands import bwrap_problem
+        from advisor.tools.shell import ShellSettings
 
         (Path(ws) / "src.py").write_text(
             "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(2000))

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Literal
 
-from tools.spec import ToolError
+from advisor.tools.spec import ToolError
 
 Coords = Literal["pixel", "norm1", "norm1000"]
 MIN_SIDE = 28  # one ViT patch pair; smaller crops carry nothing a model can read

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tools.sandbox import _kill_group, _kill_tree, child_env
+from advisor.tools.sandbox import _kill_group, _kill_tree, child_env
 
 Sandbox = Literal["bwrap", "limits"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")

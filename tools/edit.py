@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from tools.spec import ToolContext, ToolError, ToolResult, tool
-from tools.workspace import MAX_WRITE_BYTES, confine, os_errors, workspace_of
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
+from advisor.tools.workspace import MAX_WRITE_BYTES, confine, os_errors, workspace_of
 
 MAX_VIEW_LINES = 400
 MAX_VIEW_CHARS = 24_000

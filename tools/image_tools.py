@@ -6,12 +6,11 @@ import json
 import re
 from typing import Annotated, Literal
 
+from advisor.tools import vision
+from advisor.tools.boxes import pixel_box
+from advisor.tools.images import ImageLedger
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 from pydantic import BeforeValidator, Field
-
-from tools import vision
-from tools.boxes import pixel_box
-from tools.images import ImageLedger
-from tools.spec import ToolContext, ToolError, ToolResult, tool
 
 
 def _json_list(value):

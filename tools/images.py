@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from advisor.tools.content import ImagePart
+from advisor.tools.profiles import ImageCost, Profile, get_profile
+from advisor.tools.spec import ToolError
+from advisor.tools.vision import is_photo
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from tools.content import ImagePart
-from tools.profiles import ImageCost, Profile, get_profile
-from tools.spec import ToolError
-from tools.vision import is_photo
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; more is a decompression bomb, not a document
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # decoded pixels kept per ledger; the rest is packed as PNG

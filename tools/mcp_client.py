@@ -25,9 +25,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, ToolSpec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from tools.spec import ToolContext, ToolError, ToolResult, ToolSpec
 
 MAX_RESULT_CHARS = 20_000
 

@@ -49,7 +49,7 @@ class Step3p7Profile:
 
     def plan(self, width: int, height: int) -> tuple[int, int, int]:
         """(window, patches_x, patches_y) exactly as the transformers processor plans them."""
-        from engine.text.image_plan import plan_patches  # pure geometry, no torch
+        from advisor.engine.text.image_plan import plan_patches  # pure geometry, no torch
 
         p = plan_patches(width, height, self.image_size, self.patch_size, self.max_image_size)
         return (p.window, p.cols, p.rows) if p.window else (0, 0, 0)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from tools.edit import edit_file, search, view_file
-from tools.image_tools import crop_image, draw_boxes, find_regions_tool, zoom_image
-from tools.sandbox import python_tool
-from tools.shell import shell_tool
-from tools.spec import ToolSpec
-from tools.web import fetch_page, web_search
-from tools.workspace import list_files, read_file, write_file
+from advisor.tools.edit import edit_file, search, view_file
+from advisor.tools.image_tools import crop_image, draw_boxes, find_regions_tool, zoom_image
+from advisor.tools.sandbox import python_tool
+from advisor.tools.shell import shell_tool
+from advisor.tools.spec import ToolSpec
+from advisor.tools.web import fetch_page, web_search
+from advisor.tools.workspace import list_files, read_file, write_file
 
 BUILTIN: dict[str, ToolSpec] = {
     spec.name: spec

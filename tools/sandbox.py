@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.spec import ToolContext, ToolError, ToolResult, tool
-from tools.workspace import workspace_of
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
+from advisor.tools.workspace import workspace_of
 
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0

@@ -1,12 +1,12 @@
-"""The `shell` tool: a bash command line in the task workspace, confined (see tools.commands)."""
+"""The `shell` tool: a bash command line in the task workspace, confined (see advisor.tools.commands)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from tools.commands import Limits, SandboxUnavailable, format_result, run_command
-from tools.spec import ToolContext, ToolError, ToolResult, tool
-from tools.workspace import workspace_of
+from advisor.tools.commands import Limits, SandboxUnavailable, format_result, run_command
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
+from advisor.tools.workspace import workspace_of
 
 DEFAULT_TIMEOUT_S = 120.0
 

@@ -29,7 +29,7 @@ class ToolContext:
     """What a tool may touch: the task's workspace and its image ledger."""
 
     workspace: Path
-    images: Any = None  # tools.images.ImageLedger, when the task has one
+    images: Any = None  # advisor.tools.images.ImageLedger, when the task has one
     extra: dict[str, Any] = field(default_factory=dict)
 
 

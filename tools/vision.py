@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from advisor.tools.boxes import box_list, pixel_box
+from advisor.tools.spec import ToolError
 from PIL import Image
-
-from tools.boxes import box_list, pixel_box
-from tools.spec import ToolError
 
 MAX_ZOOM_SIDE = 2048  # beyond this a zoom costs tokens without showing more
 MAX_ZOOM_SCALE = 8.0

@@ -18,9 +18,8 @@ from collections.abc import Callable
 from typing import Annotated
 
 import httpx
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 from pydantic import Field
-
-from tools.spec import ToolContext, ToolError, ToolResult, tool
 
 SEARCH_TIMEOUT_S = 12.0
 FETCH_TIMEOUT_S = 15.0

@@ -11,7 +11,7 @@ import functools
 import os
 from pathlib import Path, PurePosixPath
 
-from tools.spec import ToolContext, ToolError, ToolResult, tool
+from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 
 MAX_READ_CHARS = 20_000
 MAX_WRITE_BYTES = 2_000_000

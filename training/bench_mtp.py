@@ -6,7 +6,7 @@ accepts, on real prompts.
 Prompts are what the embedded endpoint sends on real task traces: every assistant turn of the Quickstart's
 task (`training.quickstart`) and of held-out tasks of the training families (`training.evaluate`'s stream,
 seeds from 100 003), greedy, stopping at the checkpoint's eos, up to `--decode` new tokens. Each run goes
-through the serving core (`engine.serving.EngineCore`, what `LLM.generate` and `advisor serve` use), a
+through the serving core (`advisor.engine.serving.EngineCore`, what `LLM.generate` and `advisor serve` use), a
 fresh one each time so the prefix cache never serves a repeated prompt: plain, then with k drafts per
 verify step, alternating, best of `--repeats`; greedy output is checked to be identical. The prompts of a
 batch are submitted at once and the core steps until each has its first token (the prefill, with the MTP
@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from engine import LLM
-from engine.serving import EngineCore, SamplingParams, ServingConfig
+from advisor.engine import LLM
+from advisor.engine.serving import EngineCore, SamplingParams, ServingConfig
 
 
 def task_prompts(llm: LLM, n_tasks: int, at_least: int = 0) -> tuple[list[list[int]], int]:

@@ -1,6 +1,6 @@
 """Model presets, the initial checkpoint, the engine model made trainable, and saving in the Step layout.
 
-The training run uses the engine's own modules (`engine.model.backbone.StepTextModel`: the same attention, MoE,
+The training run uses the engine's own modules (`advisor.engine.model.backbone.StepTextModel`: the same attention, MoE,
 norms and RoPE as inference). The engine is written for inference, so `trainable` undoes three
 inference-only choices for the duration of training:
 - parameters are created with `requires_grad=False`: turned on (except the router's selection bias, which
@@ -25,14 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import advisor.engine.model.moe
 import torch
+from advisor.engine.model.backbone import StepTextModel
+from advisor.engine.model.config import load_config
+from advisor.engine.model.layers import RMSNorm, rope_inv_freq
+from advisor.engine.model.loader import Checkpoint, load_spec
 from safetensors.torch import load_file, save_file
-
-import engine.model.moe
-from engine.model.backbone import StepTextModel
-from engine.model.config import load_config
-from engine.model.layers import RMSNorm, rope_inv_freq
-from engine.model.loader import Checkpoint, load_spec
 
 # Sliding and full attention, a dense first layer then MoE layers (shared expert, sigmoid router with a
 # selection bias, top-k of n), head-wise gate in every attention layer (part of the Step attention).
@@ -102,9 +101,8 @@ def text_config(preset: str | dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 def init_checkpoint(path: Path, text: dict[str, Any], tokenizer_dir: Path, seed: int) -> Path:
     """A freshly initialised Step3p7ForConditionalGeneration (transformers' own init), saved in fp32,
     with the tokenizer files beside it."""
+    from advisor.engine.text.tokenizer import load_tokenizer
     from transformers import Step3p7Config, Step3p7ForConditionalGeneration
-
-    from engine.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
@@ -145,12 +143,12 @@ def load_trainable(path: Path, device: str | torch.device = "cpu") -> StepTextMo
 @contextlib.contextmanager
 def trainable(model: StepTextModel) -> Iterator[None]:
     """Run the engine model's forward so that backward works (see the module docstring)."""
-    original = engine.model.moe.experts_torch
-    engine.model.moe.experts_torch = functools.partial(original, schedule="padded")
+    original = advisor.engine.model.moe.experts_torch
+    advisor.engine.model.moe.experts_torch = functools.partial(original, schedule="padded")
     try:
         yield
     finally:
-        engine.model.moe.experts_torch = original
+        advisor.engine.model.moe.experts_torch = original
 
 
 def reset_norm_caches(model: torch.nn.Module) -> None:

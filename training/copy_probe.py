@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from advisor.engine.text.tokenizer import load_tokenizer
 
-from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS, init_checkpoint, load_trainable, text_config, trainable
 from training.train import collate, logits_of, loss_of
 

@@ -17,8 +17,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from engine import LLM
-from engine.text.chat import parse_output
+from advisor.engine import LLM
+from advisor.engine.text.chat import parse_output
+
 from training.tasks import FAMILIES, generate
 from training.traces import run_traces, samples
 

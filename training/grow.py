@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from advisor.engine.model.config import load_config
+from advisor.engine.text.tokenizer import load_tokenizer
 from safetensors.torch import load_file, save_file
 
-from engine.model.config import load_config
-from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS, copy_tokenizer, init_checkpoint, text_config
 from training.runlog import earlier_runs, write_log
 

@@ -1,6 +1,6 @@
 """The shipped pair on a held-out suite through `advisor eval`: executor-only, frontier-only and advisor.
 
-Builds a seeded suite of the eval families the models trained on (`evals.families`: arithmetic, lookup,
+Builds a seeded suite of the eval families the models trained on (`advisor.evals.families`: arithmetic, lookup,
 multistep, marks; seeds from 1000, far from both the shipped `evals/suites/basic` seeds and the training
 seeds 10 000 and up), with the pair's task defaults (`evals/suites/embedded-pair.defaults.yaml`: after one
 failed step the conversation restarts from the goal with the frontier's first two steps) and effort low
@@ -21,8 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-
-from evals.families import build_suite
+from advisor.evals.families import build_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("arithmetic", "lookup", "multistep", "marks")

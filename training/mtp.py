@@ -5,7 +5,7 @@
 The same task families and trace rendering as `training.train` (`build_data`, the checkpoint's own
 tokenizer), a fresh seeded stream of tasks. The main model runs without gradients (`hidden_of`, its last
 layer's stream before the final norm: what the engine drafts from); the k MTP layers
-(`engine.model.mtp.mtp_logits`, the definition over whole sequences) learn to predict the token j + 1
+(`advisor.engine.model.mtp.mtp_logits`, the definition over whole sequences) learn to predict the token j + 1
 ahead at every position whose target is an assistant token, loss summed over the depths. Each layer
 starts with its head and head norm copied from the main model's, the rest at transformers' init scale.
 The checkpoint is rewritten in place with the layers under the published names (`model.layers.{N+j}.*`:
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model.backbone import MTPLayer
+from advisor.engine.model.config import load_config
+from advisor.engine.model.mtp import head_logits, mtp_streams
 from safetensors.torch import load_file, save_file
 
-from engine.model.backbone import MTPLayer
-from engine.model.config import load_config
-from engine.model.mtp import head_logits, mtp_streams
 from training.checkpoint import checkpoint_tensors, load_trainable, reset_norm_caches
 from training.runlog import TrainConfig
 from training.train import batches, build_data, collate, hidden_of

@@ -8,7 +8,7 @@ tools on a real workspace to get them.
 Own families: `arith` (arithmetic through the python tool), `lookup` (a value read from a workspace
 file), `order` (read two files, then compute a discounted total with python: the Quickstart's shape).
 
-The eval suite's families (`evals.families`: arithmetic, lookup, multistep, marks; named here
+The eval suite's families (`advisor.evals.families`: arithmetic, lookup, multistep, marks; named here
 `evals.arithmetic`, ...) are scripted too (`from_eval_spec`), so the executor can train on the distribution
 it is evaluated on. Training draws their seeds from `EVAL_SEED_BASE * (seed + 1) + i`, far from the small
 seeds the shipped suites use. `marks` is the image family: the model counts the dots with the
@@ -191,8 +191,8 @@ print(f"{cents * (100 - order['discount_percent']) / 100 / 100:.2f}")"""
 
 
 def from_eval_spec(family: str, seed: int) -> ScriptedTask:
-    """An `evals.families` task with a scripted solution (the eval's own goal, files, tools and answer)."""
-    from evals.families import spec
+    """An `advisor.evals.families` task with a scripted solution (the eval's own goal, files, tools and answer)."""
+    from advisor.evals.families import spec
 
     family = family.removeprefix("evals.")
     s = spec(family, seed)

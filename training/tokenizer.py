@@ -1,6 +1,6 @@
 """The project tokenizer: byte-level BPE trained on the rendered training traces, with every Step marker.
 
-Built by `engine.text.tokenizer.build_step_tokenizer` (markers get fixed ids 0..N-1, chat markers stay
+Built by `advisor.engine.text.tokenizer.build_step_tokenizer` (markers get fixed ids 0..N-1, chat markers stay
 non-special so decoding keeps reasoning and tool calls). The markers are cut out of the corpus before
 training so that no merge is spent on pieces of `<|im_start|>` and friends. Digits are single tokens by
 default (`digit_group=1`); with `digit_group=3` a number is groups of up to three digits, each one token.
@@ -16,7 +16,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from engine.text.tokenizer import STEP_SPECIAL_TOKENS, StepTokenizer, build_step_tokenizer
+from advisor.engine.text.tokenizer import STEP_SPECIAL_TOKENS, StepTokenizer, build_step_tokenizer
+
 from training.traces import Sample
 
 _MARKERS = re.compile("|".join(re.escape(t) for t in sorted(STEP_SPECIAL_TOKENS, key=len, reverse=True)))

@@ -1,7 +1,7 @@
 """Scripted tasks -> full agent traces (real tools, real workspace) -> training samples in the Step format.
 
 A trace is the neutral `advisor.messages.Message` list the Advisor loop would hold: the loop's own
-system and user prompts (prompts/executor_system.jinja, task_user.jinja), assistant turns with
+system and user prompts (advisor/templates/executor_system.jinja, task_user.jinja), assistant turns with
 reasoning and tool calls, and the tool messages the real tools return. Images appear as a text-only
 endpoint (`vision: false`) gets them: the loop's lines naming them, no pixels.
 
@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from advisor.tools.images import ImageLedger
+from advisor.tools.registry import resolve
+from advisor.tools.spec import ToolContext
+
 from advisor.endpoints.openai import to_openai_messages
 from advisor.loop import tool_images_note
 from advisor.messages import Message, ToolCall
 from advisor.prompts import render
-from tools.images import ImageLedger
-from tools.registry import resolve
-from tools.spec import ToolContext
 from training.tasks import ScriptedTask
 
 END = "<|im_end|>"

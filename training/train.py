@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model.cache import KVCache, uncached_meta
+from advisor.engine.model.layers import rope_tables
+from advisor.engine.text.tokenizer import build_step_tokenizer
 
-from engine.model.cache import KVCache, uncached_meta
-from engine.model.layers import rope_tables
-from engine.text.tokenizer import build_step_tokenizer
 from training.card import write_card
 from training.checkpoint import (
     PRESETS,
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig) -> TrainLog:
 
 
 def _tok(path: Path):
-    from engine.text.tokenizer import load_tokenizer
+    from advisor.engine.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

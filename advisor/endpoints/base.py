@@ -14,7 +14,7 @@ from advisor.messages import Attempt, Effort, Message, ModelResponse
 from advisor.pricing import Price
 
 if TYPE_CHECKING:
-    from tools.spec import ToolSpec
+    from advisor.tools.spec import ToolSpec
 
 Provider = Literal["openai", "anthropic", "embedded"]
 ToolChoice = Literal["auto", "none", "required"]

@@ -16,7 +16,7 @@ A call renders the neutral messages with the checkpoint's own chat template (els
 Step template), generates in a worker thread (the engine's own pool), and parses the output back into reasoning, content and
 tool calls; malformed tool-call markup becomes a ToolCall with `arguments=None` and `parse_error` set.
 Concurrent calls share one loaded model per (checkpoint, device, dtype) and its serving core
-(`engine.serving`): a call joins the running batch at the next step, and the prompt tokens its longest
+(`advisor.engine.serving`): a call joins the running batch at the next step, and the prompt tokens its longest
 cached prefix covers (the previous steps of the same conversation, in whole blocks) are not recomputed
 and come back as `cached_input`, billed at the endpoint's cached price like a hosted API's cache hits. Image parts are preprocessed for the
 checkpoint's vision tower (global view plus local crops) and expanded to its image-token layout; a
@@ -38,8 +38,8 @@ from typing import Any
 
 from advisor.endpoints.base import AttemptHook, ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.openai import to_openai_messages
+from advisor.engine.model_paths import MODELS_DIR_ENV, SHIPPED_MODELS, models_dir, resolve_model
 from advisor.messages import Attempt, Effort, Message, ModelResponse, ToolCall, Usage
-from engine.model_paths import MODELS_DIR_ENV, SHIPPED_MODELS, models_dir, resolve_model
 
 __all__ = [
     "MODELS_DIR_ENV",
@@ -101,7 +101,7 @@ class _Engine:
     ) -> Generation:
         """Blocking: the request's new tokens and how many of its prompt tokens were prefix-cache hits.
         Setting `cancel` (the caller's task was cancelled) aborts the request and frees its blocks."""
-        from engine.serving import SamplingParams
+        from advisor.engine.serving import SamplingParams
 
         k = getattr(self.llm, "speculative_tokens", 0)  # MTP drafts per verify step (the LLM's option)
         core = self.llm.core
@@ -133,8 +133,8 @@ def _load_engine(
         engine = _ENGINES.get(key)
         if engine is not None:
             return engine
-        from engine import LLM
-        from engine.text.tokenizer import StepTokenizer, load_tokenizer
+        from advisor.engine import LLM
+        from advisor.engine.text.tokenizer import StepTokenizer, load_tokenizer
 
         kwargs: dict = {"max_batch_size": max_batch_size} if max_batch_size else {}
         if speculative:
@@ -143,7 +143,7 @@ def _load_engine(
         log.info("loading model %s on %s (embedded engine)", path.name, device)
         llm = LLM.from_pretrained(path, device=device, dtype=dtype, **kwargs)
         if kv_blocks:
-            from engine.serving import EngineCore, ServingConfig
+            from advisor.engine.serving import EngineCore, ServingConfig
 
             llm.core = EngineCore(llm, ServingConfig(num_blocks=kv_blocks, max_num_seqs=llm.max_batch_size))
         tok = llm.tokenizer if isinstance(llm.tokenizer, StepTokenizer) else None
@@ -245,7 +245,7 @@ class EmbeddedEndpoint(Endpoint):
         cancel: threading.Event | None = None,
     ) -> ModelResponse:
         """Render -> tokens -> generate -> parse; runs in a worker thread."""
-        from engine.text.chat import parse_output
+        from advisor.engine.text.chat import parse_output
 
         tok = engine.tokenizer
         text = tok.apply_chat_template(
@@ -295,7 +295,7 @@ class EmbeddedEndpoint(Endpoint):
 
 def _image_inputs(engine: _Engine, messages: list[Message], text: str) -> tuple[str, dict | None]:
     """Expands each image placeholder to the checkpoint's image-token layout; the pixel inputs."""
-    from engine.serving.prompts import image_inputs
+    from advisor.engine.serving.prompts import image_inputs
 
     parts = [p for m in messages for p in m.images]
     return image_inputs(engine.llm, engine.tokenizer, [p.data for p in parts], text, engine.path)

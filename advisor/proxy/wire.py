@@ -29,7 +29,7 @@ from advisor.endpoints.base import ChatRequest, ToolChoice
 from advisor.endpoints.openai import from_openai_messages, openai_usage, to_openai_messages
 from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta
 from advisor.messages import ModelResponse, Usage
-from tools.spec import ToolSpec
+from advisor.tools.spec import ToolSpec
 
 
 class _AnyArgs(BaseModel):

@@ -5,7 +5,7 @@
   GEMM with the routing weight multiplied in, combine over the top-k slots).
 - `reference.fused_moe_torch`: the same call in plain PyTorch (the kernel's semantic twin; a CPU path).
 - `configs.get_config`: tile sizes from the JSON tables in `configs/`, or a heuristic.
-- `bench_moe`: `python -m engine.kernels.bench_moe`, Triton vs PyTorch at the release shapes on a GPU.
+- `bench_moe`: `python -m advisor.engine.kernels.bench_moe`, Triton vs PyTorch at the release shapes on a GPU.
 
-Nothing here imports triton at package import: `engine.model.moe` probes `engine.kernels.fused_moe` lazily.
+Nothing here imports triton at package import: `advisor.engine.model.moe` probes `advisor.engine.kernels.fused_moe` lazily.
 """

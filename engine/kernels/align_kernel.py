@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from engine.kernels.align import Alignment, max_padded_len
+from advisor.engine.kernels.align import Alignment, max_padded_len
 
 
 @triton.jit

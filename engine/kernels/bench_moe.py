@@ -1,7 +1,7 @@
 """Fused MoE on a GPU: the Triton kernel against the engine's PyTorch expert path, same weights, same run.
 
-    python -m engine.kernels.bench_moe [--batches 1 8 64 4096] [--iters 50]
-    python -m engine.kernels.bench_moe --tune     # sweep tile configs, write configs/E.._N.._K.._dtype.json
+    python -m advisor.engine.kernels.bench_moe [--batches 1 8 64 4096] [--iters 50]
+    python -m advisor.engine.kernels.bench_moe --tune     # sweep tile configs, write configs/E.._N.._K.._dtype.json
 
 Defaults are the release shapes (E=288 routed experts, top-8, hidden 4096, expert width 1280, bf16) at
 decode batch sizes and one prefill chunk (4096 tokens). Per batch: tokens/s of each path (routed experts
@@ -128,8 +128,8 @@ def bench(
     limit: float = 0.0,
     warmup: int = 3,
 ) -> list[Row]:
-    from engine.kernels.fused_moe import fused_moe
-    from engine.model.moe import experts_torch
+    from advisor.engine.kernels.fused_moe import fused_moe
+    from advisor.engine.model.moe import experts_torch
 
     wt = make_weights(shape, dtype, device)
     per_expert = 3 * shape.inter * shape.hidden * torch.finfo(dtype).bits // 8
@@ -194,8 +194,8 @@ def tune(
 ) -> dict[str, dict]:
     """Per batch: sweep BLOCK_M with the gate/up tiles (down at the heuristic's), then the down tiles with
     the best gate/up; returns the JSON table (configs.load_table's format)."""
-    from engine.kernels.configs import GemmConfig, MoEConfig, default_config
-    from engine.kernels.fused_moe import fused_moe
+    from advisor.engine.kernels.configs import GemmConfig, MoEConfig, default_config
+    from advisor.engine.kernels.fused_moe import fused_moe
 
     c = candidates or {
         "BLOCK_M": (16, 32, 64),
@@ -241,7 +241,7 @@ def _device_name(device: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.kernels.bench_moe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m advisor.engine.kernels.bench_moe", description=__doc__.split("\n")[0])
     p.add_argument("--experts", type=int, default=288)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=4096)
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = _device_name(a.device)
     torch.set_grad_enabled(False)
     if a.tune:
-        from engine.kernels.configs import config_path
+        from advisor.engine.kernels.configs import config_path
 
         table = tune(shape, a.batches, dtype, a.device, a.iters, warmup=a.warmup)
         path = Path(a.out) if a.out else config_path(shape.experts, shape.inter, shape.hidden, dtype)

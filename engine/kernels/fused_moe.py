@@ -19,11 +19,10 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-
-from engine.kernels import moe_blocks as blocks  # a module, not its names: see moe_blocks
-from engine.kernels.align_kernel import moe_align_block_size_triton
-from engine.kernels.configs import GemmConfig, MoEConfig, dtype_name, get_config
-from engine.kernels.reference import check_moe_args
+from advisor.engine.kernels import moe_blocks as blocks  # a module, not its names: see moe_blocks
+from advisor.engine.kernels.align_kernel import moe_align_block_size_triton
+from advisor.engine.kernels.configs import GemmConfig, MoEConfig, dtype_name, get_config
+from advisor.engine.kernels.reference import check_moe_args
 
 
 @triton.jit

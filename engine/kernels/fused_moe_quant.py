@@ -2,7 +2,7 @@
 
 Same four launches as `fused_moe`, through its `run_routed` and `launch_grouped` (alignment, gate/up grouped GEMM with the clamped SwiGLU, down grouped
 GEMM times the routing weight, combine), but the weight tiles are read in the engine's quantized layout
-(`engine.quant.packed.QWeight`: 16-column panels of codes, per-group column scales) and dequantized in
+(`advisor.engine.quant.packed.QWeight`: 16-column panels of codes, per-group column scales) and dequantized in
 registers into the activations' dtype before `tl.dot`, accumulating in fp32: the weights cross HBM at 8
 or 4 bits, the activations stay bf16 (or fp16 / fp32). Codes are decoded with integer arithmetic (e4m3,
 e2m1, int4 - 8), which runs the same on GPUs and under TRITON_INTERPRET=1.
@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from engine.kernels.configs import GemmConfig
-from engine.kernels.fused_moe import launch_grouped, run_routed
-from engine.kernels.moe_blocks import block_pairs, block_position, store_block
-from engine.quant.packed import QWeight
+from advisor.engine.kernels.configs import GemmConfig
+from advisor.engine.kernels.fused_moe import launch_grouped, run_routed
+from advisor.engine.kernels.moe_blocks import block_pairs, block_position, store_block
+from advisor.engine.quant.packed import QWeight
 
 # format -> (BLOCK_M, gate/up tile, down tile) by decode (<= 64 pairs) and prefill; fewer stages for the
 # 4-bit formats, whose tiles are half the bytes.

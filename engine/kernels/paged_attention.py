@@ -2,7 +2,7 @@
 
 One program per (sequence, query head): it walks the sequence's blocks from the first one its window
 still sees to the last, reading each block's keys and values by id from the paged storage
-([num_blocks * block_size, Hkv, D], `engine.serving.paged_attention`), with an online softmax (running
+([num_blocks * block_size, Hkv, D], `advisor.engine.serving.paged_attention`), with an online softmax (running
 max and sum) so nothing of length S is materialised. GQA: query head h reads KV head h // (H / Hkv).
 Sliding windows come in as each sequence's first attended position. Products are elementwise sums, not
 `tl.dot` (a decode query is one row), so the kernel also runs, exactly, under TRITON_INTERPRET=1 in fp32.

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.cache import KVCache, TypeMeta
+from advisor.engine.model.layers import Linear, RMSNorm, Rope, Spec, apply_rope
 from torch import nn
-
-from engine.model import cpu_decode
-from engine.model.cache import KVCache, TypeMeta
-from engine.model.layers import Linear, RMSNorm, Rope, Spec, apply_rope
 
 
 def _store(buf: torch.Tensor, meta: TypeMeta, new: torch.Tensor) -> None:
@@ -62,7 +61,7 @@ class Attention(nn.Module):
             ck, cv = cache.k[layer], cache.v[layer]
             if ops is not None and cpu_decode.usable(x, ck) and ck.is_contiguous() and cv.is_contiguous():
                 return self._decode_cpu(ops, x, rope, meta, ck, cv)
-        fused = getattr(meta, "fused", None)  # a paged cache (engine.serving): its compiled CPU op
+        fused = getattr(meta, "fused", None)  # a paged cache (advisor.engine.serving): its compiled CPU op
         if fused is not None and B == 1:
             qkvg = self.qkvg(x)
             out = fused(cpu_decode.ops(), qkvg[0], self, rope, layer)
@@ -77,7 +76,7 @@ class Attention(nn.Module):
         cos, sin = rope.cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend = getattr(meta, "attend", None)
-        if attend is not None:  # a paged cache (engine.serving): the step's metadata holds the block tables
+        if attend is not None:  # a paged cache (advisor.engine.serving): the step's metadata holds the block tables
             out = attend(q, k, v, layer, self.scale) * torch.sigmoid(g)[..., None]
             return self.o(out.reshape(B, T, self.h * self.d))
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model.attention import Attention
+from advisor.engine.model.cache import KVCache, StepMeta
+from advisor.engine.model.config import LayerSpec, TextConfig
+from advisor.engine.model.layers import MLP, Linear, RMSNorm, Spec, rope_inv_freq, rope_tables
+from advisor.engine.model.moe import MoE, fused_moe_kernel
 from torch import nn
-
-from engine.model.attention import Attention
-from engine.model.cache import KVCache, StepMeta
-from engine.model.config import LayerSpec, TextConfig
-from engine.model.layers import MLP, Linear, RMSNorm, Spec, rope_inv_freq, rope_tables
-from engine.model.moe import MoE, fused_moe_kernel
 
 
 def _prefixed(prefix: str, spec: Spec) -> Spec:
@@ -77,7 +76,7 @@ class DecoderLayer(nn.Module):
 class MTPLayer(nn.Module):
     """One multi-token-prediction layer: h = eh_proj([enorm(embed(tok)), hnorm(h_prev)]) -> block -> head.
 
-    Speculative decoding runs it (`engine.model.mtp`); plain generation does not.
+    Speculative decoding runs it (`advisor.engine.model.mtp`); plain generation does not.
     """
 
     def __init__(self, cfg: TextConfig, spec: LayerSpec):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-
-from engine.model.config import FULL, SLIDING, TextConfig
+from advisor.engine.model.config import FULL, SLIDING, TextConfig
 
 
 @dataclass

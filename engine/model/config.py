@@ -86,7 +86,7 @@ class TextConfig:
 @dataclass
 class ModelConfig:
     text: TextConfig
-    vision: dict[str, Any] | None  # raw vision_config, interpreted by engine.model.vision
+    vision: dict[str, Any] | None  # raw vision_config, interpreted by advisor.engine.model.vision
     image_token_id: int | None
     projector_bias: bool
     dtype: str | None  # checkpoint dtype as declared ("bfloat16", ...), if any

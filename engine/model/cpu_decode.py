@@ -9,7 +9,7 @@ These ops collapse each cluster into one call:
   query heads and its outputs held in registers, the next pair's keys prefetched;
 - `paged_attention(qkvg, q_scale, k_scale, cos, sin, k_cache, v_cache, tables, cu_q, start, block_size,
   window, Hq, eps, scale) -> [T, Hq*D]`: the same fused attention over a paged KV cache
-  (`engine.serving.paged_attention`) for one flat step of N sequences. Sequence i owns the flat tokens
+  (`advisor.engine.serving.paged_attention`) for one flat step of N sequences. Sequence i owns the flat tokens
   [cu_q[i], cu_q[i+1]) (cu_q [N+1] int64), a run of consecutive positions start[i], start[i]+1, ...
   (start [N] int64): one token for a decode, several for a prefill chunk or a speculative verify of k+1
   tokens. qkvg [T, Hq*D + 2*Hkv*D + Hq] is the fused projection, cos/sin [T, rotary dims] the tokens'
@@ -24,22 +24,22 @@ These ops collapse each cluster into one call:
   Work splits across threads per token for the writes, then per (sequence, tile of 16 tokens, KV head);
 - `route(x, weight, bias, k, scale)`: the sigmoid router's top-k and renormalised weights;
 - `decode_experts(...)`: the selected experts and the shared expert, each expert's K-major weights (or
-  the same in 16 x 16 tiles, `engine.model.moe.block16`, one sequential stream) read once, in place, for all
+  the same in 16 x 16 tiles, `advisor.engine.model.moe.block16`, one sequential stream) read once, in place, for all
   of its tokens (tasks of at most 64 rows split across ATen's threads; each token's pairs then summed in
   expert order, tokens split across threads). Where the CPU has AVX2 + FMA (`experts_kernel()` "avx2") the
   GEMMs are register tiles of 6 tokens x 16 columns held over the whole K; elsewhere (or after
   `set_qkernels(1)`) generic tiles of 4 tokens. Measured on the 2-core AVX2 CPU here (E=64, top-8, H=512,
   I=128, one thread, thread CPU time, the machine loaded), routed experts per layer, AVX2 / generic /
-  `engine.model.moe.experts_torch` on the blocked weights: 0.86 / 1.2 / 4.4 ms for one token, 6.4 / 11 / 30
+  `advisor.engine.model.moe.experts_torch` on the blocked weights: 0.86 / 1.2 / 4.4 ms for one token, 6.4 / 11 / 30
   for sixteen, 9.4 / 35 / 46 for 64, 29 / 133 / 74 for 256, 56 / 264 / 107 for 512 (64 pairs per expert),
   108 / 543 / 177 for 1024. So with the AVX2 kernel it runs at any size (decode and prefill chunks); with
   the generic one while there are at most 32 pairs per expert;
 - `decode_moe(...)`: `route` then `decode_experts`, the MoE block in one call;
 - `panel_linear(x, panels, n)`: a projection of up to a hundred-odd rows on a weight in 16-column panels
-  (`engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead; an AVX2 + FMA kernel
+  (`advisor.engine.model.layers.to_panels`), one sequential weight stream per thread, read ahead; an AVX2 + FMA kernel
   where the CPU has them (rows six at a time against each panel, independent accumulators per row), else the
-  generic loop; `set_qkernels(1)` forces the generic one (tests, `python -m engine.bench_linear`).
-- `mtp_layer(...)`: one MTP layer's drafting round over block tables (`engine.serving.speculation`): the
+  generic loop; `set_qkernels(1)` forces the generic one (tests, `python -m advisor.engine.bench_linear`).
+- `mtp_layer(...)`: one MTP layer's drafting round over block tables (`advisor.engine.serving.speculation`): the
   embedding, enorm / hnorm and eh_proj, its block (a dense MLP; attention as `paged_attention`), the head
   and its argmax at each sequence's last token, in one call instead of a dozen small ops and their glue
   (eh_proj and the head as column panels);
@@ -47,11 +47,11 @@ These ops collapse each cluster into one call:
   feeding layer j + 1) for all speculating sequences, with `PagedDrafter.draft`'s firm ends and carried rows.
 The hot loops are built three times (AVX-512, AVX2 + FMA, baseline x86-64) and the CPU's features pick one
 at load time; exp is vectorised (softmax, SwiGLU).
-The callers (`engine.model.attention`, `engine.model.moe`, `engine.model.layers.RMSNorm` and `Linear`) take them only where `usable`
+The callers (`advisor.engine.model.attention`, `advisor.engine.model.moe`, `advisor.engine.model.layers.RMSNorm` and `Linear`) take them only where `usable`
 holds; everything else runs the PyTorch path, which stays the definition of the maths.
 
 Compiled once per machine with the C++ toolchain PyTorch uses (`torch.utils.cpp_extension`, with ninja;
-one to two minutes): by `python -m engine.build` in the README's set-up, else by the first model load,
+one to two minutes): by `python -m advisor.engine.build` in the README's set-up, else by the first model load,
 which says so on one line first. The build lives in the torch extensions directory
 (`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) in a folder named for a digest of the source,
 the torch installation, Python and the flags, built from a copy of the source kept there: the clones that
@@ -140,7 +140,7 @@ def _build(source: Path = _SOURCE, name: str = _NAME, build_directory: str | Non
         if not (Path(build_directory) / f"{name}.so").is_file():
             log.info(
                 "engine: compiling the CPU decode ops (fused C++ kernels for fast CPU decoding), once per machine: a minute or two; "
-                "`python -m engine.build` does it at set-up"
+                "`python -m advisor.engine.build` does it at set-up"
             )
         return load(
             name,

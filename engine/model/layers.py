@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.config import RopeSpec
+from advisor.engine.quant.packed import QWeight, scratch
 from torch import nn
-
-from engine.model import cpu_decode
-from engine.model.config import RopeSpec
-from engine.quant.packed import QWeight, scratch
 
 # parameter name -> ([(checkpoint tensor name, expected shape), ...], dim the parts are concatenated on)
 Spec = dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]]
@@ -81,7 +80,7 @@ class ColumnPanels(WeightLayout):
 
 @dataclass(eq=False)
 class Quantized(WeightLayout):
-    """A quantized weight (FP8, int4, NVFP4; `engine.quant.packed.QWeight`), kept quantized. On the CPU in
+    """A quantized weight (FP8, int4, NVFP4; `advisor.engine.quant.packed.QWeight`), kept quantized. On the CPU in
     fp32 with the compiled ops, up to `QUANT_ROWS` rows go through `qlinear`, which decodes the codes in
     registers; longer inputs (and the PyTorch path) dequantize the weight into a reused per-thread buffer
     and run one GEMM on it."""
@@ -120,7 +119,7 @@ class Linear(nn.Module):
       packed one at prefill sizes here; the copy adds ~5% to those GEMMs). Measured with the op's
       generic loop on a 2-core Zen 5 with 512-bit registers (weights not in cache, 16 rows / one): the
       16384 x 512 head 0.96 / 0.84 ms against 1.27 / 0.96 for oneDNN's packed weight, attention's 1036 x 512
-      68 / 63 us against 104 / 82. AVX2 CPUs run the op's AVX2 kernel (`python -m engine.bench_linear`).
+      68 / 63 us against 104 / 82. AVX2 CPUs run the op's AVX2 kernel (`python -m advisor.engine.bench_linear`).
     - otherwise, projections from >= 512 inputs with >= 2^18 weights are packed once into oneDNN's blocked
       layout (`OneDNNPacked`) and run through its linear (on the 2-core AVX2 CPU measured before: the head
       3.6 against 9.4 ms for sixteen rows through MKL). `ADVISOR_CPU_ONEDNN=0` keeps those on MKL.
@@ -176,7 +175,7 @@ class Linear(nn.Module):
 # Up to this many rows a panel-laid projection runs the compiled op. Measured with its generic loop (512-bit
 # registers) against the unpacked weight through oneDNN (the alternative for these layouts, before the copy):
 # 128 rows of the 1036 x 512 qkvg 0.37 against 0.45 ms, the head 10.9 against 11.7; at 2048 rows oneDNN leads
-# (5.3 against 6.1). Not yet re-measured for the AVX2 kernel (`engine.bench_linear --rows 64 128`).
+# (5.3 against 6.1). Not yet re-measured for the AVX2 kernel (`advisor.engine.bench_linear --rows 64 128`).
 PANEL_ROWS = 128
 
 

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from advisor.engine.model.layers import Spec
+from advisor.engine.quant.packed import QWeight, concat_outputs, expected_parts, from_checkpoint
+from advisor.engine.quant.scheme import QuantScheme
 from safetensors import safe_open
 from torch import nn
-
-from engine.model.layers import Spec
-from engine.quant.packed import QWeight, concat_outputs, expected_parts, from_checkpoint
-from engine.quant.scheme import QuantScheme
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -257,7 +256,7 @@ class Checkpoint:
         return self._handles[f].get_tensor(self.stored.get(key, key))
 
     def get_quantized(self, key: str) -> QWeight:
-        """A quantized weight (canonical `X.weight`) in the engine's layout (`engine.quant.packed`)."""
+        """A quantized weight (canonical `X.weight`) in the engine's layout (`advisor.engine.quant.packed`)."""
         scheme = self.scheme
         assert scheme is not None
         parts = self.quant[key]

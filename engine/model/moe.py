@@ -1,7 +1,7 @@
 """Step MoE block: fp32 sigmoid router with a selection-only bias, renormalised top-k, routed scaling,
 clamped-SwiGLU experts and an always-on shared expert.
 
-The routed experts run through the Triton fused-MoE kernel on CUDA (engine.kernels.fused_moe), through the
+The routed experts run through the Triton fused-MoE kernel on CUDA (advisor.engine.kernels.fused_moe), through the
 compiled CPU op (`cpu_decode.decode_moe`) where `cpu_decode.experts_fit` holds, and through `experts_torch`
 elsewhere; all take the same (weights, ids) produced by `route`.
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import MLP, KMajor, Spec, swiglu
+from advisor.engine.quant.packed import QWeight, scratch
 from torch import nn
-
-from engine.model import cpu_decode
-from engine.model.layers import MLP, KMajor, Spec, swiglu
-from engine.quant.packed import QWeight, scratch
 
 
 def route(
@@ -111,7 +110,7 @@ def experts_torch(
 def experts_quantized(
     x: torch.Tensor, gate_up: QWeight, down: QWeight, weights: torch.Tensor, ids: torch.Tensor, limit: float
 ) -> torch.Tensor:
-    """Routed experts on quantized weights (`engine.quant.packed.QWeight`), expert by expert: each hit
+    """Routed experts on quantized weights (`advisor.engine.quant.packed.QWeight`), expert by expert: each hit
     expert's gate_up, then its down, dequantized K-major into one reused per-thread buffer on the CPU (no
     fp32 copy of the experts is ever held), its tokens gathered and its outputs added into the result."""
     T, k = ids.shape
@@ -157,9 +156,9 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def fused_moe_kernel():
-    """engine.kernels.fused_moe.fused_moe, or None where the kernels (or triton) are unavailable."""
+    """advisor.engine.kernels.fused_moe.fused_moe, or None where the kernels (or triton) are unavailable."""
     try:
-        from engine.kernels.fused_moe import fused_moe
+        from advisor.engine.kernels.fused_moe import fused_moe
     except ImportError:
         return None
     return fused_moe
@@ -327,7 +326,7 @@ class MoE(nn.Module):
         weights, ids = route(x, self.router, self.router_bias, self.top_k, self.scale)
         kernel = fused_moe_kernel() if x.is_cuda else None
         if kernel is not None:
-            from engine.kernels.fused_moe_quant import fused_moe_quantized
+            from advisor.engine.kernels.fused_moe_quant import fused_moe_quantized
 
             routed = fused_moe_quantized(x, gu, dn, weights, ids, swiglu_limit=self.limit)
         else:

@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from engine.model.backbone import MTPLayer, StepTextModel
-from engine.model.cache import KVCache, StepMeta, uncached_meta
-from engine.model.layers import rope_tables
+from advisor.engine.model.backbone import MTPLayer, StepTextModel
+from advisor.engine.model.cache import KVCache, StepMeta, uncached_meta
+from advisor.engine.model.layers import rope_tables
 
 
 def layer_forward(

@@ -1,7 +1,7 @@
 """Speculative decoding with the MTP layers: draft, verify, accept, roll back.
 
 One round for a batch whose rows each hold tokens x_0..x_m, the main model's cache having seen x_0..x_{m-1}:
-1. draft: the MTP layers propose d_1..d_k per row (`engine.model.mtp.MTPDrafter`);
+1. draft: the MTP layers propose d_1..d_k per row (`advisor.engine.model.mtp.MTPDrafter`);
 2. verify: one forward of the main model over [x_m, d_1..d_k] (k + 1 tokens per row) gives its
    distribution after each prefix;
 3. accept: greedy keeps the longest prefix of drafts the model's argmax agrees with, plus the model's own
@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from engine.model.backbone import StepTextModel
-from engine.model.cache import KVCache
-from engine.model.mtp import MTPDrafter
-from engine.model.sampling import draw, probs, sample
+from advisor.engine.model.backbone import StepTextModel
+from advisor.engine.model.cache import KVCache
+from advisor.engine.model.mtp import MTPDrafter
+from advisor.engine.model.sampling import draw, probs, sample
 
 
 def _dist(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -19,8 +19,7 @@ Torch's float8_e4m3fn is the e4m3 definition used throughout (tests check it aga
 from __future__ import annotations
 
 import torch
-
-from engine.quant.scheme import FP8_BLOCK, NVFP4_GROUP
+from advisor.engine.quant.scheme import FP8_BLOCK, NVFP4_GROUP
 
 FP8_MAX = 448.0  # largest finite e4m3fn
 E2M1_MAX = 6.0

@@ -1,7 +1,7 @@
 """Quantized weights as the engine holds them in memory (`QWeight`), built from checkpoint tensors.
 
 One layout for the three formats, so one compiled kernel family reads them (`engine/model/csrc`): the
-output columns in panels of 16 (as `engine.model.layers.to_panels`), each panel its K input rows one after
+output columns in panels of 16 (as `advisor.engine.model.layers.to_panels`), each panel its K input rows one after
 the other, every row its 16 codes: 16 bytes for FP8 (e4m3), 8 for the 4-bit formats (byte j holds column
 j in its low nibble and column j + 8 in its high one, so a register's two halves come from one load with
 a mask and a shift). Scales per input group and output column, [K / group, N] (one contiguous vector of 16
@@ -18,8 +18,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
-
-from engine.quant.formats import e2m1_decode, e4m3_decode, int4_codes, unpack_nibbles
+from advisor.engine.quant.formats import e2m1_decode, e4m3_decode, int4_codes, unpack_nibbles
 
 _FMT_ID = {"fp8": 0, "int4": 1, "nvfp4": 2}
 
@@ -82,7 +81,7 @@ class QWeight:
         """fp32 K-major weights: [K, N] of expert e (or of the matrix), [E, K, N] with e None. With `out`
         (a [K, N] fp32 buffer) the result is written there (the compiled op where it runs)."""
         if e is not None and out is not None:
-            from engine.model import cpu_decode  # lazily: the model package imports this one
+            from advisor.engine.model import cpu_decode  # lazily: the model package imports this one
 
             ops = cpu_decode.ops()
             if ops is not None and self.codes.is_cpu and out.is_cpu:

@@ -1,5 +1,5 @@
 """Serving: the KV block pool with its prefix cache, the continuous-batching scheduler and the engine
-loop over `engine.model` (with `engine.text` for the chat format in the HTTP server).
+loop over `advisor.engine.model` (with `advisor.engine.text` for the chat format in the HTTP server).
 
 Modules, in the order data flows (nano-vllm's split):
 - `sequence`: a request (`Sequence`, `SamplingParams`) and what each step reports (`TokenEvent`);
@@ -23,8 +23,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.serving.core import AsyncLLM, EngineCore, ServingConfig
-    from engine.serving.sequence import SamplingParams, Sequence, TokenEvent, TokenLogprobs
+    from advisor.engine.serving.core import AsyncLLM, EngineCore, ServingConfig
+    from advisor.engine.serving.sequence import SamplingParams, Sequence, TokenEvent, TokenLogprobs
 
 __all__ = [
     "AsyncLLM",
@@ -37,17 +37,17 @@ __all__ = [
 ]
 
 _LAZY = {
-    "AsyncLLM": "engine.serving.core",
-    "EngineCore": "engine.serving.core",
-    "ServingConfig": "engine.serving.core",
-    "SamplingParams": "engine.serving.sequence",
-    "Sequence": "engine.serving.sequence",
-    "TokenEvent": "engine.serving.sequence",
-    "TokenLogprobs": "engine.serving.sequence",
+    "AsyncLLM": "advisor.engine.serving.core",
+    "EngineCore": "advisor.engine.serving.core",
+    "ServingConfig": "advisor.engine.serving.core",
+    "SamplingParams": "advisor.engine.serving.sequence",
+    "Sequence": "advisor.engine.serving.sequence",
+    "TokenEvent": "advisor.engine.serving.sequence",
+    "TokenLogprobs": "advisor.engine.serving.sequence",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'engine.serving' has no attribute {name!r}")
+    raise AttributeError(f"module 'advisor.engine.serving' has no attribute {name!r}")

@@ -6,7 +6,7 @@ handed back as soon as they leave the window, while the full layers' blocks stay
 sequence. Both pools share one key chain, so a prefix hit is the longest prefix whose blocks every pool
 still has: all of them for full attention, those inside the window before the hit point for sliding.
 
-A speculating sequence's blocks also hold its MTP layers' entries (`engine.serving.speculation`). Layer
+A speculating sequence's blocks also hold its MTP layers' entries (`advisor.engine.serving.speculation`). Layer
 j's entry at position p reads token x_{p+j}, so the entries at a block's end depend on the k tokens after
 it: such a block is cached, and only found, under a key that also hashes those k tokens (and is only
 cached once every layer's entries in it are firm, `Sequence.computed_horizon`). Plain and speculating
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from array import array
 
-from engine.serving.block_pool import BlockKey, BlockPool, block_key
-from engine.serving.sequence import Sequence
+from advisor.engine.serving.block_pool import BlockKey, BlockPool, block_key
+from advisor.engine.serving.sequence import Sequence
 
 
 class BlockManager:

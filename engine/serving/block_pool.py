@@ -1,7 +1,7 @@
 """The KV block pool: fixed-size blocks, reference counts, and the prefix cache over them.
 
 A block holds `block_size` consecutive tokens' keys and values (for every layer of one attention type;
-`engine.serving.kv_cache` owns the tensors, this module only the bookkeeping). A sequence owns a block
+`advisor.engine.serving.kv_cache` owns the tensors, this module only the bookkeeping). A sequence owns a block
 table: the ids of its blocks in token order. Blocks are shared by reference count: two sequences with a
 common prefix point at the same blocks.
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from engine.serving.block_manager import BlockManager
-from engine.serving.model_runner import ModelRunner
-from engine.serving.paged_attention import PagedKVCache
-from engine.serving.scheduler import Scheduler
-from engine.serving.sequence import SamplingParams, Sequence, TokenEvent
+from advisor.engine.serving.block_manager import BlockManager
+from advisor.engine.serving.model_runner import ModelRunner
+from advisor.engine.serving.paged_attention import PagedKVCache
+from advisor.engine.serving.scheduler import Scheduler
+from advisor.engine.serving.sequence import SamplingParams, Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 

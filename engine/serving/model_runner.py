@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import torch
-
-from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
-from engine.serving.sampler import sample_next
-from engine.serving.scheduler import ScheduledChunk
-from engine.serving.sequence import Sequence
-from engine.serving.speculation import PagedDrafter, accept, feed
+from advisor.engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
+from advisor.engine.serving.sampler import sample_next
+from advisor.engine.serving.scheduler import ScheduledChunk
+from advisor.engine.serving.sequence import Sequence
+from advisor.engine.serving.speculation import PagedDrafter, accept, feed
 
 
 class ModelRunner:

@@ -42,7 +42,7 @@ def error_body(message: str, param: str | None = None, code: str | None = None, 
 
 @dataclass
 class RequestOptions:
-    params: list[Any]  # one engine.serving.SamplingParams per choice
+    params: list[Any]  # one advisor.engine.serving.SamplingParams per choice
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top tokens reported per position; None: no logprobs
     stream: bool = False
@@ -130,7 +130,7 @@ def _logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
 
 def request_options(body: dict, served, prompt_len: int, route: str) -> RequestOptions:
     """The engine's view of the body; a prompt too long for the context is a 400 naming both lengths."""
-    from engine.serving import SamplingParams
+    from advisor.engine.serving import SamplingParams
 
     n = _number(body, "n", int, 1, MAX_N, 1)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -240,8 +240,8 @@ def _images(messages: list) -> list[bytes]:
 
 def chat_prompt(served, body: dict) -> tuple[list[int], dict | None, list[dict] | None, bool]:
     """Prompt ids, image inputs, the tools offered and whether the prompt ends inside `<think>`."""
-    from engine.serving.prompts import image_inputs
-    from engine.text.chat import ChatTemplateError
+    from advisor.engine.serving.prompts import image_inputs
+    from advisor.engine.text.chat import ChatTemplateError
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

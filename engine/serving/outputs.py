@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from engine.serving.sequence import TokenLogprobs
-from engine.text.chat_parse import held_suffix
+from advisor.engine.serving.sequence import TokenLogprobs
+from advisor.engine.text.chat_parse import held_suffix
 
 
 class Detokenizer:

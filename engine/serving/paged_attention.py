@@ -6,7 +6,7 @@ begins. Per attention type, `paged_meta` turns the block tables into flat slot i
 token's key and value are written, and which slots each sequence reads (all its positions for full
 attention, the last `window` for sliding layers), padded to one [N, S] gather. Attention then writes,
 gathers and runs one masked SDPA for all N sequences, with the same mask rule as the static cache
-(`engine.model.cache`: query t sees key s when 0 <= pos_s <= pos_t, inside the window).
+(`advisor.engine.model.cache`: query t sees key s when 0 <= pos_s <= pos_t, inside the window).
 
 Storage per layer: [num_blocks * block_size, Hkv, D] for keys and for values, block b's slot j at row
 b * block_size + j, so a block table maps a position to a row with one multiply-add.
@@ -20,10 +20,9 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-
-from engine.model import cpu_decode
-from engine.model.cache import StepMeta, _mask
-from engine.model.config import FULL, SLIDING, TextConfig
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.cache import StepMeta, _mask
+from advisor.engine.model.config import FULL, SLIDING, TextConfig
 
 
 class PagedKVCache:
@@ -150,7 +149,7 @@ class PagedTypeMeta:
         """The Triton decode kernel, where it applies: CUDA, one new token per sequence."""
         if not q.is_cuda or not self.step.decode_only:
             return None
-        from engine.kernels import paged_attention as kernel
+        from advisor.engine.kernels import paged_attention as kernel
 
         return kernel.paged_decode if kernel.available() else None
 

@@ -20,10 +20,9 @@ def image_inputs(llm: Any, tokenizer: Any, images: list[bytes], text: str, where
         raise ValueError(
             f"{where}: tokenizer <im_patch> id {patch_id} != config image_token_id {llm.config.image_token_id}"
         )
+    from advisor.engine.text.chat import expand_image_placeholders
+    from advisor.engine.text.image_processing import ImageProcessorConfig, preprocess
     from PIL import Image, UnidentifiedImageError
-
-    from engine.text.chat import expand_image_placeholders
-    from engine.text.image_processing import ImageProcessorConfig, preprocess
 
     try:
         pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]

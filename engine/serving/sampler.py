@@ -6,9 +6,8 @@ adjustment, temperature or top-p), so the default path computes nothing extra.""
 from __future__ import annotations
 
 import torch
-
-from engine.model.sampling import sample
-from engine.serving.sequence import Sequence, TokenLogprobs
+from advisor.engine.model.sampling import sample
+from advisor.engine.serving.sequence import Sequence, TokenLogprobs
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, int]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.serving.block_manager import BlockManager
-from engine.serving.sequence import Sequence, Status
+from advisor.engine.serving.block_manager import BlockManager
+from advisor.engine.serving.sequence import Sequence, Status
 
 
 @dataclass

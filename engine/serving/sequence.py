@@ -94,7 +94,7 @@ def image_digest(images: dict[str, Any] | None) -> bytes:
 
 @dataclass
 class SpecState:
-    """A speculating sequence's MTP drafting state (`engine.serving.speculation`).
+    """A speculating sequence's MTP drafting state (`advisor.engine.serving.speculation`).
 
     Layer j (1-based) reads, at hidden position p, the previous depth's stream there and token x_{p+j};
     its KV entry at p (kept in the paged cache at p's slot) is firm once x_{p+j} is no draft.

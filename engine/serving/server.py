@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.serving.openai_request import (
+from advisor.engine.serving.openai_request import (
     BadRequest,
     RequestOptions,
     chat_prompt,
@@ -43,7 +43,7 @@ from engine.serving.openai_request import (
     error_body,
     request_options,
 )
-from engine.serving.outputs import CompletionLogprobs, TextOutput, chat_logprobs
+from advisor.engine.serving.outputs import CompletionLogprobs, TextOutput, chat_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Served:
     """The model behind the server: the engine, its tokenizer and the names it answers to."""
 
     llm: Any
-    engine: Any  # engine.serving.AsyncLLM
+    engine: Any  # advisor.engine.serving.AsyncLLM
     tokenizer: Any
     name: str
     max_model_len: int
@@ -312,7 +312,7 @@ async def _collect(served: Served, ids, images, opts: RequestOptions) -> list[tu
 
 
 async def _chat_once(served, ids, images, opts, schemas, in_reasoning, rid, created) -> dict:
-    from engine.text.chat_parse import parse_output
+    from advisor.engine.text.chat_parse import parse_output
 
     done = await _collect(served, ids, images, opts)
     choices = []
@@ -346,7 +346,7 @@ async def _chat_once(served, ids, images, opts, schemas, in_reasoning, rid, crea
 
 
 async def _chat_stream(served, ids, images, opts, schemas, in_reasoning, rid, created):
-    from engine.text.chat_parse import StreamingParser
+    from advisor.engine.text.chat_parse import StreamingParser
 
     def chunk(c: Choice | None, delta: dict | None, finish: str | None = None, usage: dict | None = None):
         obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
@@ -487,10 +487,10 @@ def load_served(
 ) -> Served:
     """Load a checkpoint directory (or a shipped model name) and start its serving core (speculating with
     the MTP layers when speculative="mtp": every request drafts `num_speculative_tokens` per step)."""
-    from engine import LLM
-    from engine.model_paths import resolve_model
-    from engine.serving import AsyncLLM, EngineCore, ServingConfig
-    from engine.text.tokenizer import StepTokenizer, load_tokenizer
+    from advisor.engine import LLM
+    from advisor.engine.model_paths import resolve_model
+    from advisor.engine.serving import AsyncLLM, EngineCore, ServingConfig
+    from advisor.engine.text.tokenizer import StepTokenizer, load_tokenizer
 
     path = resolve_model(model)
     llm = LLM.from_pretrained(
@@ -525,8 +525,7 @@ def _context_length(path: Path) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from engine.model.loader import CheckpointError
+    from advisor.engine.model.loader import CheckpointError
 
     try:
         served = load_served(
@@ -570,7 +569,7 @@ def running(served: Served, host: str = "127.0.0.1", port: int = 0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.serving.args import add_serve_arguments
+    from advisor.engine.serving.args import add_serve_arguments
 
     p = argparse.ArgumentParser(
         prog="advisor serve", description="OpenAI-compatible server for a Step checkpoint"

@@ -2,13 +2,13 @@
 
 A speculating sequence in decode (tokens x_0..x_m, the main model's cache holding x_0..x_{m-1}) runs
 [x_m, d_1..d_k] in the step's flat batch; `accept` keeps the longest agreeing prefix (greedy) or applies
-rejection sampling (`engine.model.speculative`), and the core shortens the sequence's block table to its
+rejection sampling (`advisor.engine.model.speculative`), and the core shortens the sequence's block table to its
 accepted tokens. Then `PagedDrafter.draft` runs the MTP layers for every sequence that goes on.
 
 The MTP layers' keys and values live in the same block tables as the main model's (their own tensors,
 `PagedKVCache` over the MTP layers; a block id holds a position's entries for every layer): layer j's
 entry at position p goes in p's slot (RoPE at p + j, the embedded token's position, as
-`engine.model.mtp` defines it). So they are bounded by the pool like the rest, dropped with a preempted
+`advisor.engine.model.mtp` defines it). So they are bounded by the pool like the rest, dropped with a preempted
 sequence's blocks (recomputed with it), released with the sliding window, and served by the prefix cache
 (the block keys of speculating sequences also hash the k tokens the entries read past a block's end).
 
@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from engine.model import cpu_decode
-from engine.model.layers import MLP, PANEL_ROWS, ColumnPanels, rope_tables, to_panels
-from engine.model.mtp import head_logits, mtp_config
-from engine.model.sampling import draw
-from engine.model.speculative import _dist, accept_sampled
-from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
-from engine.serving.sequence import Sequence
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import MLP, PANEL_ROWS, ColumnPanels, rope_tables, to_panels
+from advisor.engine.model.mtp import head_logits, mtp_config
+from advisor.engine.model.sampling import draw
+from advisor.engine.model.speculative import _dist, accept_sampled
+from advisor.engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
+from advisor.engine.serving.sequence import Sequence
 
 
 def accept(seq: Sequence, drafts: list[int], logits: torch.Tensor) -> list[int]:

@@ -6,7 +6,7 @@ Rendering goes through a Jinja2 template in a sandboxed environment: the checkpo
 `apply_chat_template` (trim/lstrip blocks, loop controls, a plain-JSON `tojson`), so a template renders
 the same text here as there.
 
-Parsing lives in `engine.text.chat_parse`; its public names are re-exported here.
+Parsing lives in `advisor.engine.text.chat_parse`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from engine.text.chat_parse import (
+from advisor.engine.text.chat_parse import (
     ChatDelta,
     ParsedOutput,
     ParseError,
@@ -30,6 +26,9 @@ from engine.text.chat_parse import (
     ToolCall,
     parse_output,
 )
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
     "EFFORTS",
@@ -318,7 +317,7 @@ def image_token_layout(
         raise ValueError(
             f"patch_newline_mask has {len(patch_newline_mask)} entries for {num_local_patches} local patches"
         )
-    from engine.text.image_plan import image_token_text
+    from advisor.engine.text.image_plan import image_token_text
 
     return image_token_text(num_local_patches, patch_newline_mask or (), global_tokens, local_tokens)
 
@@ -348,7 +347,7 @@ def encode_chat(
     """Prompt ids for the embedded engine: render with the tokenizer's template, give each image its
     token layout (`image_token_layout(...)`, one per image in message order), encode.
 
-    `tokenizer`: an `engine.text.tokenizer.StepTokenizer` (anything with `apply_chat_template(...,
+    `tokenizer`: an `advisor.engine.text.tokenizer.StepTokenizer` (anything with `apply_chat_template(...,
     tokenize=False)` and `encode(text)`).
     """
     text = tokenizer.apply_chat_template(

@@ -1,8 +1,8 @@
 """Where the Step 3.7 image processor takes its views from, and the prompt tokens each image becomes:
 pure geometry and text, no torch.
 
-Shared by `engine.text.image_processing` (which builds the pixel inputs) and `tools.profiles` (which
-prices an image in tokens before it is sent), and by `engine.text.chat`, so all agree on crops and layout.
+Shared by `advisor.engine.text.image_processing` (which builds the pixel inputs) and `advisor.tools.profiles` (which
+prices an image in tokens before it is sent), and by `advisor.engine.text.chat`, so all agree on crops and layout.
 """
 
 from __future__ import annotations

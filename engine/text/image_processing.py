@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from engine.text.image_plan import (  # noqa: F401 - re-exported: the image-token layout lives with the plan
+from advisor.engine.text.image_plan import (  # noqa: F401 - re-exported: the image-token layout lives with the plan
     IM_END,
     IM_START,
     IMAGE_TOKEN,
@@ -31,7 +29,8 @@ from engine.text.image_plan import (  # noqa: F401 - re-exported: the image-toke
     image_token_ids,
     image_token_text,
 )
-from engine.text.image_plan import plan_patches as plan_geometry
+from advisor.engine.text.image_plan import plan_patches as plan_geometry
+from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -175,7 +174,7 @@ class ProcessedImages:
         )
 
     def token_texts(self) -> list[str]:
-        """Every image's prompt text, in order (e.g. ``engine.text.chat.encode_chat(image_layouts=...)``)."""
+        """Every image's prompt text, in order (e.g. ``advisor.engine.text.chat.encode_chat(image_layouts=...)``)."""
         return [self.token_text(i) for i in range(len(self.plans))]
 
     def token_ids(self, index: int, special_ids: Mapping[str, int]) -> list[int]:

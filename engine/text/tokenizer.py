@@ -35,7 +35,7 @@ class TokenizerError(ValueError):
 
 # Control tokens: `special` in tokenizer_config.json, dropped by decode(skip_special_tokens=True).
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# The image layout (see engine.text.chat.image_token_layout); special as well.
+# The image layout (see advisor.engine.text.chat.image_token_layout); special as well.
 IMAGE_MARKERS = ("<im_patch>", "<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>")
 # Markers the chat parser reads back out of generated text: single ids, but not `special`, so that
 # a decode which skips special tokens still shows reasoning and tool calls.
@@ -192,7 +192,7 @@ class StepTokenizer:
         tokenize: bool = True,
     ) -> list[int] | str:
         """Render with the shipped template (else the engine's default Step template), then encode."""
-        from engine.text.chat import ChatTemplate
+        from advisor.engine.text.chat import ChatTemplate
 
         if self._compiled_template is None:
             if self._chat_template_source is not None:
@@ -298,7 +298,7 @@ def build_step_tokenizer(
     tok.save(str(out / "tokenizer.json"))
 
     if chat_template is None:
-        from engine.text.chat import DEFAULT_TEMPLATE_PATH
+        from advisor.engine.text.chat import DEFAULT_TEMPLATE_PATH
 
         chat_template = DEFAULT_TEMPLATE_PATH.read_text(encoding="utf-8")
     decoder = {}
@@ -330,10 +330,10 @@ def build_step_tokenizer(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m engine.text.tokenizer OUT_DIR [TEXT_FILE ...] [--vocab-size N]`: train and save a Step tokenizer."""
+    """`python -m advisor.engine.text.tokenizer OUT_DIR [TEXT_FILE ...] [--vocab-size N]`: train and save a Step tokenizer."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m engine.text.tokenizer", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m advisor.engine.text.tokenizer", description=main.__doc__)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("corpus", nargs="*", type=Path, help="UTF-8 text files, one training text per line")
     ap.add_argument("--vocab-size", type=int, default=1024)
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     missing = [str(f) for f in args.corpus if not f.is_file()]
     if missing:
-        print(f"engine.text.tokenizer: corpus file not found: {', '.join(missing)}")
+        print(f"advisor.engine.text.tokenizer: corpus file not found: {', '.join(missing)}")
         return 2
     tok = build_step_tokenizer(args.out_dir, lines() if args.corpus else None, vocab_size=args.vocab_size)
     print(f"wrote {args.out_dir}/tokenizer.json and tokenizer_config.json ({tok.vocab_size} ids)")

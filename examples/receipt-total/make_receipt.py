@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
-from tools.testdata import Receipt, make_receipt  # noqa: E402
+from advisor.tools.testdata import Receipt, make_receipt  # noqa: E402
 
 SEED = 2026
 N_ITEMS = 13

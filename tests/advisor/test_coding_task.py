@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from advisor.tools.commands import bwrap_problem
 
 from advisor import Advisor, Task
 from advisor.task import TaskError, load_task
 from advisor.testing import Reply, ScriptedServer, ScriptedToolCall
 from advisor.trace import read_trace
-from tools.commands import bwrap_problem
 
 SANDBOX = "bwrap" if bwrap_problem() is None else "limits"
 BUGGY = "def add(a, b):\n    return a - b\n"
@@ -155,8 +155,7 @@ def test_bad_workspace_and_check_are_one_line_errors(tmp_path):
 
 
 def test_missing_bwrap_stops_the_task_before_any_call(tmp_path, monkeypatch):
-    import tools.commands as commands
-
+    import advisor.tools.commands as commands
     make_project(tmp_path / "project")
     monkeypatch.setattr(commands, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
     with ScriptedServer({"flash": script()}) as server:

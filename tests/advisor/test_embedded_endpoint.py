@@ -6,14 +6,14 @@ import asyncio
 import copy
 
 import pytest
+from advisor.engine.text.tokenizer import build_step_tokenizer, load_tokenizer
+from advisor.tools.spec import tool
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig, EndpointError
 from advisor.endpoints.embedded import EmbeddedEndpoint, Generation, resolve_model
 from advisor.messages import ImagePart, Message
-from engine.text.tokenizer import build_step_tokenizer, load_tokenizer
 from tests.engine.step_models import TEXT_C, build_reference
-from tools.spec import tool
 
 
 @tool
@@ -222,11 +222,10 @@ async def test_images_reach_the_vision_tower(vision_ckpt):
     import io
 
     import numpy as np
+    from advisor.engine.llm import LLM
+    from advisor.engine.text.image_processing import ImageProcessorConfig, preprocess
     from PIL import Image
     from skimage import data
-
-    from engine.llm import LLM
-    from engine.text.image_processing import ImageProcessorConfig, preprocess
 
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).resize((160, 90)).save(buf, "PNG")

@@ -6,12 +6,12 @@ import json
 
 import httpx
 import respx
+from advisor.tools.spec import tool
 from PIL import Image
 from skimage import data
 
 from advisor.endpoints import EndpointConfig, make_endpoint
 from advisor.messages import ImagePart, Message, TextPart, ToolCall
-from tools.spec import tool
 
 URL = "https://api.anthropic.com/v1/messages"
 

@@ -6,13 +6,13 @@ import json
 import httpx
 import pytest
 import respx
+from advisor.tools.spec import tool
 from PIL import Image
 from skimage import data
 
 from advisor.endpoints import EndpointConfig, EndpointError, make_endpoint
 from advisor.endpoints.openai import to_openai_messages
 from advisor.messages import ImagePart, Message, ToolCall
-from tools.spec import tool
 
 URL = "http://llm.test/v1/chat/completions"
 

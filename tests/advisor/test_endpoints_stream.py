@@ -11,13 +11,13 @@ import time
 
 import anthropic
 import pytest
+from advisor.tools.spec import ToolSpec
 
 from advisor.endpoints import EndpointError, make_endpoint
 from advisor.endpoints.stream import ReasoningDelta, StreamEnd, TextDelta, ToolCallDelta
 from advisor.messages import Message
 from advisor.proxy.wire import passthrough_tool
 from advisor.testing import HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
-from tools.spec import ToolSpec
 
 USAGE = ScriptedUsage(200, 40, cached_tokens=50)
 

@@ -367,8 +367,9 @@ def test_library_run_checks_key_variables_unless_the_endpoint_is_given(tmp_path:
 
 
 async def test_malformed_call_without_a_name_leaves_a_history_every_format_can_carry(tmp_path: Path):
+    from advisor.engine.text.chat import render_chat
+
     from advisor.endpoints.openai import to_openai_messages
-    from engine.text.chat import render_chat
 
     raw = "<tool_call>\n<function=>\n</function>\n</tool_call>"
     ex = FakeEndpoint(

@@ -232,7 +232,7 @@ def test_nothing_of_opentelemetry_is_loaded_when_off():
     code = (
         "import sys, asyncio\n"
         "from advisor import Advisor\n"
-        "import advisor.cli, evals.cli\n"
+        "import advisor.cli, advisor.evals.cli\n"
         "adv = Advisor(runs_dir='/tmp')\n"
         "assert adv._otel is None\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"

@@ -7,13 +7,13 @@ import time
 
 import httpx
 import pytest
+from advisor.tools.spec import tool
 from PIL import Image
 from skimage import data
 
 from advisor.endpoints import EndpointConfig, make_endpoint
 from advisor.messages import ImagePart, Message
 from advisor.testing import Delay, HTTPError, Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
-from tools.spec import tool
 
 
 def test_openai_route_serves_script_in_order_and_records_requests():

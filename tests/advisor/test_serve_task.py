@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
+from advisor.engine.serving.server import load_served, running  # noqa: E402
+
 from advisor import Advisor, load_task  # noqa: E402
 from advisor.endpoints import make_endpoint  # noqa: E402
 from advisor.endpoints.base import EndpointConfig  # noqa: E402
-from engine.serving.server import load_served, running  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
 

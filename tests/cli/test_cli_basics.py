@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from advisor.evals.report import render_html, render_md, tables
+from advisor.evals.suite import load_suite
 
 from advisor.cli import main, results_table
 from advisor.pricing import usd
 from advisor.result import TaskResult, render_report
 from advisor.task import TaskError
 from advisor.testing import Reply, ScriptedServer, ScriptedUsage
-from evals.report import render_html, render_md, tables
-from evals.suite import load_suite
 
 FLASH = {"input": 0.20, "cached_input": 0.04, "output": 1.15}
 FRONTIER = {"input": 5.0, "cached_input": 0.5, "output": 25.0}

@@ -27,8 +27,8 @@ TEXT_MTP.update(
 
 def add_mtp_layers(path: Path, seed: int = 0, scale: float = 1.0) -> Path:
     """Random MTP tensors for the checkpoint's config, written into its model.safetensors."""
-    from engine.model.backbone import StepTextModel
-    from engine.model.config import load_config
+    from advisor.engine.model.backbone import StepTextModel
+    from advisor.engine.model.config import load_config
 
     cfg = load_config(path).text
     with torch.device("meta"):

@@ -8,8 +8,8 @@ import copy
 import time
 
 import httpx
+from advisor.engine.text.tokenizer import build_step_tokenizer
 
-from engine.text.tokenizer import build_step_tokenizer
 from tests.engine.step_models import TEXT_C, build_reference
 
 ADD = {

@@ -3,8 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
-
-from engine.bench import decode_step_bytes, paired_ratios
+from advisor.engine.bench import decode_step_bytes, paired_ratios
 
 
 def _cfg(E=64, k=8):

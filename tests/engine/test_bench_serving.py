@@ -1,11 +1,12 @@
-"""engine.bench_serving runs end to end on a tiny model (a smoke test of the harness; no timings checked)."""
+"""advisor.engine.bench_serving runs end to end on a tiny model (a smoke test of the harness; no timings checked)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from engine import LLM
-from engine.bench_serving import bench_core, bench_static, report
+from advisor.engine import LLM
+from advisor.engine.bench_serving import bench_core, bench_static, report
+
 from tests.engine.step_models import TEXT_A, build_reference, save_reference
 
 

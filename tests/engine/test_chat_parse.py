@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from engine.text.chat import ParsedOutput, StreamingParser, parse_output
+from advisor.engine.text.chat import ParsedOutput, StreamingParser, parse_output
 
 TOOLS = [
     {

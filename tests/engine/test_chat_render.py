@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from engine.text.chat import (
+from advisor.engine.text.chat import (
     IMAGE_PLACEHOLDER,
     ChatTemplate,
     ChatTemplateError,
@@ -239,8 +238,8 @@ def test_image_layout_and_expansion():
 
 
 def test_encode_chat_with_a_step_tokenizer(tmp_path):
-    from engine.text.chat import encode_chat
-    from engine.text.tokenizer import build_step_tokenizer
+    from advisor.engine.text.chat import encode_chat
+    from advisor.engine.text.tokenizer import build_step_tokenizer
 
     tok = build_step_tokenizer(tmp_path, vocab_size=300)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]

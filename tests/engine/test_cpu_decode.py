@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.cache import KVCache
+from advisor.engine.model.layers import RMSNorm
+from advisor.engine.model.moe import MoE, block16, experts_torch, route, unblock16
 
-from engine import LLM
-from engine.model import cpu_decode
-from engine.model.cache import KVCache
-from engine.model.layers import RMSNorm
-from engine.model.moe import MoE, block16, experts_torch, route, unblock16
 from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 from tests.engine.step_models import TEXT_A, TEXT_B, build_reference, save_reference
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from engine.model import cpu_decode
+from advisor.engine.model import cpu_decode
 
 needs_toolchain = pytest.mark.skipif(
     cpu_decode._toolchain_problem() is not None, reason="no C++ toolchain here: nothing to fail to compile"

@@ -1,4 +1,4 @@
-"""`python -m engine.build` (the README's set-up step) and the content-addressed build folder of the CPU
+"""`python -m advisor.engine.build` (the README's set-up step) and the content-addressed build folder of the CPU
 decode ops: built once per source, torch and Python, shared by every clone, announced before a compile."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from engine.model import cpu_decode
+from advisor.engine.model import cpu_decode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +57,7 @@ def test_a_compile_is_announced_on_one_line_and_an_import_is_not(tmp_path, monke
         assert cpu_decode.is_built(source, "t")
         assert cpu_decode._build(source, "t") == "module"
     notes = [r.getMessage() for r in caplog.records]
-    assert len(notes) == 1 and "compiling the CPU decode ops" in notes[0] and "engine.build" in notes[0]
+    assert len(notes) == 1 and "compiling the CPU decode ops" in notes[0] and "advisor.engine.build" in notes[0]
     # built from the copy in the build folder, so paths are the same whichever clone builds
     d = cpu_decode.build_directory(source, "t")
     assert calls == [("t", [str(d / "ops.cpp")], str(d))] * 2
@@ -67,7 +66,7 @@ def test_a_compile_is_announced_on_one_line_and_an_import_is_not(tmp_path, monke
 
 def _engine_build(**env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.build"],
+        [sys.executable, "-m", "advisor.engine.build"],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -81,7 +80,7 @@ def test_engine_build_says_the_ops_are_built():
     done = _engine_build()  # this process has loaded them already: the step is a check
     assert done.returncode == 0, done.stderr
     assert (
-        done.stdout.strip() == f"engine.build: CPU decode ops already built in {cpu_decode.build_directory()}"
+        done.stdout.strip() == f"advisor.engine.build: CPU decode ops already built in {cpu_decode.build_directory()}"
     )
 
 
@@ -94,5 +93,5 @@ def test_engine_build_without_the_ops_is_not_a_set_up_failure():
 def test_the_readme_set_up_and_ci_build_the_ops():
     readme = (ROOT / "README.md").read_text()
     setup = re.search(r"```bash\n(python3 -m venv[^\n]*)\n", readme).group(1)
-    assert setup.endswith("&& .venv/bin/python -m engine.build")
+    assert setup.endswith("&& .venv/bin/python -m advisor.engine.build")
     assert setup in (ROOT / ".ci" / "run").read_text()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model.cache import KVCache
+from advisor.engine.model.sampling import sample
 
-from engine import LLM
-from engine.model.cache import KVCache
-from engine.model.sampling import sample
 from tests.engine.step_models import TEXT_A, build_reference, save_reference
 
 

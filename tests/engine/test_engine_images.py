@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine import LLM
 
-from engine import LLM
 from tests.engine.step_models import TEXT_C, build_reference, rel_err, save_reference
 
 VISION = dict(
@@ -76,9 +76,8 @@ def test_image_token_count_mismatch_is_a_clear_error(pair):
 def test_missing_vision_tensor_is_named(pair, tmp_path):
     import shutil
 
+    from advisor.engine import CheckpointError
     from safetensors.torch import load_file, save_file
-
-    from engine import CheckpointError
 
     _, llm = pair
     path = tmp_path / "ckpt"

@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model.config import FULL, SLIDING, ConfigError, load_config, parse_config
+from advisor.engine.model.loader import CheckpointError
 from safetensors.torch import load_file, save_file
 
-from engine import LLM
-from engine.model.config import FULL, SLIDING, ConfigError, load_config, parse_config
-from engine.model.loader import CheckpointError
 from tests.engine.step_models import TEXT_A, build_reference, rel_err, save_reference
 
 
@@ -210,7 +210,7 @@ def test_tokenizer_is_exposed_when_the_checkpoint_ships_one(ckpt_a, tmp_path):
     tok.save(str(path / "tokenizer.json"))
     llm = LLM.from_pretrained(path)
     assert llm.tokenizer is not None
-    assert type(llm.tokenizer).__name__ == "StepTokenizer"  # engine.text.tokenizer's, not the raw fallback
+    assert type(llm.tokenizer).__name__ == "StepTokenizer"  # advisor.engine.text.tokenizer's, not the raw fallback
     assert llm.tokenizer.encode("hello world") == [1, 2]
     assert llm.eos_token_ids == [3]  # no eos in config.json: the tokenizer's <|im_end|>
 
@@ -226,7 +226,7 @@ def test_quantized_exports_are_refused_by_name(ckpt_a, tmp_path):
 
 def test_release_sized_config_builds_the_196b_backbone_on_meta():
     """The hub config's numbers (per the model facts) give the published size: heads, experts, dense layers."""
-    from engine.model.backbone import StepTextModel
+    from advisor.engine.model.backbone import StepTextModel
 
     n = 45
     text = {

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from engine.model import moe
-from engine.model.moe import experts_torch, route
+from advisor.engine.model import moe
+from advisor.engine.model.moe import experts_torch, route
 
 
 def _naive(x, w_gate_up, w_down, weights, ids, limit):

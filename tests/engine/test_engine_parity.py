@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine import LLM
 
-from engine import LLM
 from tests.engine.step_models import TEXT_A, TEXT_B, TEXT_C, build_reference, rel_err, save_reference
 
 CONFIGS = {"A_sliding_mixed_heads_clamps": TEXT_A, "B_full_only_top1": TEXT_B, "C_mostly_sliding_mha": TEXT_C}

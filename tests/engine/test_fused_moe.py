@@ -25,14 +25,14 @@ else:
     import json
 
     import torch
+    from advisor.engine.kernels import bench_moe, configs
+    from advisor.engine.kernels.align import moe_align_block_size
+    from advisor.engine.kernels.align_kernel import moe_align_block_size_triton
+    from advisor.engine.kernels.configs import GemmConfig, MoEConfig
+    from advisor.engine.kernels.fused_moe import fused_moe
+    from advisor.engine.model import moe
+    from advisor.engine.model.moe import experts_torch
 
-    from engine.kernels import bench_moe, configs
-    from engine.kernels.align import moe_align_block_size
-    from engine.kernels.align_kernel import moe_align_block_size_triton
-    from engine.kernels.configs import GemmConfig, MoEConfig
-    from engine.kernels.fused_moe import fused_moe
-    from engine.model import moe
-    from engine.model.moe import experts_torch
     from tests.engine.step_models import reference_experts
 
     E = 8
@@ -145,7 +145,7 @@ else:
 
     @pytest.mark.parametrize("limit", [0.0, 0.3])
     def test_moe_block_dispatches_to_the_kernel(limit):
-        """engine.model.moe.MoE with the kernel layout ("split", as finalize picks on CUDA) runs the real kernel
+        """advisor.engine.model.moe.MoE with the kernel layout ("split", as finalize picks on CUDA) runs the real kernel
         through moe.fused_moe_kernel(); it matches the same block on the PyTorch layout."""
         assert moe.fused_moe_kernel() is fused_moe
         H, inter = 32, 16

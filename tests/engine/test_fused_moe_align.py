@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-
-from engine.kernels import bench_moe, configs
-from engine.kernels.align import max_padded_len, moe_align_block_size
+from advisor.engine.kernels import bench_moe, configs
+from advisor.engine.kernels.align import max_padded_len, moe_align_block_size
 
 
 def _check_alignment(ids: torch.Tensor, E: int, bm: int) -> None:

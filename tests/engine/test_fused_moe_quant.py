@@ -1,6 +1,6 @@
 """The Triton fused MoE on quantized experts (FP8 block scales, int4 groups, NVFP4) under TRITON_INTERPRET=1
 on the CPU, fp32 and fp16 activations with tiny shapes (the interpreter's bf16 tl.dot is broken), against
-the PyTorch path on the same weights dequantized (`engine.model.moe.experts_quantized`). Re-runs itself in
+the PyTorch path on the same weights dequantized (`advisor.engine.model.moe.experts_quantized`). Re-runs itself in
 a subprocess with the interpreter on, as tests/engine/test_fused_moe.py does."""
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     import torch
-
-    from engine.kernels.configs import GemmConfig
-    from engine.kernels.fused_moe_quant import fused_moe_quantized
-    from engine.model.moe import experts_quantized, route
-    from engine.quant import formats as F
-    from engine.quant.packed import concat_outputs, from_checkpoint
+    from advisor.engine.kernels.configs import GemmConfig
+    from advisor.engine.kernels.fused_moe_quant import fused_moe_quantized
+    from advisor.engine.model.moe import experts_quantized, route
+    from advisor.engine.quant import formats as F
+    from advisor.engine.quant.packed import concat_outputs, from_checkpoint
 
     E, H, I = 6, 96, 64  # noqa: E741
     TOL = {torch.float32: 2e-5, torch.float16: 4e-3}

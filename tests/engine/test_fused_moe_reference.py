@@ -1,13 +1,13 @@
-"""engine.kernels.reference.fused_moe_torch (the kernel's PyTorch twin and CPU path) against transformers'
+"""advisor.engine.kernels.reference.fused_moe_torch (the kernel's PyTorch twin and CPU path) against transformers'
 Step3p7Experts and the engine's own expert path, on the same weights. No Triton here: plain CPU tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine.kernels.reference import fused_moe_torch
+from advisor.engine.model.moe import experts_torch
 
-from engine.kernels.reference import fused_moe_torch
-from engine.model.moe import experts_torch
 from tests.engine.step_models import reference_experts
 
 E = 8

@@ -31,14 +31,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 else:
     import triton
+    from advisor.engine.kernels import align_kernel, fused_moe
+    from advisor.engine.kernels.configs import config_path, load_table
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
-
-    from engine.kernels import align_kernel, fused_moe
-    from engine.kernels.configs import config_path, load_table
 
     SM90 = GPUTarget("cuda", 90, 32)
     MAX_SHARED_SM90 = 227 * 1024  # opt-in shared memory per block on H100/H200

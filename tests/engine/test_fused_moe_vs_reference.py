@@ -1,5 +1,5 @@
 """The Triton fused MoE (TRITON_INTERPRET=1 on the CPU, fp32/fp16) against its PyTorch twin
-`engine.kernels.reference.fused_moe_torch` on routings the router never produces but the kernel must
+`advisor.engine.kernels.reference.fused_moe_torch` on routings the router never produces but the kernel must
 handle: a token sending several slots to the same expert, int32 ids, idle experts.
 
 Isolation as in test_fused_moe.py: TRITON_INTERPRET must be set before triton is first imported, so a
@@ -22,9 +22,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     import torch
-
-    from engine.kernels.fused_moe import fused_moe
-    from engine.kernels.reference import fused_moe_torch
+    from advisor.engine.kernels.fused_moe import fused_moe
+    from advisor.engine.kernels.reference import fused_moe_torch
 
     E = 8
     TOL = {torch.float32: 1e-5, torch.float16: 4e-3}  # relative to the output's scale

@@ -1,4 +1,4 @@
-"""engine.text.image_processing against transformers' Step3p7ImageProcessor / Step3p7Processor logic, on real images.
+"""advisor.engine.text.image_processing against transformers' Step3p7ImageProcessor / Step3p7Processor logic, on real images.
 
 torchvision cannot be installed beside our torch, so the reference processor's own orchestration
 (`_plan_patches`, `_preprocess`: padding, views, tiling, grouping, newline masks) runs with its three
@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from skimage import data as skdata
-
-from engine.text.image_processing import (
+from advisor.engine.text.image_processing import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessorConfig,
@@ -27,6 +24,8 @@ from engine.text.image_processing import (
     preprocess,
     resize_uint8,
 )
+from PIL import Image
+from skimage import data as skdata
 
 RELEASED = ImageProcessorConfig()
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from engine.model import cpu_decode
-from engine.model.layers import (
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import (
     PANEL_ROWS,
     ColumnPanels,
     KMajor,
@@ -19,6 +18,7 @@ from engine.model.layers import (
     from_panels,
     to_panels,
 )
+
 from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 
 

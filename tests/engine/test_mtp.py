@@ -1,4 +1,4 @@
-"""The MTP layers' drafter (`engine.model.mtp`) against the definition written out, as rows advance unevenly."""
+"""The MTP layers' drafter (`advisor.engine.model.mtp`) against the definition written out, as rows advance unevenly."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import random
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model.cache import uncached_meta
+from advisor.engine.model.layers import rope_tables
+from advisor.engine.model.mtp import MTPDrafter, mtp_config, mtp_logits
 
-from engine import LLM
-from engine.model.cache import uncached_meta
-from engine.model.layers import rope_tables
-from engine.model.mtp import MTPDrafter, mtp_config, mtp_logits
 from tests.engine.mtp_models import mtp_checkpoint
 
 

@@ -18,8 +18,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     import torch
-
-    from engine.kernels.paged_attention import paged_decode
+    from advisor.engine.kernels.paged_attention import paged_decode
 
     def reference(q, kc, vc, tables, starts, lengths, scale, bs):
         N, H, D = q.shape
@@ -53,8 +52,8 @@ else:
         )
 
     def test_the_serving_metadata_gives_the_kernel_what_the_pytorch_path_reads():
-        from engine.model.config import FULL, SLIDING
-        from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
+        from advisor.engine.model.config import FULL, SLIDING
+        from advisor.engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
 
         class Cfg:
             num_key_value_heads, head_dim, sliding_window = 2, 16, 5

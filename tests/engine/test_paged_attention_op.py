@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.model import cpu_decode
-from engine.model.attention import Attention
-from engine.model.config import FULL, SLIDING
-from engine.model.layers import Rope
-from engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.attention import Attention
+from advisor.engine.model.config import FULL, SLIDING
+from advisor.engine.model.layers import Rope
+from advisor.engine.serving.paged_attention import ChunkTables, PagedKVCache, paged_meta
 
 pytestmark = pytest.mark.skipif(
     cpu_decode.ops() is None, reason="no C++ toolchain: the PyTorch path runs alone"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from engine.plan import GiB, checkpoint_tensors, load_any_config, plan
+from advisor.engine.plan import GiB, checkpoint_tensors, load_any_config, plan
 
 N = 45
 TEXT = {

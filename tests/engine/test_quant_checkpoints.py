@@ -1,4 +1,4 @@
-"""Quantized checkpoints end to end: `engine.quantize` writes each published layout, the engine loads it
+"""Quantized checkpoints end to end: `advisor.engine.quantize` writes each published layout, the engine loads it
 kept quantized (resident bytes against the file's), and its logits and generations equal those of the same
 model with its weights dequantized to fp32 (text, image, with and without the KV cache, through the
 compiled ops' register decoding and through the per-expert scratch path); bad files are one-line errors."""
@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import Quantized
+from advisor.engine.model.loader import CheckpointError
+from advisor.engine.quant.packed import weight_bytes
+from advisor.engine.quantize import dequantize_checkpoint, main, quantize_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine import LLM
-from engine.model import cpu_decode
-from engine.model.layers import Quantized
-from engine.model.loader import CheckpointError
-from engine.quant.packed import weight_bytes
-from engine.quantize import dequantize_checkpoint, main, quantize_checkpoint
 from tests.engine.step_models import TEXT_A, TEXT_C, build_reference, rel_err, save_reference
 
 # Widths that take groups of 128 (so int4 at group 128 quantizes most projections), MoE and dense layers.

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-
-from engine.quant import formats as F
-from engine.quant.packed import concat_outputs, from_checkpoint
+from advisor.engine.quant import formats as F
+from advisor.engine.quant.packed import concat_outputs, from_checkpoint
 
 
 # ---------------------------------------------------------------- reference decoders from the bit layouts

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from advisor.engine.model import cpu_decode
+from advisor.engine.model.layers import swiglu
+from advisor.engine.model.moe import route
+from advisor.engine.quant import formats as F
+from advisor.engine.quant.packed import from_checkpoint
 
-from engine.model import cpu_decode
-from engine.model.layers import swiglu
-from engine.model.moe import route
-from engine.quant import formats as F
-from engine.quant.packed import from_checkpoint
 from tests.engine.kernel_sets import KERNEL_SETS, kernel_set
 
 ops = cpu_decode.ops()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.serving.block_manager import BlockManager
-from engine.serving.block_pool import BlockPool, PoolExhausted, block_key
-from engine.serving.scheduler import Scheduler
-from engine.serving.sequence import SamplingParams, Sequence, Status
+from advisor.engine.serving.block_manager import BlockManager
+from advisor.engine.serving.block_pool import BlockPool, PoolExhausted, block_key
+from advisor.engine.serving.scheduler import Scheduler
+from advisor.engine.serving.sequence import SamplingParams, Sequence, Status
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 

@@ -8,9 +8,9 @@ import random
 import time
 
 import pytest
+from advisor.engine import LLM
+from advisor.engine.serving import AsyncLLM, EngineCore, SamplingParams, ServingConfig
 
-from engine import LLM
-from engine.serving import AsyncLLM, EngineCore, SamplingParams, ServingConfig
 from tests.engine.step_models import TEXT_A, TEXT_C, build_reference, save_reference
 
 NEW = 10
@@ -96,7 +96,7 @@ def test_prefix_hits_give_the_same_tokens_and_skip_the_shared_prefill(llm):
 def test_the_compiled_op_and_the_pytorch_path_give_the_plain_tokens(llm, use_cpu_op, monkeypatch):
     """The CPU runs the compiled paged-attention op where it is built, else the PyTorch gather + SDPA:
     both, with chunks beside decodes and prefix hits, give the plain path's tokens (and the op really ran)."""
-    from engine.serving.paged_attention import PagedTypeMeta
+    from advisor.engine.serving.paged_attention import PagedTypeMeta
 
     ran = []
     fused = PagedTypeMeta.fused

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-
-from engine.serving.outputs import CompletionLogprobs, TextOutput
-from engine.serving.sampler import sample_next
-from engine.serving.sequence import SamplingParams, Sequence, TokenLogprobs
+from advisor.engine.serving.outputs import CompletionLogprobs, TextOutput
+from advisor.engine.serving.sampler import sample_next
+from advisor.engine.serving.sequence import SamplingParams, Sequence, TokenLogprobs
 
 
 class CharTokenizer:
@@ -91,8 +90,8 @@ def test_logprobs_are_the_raw_logits_log_softmax_whatever_the_sampling(temperatu
 
 
 def test_the_windowed_detokenizer_releases_exactly_the_whole_decode(tmp_path):
-    from engine.serving.outputs import Detokenizer
-    from engine.text.tokenizer import build_step_tokenizer
+    from advisor.engine.serving.outputs import Detokenizer
+    from advisor.engine.text.tokenizer import build_step_tokenizer
 
     tok = build_step_tokenizer(tmp_path, vocab_size=400)
     gen = torch.Generator().manual_seed(0)

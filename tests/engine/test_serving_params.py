@@ -12,7 +12,8 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from engine.serving.server import load_served, running  # noqa: E402
+from advisor.engine.serving.server import load_served, running  # noqa: E402
+
 from tests.engine.serve_helpers import ADD, MESSAGES, Scripted, endless, idle, tiny_checkpoint  # noqa: E402
 
 
@@ -162,7 +163,7 @@ def test_n_choices_on_completions(client, server):
 # ------------------------------------------------------------------------------------------ logprobs
 def engine_run(served, prompt_ids: list[int], **params) -> list[int]:
     """The tokens the engine generates for these settings, run on the core directly (same seeds)."""
-    from engine.serving import SamplingParams
+    from advisor.engine.serving import SamplingParams
 
     (seq,) = served.llm.core.generate([prompt_ids], [SamplingParams(stop_token_ids=served.stops, **params)])
     return seq.output

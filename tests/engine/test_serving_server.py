@@ -15,7 +15,8 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from engine.serving.server import load_served, running  # noqa: E402
+from advisor.engine.serving.server import load_served, running  # noqa: E402
+
 from tests.engine.serve_helpers import ADD, MESSAGES, Scripted, endless, idle, tiny_checkpoint  # noqa: E402
 
 

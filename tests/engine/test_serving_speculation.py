@@ -13,8 +13,9 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from engine.serving.server import load_served, running  # noqa: E402
-from engine.text.tokenizer import build_step_tokenizer  # noqa: E402
+from advisor.engine.serving.server import load_served, running  # noqa: E402
+from advisor.engine.text.tokenizer import build_step_tokenizer  # noqa: E402
+
 from tests.engine.mtp_models import add_mtp_layers  # noqa: E402
 from tests.engine.step_models import TEXT_C, build_reference  # noqa: E402
 

@@ -8,14 +8,14 @@ import random
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.model.cache import uncached_meta
+from advisor.engine.model.mtp import head_logits, mtp_streams
+from advisor.engine.model.speculative import accept_sampled
+from advisor.engine.serving import EngineCore, SamplingParams, ServingConfig
+from advisor.engine.serving.model_runner import ModelRunner
+from advisor.engine.serving.speculation import PagedDrafter
 
-from engine import LLM
-from engine.model.cache import uncached_meta
-from engine.model.mtp import head_logits, mtp_streams
-from engine.model.speculative import accept_sampled
-from engine.serving import EngineCore, SamplingParams, ServingConfig
-from engine.serving.model_runner import ModelRunner
-from engine.serving.speculation import PagedDrafter
 from tests.engine.mtp_models import TEXT_MTP, add_mtp_layers, mtp_checkpoint
 from tests.engine.step_models import TEXT_B, build_reference, save_reference
 

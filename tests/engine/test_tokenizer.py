@@ -1,12 +1,11 @@
-"""engine.text.tokenizer: the Step tokenizer files we build, load, and hand to transformers."""
+"""advisor.engine.text.tokenizer: the Step tokenizer files we build, load, and hand to transformers."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from engine.text.tokenizer import (
+from advisor.engine.text.tokenizer import (
     CHAT_MARKERS,
     STEP_SPECIAL_TOKENS,
     StepTokenizer,
@@ -141,7 +140,7 @@ def test_bad_directories_give_one_line_errors(tmp_path):
 
 
 def test_command_line_trains_on_text_files(tmp_path, capsys):
-    from engine.text.tokenizer import main
+    from advisor.engine.text.tokenizer import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("zebra crossing zebra crossing zebra\n" * 20 + "<|im_start|>user\nzebra<|im_end|>\n")

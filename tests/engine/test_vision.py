@@ -1,4 +1,4 @@
-"""engine.model.vision against transformers' Step3p7 vision tower + projector, on checkpoints written by save_pretrained."""
+"""advisor.engine.model.vision against transformers' Step3p7 vision tower + projector, on checkpoints written by save_pretrained."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from advisor.engine.model.vision import StepVision, VisionConfig, build_vision, load_vision, vision_keys
+from advisor.engine.text.image_processing import ImageProcessorConfig, preprocess
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skdata
 
-from engine.model.vision import StepVision, VisionConfig, build_vision, load_vision, vision_keys
-from engine.text.image_processing import ImageProcessorConfig, preprocess
 from tests.engine.step_models import TEXT_B, build_reference, rel_err, save_reference
 
 # 112 px global view: an 8x8 ViT grid (no position interpolation) -> 2x2 tokens. The crops below

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from advisor.evals.coding import KINDS, build, build_suite
+from advisor.tools.commands import bwrap_problem
 
 from advisor.cli import main
 from advisor.testing import Reply, ScriptedServer, ScriptedToolCall
-from evals.coding import KINDS, build, build_suite
-from tools.commands import bwrap_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "evals" / "suites" / "coding"

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from advisor.evals import families
+from advisor.evals.aggregate import aggregate, break_even, percentile
+from advisor.evals.harness import run_suite
+from advisor.evals.plots import pareto
+from advisor.evals.records import TaskRecord
+from advisor.evals.suite import load_suite
 from PIL import Image
 
 import advisor  # noqa: F401  (import order: advisor before tools)
 from advisor.result import TaskResult
 from advisor.task import TaskError
-from evals import families
-from evals.aggregate import aggregate, break_even, percentile
-from evals.harness import run_suite
-from evals.plots import pareto
-from evals.records import TaskRecord
-from evals.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO = {"input": 0, "cached_input": 0, "cache_write": 0, "output": 0, "reasoning": 0}
@@ -158,8 +158,7 @@ def test_marks_answer_is_what_the_mark_finder_counts():
     tried (independently: the coloured pixels' connected components agree too)."""
     import cv2
     import numpy as np
-
-    from tools.vision import find_regions
+    from advisor.tools.vision import find_regions
 
     for seed in range(0, 400, 10):
         s = families.spec("marks", seed)

@@ -1,11 +1,10 @@
 from pathlib import Path
 
 import pytest
+from advisor.tools.images import ImageLedger
+from advisor.tools.spec import ToolContext
 from PIL import Image
 from skimage import data
-
-from tools.images import ImageLedger
-from tools.spec import ToolContext
 
 
 @pytest.fixture(scope="session")

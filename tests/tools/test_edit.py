@@ -1,9 +1,8 @@
 """edit_file, view_file, search and list_files' glob: teaching errors and workspace confinement."""
 
 import pytest
-
-from tools.registry import BUILTIN
-from tools.spec import ToolContext
+from advisor.tools.registry import BUILTIN
+from advisor.tools.spec import ToolContext
 
 EDIT, VIEW, SEARCH, LIST = (BUILTIN[n] for n in ("edit_file", "view_file", "search", "list_files"))
 

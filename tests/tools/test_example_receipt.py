@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from advisor.tools.images import ImageLedger
+from advisor.tools.registry import resolve
+from advisor.tools.vision import find_regions
 from PIL import Image
 
 from advisor.endpoints.base import EndpointConfig
-from tools.images import ImageLedger
-from tools.registry import resolve
-from tools.vision import find_regions
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "receipt-total"
 

@@ -6,14 +6,14 @@ import zlib
 
 import numpy as np
 import pytest
+from advisor.tools.images import ImageLedger, UnknownImageError
+from advisor.tools.profiles import PROFILES, Step3p7Profile
+from advisor.tools.registry import BUILTIN
+from advisor.tools.spec import ToolError
+from advisor.tools.testdata import make_bar_chart
 from PIL import Image
 
 from advisor.messages import ImagePart
-from tools.images import ImageLedger, UnknownImageError
-from tools.profiles import PROFILES, Step3p7Profile
-from tools.registry import BUILTIN
-from tools.spec import ToolError
-from tools.testdata import make_bar_chart
 
 
 def test_ids_parents_and_boxes(ledger, astronaut):
@@ -230,7 +230,7 @@ def test_exif_rotation_and_16_bit_scans(tmp_path, astronaut):
 
 
 def test_profile_for_endpoints():
-    from tools.profiles import profile_for
+    from advisor.tools.profiles import profile_for
 
     assert profile_for("step-3.7-flash", "openai") == "step3p7"
     assert profile_for("stepfun-ai/Step3p7-Flash", "embedded") == "step3p7"

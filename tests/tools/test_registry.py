@@ -1,8 +1,7 @@
 import json
 
 import pytest
-
-from tools.registry import BUILTIN, resolve
+from advisor.tools.registry import BUILTIN, resolve
 
 NAMES = [
     "crop",

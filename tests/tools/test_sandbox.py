@@ -4,11 +4,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from advisor.tools.registry import BUILTIN
+from advisor.tools.sandbox import run_python
+from advisor.tools.spec import ToolContext
 from PIL import Image
-
-from tools.registry import BUILTIN
-from tools.sandbox import run_python
-from tools.spec import ToolContext
 
 PY = BUILTIN["python"]
 

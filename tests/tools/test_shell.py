@@ -7,11 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tools.commands import Limits, SandboxUnavailable, _Cgroup, bwrap_problem, require_sandbox, run_command
-from tools.registry import BUILTIN
-from tools.shell import ShellSettings
-from tools.spec import ToolContext
+from advisor.tools.commands import (
+    Limits,
+    SandboxUnavailable,
+    _Cgroup,
+    bwrap_problem,
+    require_sandbox,
+    run_command,
+)
+from advisor.tools.registry import BUILTIN
+from advisor.tools.shell import ShellSettings
+from advisor.tools.spec import ToolContext
 
 SHELL = BUILTIN["shell"]
 BWRAP = bwrap_problem()

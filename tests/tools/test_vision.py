@@ -2,13 +2,12 @@ import math
 
 import numpy as np
 import pytest
+from advisor.tools import vision
+from advisor.tools.boxes import MIN_SIDE, pixel_box
+from advisor.tools.spec import ToolError
+from advisor.tools.testdata import make_bar_chart, make_receipt, make_table
+from advisor.tools.vision import PALETTE, bbox, crop, find_regions, iou, zoom
 from PIL import Image
-
-from tools import vision
-from tools.boxes import MIN_SIDE, pixel_box
-from tools.spec import ToolError
-from tools.testdata import make_bar_chart, make_receipt, make_table
-from tools.vision import PALETTE, bbox, crop, find_regions, iou, zoom
 
 
 def test_crop_equals_array_slice(astronaut):

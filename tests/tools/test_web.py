@@ -7,10 +7,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import respx
-
-from tools.registry import BUILTIN
-from tools.spec import ToolContext
-from tools.web import SearchRateLimited, html_to_text
+from advisor.tools.registry import BUILTIN
+from advisor.tools.spec import ToolContext
+from advisor.tools.web import SearchRateLimited, html_to_text
 
 SEARCH, FETCH = BUILTIN["web_search"], BUILTIN["fetch_page"]
 

@@ -1,9 +1,8 @@
 import os
 
 import pytest
-
-from tools.registry import BUILTIN
-from tools.spec import ToolContext
+from advisor.tools.registry import BUILTIN
+from advisor.tools.spec import ToolContext
 
 READ, WRITE, LIST = BUILTIN["read_file"], BUILTIN["write_file"], BUILTIN["list_files"]
 

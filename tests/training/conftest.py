@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from advisor.engine.text.tokenizer import build_step_tokenizer
 
-from engine.text.tokenizer import build_step_tokenizer
 from training.checkpoint import init_checkpoint, text_config
 from training.tasks import generate
 from training.tokenizer import build_project_tokenizer
@@ -62,7 +62,7 @@ def tok_dir(tmp_path_factory, all_samples):
 
 @pytest.fixture(scope="session")
 def init_dir(tmp_path_factory, tok_dir):
-    from engine.text.tokenizer import load_tokenizer
+    from advisor.engine.text.tokenizer import load_tokenizer
 
     path = tmp_path_factory.mktemp("init_ckpt")
     return init_checkpoint(path, text_config(TINY, load_tokenizer(tok_dir)), tok_dir, seed=0)

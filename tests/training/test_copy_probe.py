@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from advisor.engine.text.tokenizer import load_tokenizer
 
-from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import PRESETS
 from training.copy_probe import preset, sample
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from advisor.engine.text.tokenizer import load_tokenizer
+from advisor.tools.registry import resolve
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import EndpointConfig
 from advisor.endpoints.embedded import Generation
-from engine.text.tokenizer import load_tokenizer
-from tools.registry import resolve
 from training.tasks import FAMILIES, generate
 from training.traces import encode_sample, initial_messages, samples
 
@@ -102,11 +102,12 @@ def test_initial_messages_are_the_loops(traces):
 
 
 def test_eval_suite_families_are_scripted_with_their_own_answers():
-    """The evals.families tasks (same goal, files, tools, answer as the eval suite) play out with real
+    """The advisor.evals.families tasks (same goal, files, tools, answer as the eval suite) play out with real
     tools to the suite's expected answer; training seeds stay clear of the suites' small seeds."""
     import asyncio
 
-    from evals.families import spec
+    from advisor.evals.families import spec
+
     from training.tasks import EVAL_FAMILIES, EVAL_SEED_BASE
     from training.traces import run_traces
 
@@ -131,10 +132,11 @@ def test_eval_suite_families_are_scripted_with_their_own_answers():
 async def test_an_image_task_opens_as_the_loop_opens_it_for_a_text_only_endpoint(tmp_path):
     """The marks family's trace starts with exactly the messages the loop sends a `vision: false` executor
     for the same eval task: the image named and sized, no pixels."""
+    from advisor.evals.families import generate as write_task
+
     from advisor import Advisor, load_task
     from advisor.endpoints.base import Endpoint
     from advisor.messages import Attempt, Message, ModelResponse, Usage
-    from evals.families import generate as write_task
     from training.tasks import from_eval_spec
     from training.traces import input_ledger
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from advisor.engine.text.tokenizer import load_tokenizer
 
-from engine.text.tokenizer import load_tokenizer
 from training.drills import KINDS, drill, drill_batch, filler_cap, kinds_at
 from training.traces import encode_sample
 from training.train import TrainConfig, is_drill_step, total_steps

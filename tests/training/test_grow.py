@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from advisor.engine import LLM
 
-from engine import LLM
 from tests.training.conftest import TINY
 from training.card import run_lines
 from training.grow import grow_checkpoint

@@ -7,10 +7,10 @@ from __future__ import annotations
 import shutil
 
 import torch
+from advisor.engine import LLM
+from advisor.engine.model.config import load_config
 from safetensors.torch import load_file
 
-from engine import LLM
-from engine.model.config import load_config
 from training.checkpoint import load_trainable
 from training.mtp import (
     init_mtp,

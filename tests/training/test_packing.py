@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from advisor.engine.text.tokenizer import load_tokenizer
 
-from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import load_trainable, trainable
 from training.tasks import generate, with_recovery
 from training.traces import encode_sample, packed, run_traces, samples

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import LLM
-from engine.text.tokenizer import STEP_SPECIAL_TOKENS
+from advisor.engine import LLM
+from advisor.engine.text.tokenizer import STEP_SPECIAL_TOKENS
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = sorted(p for p in MODELS.iterdir() if (p / "config.json").is_file())
 # Tokens each verify step adds with all three MTP layers drafting (accepted drafts + the model's own):
-# 1.0 would be drafts never accepted; engine.bench --speculative mtp measured 2.55 over task prompts.
+# 1.0 would be drafts never accepted; advisor.engine.bench --speculative mtp measured 2.55 over task prompts.
 MIN_TOKENS_PER_STEP = 1.5
 
 

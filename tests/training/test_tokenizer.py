@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from engine.text.tokenizer import CHAT_MARKERS, STEP_SPECIAL_TOKENS, load_tokenizer
+from advisor.engine.text.tokenizer import CHAT_MARKERS, STEP_SPECIAL_TOKENS, load_tokenizer
+
 from training.traces import encode_sample
 
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+from advisor.engine import LLM
+from advisor.engine.text.tokenizer import load_tokenizer
 
-from engine import LLM
-from engine.text.tokenizer import load_tokenizer
 from training.checkpoint import checkpoint_tensors, load_trainable, save_checkpoint, trainable
 from training.traces import encode_sample
 from training.train import TrainConfig, batches, collate, logits_of, loss_of, lr_at, parse_args
@@ -74,7 +74,7 @@ def test_few_steps_lower_the_loss_and_save_a_loadable_checkpoint(tok_dir, init_d
     engine_logits = llm.logits(probe.tolist())
     with torch.no_grad(), trainable(model):
         direct = logits_of(model, probe[None])[0]  # the forward the loss used
-        from engine.model.cache import uncached_meta
+        from advisor.engine.model.cache import uncached_meta
 
         engine_forward = model(
             model.embed_tokens(probe[None]), uncached_meta(model.cfg, torch.arange(48)[None])

@@ -718,7 +718,7 @@ ADVISOR_INLINE void qgemm_t(const float* a, const int64_t* rows, int64_t c, int6
 // dependency chain, so a single row waits out the FMA latency at every k however fast the decoding. Measured alone
 // on the AVX2 Zen here (1 thread, thread CPU time, 1280 x 512, one row): the generic int4 loop 5.5 G weights/s,
 // the generic fp32 panel loop 1.0, this int4 kernel 19 and the NVFP4 one 9 (16 rows: 0.2, 1.9 and 1.4 G
-// row-weights/s x 16); fp32 has its own AVX2 kernel since (`fpanel_avx2` below, `python -m engine.bench_linear`).
+// row-weights/s x 16); fp32 has its own AVX2 kernel since (`fpanel_avx2` below, `python -m advisor.engine.bench_linear`).
 // What they do instead:
 // - each k's 8 code bytes zero-extended into 8 int32 lanes by one vpmovzxbd (byte j: column j low, j + 8 high);
 //   the low nibbles are `& 15`, the high ones `>> 4`, converted in registers;
@@ -1055,7 +1055,7 @@ void panel_cols_into(const float* x, int64_t M, int64_t K, const float* panels, 
 
 }  // namespace
 
-// x [M, K] @ W -> [M, N], W in column panels [ceil(N/16), K, 16] (`engine.model.layers.to_panels`), for a few
+// x [M, K] @ W -> [M, N], W in column panels [ceil(N/16), K, 16] (`advisor.engine.model.layers.to_panels`), for a few
 // rows. The panels split across ATen's threads in contiguous ranges, one sequential stream each.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N) {
   check_f32(x, "panel_linear", "x");
@@ -1759,7 +1759,7 @@ torch::Tensor mtp_forward(const MtpCtx& c, const std::vector<torch::Tensor>& w, 
   }
   auto x = torch::empty({T, H}, opts);
   panel_into(xin.data(), T, 2 * H, w[2].data_ptr<float>(), H, x.data_ptr<float>());
-  // RoPE tables at the tokens' positions (engine.model.layers.rope_cos_sin: the angles in fp32, halves repeated)
+  // RoPE tables at the tokens' positions (advisor.engine.model.layers.rope_cos_sin: the angles in fp32, halves repeated)
   const int64_t F = c.inv_freq.numel();
   auto cos = torch::empty({T, 2 * F}, opts), sin = torch::empty({T, 2 * F}, opts);
   {
@@ -1860,7 +1860,7 @@ std::vector<torch::Tensor> mtp_layer(torch::Tensor ids, torch::Tensor hidden, to
   return {stream, logits, picks};
 }
 
-// A greedy drafting round of the chained MTP layers for N sequences in one call (engine.serving.speculation,
+// A greedy drafting round of the chained MTP layers for N sequences in one call (advisor.engine.serving.speculation,
 // PagedDrafter.draft's rule, which this follows step for step). Sequence i is in decode with m[i] computed
 // positions and drafts caps[i] tokens; firm[i][j-1] is layer j's firm end (j = 1..caps[i]), carry[i][j-1]
 // layer j's carried input rows (positions [firm_j, firm_{j-1}), for layer 1 [firm_1, m)), tokens[i] its
