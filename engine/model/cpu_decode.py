@@ -65,6 +65,7 @@ is a bug in the source, not a missing feature: the compiler's output is logged a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -130,36 +131,78 @@ def _build(source: Path = _SOURCE, name: str = _NAME, build_directory: str | Non
     except ImportError as e:  # a torch without its extension tooling (setuptools missing)
         log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", e)
         return None
-    missing = _toolchain_problem(probe=False)  # before torch's own multi-line warning about the compiler
-    if missing is not None:
-        log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
-        return None
-    try:
-        if build_directory is None:
-            source, build_directory = _staged(source, name)
-        if not (Path(build_directory) / f"{name}.so").is_file():
+    if build_directory is None:
+        source, build_directory = _staged(source, name)
+    library = Path(build_directory) / f"{name}.so"
+    if library.is_file():  # built for this source, torch and Python (the folder's name says so): an import
+        module = _import(name, library)
+        if module is not None:
+            return module
+    with _venv_ninja():
+        missing = _toolchain_problem(probe=False)  # before torch's own multi-line warning about the compiler
+        if missing is not None:
+            log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+            return None
+        try:
             log.info(
                 "engine: compiling the CPU decode ops (fused C++ kernels for fast CPU decoding), once per machine: a minute or two; "
                 "`python -m advisor.engine.build` does it at set-up"
             )
-        return load(
-            name,
-            sources=[str(source)],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=build_directory,
-            verbose=False,
-        )
-    except Exception as e:  # torch reports a missing compiler and an error in our source alike; tell them apart
-        missing = _toolchain_problem()
-        if missing is not None:  # nothing to fix here: the PyTorch path is always there
-            log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+            return load(
+                name,
+                sources=[str(source)],
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=build_directory,
+                verbose=False,
+            )
+        except Exception as e:  # torch reports a missing compiler and an error in our source alike; tell them apart
+            missing = _toolchain_problem()
+            if missing is not None:  # nothing to fix here: the PyTorch path is always there
+                log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+                return None
+            if os.environ.get("ADVISOR_CPU_OPS_STRICT", "0") == "1":
+                raise CpuOpsBuildError(f"engine: {source} does not build with a working toolchain:\n{e}") from e
+            log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
+                      source, e)
             return None
-        if os.environ.get("ADVISOR_CPU_OPS_STRICT", "0") == "1":
-            raise CpuOpsBuildError(f"engine: {source} does not build with a working toolchain:\n{e}") from e
-        log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
-                  source, e)
+
+
+def _import(name: str, library: Path):
+    """The built library imported directly, without asking ninja whether it is current: the build folder is
+    keyed by everything that goes into the library, and which ninja is first on PATH (a system one and the
+    venv's, of different versions, read each other's build log as stale) must not turn a load into a
+    100-second rebuild. None when the file does not load (a build cut off mid-link): then it is rebuilt."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:
+        log.warning("engine: the built CPU decode ops in %s do not load (%s); building them again", library, e)
         return None
+    return module
+
+
+@contextlib.contextmanager
+def _venv_ninja():
+    """PATH with this environment's own ninja (the `ninja` package's) first while a build runs, so the build
+    uses the same ninja whichever shell started Python, and a venv's ninja counts even when its bin folder is
+    not on PATH (a `.venv/bin/python` run without activating)."""
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([bin_dir, old]) if old else bin_dir
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def _staged(source: Path, name: str) -> tuple[Path, str]:
