@@ -46,6 +46,10 @@ def _usage(d: dict) -> Usage:
     return Usage(**{k: int(d.get(k, 0)) for k in TOKEN_KINDS})
 
 
+# consult modes in which the frontier acts in the executor's conversation for some steps
+HANDOVER_MODES = ("takeover", "restart")
+
+
 @dataclass
 class Consult:
     step: int
@@ -130,11 +134,11 @@ def _price_from_trace(rec: TaskRecord, events: list[dict], pricer: Pricer) -> No
             else:
                 pending_takeover = None
         elif kind == "consult":
-            if ev.get("mode") == "takeover":
-                c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), "takeover", 0.0)
-                pending_takeover = c
-            else:  # advise: its model_call was emitted just before it
-                c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), "advise", last_consult_call)
+            # advise: its model_call was emitted just before it; takeover and restart make no consult call
+            # of their own, they buy the frontier steps that follow (purpose "takeover")
+            mode = ev.get("mode") or "advise"
+            c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), mode, last_consult_call)
+            pending_takeover = c if mode in HANDOVER_MODES else None
             last_consult_call = 0.0
             rec.consult_ledger.append(c)
     rec.cost["executor"], rec.cost["frontier"] = by_role["executor"], by_role["frontier"]

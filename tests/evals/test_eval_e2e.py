@@ -199,3 +199,30 @@ def test_bad_input_is_one_line(tmp_path, server, capsys):
     (tmp_path / "o").mkdir(exist_ok=True)
     assert main(["report", str(tmp_path / "o"), "--prices", str(tmp_path / "p.yaml")]) == 2
     assert "flash.input" in capsys.readouterr().err
+
+
+def test_restart_consults_are_booked_with_their_mode_and_the_frontier_steps_they_paid_for(tmp_path, server):
+    # the Quickstart's mode: a rejected answer restarts the conversation with the frontier taking the first
+    # steps; those steps are what the consult cost, in results.json, report.md and report.html alike
+    suite = make_suite(tmp_path, server)
+    spec = yaml.safe_load(suite.read_text())
+    spec["strategies"]["advisor-restart"] = {"base": "advisor", "escalation": {"mode": "restart"}}
+    suite.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_eval(suite, out, "advisor-restart") == 0
+    res = json.loads((out / "results.json").read_text())
+    consults = res["consults"]
+    assert sorted(c["task"] for c in consults) == ["t1", "t3"]
+    frontier_call = (2000 * 5.0 + 300 * 25.0) / 1e6
+    for c in consults:
+        assert c["mode"] == "restart" and c["passed_after"]
+        # every frontier call of the task came after its one restart: all of them are the consult's cost
+        trace = [json.loads(line) for line in (out / "advisor-restart" / c["task"] / "trace.jsonl").open()]
+        paid = [e["cost_usd"] for e in trace if e["type"] == "model_call" and e["role"] == "frontier"]
+        assert paid and c["cost_usd"] == pytest.approx(sum(paid)) == pytest.approx(frontier_call * len(paid))
+    md = (out / "report.md").read_text()
+    ledger_rows = [line for line in md.splitlines() if line.startswith("| advisor-restart | t")]
+    assert len(ledger_rows) == 2 and all("| restart |" in r and "advise" not in r for r in ledger_rows)
+    assert frontier_call == 0.0175 and all("| $0.0175 |" in r for r in ledger_rows)
+    html = (out / "report.html").read_text()
+    assert html.count(">restart<") == 2 and ">advise<" not in html
