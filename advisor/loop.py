@@ -77,6 +77,7 @@ class TaskLoop:
     listeners: list[Listener] = field(default_factory=list)
     fsync: bool = True
     mcp: McpPool | None = None  # shared MCP servers (Advisor's); None: the task starts and stops its own
+    run_id: str | None = None  # the run this task belongs to (`task_start.run_id`)
 
     def __post_init__(self) -> None:
         self.trace = Trace(self.out_dir / "trace.jsonl", fsync=self.fsync, listeners=self.listeners)
@@ -215,6 +216,7 @@ class TaskLoop:
         self.trace.emit(
             "task_start",
             task=self.task.name,
+            run_id=self.run_id,
             strategy=self.strategy,
             executor=self._role_info(self.executor),
             frontier=self._role_info(self.frontier),
@@ -294,7 +296,7 @@ class TaskLoop:
         if self.start_files is None or not self.workspace.is_dir():
             return None
         exported = {f"images/{i}.png" for i in self.images.ids()}  # the python tool's copies of the inputs
-        return workspace_diff(self.workspace, self.start_files, ignore=exported)
+        return workspace_diff(self.workspace, self.start_files, ignore=exported) or None  # null: no change
 
     def _finish(self, result: TaskResult) -> None:
         self.trace.close()
@@ -351,7 +353,7 @@ class TaskLoop:
                 return "passed"
             turn.rejected += 1
             if turn.rejected >= self.task.check.max_attempts:
-                return "failed"
+                raise _Stop("failed", _rejected(turn.rejected, check.detail))
             output = check.detail if self.task.check.type == "command" else None
             messages.append(Message.user(render("check_rejected", answer=answer, output=output)))
             due = policy.failure(self.steps, "check_rejected", check.detail, self.trace)
@@ -548,6 +550,14 @@ async def _invoke(spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResu
         return await spec.invoke(arguments, ctx)
     except Exception as e:
         return ToolResult.error(f"{spec.name} raised {type(e).__name__}: {str(e)[:500]}")
+
+
+def _rejected(times: int, detail: str | None) -> str:
+    """A failed task's `error`: why it ended, in one line."""
+    first = (detail or "").strip().splitlines()[0][:200] if (detail or "").strip() else ""
+    return f"the check rejected the answer {times} time{'s' * (times != 1)} (check.max_attempts)" + (
+        f": {first}" if first else ""
+    )
 
 
 def failure_reason(result: ToolResult) -> str:

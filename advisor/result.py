@@ -52,9 +52,17 @@ class TaskResult:
         (out_dir / "report.md").write_text(render_report(self), encoding="utf-8")
 
 
+def saved_usd(r: TaskResult) -> float | None:
+    """What the run saved against the frontier model alone, or None when it solved nothing: a failed run's
+    spend bought no result, so a "saving" beside it would mislead."""
+    if r.outcome != "passed":
+        return None
+    return r.cost_usd.get("frontier_only_estimate", 0.0) - r.cost_usd.get("total", 0.0)
+
+
 def render_report(r: TaskResult) -> str:
     c = r.cost_usd
-    saved = c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)
+    saved = saved_usd(r)
     lines = [
         f"# {r.task}",
         "",
@@ -79,7 +87,8 @@ def render_report(r: TaskResult) -> str:
     lines += [
         "",
         f"Total: **{usd(c.get('total', 0.0))}**. The same tokens on the frontier model alone: "
-        f"{usd(c.get('frontier_only_estimate', 0.0))} (saved {usd(saved)}).",
+        f"{usd(c.get('frontier_only_estimate', 0.0))} "
+        + (f"(saved {usd(saved)})." if saved is not None else "(nothing saved: the task was not solved)."),
         "",
     ]
     if r.workspace_diff:

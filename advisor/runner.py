@@ -125,6 +125,7 @@ class Advisor:
             listeners=listeners,
             fsync=self.fsync,
             mcp=self.mcp,
+            run_id=self.run_id,
         )
         if strategy == "frontier" and frontier is not None:
             loop.ledger.frontier_price = frontier.price

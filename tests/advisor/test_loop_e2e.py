@@ -304,3 +304,24 @@ def test_missing_task_file_and_bad_yaml(tmp_path: Path):
     proc = run_cli("run", str(bad))
     assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "line" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_failed_run_says_why_and_claims_no_saving(tmp_path: Path):
+    wrong = [Reply(text="Answer: 41", usage=EXEC_USAGE)] * 2
+    with ScriptedServer({"flash": wrong, "frontier": []}) as server:
+        task = write_task(tmp_path, server, check={"type": "equals", "value": "42", "max_attempts": 2})
+        proc = run_cli(
+            "run", str(task), "--runs-dir", str(tmp_path / "runs"), "--strategy", "executor",
+            env_extra={"TEST_FLASH_KEY": KEY},
+        )
+    (result_path,) = (tmp_path / "runs").glob("*/six-times-seven/result.json")
+    result = json.loads(result_path.read_text())
+    assert result["outcome"] == "failed"
+    assert result["error"].startswith("the check rejected the answer 2 times")
+    assert result["workspace_diff"] is None  # nothing changed: null, as docs/trace-format.md says
+    events = read_trace(result_path.parent / "trace.jsonl")
+    assert events[0]["type"] == "task_start" and events[0]["run_id"] == result_path.parent.parent.name
+    report = (result_path.parent / "report.md").read_text()
+    assert "nothing saved" in report and "(saved" not in report
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("│ six-times-seven"))
+    assert row.rstrip(" │|").endswith("-")
