@@ -325,3 +325,43 @@ def test_a_failed_run_says_why_and_claims_no_saving(tmp_path: Path):
     assert "nothing saved" in report and "(saved" not in report
     row = next(line for line in proc.stdout.splitlines() if line.startswith("│ six-times-seven"))
     assert row.rstrip(" │|").endswith("-")
+
+
+def test_a_terminal_shows_each_step_as_a_line_above_the_live_table(tmp_path: Path):
+    import pty
+    import re
+
+    with ScriptedServer(
+        {
+            "flash": executor_script(),
+            "frontier": [Reply(text="Call python with print(6*7).", usage=FRONTIER_USAGE)],
+        }
+    ) as server:
+        task = write_task(tmp_path, server)
+        leader, follower = pty.openpty()
+        env = {**os.environ, "TEST_FLASH_KEY": KEY, "TERM": "xterm-256color", "COLUMNS": "200"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "advisor.cli", "run", str(task), "--runs-dir", str(tmp_path / "runs")],
+            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env, cwd=ROOT,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=120) == 0
+        os.close(leader)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "advisor run" in screen  # the live table was drawn: this was a terminal
+    for line in (
+        "six-times-seven: step 3 tool python(",
+        "six-times-seven: step 4 answer by the executor: 42",
+        "six-times-seven: check passed",
+        "consult at failures (advise)",
+    ):
+        assert line in screen
