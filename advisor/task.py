@@ -442,8 +442,12 @@ def read_endpoints(path: Path) -> dict[str, Any]:
 
 
 def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as one line: the file, the key path under `prefix`, and what to do about it."""
-    err = e.errors()[0]
+    """A pydantic error as one line: the file, then each problem's key path under `prefix` and what to do
+    about it (all of them: a user fixing the first should not meet the second on the next run)."""
+    return f"{path}: " + "; ".join(_problem(err, prefix) for err in e.errors())
+
+
+def _problem(err: dict, prefix: str) -> str:
     loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -455,8 +459,7 @@ def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> st
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         hint = f"{msg}{shown}"
-    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{path}: {loc or '(top level)'}: {hint}{more}"
+    return f"{loc or '(top level)'}: {hint}"
 
 
 def with_config_endpoints(path: Path, data: dict) -> dict:

@@ -275,6 +275,10 @@ async def test_forty_concurrent_tasks_with_a_custom_tool(tmp_path: Path):
         ({"executor": {"endpoint": "flsh"}}, "executor.endpoint: unknown endpoint 'flsh'"),
         ({"tools": ["python", "hammer"]}, "unknown tool 'hammer'"),
         ({"escalation": {"mode": "panic"}}, "escalation.mode"),
+        (  # every problem on the one line, not the first and "(+1 more)"
+            {"budget": {"max_usd": -1, "max_steps": 10, "max_wall_s": 60, "max_stepz": 3}},
+            "budget.max_usd: Input should be greater than or equal to 0 (got -1); budget.max_stepz: unknown key",
+        ),
         (None, "api_key_env: environment variable TEST_FLASH_KEY is not set"),
         (
             {"endpoints": {"flash": {"provider": "openai", "model": "m"}}},
