@@ -29,9 +29,15 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
+    from advisor.engine.listen import ListenError, listen
     from advisor.proxy.app import UVICORN_OPTIONS, build_app
     from advisor.proxy.router import Router
 
+    try:  # before anything is printed or opened: a taken port is one line, not an address it never serves
+        sock = listen(args.host, args.port)
+    except ListenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     router = Router(cfg)
     app = build_app(router)
     # the process is the proxy's: its start-up objects (modules, config) are frozen out of the cyclic
@@ -45,7 +51,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         f"models {', '.join(cfg.models)}; sessions in {cfg.sessions_dir})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)
+    uvicorn.Server(uvicorn.Config(app, **UVICORN_OPTIONS)).run(sockets=[sock])
     return 0
 
 

@@ -525,8 +525,14 @@ def _context_length(path: Path) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from advisor.engine.listen import ListenError, listen
     from advisor.engine.model.loader import CheckpointError
 
+    try:  # the port first: a taken one is said before the model loads, and no address is printed
+        sock = listen(args.host, args.port)
+    except ListenError as e:
+        print(f"advisor serve: {e}", file=sys.stderr)
+        return 2
     try:
         served = load_served(
             args.model,
@@ -540,10 +546,11 @@ def serve(args: argparse.Namespace) -> int:
             getattr(args, "num_speculative_tokens", None),
         )
     except (ValueError, CheckpointError, FileNotFoundError) as e:  # a bad model or option: one line
+        sock.close()
         print(f"advisor serve: {e}", file=sys.stderr)
         return 2
     print(f"advisor serve: {served.name} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(build_app(served), log_level="warning")).run(sockets=[sock])
     return 0
 
 

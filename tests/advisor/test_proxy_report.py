@@ -143,3 +143,21 @@ def test_advisor_proxy_command_serves_and_advisor_proxy_report_writes(tmp_path, 
     assert main(["proxy", "report", "--config", config, "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "1 sessions, 1 requests" in md and "plan 1" in md
+
+
+def test_advisor_proxy_on_a_taken_port_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVISOR_CONFIG_DIR", str(tmp_path / "none"))
+    with ScriptedServer() as upstream, socket.socket() as taken:
+        config = _yaml(upstream, tmp_path)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "advisor.cli", "proxy", "--config", config, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"

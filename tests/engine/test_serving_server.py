@@ -202,3 +202,20 @@ def test_advisor_serve_runs_from_the_command_line(ckpt):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_advisor_serve_on_a_taken_port_says_so_before_loading_or_printing_an_address(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "advisor.cli", "serve", str(ckpt), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 2
+    assert done.stdout == ""  # no "on http://..." for a server that never listened
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"advisor serve: cannot listen on 127.0.0.1:{port}: Address already in use"
