@@ -29,3 +29,19 @@ def test_every_package_folder_is_listed():
                 continue
             on_disk.add(".".join([name, *rel.parts]))
     assert on_disk == set(conf["packages"])
+
+
+def test_one_stepfun_base_url_everywhere():
+    # StepFun's global platform, whose USD prices the price data carries; the preset is the reference
+    import re
+
+    from advisor.scaffold import STEPFUN_BASE_URL
+
+    assert STEPFUN_BASE_URL == "https://api.stepfun.ai/v1"
+    seen = {}
+    for folder in ("examples", "docs", "advisor", "evals"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".yaml", ".md", ".py") and path.is_file():
+                for url in re.findall(r"https://api\.stepfun\.[a-z]+/v1", path.read_text(encoding="utf-8")):
+                    seen.setdefault(url, []).append(str(path.relative_to(ROOT)))
+    assert set(seen) == {STEPFUN_BASE_URL}, seen
