@@ -110,10 +110,12 @@ def build_directory(source: Path = _SOURCE, name: str = _NAME) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     key = hashlib.sha256(source.read_bytes())
-    # the torch installation too: its include paths are in the build's commands, so two environments
-    # sharing a folder would each find the other's build stale and compile over it
-    torch_dir = Path(torch.__file__).resolve().parent
-    key.update(f"{torch.__version__} {torch.version.cuda} {torch_dir} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
+    # everything the library's bytes depend on: torch's release and build (its headers and ABI), Python's,
+    # the flags. Not where torch is installed: the library names torch's libraries without a path (they are
+    # loaded by `import torch`) and a built one is imported without asking ninja, so every environment with
+    # the same torch shares one build (a fresh venv does not compile again)
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    key.update(f"{torch.__version__} {torch.version.cuda} {abi} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"{name}-{key.hexdigest()[:16]}"
 

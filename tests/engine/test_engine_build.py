@@ -30,11 +30,14 @@ def test_the_build_folder_is_named_for_the_source(tmp_path, monkeypatch):
     clone.parent.mkdir()
     clone.write_text(a.read_text())
     assert cpu_decode.build_directory(clone) == cpu_decode.build_directory(a)
-    # another environment's torch (its include paths are in the build commands) builds elsewhere
+    # another environment with the same torch shares it (a fresh venv does not compile again); another
+    # torch release builds elsewhere
     import torch
 
     here = cpu_decode.build_directory(a)
     monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert cpu_decode.build_directory(a) == here
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")
     assert cpu_decode.build_directory(a) != here
 
 
