@@ -53,7 +53,7 @@ def results_table(results: list[TaskResult]) -> Table:
             r.task,
             f"[{style}]{r.outcome}[/]",
             str(r.steps),
-            f"{r.consults} (+{r.skipped_consults} skipped)",
+            f"{r.consults}" + (f" (+{r.skipped_consults} skipped)" if r.skipped_consults else ""),
             _tokens(tok.get("executor", {})),
             _tokens(tok.get("frontier", {})),
             usd(c.get("executor", 0.0)),
