@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
-from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
-from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState, estimate_tokens
+from advisor.consult import ConsultBrief, Slot, advice_entry, consult, digest_entry
+from advisor.endpoints.base import ChatRequest, EndpointError
+from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState
 from advisor.ledger import Ledger
 from advisor.messages import (
     Attempt,
-    Effort,
     Message,
     ModelResponse,
     TextPart,
@@ -28,7 +28,6 @@ from advisor.messages import (
     Usage,
     without_images,
 )
-from advisor.pricing import Price
 from advisor.prompts import render
 from advisor.repeats import CallRepeats, call_key
 from advisor.result import TaskResult
@@ -42,16 +41,6 @@ from advisor.workspace import Snapshot, WorkspaceError, fill_from_folder, fill_f
 from advisor.workspace import diff as workspace_diff
 
 TEXT_IN_TRACE = 2000  # tool output kept in the trace per call; the model sees its own truncation
-
-
-@dataclass
-class Slot:
-    """A model in a role: which endpoint, at what price and effort, and whose ledger line it bills."""
-
-    role: str
-    endpoint: Endpoint
-    price: Price
-    effort: Effort
 
 
 class _Stop(Exception):
@@ -94,6 +83,7 @@ class TaskLoop:
         self.model_calls = 0
         self.answer: str | None = None
         self.digest: list[str] = []
+        self.consults_by_trigger: dict[str, int] = {}  # consults made, by trigger (result.json)
         self.started = time.monotonic()
         self.images = ImageLedger()
         self.shell = self.task.shell.settings()
@@ -428,16 +418,18 @@ class TaskLoop:
                 malformed.append(text)
             else:
                 messages.append(Message.tool(tc.id, tc.name, text, is_error=reason is not None))
-            self.digest.append(
-                f"step {self.steps}: {tc.name}({json.dumps(tc.arguments, default=str) if tc.arguments is not None else tc.raw_arguments[:200]}) -> {text[:300]}"
-            )
+            self.digest.append(digest_entry(tc.name, tc.arguments, tc.raw_arguments, text, step=self.steps))
             if reason and failure is None and self.policy.counts(reason):  # failure_signals decide
                 failure = (reason, text[:300])
             if stuck:  # the model is looping on a call that cannot work: stop before the limits do
                 args = "" if tc.name not in self.by_name else json.dumps(args, default=str)[:200]
-                detail = f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
+                detail = (
+                    f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
+                )
                 self.policy.failure(self.steps, reason, text[:300], self.trace)
-                self.trace.emit("stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail)
+                self.trace.emit(
+                    "stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail
+                )
                 raise _Stop("failed", detail)
         if malformed:
             messages.append(Message.user("\n".join(malformed)))
@@ -463,49 +455,43 @@ class TaskLoop:
     async def _consult(
         self, trigger: str, messages: list[Message], answer: str | None = None, detail: str = ""
     ) -> ConsultOutcome:
-        """Consults the frontier at `trigger`, priced before it is made; the outcome says what changed."""
+        """Consults the frontier at `trigger` (the consult core, `advisor.consult`); what this loop does
+        with the outcome: trace it, and put the advice or the takeover note into the conversation."""
         assert self.frontier is not None
-        policy = self.policy
-        request = render(
-            "consult_request",
-            goal=self.task.goal.strip(),
-            tools=[t.name for t in self.tools],
-            # the whole digest, append-only, so each consult's request extends the last one's bytes
-            # (provider prompt caches hit); each entry is already compact
-            digest="\n".join(self.digest),
-            trigger=trigger,
-            answer=answer,
-            failures=policy.consecutive,
-            detail=detail,
+        frontier = self.frontier
+        done = await consult(
+            self._brief(trigger, answer, detail),
+            policy=self.policy,
+            frontier=frontier,
+            ledger=self.ledger,
+            max_usd=self.task.budget.max_usd,
+            conversation=messages,
+            opening=self._opening,
+            call=lambda req: self._call(frontier, "consult", req.messages, None, max_tokens=req.max_tokens),
         )
-        consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
-        mode = policy.config.mode
-        if policy.hands_over(trigger):
-            est_in = estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
-        else:
-            est_in = estimate_tokens(consult_msgs)
-        cap = policy.config.advice_max_tokens
-        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
-        outcome = policy.begin_consult(trigger, self.ledger.total_usd, estimate, self.task.budget.max_usd)
-        if outcome is not None and outcome.kind == "skipped":
+        outcome = done.outcome
+        if outcome.kind == "skipped":
             self.trace.emit(
                 "consult_skipped",
                 step=self.steps,
                 trigger=trigger,
                 reason=outcome.skip_reason,
-                estimated_cost_usd=estimate,
+                estimated_cost_usd=done.estimate_usd,
             )
             return outcome
-        if outcome is not None:  # takeover or restart: the frontier acts in the executor's conversation
-            self.trace.emit(
-                "consult",
-                step=self.steps,
-                trigger=trigger,
-                mode=mode,
-                estimated_cost_usd=estimate,
-                advice=None,
-            )
-            if mode == "restart":  # the failed attempt leaves the context (the trace keeps it); files stay
+        self._count(trigger)
+        self.trace.emit(
+            "consult",
+            step=self.steps,
+            trigger=trigger,
+            mode=done.mode,
+            estimated_cost_usd=done.estimate_usd,
+            advice=done.advice[:TEXT_IN_TRACE] if done.advice is not None else None,
+        )
+        if outcome.kind == "takeover":  # the frontier acts in the executor's conversation
+            if (
+                done.mode == "restart"
+            ):  # the failed attempt leaves the context (the trace keeps it); files stay
                 self.trace.emit("restart", step=self.steps, dropped_messages=len(messages) - self._opening)
                 del messages[self._opening :]
             else:
@@ -513,21 +499,27 @@ class TaskLoop:
                     Message.user(render("takeover", steps=outcome.takeover_steps, trigger=trigger))
                 )
             return outcome
-        resp = await self._call(self.frontier, "consult", consult_msgs, None, max_tokens=cap)
-        advice = resp.message.text.strip()
-        self.trace.emit(
-            "consult",
-            step=self.steps,
-            trigger=trigger,
-            mode="advise",
-            estimated_cost_usd=estimate,
-            advice=advice[:TEXT_IN_TRACE],
-        )
-        outcome = policy.advised(trigger, advice)
         if outcome.kind != "approved":
-            messages.append(Message.user(render("advice", trigger=trigger, advice=advice)))
-            self.digest.append(f"planner ({trigger}): {advice[:300]}")
+            assert done.advice is not None
+            messages.append(Message.user(render("advice", trigger=trigger, advice=done.advice)))
+            self.digest.append(advice_entry(trigger, done.advice))
         return outcome
+
+    def _brief(self, trigger: str, answer: str | None = None, detail: str = "") -> ConsultBrief:
+        return ConsultBrief(
+            trigger,
+            goal=self.task.goal.strip(),
+            tools=[t.name for t in self.tools],
+            # the whole digest, append-only, so each consult's request extends the last one's bytes
+            # (provider prompt caches hit); each entry is already compact
+            digest="\n".join(self.digest),
+            failures=self.policy.consecutive,
+            answer=answer,
+            detail=detail,
+        )
+
+    def _count(self, trigger: str) -> None:
+        self.consults_by_trigger[trigger] = self.consults_by_trigger.get(trigger, 0) + 1
 
     @staticmethod
     def _role_info(slot: Slot | None) -> dict | None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from advisor.consult import ConsultBrief, Slot, consult, transcript_digest
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.http import preferred_client
@@ -33,8 +32,6 @@ from advisor.proxy.config import ProxyConfig
 from advisor.proxy.sessions import Consult, Session, SessionStore, session_key
 from advisor.proxy.signals import read_signals
 
-_DIGEST_ENTRIES = 60  # the consult sees the last tool calls of the conversation, not all of a long one
-
 
 class ProxyError(Exception):
     """A request the proxy answers with an error: HTTP `status`, a `kind` for the wire's error type."""
@@ -42,26 +39,6 @@ class ProxyError(Exception):
     def __init__(self, status: int, kind: str, message: str, session: Session | None = None):
         super().__init__(message)
         self.status, self.kind, self.message, self.session = status, kind, message, session
-
-
-@dataclass
-class Slot:
-    """A role's endpoint, as `upstream_pools` instances of it: each session keeps to one (an Anthropic
-    endpoint replays the thinking blocks it received), and each pool stays small, since httpx scans its
-    whole pool at every request and response (at 40 concurrent sessions one pool cost more CPU than the
-    rest of the proxy)."""
-
-    role: str
-    pool: list[Endpoint]
-    price: Price
-    effort: str | None
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.pool[0]
-
-    def for_session(self, session_id: str) -> Endpoint:
-        return self.pool[zlib.crc32(session_id.encode()) % len(self.pool)]
 
 
 class RoutedStream:
@@ -108,19 +85,6 @@ class Routed:
 
 def _price(ep: Endpoint) -> Price:
     return ep.config.price or FREE
-
-
-def _digest(messages: list[Message]) -> str:
-    results = {m.tool_call_id: m for m in messages if m.role == "tool"}
-    lines = []
-    for m in messages:
-        if m.role == "user" and m.text.strip():
-            lines.append(f"user: {m.text[:500]}")
-        for c in m.tool_calls:
-            args = json.dumps(c.arguments, default=str) if c.arguments is not None else c.raw_arguments[:200]
-            r = results.get(c.id)
-            lines.append(f"{c.name}({args[:300]}) -> {r.text[:300] if r else '(no result)'}")
-    return "\n".join(lines[-_DIGEST_ENTRIES:])
 
 
 def _with(request: ChatRequest, **changes) -> ChatRequest:
@@ -183,7 +147,7 @@ class Router:
             elif not isinstance(pool, list):
                 pool = [pool]
             given[rc.endpoint] = pool
-            return Slot(role, pool, _price(pool[0]), rc.effort)
+            return Slot(role, pool[0], _price(pool[0]), rc.effort, pool)
 
         self.executor = slot("executor")
         self.frontier = slot("frontier")
@@ -377,45 +341,40 @@ class Router:
     async def _consult(
         self, s: Session, trigger: str, request: ChatRequest, detail: str
     ) -> tuple[Consult, ConsultOutcome]:
+        """Consults the frontier (the consult core, `advisor.consult`); what the proxy does with the
+        outcome: a note inserted into this and every later request, and the session's journal."""
         assert self.frontier is not None
-        policy, messages = s.policy, request.messages
+        frontier, messages = self.frontier, request.messages
         goal = next((m.text for m in reversed(messages) if m.role == "user" and m.text.strip()), "")
-        consult_msgs = [
-            Message.system(render("consult_system")),
-            Message.user(
-                render(
-                    "consult_request",
-                    goal=goal[:4000],
-                    tools=[t.name for t in request.tools or []],
-                    digest=_digest(messages),
-                    trigger=trigger,
-                    answer=None,
-                    failures=policy.consecutive,
-                    detail=detail,
-                )
-            ),
-        ]
-        cap = policy.config.advice_max_tokens
-        est_in = estimate_tokens(messages if policy.hands_over(trigger) else consult_msgs)
-        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
-        outcome = policy.begin_consult(trigger, s.ledger.total_usd, estimate, self.config.budget.max_usd)
-        if outcome is not None:  # skipped, or takeover: the frontier answers in the harness's conversation
-            consult = Consult(trigger, outcome.kind, s.requests, outcome.skip_reason)
+        brief = ConsultBrief(
+            trigger,
+            goal=goal[:4000],
+            tools=[t.name for t in request.tools or []],
+            digest=transcript_digest(messages),
+            failures=s.policy.consecutive,
+            detail=detail,
+        )
+        done = await consult(
+            brief,
+            policy=s.policy,
+            frontier=frontier,
+            ledger=s.ledger,
+            max_usd=self.config.budget.max_usd,
+            conversation=messages,
+            call=lambda req: self._call(s, frontier, "consult", req),
+        )
+        outcome = done.outcome
+        if done.advice is None:  # skipped, or takeover: the frontier answers in the harness's conversation
+            consult_ = Consult(trigger, outcome.kind, s.requests, outcome.skip_reason)
             if outcome.kind == "takeover":
                 s.inserts.append(
                     (len(messages), render("takeover", steps=outcome.takeover_steps, trigger=trigger))
                 )
-            self.store.record_consult(s, consult, estimated_cost_usd=estimate)
-            return consult, outcome
-        before = s.ledger.total_usd
-        resp = await self._call(
-            s,
-            self.frontier,
-            "consult",
-            ChatRequest(consult_msgs, max_tokens=cap, effort=self.frontier.effort),
+            self.store.record_consult(s, consult_, estimated_cost_usd=done.estimate_usd)
+            return consult_, outcome
+        s.inserts.append((len(messages), render("advice", trigger=trigger, advice=done.advice)))
+        consult_ = Consult(trigger, "advice", s.requests, None, done.cost_usd)
+        self.store.record_consult(
+            s, consult_, estimated_cost_usd=done.estimate_usd, advice=done.advice[:2000]
         )
-        advice = resp.message.text.strip()
-        s.inserts.append((len(messages), render("advice", trigger=trigger, advice=advice)))
-        consult = Consult(trigger, "advice", s.requests, None, s.ledger.total_usd - before)
-        self.store.record_consult(s, consult, estimated_cost_usd=estimate, advice=advice[:2000])
-        return consult, policy.advised(trigger, advice)
+        return consult_, outcome
