@@ -18,15 +18,44 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict
+
 from advisor.endpoints.base import ChatRequest, Endpoint
 from advisor.escalation import ConsultOutcome, EscalationPolicy, estimate_tokens
 from advisor.ledger import Ledger
 from advisor.messages import Effort, Message, ModelResponse, Usage
 from advisor.pricing import Price
 from advisor.prompts import render
+from advisor.tools.spec import ToolSpec
 
+ADVISOR_TOOL = "advisor"
+ADVISOR_TOOL_DESCRIPTION = (
+    "Consult a stronger advisor model. It sees your whole work so far (no arguments needed) and answers "
+    "with advice: a plan, a correction, what to check. Call it early, once you have oriented yourself and "
+    "before you commit to an approach; when you are stuck or your attempts keep failing; and before you "
+    "declare the task done, to check the result. Calls are limited: do not call it for routine steps."
+)
 DIGEST_ENTRIES = 60  # a digest built from a whole conversation keeps its last entries, not all of a long one
 DIGEST_TEXT = 300  # characters of a call's arguments and of its result kept per digest entry
+
+
+class _NoArguments(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _served_by_the_caller(**_: object) -> None:
+    raise RuntimeError("the advisor tool is answered by a consult, never invoked as a function")
+
+
+def advisor_tool_spec() -> ToolSpec:
+    """The `advisor` function tool an executor is offered (no parameters): its call is a consult."""
+    return ToolSpec(
+        ADVISOR_TOOL,
+        ADVISOR_TOOL_DESCRIPTION,
+        {"type": "object", "properties": {}},
+        _served_by_the_caller,
+        _NoArguments,
+    )
 
 
 @dataclass

@@ -55,6 +55,10 @@ class ProxyEscalation(Escalation):
         default="advise",
         description="advise: the frontier's advice is inserted for the executor; takeover: the frontier answers the next takeover_steps requests",
     )
+    advisor_tool: None = Field(  # type: ignore[assignment]
+        default=None,
+        description="not set in proxy.yaml: a client offers the advisor tool in its request (tools: advisor_20260301)",
+    )
     error_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ERROR_PATTERNS),
         description="regexes: a tool result matching one is a failure (besides Anthropic's is_error)",
