@@ -272,3 +272,24 @@ def test_advisor_models_maps_the_tools_model_to_its_own_endpoint(upstream, tmp_p
     cfg.advisor_models["x"] = "nowhere"
     with pytest.raises(TaskError, match="advisor_models.x: unknown endpoint 'nowhere'"):
         check_ready(cfg, "proxy.yaml")
+
+
+def test_openai_wire_streamed(upstream, tmp_path):
+    upstream.script("flash", [asks(), Reply(text="Done.", usage=EXEC_U)])
+    upstream.script("big", [Reply(text=ADVICE, usage=ADV_U)])
+    with proxy_for(make_config(upstream, tmp_path)) as proxy:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="advisor",
+                messages=[{"role": "user", "content": "Merge k sorted lists."}],
+                tools=[{"type": "advisor", "model": "any"}],
+                stream=True,
+            )
+        )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Let me ask.Done."
+    assert not any(d.tool_calls for d in deltas)  # the advisor call is the proxy's, not the client's
+    (call,) = [x for d in deltas for x in (d.model_extra or {}).get("advisor_calls", [])]
+    assert call["output"] == ADVICE
+    assert chunks[-1].choices[0].finish_reason == "stop"
