@@ -5,8 +5,13 @@ upstreams of both kinds on 127.0.0.1; and the OpenAI-wire form with the official
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -293,3 +298,98 @@ def test_openai_wire_streamed(upstream, tmp_path):
     (call,) = [x for d in deltas for x in (d.model_extra or {}).get("advisor_calls", [])]
     assert call["output"] == ADVICE
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# Claude Code 2.1.337's first request with `--advisor opus` (CLAUDE_CODE_ENABLE_EXPERIMENTAL_ADVISOR_TOOL=1),
+# recorded from `claude -p` against a ScriptedServer; its long texts shortened
+CLAUDE_CODE_REQUEST = Path(__file__).parent / "data" / "claude_code_advisor_request.json"
+CLAUDE_CODE_VERSION = "2.1.337"
+
+
+def claude_code_flash(body: dict) -> Reply:
+    """The executor: asks the advisor once (when offered and not yet answered), then answers PONG."""
+    offered = any(t["function"]["name"] == "advisor" for t in body.get("tools") or [])
+    if offered and body["messages"][-1]["role"] != "tool":
+        return Reply(tool_calls=[ScriptedToolCall("advisor", {})], usage=EXEC_U)
+    return Reply(text="PONG", usage=EXEC_U)
+
+
+def test_a_recorded_claude_code_advisor_request_replayed(upstream, tmp_path):
+    body = json.loads(CLAUDE_CODE_REQUEST.read_text())
+    assert {"type": "advisor_20260301", "name": "advisor"}.items() <= body["tools"][-1].items()
+    upstream.script("flash", claude_code_flash)
+    upstream.script("big", [Reply(text="ADVICE: say PONG", usage=ADV_U)])
+    with proxy_for(make_config(upstream, tmp_path, models=["claude-*"])) as proxy:
+        resp = httpx.post(
+            proxy.root_url + "/v1/messages",
+            json={**body, "stream": False},
+            headers={"anthropic-beta": "advisor-tool-2026-03-01,claude-code-20250219", "x-api-key": "unused"},
+            timeout=30,
+        )
+    assert resp.status_code == 200, resp.text
+    msg = resp.json()
+    assert [b["type"] for b in msg["content"]] == ["server_tool_use", "advisor_tool_result", "text"]
+    assert msg["content"][1]["content"] == {"type": "advisor_result", "text": "ADVICE: say PONG"}
+    assert [i["type"] for i in msg["usage"]["iterations"]] == ["message", "advisor_message", "message"]
+    first = upstream.requests_for("flash")[0].body
+    names = [t["function"]["name"] for t in first["tools"]]
+    assert names[-1] == "advisor" and {"Bash", "Edit", "Read", "Write"} <= set(names)
+    # Claude Code's mid-conversation system turn reached the executor as a system message
+    assert [m["role"] for m in first["messages"]] == ["system", "user", "system"]
+
+
+def claude_code() -> str | None:
+    """Claude Code's CLI: $ADVISOR_CLAUDE_CODE, the copy .ci/run installs, or `claude` on PATH."""
+    for candidate in (
+        os.environ.get("ADVISOR_CLAUDE_CODE"),
+        str(Path(__file__).resolve().parents[2] / ".ci" / "claude-code" / "node_modules" / ".bin" / "claude"),
+        shutil.which("claude"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(
+    claude_code() is None, reason="Claude Code is not installed (.ci/run installs it with npm)"
+)
+def test_claude_code_headless_with_its_advisor_switch(upstream, tmp_path):
+    upstream.script("flash", claude_code_flash)
+    upstream.script("big", [Reply(text="ADVICE: say PONG", usage=ADV_U)])
+    home = tmp_path / "home"
+    home.mkdir()
+    with proxy_for(make_config(upstream, tmp_path, models=["claude-*"])) as proxy:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": proxy.root_url,
+            "ANTHROPIC_API_KEY": "sk-unused",
+            "CLAUDE_CODE_ENABLE_EXPERIMENTAL_ADVISOR_TOOL": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_AUTOUPDATER": "1",
+        }
+        proc = subprocess.run(
+            [
+                claude_code(),
+                "-p",
+                "Say PONG",
+                "--advisor",
+                "opus",
+                "--model",
+                "haiku",
+                "--output-format",
+                "json",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["result"] == "PONG" and not out["is_error"]
+    # Claude Code read the advisor's call from usage.iterations
+    assert [i["type"] for i in out["usage"]["iterations"]] == ["message", "advisor_message", "message"]
+    assert len(upstream.requests_for("big")) == 1
+    assert all(r.path == "/v1/chat/completions" for r in upstream.requests_for("flash"))
