@@ -475,6 +475,12 @@ class Router:
             iterations.append(Iteration("message", resp.usage, resp.model or acting.endpoint.config.model))
             call = next((c for c in resp.message.tool_calls if c.name == ADVISOR_TOOL), None)
             if call is None or rounds_left <= 0:
+                if call is not None:  # asked once too often: the turn ends here, without the call
+                    others = [c for c in resp.message.tool_calls if c.name != ADVISOR_TOOL]
+                    finish = resp.finish_reason if others else "stop"
+                    resp = replace(
+                        resp, message=replace(resp.message, tool_calls=others), finish_reason=finish
+                    )
                 end = IterationEnd(resp, None)
                 segments.append(end)
                 yield end

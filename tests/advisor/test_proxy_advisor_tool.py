@@ -393,3 +393,39 @@ def test_claude_code_headless_with_its_advisor_switch(upstream, tmp_path):
     assert [i["type"] for i in out["usage"]["iterations"]] == ["message", "advisor_message", "message"]
     assert len(upstream.requests_for("big")) == 1
     assert all(r.path == "/v1/chat/completions" for r in upstream.requests_for("flash"))
+
+
+def test_an_executor_that_keeps_asking_is_stopped_and_refusals_are_no_failures(upstream, tmp_path):
+    upstream.script("flash", lambda body: asks())
+    upstream.script("big", [Reply(text=ADVICE, usage=ADV_U)])
+    with proxy_for(make_config(upstream, tmp_path, escalation={"after_failures": 1})) as proxy:
+        client = client_for(proxy)
+        msgs = [{"role": "user", "content": "Plan a trip."}]
+        msg = client.beta.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=512,
+            messages=msgs,
+            tools=[advisor_tool(max_uses=1)],
+            betas=BETA,
+        )
+        # max_uses + 2 calls answered, then the turn ends without the call (never a tool_use the client must run)
+        assert len(upstream.requests_for("flash")) == 4 and len(upstream.requests_for("big")) == 1
+        assert msg.stop_reason == "end_turn" and "tool_use" not in [b.type for b in msg.content]
+        codes = [b.content.type for b in msg.content if b.type == "advisor_tool_result"]
+        assert codes == ["advisor_result", *["advisor_tool_result_error"] * 2]
+        # the error results sent back on the next turn are not the harness's tool failures
+        upstream.script("flash", [Reply(text="Paris.")])
+        msgs += [
+            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+            {"role": "user", "content": "Where to?"},
+        ]
+        raw = client.beta.messages.with_raw_response.create(
+            model="claude-haiku-4-5",
+            max_tokens=512,
+            messages=msgs,
+            tools=[advisor_tool(max_uses=1)],
+            betas=BETA,
+        )
+        assert raw.parse().content[0].text == "Paris." and "x-advisor-consult" not in raw.headers
+    events = [json.loads(x) for x in (tmp_path / "sessions" / JOURNAL).read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "step_failed"]
