@@ -510,6 +510,16 @@ class TaskLoop:
         except _Stop as stop:
             if stop.outcome != "error":
                 raise
+            # the consult was made and failed: its event says so (its model_call event has the error)
+            self.trace.emit(
+                "consult",
+                step=self.steps,
+                trigger="tool",
+                mode="advise",
+                estimated_cost_usd=None,
+                advice=None,
+                error=stop.detail,
+            )
             return f"error: advisor: unavailable ({stop.detail}); go on without it", True
         if done.kind == "skipped":
             return f"error: advisor: unavailable ({done.outcome.skip_reason} reached); go on without it", True

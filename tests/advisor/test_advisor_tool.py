@@ -117,6 +117,8 @@ async def test_max_consults_and_a_failing_frontier_are_error_results(tmp_path: P
     assert result.outcome == "passed" and result.consults == 1 and result.skipped_consults == 1
     assert result.consults_by_trigger == {"tool": 1}
     assert any(e["type"] == "model_call" and e["role"] == "frontier" and e["error"] for e in trace)
+    (failed,) = [e for e in trace if e["type"] == "consult"]
+    assert failed["trigger"] == "tool" and failed["advice"] is None and "overloaded" in failed["error"]
 
 
 async def test_strategies_decide_who_consults(tmp_path: Path):
