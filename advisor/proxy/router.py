@@ -497,6 +497,7 @@ class Router:
             yield AdvisorCall(sid)
             if spec.max_uses is not None and uses >= spec.max_uses:
                 result = AdvisorResult(sid, None, MAX_USES)
+                s.policy.skipped += 1
                 self.store.record_consult(s, Consult("tool", "skipped", s.requests, "max_uses"))
             else:
                 uses += 1
