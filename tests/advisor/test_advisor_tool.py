@@ -141,3 +141,13 @@ def test_advisor_tool_settings_are_checked():
         )
     with pytest.raises((ValueError, TaskError), match="extra|permitted"):
         Task(goal="g", executor={"endpoint": "x"}, escalation={"advisor_tool": {"uses": 2}})
+
+
+def test_a_bad_advisor_tool_in_task_yaml_is_one_line_naming_the_field(tmp_path: Path):
+    path = tmp_path / "task.yaml"
+    path.write_text(
+        "goal: g\nexecutor: {endpoint: x}\nescalation: {advisor_tool: {max_uses: -1}}\n", encoding="utf-8"
+    )
+    with pytest.raises(TaskError) as err:
+        Task.from_yaml(path, check_env=False)
+    assert "escalation.advisor_tool.max_uses" in str(err.value) and "\n" not in str(err.value)
