@@ -109,10 +109,11 @@ def test_one_consult_plain_blocks_iterations_ledger_and_header(upstream, tmp_pat
     )
 
 
-def test_streamed_deltas_pings_the_whole_result_block_and_iterations(upstream, tmp_path):
+@pytest.mark.parametrize("executor_provider", ["openai", "anthropic"])
+def test_streamed_deltas_pings_the_whole_result_block_and_iterations(upstream, tmp_path, executor_provider):
     upstream.script("flash", [asks(), Reply(text="Done: heap-based.", usage=EXEC_U)])
     upstream.script("big", [Reply(text=ADVICE, usage=ADV_U)])
-    with proxy_for(make_config(upstream, tmp_path)) as proxy:
+    with proxy_for(make_config(upstream, tmp_path, executor_provider=executor_provider)) as proxy:
         events = list(
             client_for(proxy).beta.messages.create(
                 model="claude-haiku-4-5",
@@ -170,6 +171,8 @@ def test_streamed_deltas_pings_the_whole_result_block_and_iterations(upstream, t
     assert [i.type for i in delta.usage.iterations] == ["message", "advisor_message", "message"]
     assert [b.type for b in final.content] == ["text", "server_tool_use", "advisor_tool_result", "text"]
     assert final.content[2].content.text == ADVICE
+    # each executor call was streamed upstream too (the deltas passed on as they came)
+    assert all(r.body.get("stream") for r in upstream.requests_for("flash"))
 
 
 def test_max_uses_exceeded_on_the_third_call_and_a_failing_advisor_is_an_error_result(upstream, tmp_path):
