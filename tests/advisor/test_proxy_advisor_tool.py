@@ -432,3 +432,19 @@ def test_an_executor_that_keeps_asking_is_stopped_and_refusals_are_no_failures(u
         assert raw.parse().content[0].text == "Paris." and "x-advisor-consult" not in raw.headers
     events = [json.loads(x) for x in (tmp_path / "sessions" / JOURNAL).read_text().splitlines()]
     assert not [e for e in events if e["type"] == "step_failed"]
+
+
+def test_no_advisor_endpoint_is_a_one_line_400(upstream, tmp_path):
+    upstream.script("flash", [asks()])
+    with proxy_for(make_config(upstream, tmp_path, frontier=None)) as proxy:
+        with pytest.raises(
+            anthropic.BadRequestError, match="no advisor for model 'claude-opus-4-6'.*advisor_models"
+        ):
+            client_for(proxy).beta.messages.create(
+                model="claude-haiku-4-5",
+                max_tokens=64,
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[advisor_tool()],
+                betas=BETA,
+            )
+    assert upstream.requests_for("flash") == []  # refused before any call
