@@ -23,6 +23,9 @@ class TaskResult:
     steps: int = 0
     consults: int = 0
     skipped_consults: int = 0
+    consults_by_trigger: dict = field(
+        default_factory=dict
+    )  # consults made, by trigger: tool, failures, plan, ...
     model_calls: int = 0
     wall_s: float = 0.0
     tokens: dict = field(default_factory=dict)
@@ -58,6 +61,9 @@ def saved_usd(r: TaskResult) -> float | None:
     if r.outcome != "passed":
         return None
     return r.cost_usd.get("frontier_only_estimate", 0.0) - r.cost_usd.get("total", 0.0)
+def _by_trigger(r: TaskResult) -> str:
+    made = ", ".join(f"{t} {n}" for t, n in sorted(r.consults_by_trigger.items()))
+    return f"; by trigger: {made}" if made else ""
 
 
 def render_report(r: TaskResult) -> str:
@@ -72,7 +78,7 @@ def render_report(r: TaskResult) -> str:
     if r.error:
         lines.append(f"- error: {r.error}")
     lines += [
-        f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}), model calls: {r.model_calls}",
+        f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}{_by_trigger(r)}), model calls: {r.model_calls}",
         f"- wall time: {r.wall_s:.2f} s",
         "",
         "| role | input | cached input | cache write | output | reasoning | USD |",

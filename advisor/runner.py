@@ -22,7 +22,9 @@ from advisor.result import TaskResult
 from advisor.task import Task, TaskError
 from advisor.tools.mcp_client import McpPool
 
-STRATEGIES = ("advisor", "executor", "frontier")
+# advisor: the escalation policy's triggers (and the advisor tool when task.yaml offers it); advisor-tool:
+# the executor consults through its advisor tool only; combined: both; executor, frontier: one model alone
+STRATEGIES = ("advisor", "executor", "frontier", "advisor-tool", "combined")
 
 
 def new_run_id() -> str:

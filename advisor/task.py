@@ -62,6 +62,17 @@ FailureSignal = Literal["tool_error", "nonzero_exit", "repeated_call", "check_fa
 FAILURE_SIGNALS: tuple[FailureSignal, ...] = ("tool_error", "nonzero_exit", "repeated_call", "check_failed")
 
 
+class AdvisorTool(_Strict):
+    """The `advisor` tool offered to the executor: it decides when to consult (advise mode, always)."""
+
+    max_uses: int = Field(
+        default=3, ge=0, description="calls per task; past it the tool answers an error and the task goes on"
+    )
+    max_tokens: int = Field(
+        default=2048, gt=0, description="output cap of one piece of advice, also its price beforehand"
+    )
+
+
 class Escalation(_Strict):
     after_failures: int = Field(
         default=2, ge=1, description="consecutive failed executor steps before a consult"
@@ -93,6 +104,13 @@ class Escalation(_Strict):
     )
     advice_max_tokens: int = Field(
         default=1024, gt=0, description="output cap of one consult, also used to price it beforehand"
+    )
+    advisor_tool: AdvisorTool | None = Field(
+        default=None,
+        description=(
+            "offer the executor a tool `advisor` (no arguments) that consults the frontier when the executor "
+            "asks: {max_uses, max_tokens}; its consults count against max_consults and the budget like the others"
+        ),
     )
 
 

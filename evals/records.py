@@ -71,6 +71,7 @@ class TaskRecord:
     model_calls: int = 0
     error: str | None = None
     consult_ledger: list[Consult] = field(default_factory=list)
+    consults_by_trigger: dict[str, int] = field(default_factory=dict)  # tool, failures, plan, ...
 
     @property
     def passed(self) -> bool:
@@ -111,6 +112,12 @@ def read_record(task_dir: Path, strategy: str, pricer: Pricer) -> TaskRecord:
     trace = task_dir / "trace.jsonl"
     if trace.is_file():
         _price_from_trace(rec, read_trace(trace), pricer)
+    by_trigger = res.get("consults_by_trigger")
+    if not isinstance(by_trigger, dict):  # a result.json from before the field: the trace's consults
+        by_trigger = {}
+        for c in rec.consult_ledger:
+            by_trigger[c.trigger] = by_trigger.get(c.trigger, 0) + 1
+    rec.consults_by_trigger = {str(k): int(v) for k, v in by_trigger.items()}
     return rec
 
 

@@ -113,8 +113,10 @@ class ProxyApp:
         if routed is not None:
             h.append((b"x-advisor-role", routed.role.encode("latin-1")))
             h.append((b"x-advisor-model", routed.model.encode("latin-1")))
-            if routed.consult is not None:
-                consult = f"{routed.consult.trigger}={routed.consult.kind}"
+            made = [routed.consult] if routed.consult is not None else []
+            made += getattr(routed, "tool_consults", [])  # the executor's advisor-tool calls
+            if made:
+                consult = ", ".join(f"{c.trigger}={c.kind}" for c in made)
                 h.append((b"x-advisor-consult", consult.encode("latin-1")))
         return h
 
@@ -147,7 +149,7 @@ class ProxyApp:
             )
         route = self.router.stream if parsed.stream else self.router.handle
         try:
-            routed = await route(parsed.chat, session_id)
+            routed = await route(parsed.chat, session_id, parsed.advisor)
         except ProxyError as e:
             return _Reply.error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line

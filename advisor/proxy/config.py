@@ -55,6 +55,10 @@ class ProxyEscalation(Escalation):
         default="advise",
         description="advise: the frontier's advice is inserted for the executor; takeover: the frontier answers the next takeover_steps requests",
     )
+    advisor_tool: None = Field(  # type: ignore[assignment]
+        default=None,
+        description="not set in proxy.yaml: a client offers the advisor tool in its request (tools: advisor_20260301)",
+    )
     error_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ERROR_PATTERNS),
         description="regexes: a tool result matching one is a failure (besides Anthropic's is_error)",
@@ -104,6 +108,10 @@ class ProxyConfig(_Strict):
     budget: ProxyBudget = Field(default_factory=ProxyBudget)
     sessions: Sessions = Field(default_factory=Sessions)
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    advisor_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="the advisor tool's `model` (as a client sends it) -> the endpoint that advises; others: the frontier role",
+    )
     upstream_pools: int = Field(
         default=8, ge=1, description="connection pools per upstream endpoint (sessions spread over them)"
     )
@@ -138,18 +146,28 @@ def check_ready(cfg: ProxyConfig, source: str) -> None:
                 f"{source}: endpoints.{rc.endpoint}.price: endpoint has no price; add price: "
                 "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
             )
+    for model, name in cfg.advisor_models.items():
+        ep = cfg.endpoints.get(name)
+        if ep is None:
+            known = ", ".join(cfg.endpoints) or "none"
+            raise TaskError(f"{source}: advisor_models.{model}: unknown endpoint '{name}' (known: {known})")
+        if ep.price is None and not ep.free:
+            raise TaskError(
+                f"{source}: endpoints.{name}.price: endpoint has no price; add price: "
+                "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
+            )
 
 
 def check_keys(cfg: ProxyConfig, source: str) -> None:
     """Each role's API key variable is set (checked when the proxy starts, not at its first request)."""
     import os
 
-    for role in ("executor", "frontier"):
-        rc = getattr(cfg, role)
-        env = cfg.endpoints[rc.endpoint].api_key_env if rc is not None else None
+    names = [rc.endpoint for rc in (cfg.executor, cfg.frontier) if rc is not None]
+    for name in [*names, *cfg.advisor_models.values()]:
+        env = cfg.endpoints[name].api_key_env
         if env and not os.environ.get(env):
             raise TaskError(
-                f"{source}: endpoints.{rc.endpoint}.api_key_env: environment variable {env} is not set; "
+                f"{source}: endpoints.{name}.api_key_env: environment variable {env} is not set; "
                 f"export {env}=... (keys are never read from files)"
             )
 
