@@ -10,11 +10,11 @@ import pytest
 from advisor.tools.commands import (
     Limits,
     SandboxUnavailable,
-    _Cgroup,
     bwrap_problem,
     require_sandbox,
     run_command,
 )
+from advisor.tools.confine import cgroups_writable
 from advisor.tools.registry import BUILTIN
 from advisor.tools.shell import ShellSettings
 from advisor.tools.spec import ToolContext
@@ -25,10 +25,7 @@ MODES = [
     pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP is not None, reason=BWRAP or "")),
     "limits",
 ]
-_probe = _Cgroup.create(Limits())
-HAVE_CGROUPS = _probe is not None
-if _probe is not None:
-    _probe.remove()
+HAVE_CGROUPS = cgroups_writable()
 
 
 @pytest.fixture(params=MODES)
