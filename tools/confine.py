@@ -95,7 +95,24 @@ def bwrap_problem() -> str | None:
     if p.returncode != 0:
         why = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
         return f"bwrap cannot create its namespaces here ({why}; no unprivileged user namespaces?)"
+    try:
+        seccomp_bpf()
+    except Exception as e:  # no pyseccomp or no libseccomp.so.2: bwrap without the filter is not offered
+        return (
+            f"the seccomp filter cannot be built ({type(e).__name__}: {e}; needs libseccomp2 and pyseccomp)"
+        )
     return None
+
+
+def reachable_by_others(path: str) -> bool:
+    """Whether a user with no relation to the owners may reach and run `path` (every folder o+x)."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & 0o001:
+            return False
+        return all(p.stat().st_mode & 0o001 for p in real.parents)
+    except OSError:
+        return False
 
 
 def is_root() -> bool:

@@ -124,8 +124,7 @@ async def run_python_async(
     Async so that a 30 s script holds no worker thread: many tasks can run code at once. Raises
     `SandboxUnavailable` when the sandbox cannot run here.
     """
-    mode = await asyncio.to_thread(confine.resolve, sandbox)
-    confine.announce(mode)
+    mode = await asyncio.to_thread(_resolve, sandbox)
     cell = await asyncio.to_thread(_Cell, code, workspace, mode, timeout_s, memory_mb)
     start = time.monotonic()
     timed_out = False
@@ -144,6 +143,18 @@ async def run_python_async(
     return RunResult(text, None if timed_out else proc.returncode, timed_out, wall, cut)
 
 
+def _resolve(sandbox: str) -> str:
+    mode = confine.resolve(sandbox)
+    if mode == "limits" and confine.is_root() and not confine.reachable_by_others(sys.executable):
+        raise SandboxUnavailable(
+            f"sandbox limits runs code as an unprivileged uid, which cannot reach this Python "
+            f"({sys.executable} is under a folder closed to other users); install bubblewrap, or put "
+            "advisor's Python where any user may run it"
+        )
+    confine.announce(mode)
+    return mode
+
+
 def run_python(
     code: str,
     workspace: Path,
@@ -153,8 +164,7 @@ def run_python(
     sandbox: str = "auto",
 ) -> RunResult:
     """Blocking form of `run_python_async`, for scripts and worker threads."""
-    mode = confine.resolve(sandbox)
-    confine.announce(mode)
+    mode = _resolve(sandbox)
     cell = _Cell(code, workspace, mode, timeout_s, memory_mb)
     start = time.monotonic()
     timed_out = False
