@@ -24,6 +24,7 @@ killed, every descendant is killed. Under bwrap, killing the call kills its PID 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -164,7 +165,19 @@ def resolve(mode: str) -> str:
             f"refusing to run model code: {problem}, and bwrap is unavailable ({bwrap_problem()}); "
             "install bubblewrap, or set `shell: {sandbox: none}` to run it unconfined"
         )
+    if not is_root():
+        hide_environ()
     return "limits"
+
+
+def hide_environ() -> None:
+    """Make this process non-dumpable, so that code running as the same user cannot read its
+    /proc/<pid>/environ (the API keys) or ptrace it: the kernel gives such a process's /proc files to root.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+    except (OSError, AttributeError):
+        pass
 
 
 def lacks(mode: str) -> list[str]:
