@@ -486,6 +486,17 @@ def sandbox_uid(workspace: Path) -> int:
     return SANDBOX_UID_BASE + zlib.crc32(str(workspace).encode()) % SANDBOX_UID_SPAN
 
 
+def closed_ancestor(path: Path) -> Path | None:
+    """The first folder above `path` that other users may not enter (search), or None."""
+    for p in reversed(Path(path).parents):
+        try:
+            if not os.stat(p).st_mode & 0o001:
+                return p
+        except OSError:
+            return p
+    return None
+
+
 def hand_over(root: Path, uid: int) -> None:
     """Make the workspace the sandbox uid's, without following links out of it.
 
@@ -713,6 +724,16 @@ def prepare(
         inner = bwrap_argv(workspace, scratch, network, 3) + inner
         seccomp_fd, seccomp_file = seccomp_file, None
     if uid is not None:
+        closed = closed_ancestor(workspace)
+        if closed is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
+            raise SandboxUnavailable(
+                f"sandbox limits runs code as an unprivileged uid, which cannot reach the workspace "
+                f"{workspace}: {closed} is closed to other users; keep runs where any user may enter "
+                "(e.g. --runs-dir /var/tmp/advisor-runs), or install bubblewrap"
+            )
         os.chmod(scratch, 0o700)
         hand_over(scratch, uid)
         hand_over(workspace, uid)
