@@ -251,6 +251,8 @@ def search(
         ) from None
     if not base.exists():
         raise ToolError(f"not found: {path}")
+    if not (base.is_file() or base.is_dir()):
+        raise ToolError(f"{path} is neither a regular file nor a folder (a FIFO, socket or device?)")
     cap = max(1, min(max_results, MAX_SEARCH_RESULTS))
     budget = Budget()
     if base.is_file():

@@ -99,12 +99,14 @@ def glob_depth(pattern: str) -> int | None:
 class Budget:
     """How much a walk may visit; `cut` says why it stopped early."""
 
-    max_entries: int = MAX_WALK_ENTRIES
-    max_s: float = MAX_WALK_S
+    max_entries: int | None = None  # default MAX_WALK_ENTRIES
+    max_s: float | None = None  # default MAX_WALK_S
     entries: int = 0
     cut: str | None = None
 
     def __post_init__(self) -> None:
+        self.max_entries = MAX_WALK_ENTRIES if self.max_entries is None else self.max_entries
+        self.max_s = MAX_WALK_S if self.max_s is None else self.max_s
         self.deadline = time.monotonic() + self.max_s
 
     def spend(self) -> bool:
