@@ -30,7 +30,10 @@ from advisor.task import Check, Shell
 BWRAP = bwrap_problem()
 ROOT = is_root()
 SHELL, PY = BUILTIN["shell"], BUILTIN["python"]
-MODES = [pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP is not None, reason=f"no bwrap: {BWRAP}")), "limits"]
+MODES = [
+    pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP is not None, reason=f"no bwrap: {BWRAP}")),
+    "limits",
+]
 if BWRAP:
     print(f"tests/security: the bwrap attacks are skipped: {BWRAP}", file=sys.stderr)
 
@@ -311,33 +314,35 @@ def test_root_without_bwrap_or_uid_switch_refuses(monkeypatch):
 
 
 @pytest.mark.skipif(not ROOT, reason="re-runs the suite as an unprivileged user: needs root to switch to one")
-def test_the_suite_as_an_unprivileged_user(tmp_path):
+def test_the_suite_as_an_unprivileged_user():
     """This file and the file-tool attacks again, as a fresh unprivileged uid (setpriv), in a mount namespace
     where a closed /root is replaced by a tmpfs holding only this Python and the repository."""
     import shutil
 
     if not (shutil.which("setpriv") and shutil.which("unshare")):
         pytest.skip("setpriv/unshare (util-linux) missing")
+    import tempfile
+
     uid = 61_000 + os.getpid() % 1000
-    home = tmp_path / "home"
-    home.mkdir()
+    home = Path(tempfile.mkdtemp(prefix="advisor-unprivileged-", dir="/tmp"))
     os.chown(home, uid, uid)
-    os.chmod(tmp_path, 0o755)
-    for p in tmp_path.parents:  # pytest's own tmp folders are closed to others
-        if str(p).startswith(("/tmp/", "/var/tmp/")) and not os.stat(p).st_mode & 0o001:
-            os.chmod(p, os.stat(p).st_mode | 0o011)
     repo = Path(__file__).resolve().parents[2]
     keep = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), str(repo)})
     binds = "".join(
-        f'mkdir -p "$T/{i}" && mount --rbind "{k}" "$T/{i}" && ' for i, k in enumerate(keep) if k.startswith("/root/")
+        f'mkdir -p "$T/{i}" && mount --rbind "{k}" "$T/{i}" && '
+        for i, k in enumerate(keep)
+        if k.startswith("/root/")
     )
     rebinds = "".join(
-        f'mkdir -p "{k}" && mount --rbind "$T/{i}" "{k}" && ' for i, k in enumerate(keep) if k.startswith("/root/")
+        f'mkdir -p "{k}" && mount --rbind "$T/{i}" "{k}" && '
+        for i, k in enumerate(keep)
+        if k.startswith("/root/")
     )
     tests = [str(Path(__file__)), str(Path(__file__).with_name("test_file_tools.py"))]
     inner = " ".join(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t")]
-        + ["-k", "'not unprivileged_user and not advisor_run'"] + tests
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(home / "t")]
+        + ["-k", "'not unprivileged_user and not advisor_run'"]
+        + tests
     )
     script = (
         f"T=$(mktemp -d) && {binds}mount -t tmpfs -o mode=0755 tmpfs /root && {rebinds}"
@@ -348,6 +353,7 @@ def test_the_suite_as_an_unprivileged_user(tmp_path):
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
+    shutil.rmtree(home, ignore_errors=True)
     tail = (p.stdout + p.stderr)[-4000:]
     assert p.returncode == 0, tail
     assert " passed" in tail and " failed" not in tail, tail

@@ -15,7 +15,12 @@ from advisor.tools.spec import ToolContext
 
 from advisor.workspace import diff, fill_from_folder, snapshot
 
-LIST, SEARCH, VIEW, READ = BUILTIN["list_files"], BUILTIN["search"], BUILTIN["view_file"], BUILTIN["read_file"]
+LIST, SEARCH, VIEW, READ = (
+    BUILTIN["list_files"],
+    BUILTIN["search"],
+    BUILTIN["view_file"],
+    BUILTIN["read_file"],
+)
 HANG = 120  # seconds: far past any bounded call, short of a hung CI
 
 
@@ -120,7 +125,11 @@ async def test_fifos_and_sockets_are_skipped(specials):
     assert s.data["searched_files"] == 1
     listing = await call(LIST, {"recursive": True}, ws)
     assert "code.py" in listing.text and "fifo" not in listing.text and "sock" not in listing.text
-    for tool, args in [(VIEW, {"path": "fifo"}), (READ, {"path": "fifo.py"}), (SEARCH, {"pattern": "x", "path": "fifo"})]:
+    for tool, args in [
+        (VIEW, {"path": "fifo"}),
+        (READ, {"path": "fifo.py"}),
+        (SEARCH, {"pattern": "x", "path": "fifo"}),
+    ]:
         r = await call(tool, args, ws)
         assert r.is_error, r.text
     before = await asyncio.wait_for(asyncio.to_thread(snapshot, ws), HANG)
