@@ -363,3 +363,88 @@ def test_the_suite_as_an_unprivileged_user():
 def test_results_say_which_sandbox_ran(ws, mode):
     r = asyncio.run(SHELL.invoke({"command": "true"}, ctx_for(ws, mode)))
     assert r.data["sandbox"] == mode and json.dumps(r.data)
+
+
+ESCAPE_APP = """
+import glob, os, socket, subprocess, sys
+for path, text in [({marker!r}, "pwned"), ({repo_app!r}, "pwned")]:
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+        print("wrote", path)
+    except OSError as e:
+        print("refused", path, e)
+for a in {socks!r} + [b"\\0advisor-attack-{token}"]:
+    try:
+        socket.socket(socket.AF_UNIX).connect(a)
+        print("connected", a)
+    except OSError as e:
+        print("refused", a, e)
+for f in glob.glob("/proc/[0-9]*/environ"):
+    try:
+        print([v for v in open(f, "rb").read().split(b"\\0") if b"API_KEY" in v])
+    except OSError:
+        pass
+subprocess.Popen(["setsid", "sleep", "{tag}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+subprocess.run(["mount", "-o", "remount,rw,bind", "/"])
+print("escape done")
+"""
+
+
+def test_an_agent_attacks_through_advisor_run(tmp_path, host):
+    """End to end: a scripted model writes an escape with edit_file, runs it with shell and python, lists
+    through a link to /, searches with a catastrophic pattern, and the task's command check runs the escape
+    again. Nothing outside the workspace changes, no key reaches the run's files, nothing survives."""
+    import yaml
+
+    from advisor.testing import Reply, ScriptedServer, ScriptedToolCall
+    from tests.security.conftest import open_for_search
+
+    open_for_search(tmp_path)
+    tag = f"994.{os.getpid() % 1000:03d}"
+    socks = [str(x.address) for x in [host.private_socket, *host.path_sockets]]
+    app = ESCAPE_APP.format(
+        marker=str(host.marker), repo_app=str(host.repo / "app.py"), socks=socks, token=host.token, tag=tag
+    )
+    calls = [
+        ScriptedToolCall("write_file", {"path": "app.py", "content": app}),
+        ScriptedToolCall("shell", {"command": "python3 app.py; ln -s / rootlink; ln -s /etc etcdir"}),
+        ScriptedToolCall("python", {"code": app}),
+        ScriptedToolCall("list_files", {"pattern": "rootlink/*"}),
+        ScriptedToolCall("list_files", {"pattern": "etcdir/**", "recursive": True}),
+        ScriptedToolCall("search", {"pattern": "(a+)+$"}),
+    ]
+    script = [Reply(tool_calls=[c]) for c in calls] + [Reply(text="Answer: DONE")]
+    key = "sk-attack-" + os.urandom(8).hex()
+    with ScriptedServer({"flash": script}) as server:
+        task = {
+            "name": "attack",
+            "goal": "Do the task. Answer DONE.",
+            "tools": ["shell", "python", "write_file", "list_files", "search"],
+            "workspace": {"from": "host/repo"},
+            "executor": {"endpoint": "flash"},
+            "check": {"type": "command", "run": "python3 app.py", "timeout_s": 120},
+            "endpoints": {"flash": server.endpoint_config("flash").model_dump(exclude_none=True)},
+        }
+        path = tmp_path / "task.yaml"
+        path.write_text(yaml.safe_dump(task, sort_keys=False))
+        env = dict(os.environ, ADVISOR_ATTACK_API_KEY=key)
+        p = subprocess.run(
+            [sys.executable, "-m", "advisor.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+    (result_file,) = (tmp_path / "runs").rglob("result.json")
+    result = json.loads(result_file.read_text())
+    events = [json.loads(x) for x in (result_file.parent / "trace.jsonl").read_text().splitlines()]
+    results = {e["name"]: e for e in events if e["type"] == "tool_result"}
+    assert set(results) == {"write_file", "shell", "python", "list_files", "search"}, p.stdout + p.stderr
+    assert "escape done" in results["shell"]["text"] and "escape done" in results["python"]["text"]
+    checks = [e for e in events if e["type"] == "check"]
+    assert checks and checks[0]["check_type"] == "command", checks
+    assert_host_files_held(host, results["shell"]["data"]["sandbox"])
+    assert "pwned" not in (host.repo / "app.py").read_text()
+    assert "passwd" not in json.dumps(results["list_files"]) and "no matches" in results["search"]["text"]
+    run_files = "".join(f.read_text(errors="replace") for f in result_file.parent.rglob("*") if f.is_file())
+    assert key not in run_files + p.stdout + p.stderr
+    assert alive(tag) == []
+    assert result["outcome"] in ("passed", "failed")
