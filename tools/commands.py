@@ -164,7 +164,8 @@ async def run_command(
         finally:
             flood.cancel()
             # also on cancellation: nothing the command started outlives the call
-            await asyncio.to_thread(confine.kill_all, proc.pid, box.cgroup)
+            gone = box.pid_namespace and proc.returncode is not None  # bwrap ended: its namespace too
+            await asyncio.to_thread(confine.kill_all, proc.pid, box.cgroup, gone)
             await asyncio.shield(waiter)
             try:  # every process is dead, so the pipes reach EOF
                 await asyncio.wait_for(asyncio.gather(*pumps), 5)

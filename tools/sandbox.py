@@ -135,7 +135,8 @@ async def run_python_async(
         except TimeoutError:
             timed_out = True
         finally:  # also on cancellation; and it ends stray background children after a normal exit
-            await asyncio.to_thread(confine.kill_all, proc.pid, cell.box.cgroup)
+            gone = cell.box.pid_namespace and proc.returncode is not None  # bwrap ended: so did its namespace
+            await asyncio.to_thread(confine.kill_all, proc.pid, cell.box.cgroup, gone)
             await asyncio.shield(proc.wait())
     finally:
         wall = time.monotonic() - start
@@ -311,6 +312,8 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
 
 
 def _signal_note(code: int | None, memory_mb: int) -> str:
+    if code is not None and code > 128:  # bwrap reports a child killed by a signal as 128 + its number
+        code = 128 - code
     if code is None or code >= 0:
         return ""
     try:

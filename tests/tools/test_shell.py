@@ -19,6 +19,8 @@ from advisor.tools.registry import BUILTIN
 from advisor.tools.shell import ShellSettings
 from advisor.tools.spec import ToolContext
 
+from tests.security.conftest import open_for_search
+
 SHELL = BUILTIN["shell"]
 BWRAP = bwrap_problem()
 MODES = [
@@ -37,6 +39,7 @@ def sandbox(request):
 def ws(tmp_path):
     root = tmp_path / "ws"
     root.mkdir()
+    open_for_search(tmp_path)  # limits as root runs the command as a uid that must reach the workspace
     return root
 
 
