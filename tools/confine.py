@@ -504,24 +504,25 @@ def closed_ancestor(path: Path) -> Path | None:
 
 
 def hand_over(root: Path, uid: int) -> None:
-    """Make the workspace the sandbox uid's, without following links out of it.
+    """Make the workspace the sandbox uid's, never following a link out of it.
 
-    A regular file with more than one link is skipped: it may be a hard link to a host file.
+    Walked by directory descriptors (os.fwalk) and changed relative to them, so a folder swapped for
+    a link by code still running cannot redirect a root chown to the host. A regular file with more
+    than one link is skipped: it may be a hard link to a host file.
     """
 
-    def give(p: str, st: os.stat_result) -> None:
+    def give(name: str, st: os.stat_result, dir_fd: int | None) -> None:
         if (st.st_uid, st.st_gid) != (uid, uid) and not (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
             try:
-                os.lchown(p, uid, uid)
+                os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 pass
 
-    give(str(root), os.lstat(root))
-    for dirpath, dirnames, filenames in os.walk(root):
+    give(str(root), os.lstat(root), None)
+    for _, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
         for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
             try:
-                give(p, os.lstat(p))
+                give(name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False), dir_fd)
             except OSError:
                 continue
 

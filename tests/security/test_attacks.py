@@ -363,6 +363,22 @@ def test_the_suite_as_an_unprivileged_user():
     print(tail.splitlines()[-1])
 
 
+@pytest.mark.skipif(not ROOT, reason="handing a workspace to another uid needs root")
+def test_handing_the_workspace_over_never_reaches_the_host(ws, host):
+    from advisor.tools.confine import hand_over, sandbox_uid
+
+    (ws / "sub").mkdir()
+    (ws / "sub" / "a.txt").write_text("x")
+    (ws / "hostdir").symlink_to(host.dir)
+    (ws / "marker-link").symlink_to(host.marker)
+    os.link(host.marker, ws / "hardlink")  # the same file as the host's marker
+    uid = sandbox_uid(ws)
+    hand_over(ws, uid)
+    assert os.stat(ws / "sub" / "a.txt").st_uid == uid and os.lstat(ws / "hostdir").st_uid == uid
+    assert os.stat(host.marker).st_uid == 0 and os.stat(host.dir).st_uid == 0
+    assert all(p.stat().st_uid == 0 for p in host.repo.iterdir())
+
+
 def test_results_say_which_sandbox_ran(ws, mode):
     r = asyncio.run(SHELL.invoke({"command": "true"}, ctx_for(ws, mode)))
     assert r.data["sandbox"] == mode and json.dumps(r.data)
