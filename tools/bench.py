@@ -36,16 +36,6 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-async def _timed(coro_fn, runs: int) -> float:
-    times = []
-    await coro_fn()  # warm: the first call checks bwrap and builds the seccomp filter
-    for _ in range(runs):
-        t = time.perf_counter()
-        await coro_fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return _median(times)
-
-
 def sandbox_table(runs: int = 15) -> None:
     """Wall time per shell and python call in each sandbox mode, and what it adds over a bare start."""
     import os
@@ -78,19 +68,9 @@ def sandbox_table(runs: int = 15) -> None:
         await p.wait()
 
     async def run() -> None:
-        base_sh = await _timed(bare_shell, runs)
-        base_py = await _timed(bare_python, runs)
-        print(
-            f"sandbox overhead, median of {runs} calls (uid {os.geteuid()}, cgroups: {confine.cgroups_writable()})"
-        )
-        print(f"{'mode':<8} {'shell `true` ms':>16} {'added ms':>9} {'python `pass` ms':>17} {'added ms':>9}")
-        print(f"{'bare':<8} {base_sh:16.1f} {'':>9} {base_py:17.1f} {'':>9}")
+        cases = {("bare", "shell"): bare_shell, ("bare", "python"): bare_python}
+        skipped: dict[tuple[str, str], str] = {}
         for mode in ("bwrap", "limits", "none"):
-            try:
-                confine.resolve(mode)
-            except confine.SandboxUnavailable as e:
-                print(f"{mode:<8} skipped: {e}")
-                continue
 
             async def sh(mode: str = mode):
                 r = await run_command(shell_cmd, ws, sandbox=mode, limits=Limits(timeout_s=60))
@@ -100,13 +80,36 @@ def sandbox_table(runs: int = 15) -> None:
                 r = await run_python_async(py_code, ws, timeout_s=60, sandbox=mode)
                 assert r.exit_code == 0, r.output
 
-            sh_ms = await _timed(sh, runs)
-            try:
-                py_ms = await _timed(py, runs)
-                py_cols = f"{py_ms:17.1f} {py_ms - base_py:9.1f}"
-            except confine.SandboxUnavailable as e:
-                py_cols = f"  skipped: {e}"
-            print(f"{mode:<8} {sh_ms:16.1f} {sh_ms - base_sh:9.1f} {py_cols}")
+            for kind, fn in (("shell", sh), ("python", py)):
+                try:
+                    await fn()  # warm: the first call checks bwrap and builds the seccomp filter
+                    cases[(mode, kind)] = fn
+                except confine.SandboxUnavailable as e:
+                    skipped[(mode, kind)] = str(e)
+        # round-robin, so that a change in the machine's load touches every mode alike
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+        for _ in range(runs):
+            for key, fn in cases.items():
+                t = time.perf_counter()
+                await fn()
+                times[key].append((time.perf_counter() - t) * 1000)
+        ms = {k: _median(v) for k, v in times.items()}
+        print(
+            f"sandbox overhead, median of {runs} calls each, modes interleaved "
+            f"(uid {os.geteuid()}, cgroups: {confine.cgroups_writable()})"
+        )
+        print(f"{'mode':<8} {'shell `true` ms':>16} {'added ms':>9} {'python `pass` ms':>17} {'added ms':>9}")
+        for mode in ("bare", "bwrap", "limits", "none"):
+            cols = []
+            for kind, width in (("shell", 16), ("python", 17)):
+                if (mode, kind) in ms:
+                    added = "" if mode == "bare" else f"{ms[(mode, kind)] - ms[('bare', kind)]:.1f}"
+                    cols.append(f"{ms[(mode, kind)]:{width}.1f} {added:>9}")
+                else:
+                    cols.append(f"{'skipped':>{width}} {'':>9}")
+            print(f"{mode:<8} {' '.join(cols)}")
+        for (mode, kind), why in skipped.items():
+            print(f"  {mode} {kind} skipped: {why}")
 
     try:
         asyncio.run(run())
