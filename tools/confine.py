@@ -412,26 +412,19 @@ def _masked_etc() -> tuple[tuple[str, bool], ...]:
     """Paths under /etc that other users may not read: (path, is_dir), masked inside the sandbox."""
     out: list[tuple[str, bool]] = []
     for dirpath, dirnames, filenames in os.walk("/etc"):
-        keep = []
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o005) != 0o005:
-                out.append((p, True))
-            else:
-                keep.append(d)
-        dirnames[:] = keep
-        for name in filenames:
+        closed = set()
+        for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             try:
-                st = os.lstat(p)
+                mode = os.lstat(p).st_mode
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o004:
+            if stat.S_ISDIR(mode) and mode & 0o005 != 0o005:
+                out.append((p, True))
+                closed.add(name)  # masked whole: not walked
+            elif stat.S_ISREG(mode) and not mode & 0o004:
                 out.append((p, False))
+        dirnames[:] = [d for d in dirnames if d not in closed]
     return tuple(out)
 
 
