@@ -467,3 +467,12 @@ def test_an_agent_attacks_through_advisor_run(tmp_path, host):
     assert key not in run_files + p.stdout + p.stderr
     assert alive(tag) == []
     assert result["outcome"] in ("passed", "failed")
+
+
+async def test_a_command_check_that_cannot_be_confined_fails_instead_of_running(ws, monkeypatch):
+    from advisor.tools import confine
+
+    monkeypatch.setattr(confine, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
+    (ws / "ran").unlink(missing_ok=True)
+    r = await run_check(Check(type="command", run="touch ran"), "", ws, ws, Shell(sandbox="bwrap"))
+    assert not r.passed and "not run: sandbox bwrap unavailable" in r.detail and not (ws / "ran").exists()
