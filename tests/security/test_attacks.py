@@ -316,7 +316,8 @@ def test_root_without_bwrap_or_uid_switch_refuses(monkeypatch):
 @pytest.mark.skipif(not ROOT, reason="re-runs the suite as an unprivileged user: needs root to switch to one")
 def test_the_suite_as_an_unprivileged_user():
     """This file and the file-tool attacks again, as a fresh unprivileged uid (setpriv), in a mount namespace
-    where a closed /root is replaced by a tmpfs holding only this Python and the repository."""
+    where a folder closed to other users above this Python or the repository (/root, typically) is
+    replaced by a tmpfs holding only them."""
     import shutil
 
     if not (shutil.which("setpriv") and shutil.which("unshare")):
@@ -330,17 +331,20 @@ def test_the_suite_as_an_unprivileged_user():
     home = Path(tempfile.mkdtemp(prefix="advisor-unprivileged-", dir="/tmp"))
     os.chown(home, uid, uid)
     repo = Path(__file__).resolve().parents[2]
+    from advisor.tools.confine import closed_ancestor
+
     keep = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), str(repo)})
-    binds = "".join(
-        f'mkdir -p "$T/{i}" && mount --rbind "{k}" "$T/{i}" && '
-        for i, k in enumerate(keep)
-        if k.startswith("/root/")
+    # each kept path below a folder closed to other users: that folder becomes an open tmpfs holding it
+    closed = {k: closed_ancestor(Path(k) / "x") for k in keep}
+    closed = {k: c for k, c in closed.items() if c is not None}
+    if any(str(c) == "/" for c in closed.values()):
+        pytest.skip("the root folder is closed to other users")
+    saved = [(i, k) for i, k in enumerate(keep) if k in closed]
+    binds = "".join(f'mkdir -p "$T/{i}" && mount --rbind "{k}" "$T/{i}" && ' for i, k in saved)
+    tmpfs = "".join(
+        f'mount -t tmpfs -o mode=0755 tmpfs "{c}" && ' for c in sorted({str(c) for c in closed.values()})
     )
-    rebinds = "".join(
-        f'mkdir -p "{k}" && mount --rbind "$T/{i}" "{k}" && '
-        for i, k in enumerate(keep)
-        if k.startswith("/root/")
-    )
+    rebinds = "".join(f'mkdir -p "{k}" && mount --rbind "$T/{i}" "{k}" && ' for i, k in saved)
     tests = [str(Path(__file__)), str(Path(__file__).with_name("test_file_tools.py"))]
     inner = " ".join(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(home / "t")]
@@ -348,7 +352,7 @@ def test_the_suite_as_an_unprivileged_user():
         + tests
     )
     script = (
-        f"T=$(mktemp -d) && {binds}mount -t tmpfs -o mode=0755 tmpfs /root && {rebinds}"
+        f"T=$(mktemp -d) && {binds}{tmpfs}{rebinds}"
         f"cd {repo} && exec setpriv --reuid={uid} --regid={uid} --clear-groups --inh-caps=-all "
         f"env HOME={home} PATH={os.environ.get('PATH', '/usr/bin:/bin')} {inner}"
     )
