@@ -65,8 +65,8 @@ DENIED_SYSCALLS = (
     "quotactl", "lookup_dcookie", "vhangup", "settimeofday", "clock_settime", "clock_adjtime",
     "adjtimex", "iopl", "ioperm", "personality",
 )  # fmt: skip
-# clone() flags that make a namespace: clone with any of them is refused
-_CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
+# clone() flags that make a namespace (mount, cgroup, UTS, IPC, user, PID, network, time)
+_CLONE_NEW = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
 _TIOCSTI = 0x5412  # push characters into a terminal's input: refused
 
 
@@ -162,9 +162,10 @@ def resolve(mode: str) -> str:
         return "bwrap"
     problem = limits_problem()
     if problem:
+        why = f", and bwrap is unavailable ({bwrap_problem()})" if mode == "auto" else ""
         raise SandboxUnavailable(
-            f"refusing to run model code: {problem}, and bwrap is unavailable ({bwrap_problem()}); "
-            "install bubblewrap, or set `shell: {sandbox: none}` to run it unconfined"
+            f"refusing to run model code: {problem}{why}; use bubblewrap (`shell: {{sandbox: bwrap}}`), "
+            "or set `shell: {sandbox: none}` to run it unconfined"
         )
     if not is_root():
         hide_environ()
@@ -233,8 +234,7 @@ def seccomp_bpf() -> bytes:
             f.add_rule(eperm, name)
         except (ValueError, RuntimeError, OSError):
             continue  # not a syscall on this architecture
-    f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_NEW, _CLONE_NEW))
-    for bit in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80):
+    for bit in _CLONE_NEW:  # one rule per flag: a clone with any of them is refused
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes libc fall back to clone
     f.add_rule(sc.ERRNO(38), "clone3")
