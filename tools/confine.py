@@ -24,6 +24,7 @@ killed, every descendant is killed. Under bwrap, killing the call kills its PID 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import json
@@ -243,6 +244,24 @@ def seccomp_bpf() -> bytes:
         f.export_bpf(t)
         t.seek(0)
         return t.read()
+
+
+_seccomp_dir: list[Path] = []
+
+
+def seccomp_path() -> Path:
+    """The filter as a file in a folder only advisor's uid may enter (written once per process): model
+    code, in the call's scratch folder or another call's, cannot change what the next launcher loads."""
+    path = _seccomp_dir[0] / "seccomp.bpf" if _seccomp_dir else None
+    if path is None or not path.is_file():
+        folder = Path(tempfile.mkdtemp(prefix="advisor-seccomp-"))
+        atexit.register(shutil.rmtree, folder, True)
+        tmp = folder / "seccomp.bpf.tmp"
+        tmp.write_bytes(seccomp_bpf())
+        os.replace(tmp, folder / "seccomp.bpf")
+        _seccomp_dir[:] = [folder]
+        path = folder / "seccomp.bpf"
+    return path
 
 
 # -- cgroups --------------------------------------------------------------------------------------
@@ -717,10 +736,7 @@ def prepare(
     else:
         rlimits.update(nproc_rl)
     env = child_env(workspace, scratch)
-    seccomp_file = None
-    if mode in ("bwrap", "limits"):
-        seccomp_file = scratch / "seccomp.bpf"
-        seccomp_file.write_bytes(seccomp_bpf())
+    seccomp_file = seccomp_path() if mode in ("bwrap", "limits") else None
     seccomp_fd = None
     if mode == "bwrap":  # bwrap reads the filter from a file descriptor: the launcher opens it as fd 3
         inner = bwrap_argv(workspace, scratch, network, 3) + inner
