@@ -73,7 +73,8 @@ class _Cell:
         self.script.write_text(code, encoding="utf-8")
         self.out_path = self.tmp.parent / f"{self.tmp.name}.out"  # outside what the code can reach
         # A file, not a pipe: a print loop fills a capped file, never our memory.
-        self.out = open(self.out_path, "wb")  # closed in finish()
+        fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # no other uid reads it
+        self.out = os.fdopen(fd, "wb")  # closed in finish()
         try:
             self.box = confine.prepare(
                 _argv(self.script),
