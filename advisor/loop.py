@@ -207,6 +207,8 @@ class TaskLoop:
         for src in self.task.input_paths("files"):
             shutil.copy2(src, self.workspace / src.name)
         self.start_files = snapshot(self.workspace)  # what the final diff is taken against
+        if self.task.check.type == "command" or {"shell", "python"} & {t.name for t in self.tools}:
+            _announce_sandbox(self.task.shell.sandbox)
         ids = [self.images.load(p) for p in self.task.input_paths("images")]
         cfg = self.executor.endpoint.config
         self.profile = profile_for(cfg.model, cfg.provider)
@@ -662,3 +664,13 @@ def _attempt(a: Attempt) -> dict:
         "latency_s": a.latency_s,
         "usage": a.usage.as_dict() if a.usage else None,
     }
+
+
+def _announce_sandbox(mode: str) -> None:
+    """One line on stderr at the start when the code tools' sandbox lacks a protection here."""
+    from advisor.tools import confine
+
+    try:
+        confine.announce(confine.resolve(mode))
+    except confine.SandboxUnavailable:
+        pass  # the tools say it in their results; the task was checked when loaded

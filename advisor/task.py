@@ -146,9 +146,14 @@ class Workspace(_Strict):
 class Shell(_Strict):
     """How `shell` commands and `command` checks are confined (see tools/README.md)."""
 
-    sandbox: Literal["bwrap", "limits"] = Field(
-        default="bwrap",
-        description="bwrap: system read-only, workspace read-write, no network; limits: process limits only",
+    sandbox: Literal["auto", "bwrap", "limits", "none"] = Field(
+        default="auto",
+        description=(
+            "where shell and python code and command checks run: bwrap (a user namespace without "
+            "capabilities, seccomp, the workspace the only writable path, no network), limits (an "
+            "unprivileged uid and process limits, no file-system confinement), none (unconfined, "
+            "warned), auto (bwrap where it runs, else limits); see docs/security.md"
+        ),
     )
     network: bool = Field(default=False, description="bwrap: let commands use the network")
     memory_mb: int = Field(default=2048, gt=0, description="memory of a command's whole process tree")
@@ -338,7 +343,7 @@ class Task(BaseModel):
                 raise TaskError(
                     f"{src}: mcp_servers.{name}: environment variable {missing[0]} is not set; export {missing[0]}=..."
                 )
-        if self.check.type == "command" or "shell" in {t.name for t in self.tool_specs()}:
+        if self.check.type == "command" or {"shell", "python"} & {t.name for t in self.tool_specs()}:
             from advisor.tools.commands import SandboxUnavailable, require_sandbox
 
             try:
