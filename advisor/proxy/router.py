@@ -20,6 +20,7 @@ import json
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
@@ -34,6 +35,12 @@ from advisor.proxy.sessions import Consult, Session, SessionStore, session_key
 from advisor.proxy.signals import read_signals
 
 _DIGEST_ENTRIES = 60  # the consult sees the last tool calls of the conversation, not all of a long one
+
+
+class Meter(Protocol):
+    async def start_call(self, session: Session, role: str, model: str, estimate: float) -> Any: ...
+
+    def settle(self, ticket: Any, cost: float, error: str | None = None) -> None: ...
 
 
 class ProxyError(Exception):
@@ -169,6 +176,7 @@ class Router:
         store: SessionStore | None = None,
     ):
         self.config = config
+        self.meter: Meter | None = None  # keys' budgets and the call records (advisor.proxy.auth.Gate)
         given = dict(endpoints or {})
 
         def slot(role: str) -> Slot | None:
@@ -325,7 +333,9 @@ class Router:
         cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
         estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
         attempts: list[Attempt] = []
-        store = self.store
+        store, meter = self.store, self.meter
+        # the key's budget is checked (ProxyError when spent) and the call recorded as started
+        ticket = await meter.start_call(s, slot.role, slot.endpoint.config.model, estimate) if meter else None
         store.in_flight += 1
         store.reserved_usd += estimate
         sent = 0  # characters forwarded to the client
@@ -335,9 +345,11 @@ class Router:
             store.reserved_usd = max(0.0, store.reserved_usd - estimate)
             if stream:
                 extra["streamed_chars"] = sent
-            store.record_call(
+            cost = store.record_call(
                 s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
             )
+            if meter is not None:
+                meter.settle(ticket, cost, extra.get("error"))
             if stream:  # written before the stream's end (its usage) reaches the client
                 store.commit()
 

@@ -41,7 +41,9 @@ def test_the_right_key_is_served_and_health_is_open(base):
 @pytest.mark.parametrize("key", [None, "wrong", KEY[:-1], KEY + "x"])
 def test_a_missing_or_wrong_key_is_a_401_in_the_openai_shape(base, key):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES}, headers=headers)
+    r = httpx.post(
+        base + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES}, headers=headers
+    )
     assert r.status_code == 401
     err = r.json()["error"]
     assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
