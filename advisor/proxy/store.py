@@ -246,8 +246,10 @@ class Store:
         return results
 
     async def _heartbeats(self) -> None:
+        # several beats per stale interval, so a live replica is never taken for a dead one
+        interval = min(HEARTBEAT_S, self.stale_replica_s / 3)
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(interval)
             try:
                 await self.write(self._beat)
                 if not self.sqlite:
