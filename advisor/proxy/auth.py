@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import fnmatch
 import hmac
+import json
 import logging
 import math
 import os
@@ -29,9 +30,12 @@ import time
 from dataclasses import dataclass
 
 from advisor.engine.serving.auth import key_in_query, key_matches, presented_key
+from advisor.ledger import CallRecord
+from advisor.messages import Usage
 from advisor.proxy.config import ProxyConfig
 from advisor.proxy.keys import KeyRecord, all_keys, hash_key, key_by_hash, pepper_from
 from advisor.proxy.router import ProxyError
+from advisor.proxy.sessions import Consult, Session
 from advisor.proxy.store import BudgetExceeded, Store, Ticket
 
 log = logging.getLogger("advisor.proxy")
@@ -99,6 +103,8 @@ class Gate:
         )
         self._by_hash: dict[str, KeyRecord] = {}
         self._recent: dict[str, collections.deque[float]] = {}
+        self._versions: dict[str, int] = {}
+        self._saving: set[asyncio.Task] = set()  # the session versions this replica last wrote or read
         self._refresher: asyncio.Task | None = None
         self._opened = False
 
@@ -230,6 +236,50 @@ class Gate:
                 session,
             ) from None
 
-    def settle(self, ticket: Ticket | None, cost: float, error: str | None = None) -> None:
+    def settle(self, ticket: Ticket | None, cost: float, error: str | None = None, **call) -> None:
         if ticket is not None and self.store is not None:
-            self.store.settle(ticket, cost, error)
+            self.store.settle(ticket, cost, error, **call)
+
+    # -- sessions shared by replicas ---------------------------------------------------------
+    @property
+    def shares_sessions(self) -> bool:
+        """On PostgreSQL a session's escalation state lives in the database, so any replica can take
+        its next request; on SQLite (one replica) the journal keeps it, as without a database."""
+        return self.store is not None and not self.store.sqlite
+
+    async def load_session(self, session: Session) -> bool:
+        """Bring the session up to the database's state when another replica moved it on; True when
+        the database knows the session (so its next request is not its first)."""
+        if not self.shares_sessions:
+            return False
+        assert self.store is not None
+        row = await self.store.session_row(session.id)
+        if row is None:
+            return False
+        if row.version == self._versions.get(session.id):
+            return True
+        saved = json.loads(row.state)
+        session.restore(saved["state"])
+        session.consults = [Consult(**c) for c in saved["consults"]]
+        session.created = row.created_at
+        session.ledger.calls = [
+            CallRecord(
+                c.role, c.endpoint or "", c.purpose or "", Usage(**json.loads(c.usage or "{}")), c.cost_usd
+            )
+            for c in await self.store.session_calls(session.id)
+        ]
+        self._versions[session.id] = row.version
+        return True
+
+    def save_session_later(self, session: Session) -> None:
+        if self.shares_sessions:
+            task = asyncio.get_running_loop().create_task(self.save_session(session))
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
+
+    async def save_session(self, session: Session) -> None:
+        if not self.shares_sessions:
+            return
+        assert self.store is not None
+        state = {"state": session.state(), "consults": [c.__dict__ for c in session.consults]}
+        self._versions[session.id] = await self.store.save_session(session.id, state, session.created)

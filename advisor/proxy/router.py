@@ -40,7 +40,13 @@ _DIGEST_ENTRIES = 60  # the consult sees the last tool calls of the conversation
 class Meter(Protocol):
     async def start_call(self, session: Session, role: str, model: str, estimate: float) -> Any: ...
 
-    def settle(self, ticket: Any, cost: float, error: str | None = None) -> None: ...
+    def settle(self, ticket: Any, cost: float, error: str | None = None, **call: Any) -> None: ...
+
+    async def load_session(self, session: Session) -> bool: ...
+
+    async def save_session(self, session: Session) -> None: ...
+
+    def save_session_later(self, session: Session) -> None: ...
 
 
 class ProxyError(Exception):
@@ -217,10 +223,15 @@ class Router:
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         async with session.lock:  # one conversation's requests are decided in order
+            # replicas: another one may have moved the session on (then this is not its first request)
+            if self.meter is not None and await self.meter.load_session(session):
+                first = False
             try:
                 return await self._handle(session, first, request)
             finally:
                 self.store.save(session)
+                if self.meter is not None:
+                    await self.meter.save_session(session)
 
     async def stream(self, request: ChatRequest, session_id: str | None = None) -> RoutedStream:
         """Route a streamed request: decided as `handle` decides, then the upstream's reply is streamed.
@@ -229,13 +240,18 @@ class Router:
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         await session.lock.acquire()
+        meter = self.meter
 
         def done() -> None:
             self.store.save(session)
             session.lock.release()
+            if meter is not None:  # written after the stream (a task: this runs from its close)
+                meter.save_session_later(session)
 
         deltas = None
         try:
+            if meter is not None and await meter.load_session(session):
+                first = False
             acting, purpose, upstream, consult = await self._decide(session, first, request)
             deltas = self._upstream(session, acting, purpose, upstream, stream=True)
             head = await anext(deltas)
@@ -349,7 +365,14 @@ class Router:
                 s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
             )
             if meter is not None:
-                meter.settle(ticket, cost, extra.get("error"))
+                meter.settle(
+                    ticket,
+                    cost,
+                    extra.get("error"),
+                    usage=usage.as_dict(),
+                    endpoint=slot.endpoint.name,
+                    purpose=purpose,
+                )
             if stream:  # written before the stream's end (its usage) reaches the client
                 store.commit()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -76,6 +77,18 @@ calls = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("ended_at", sa.Float, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("endpoint", sa.String(200), nullable=True),
+    sa.Column("purpose", sa.String(16), nullable=True),
+    sa.Column("usage", sa.Text, nullable=True),  # JSON: the Usage's token counts
+)
+sessions = sa.Table(
+    "advisor_sessions",
+    meta,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),  # JSON: Session.state() and its consults
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),  # bumped by every save: a replica reloads when it moved
 )
 replicas = sa.Table(
     "advisor_replicas",
@@ -323,15 +336,26 @@ class Store:
             await conn.execute(_insert_ignore(conn, spend, key_name=key, period_id=pid))
         raise RuntimeError(f"the spend row of key {key} for {pid} could not be created")
 
-    def settle(self, ticket: Ticket, cost: float, error: str | None = None) -> None:
+    def settle(
+        self,
+        ticket: Ticket,
+        cost: float,
+        error: str | None = None,
+        *,
+        usage: dict | None = None,
+        endpoint: str | None = None,
+        purpose: str | None = None,
+    ) -> None:
         """Book the call's real cost and release its reservation (committed with the writer's next batch)."""
         now = time.time()
+        fields = {"cost_usd": cost, "state": "settled", "ended_at": now, "error": error}
+        fields.update(
+            endpoint=endpoint, purpose=purpose, usage=json.dumps(usage) if usage is not None else None
+        )
 
         async def op(conn: AsyncConnection) -> None:
             done = await conn.execute(
-                sa.update(calls)
-                .where(calls.c.id == ticket.id, calls.c.state == "started")
-                .values(cost_usd=cost, state="settled", ended_at=now, error=error)
+                sa.update(calls).where(calls.c.id == ticket.id, calls.c.state == "started").values(**fields)
             )
             if done.rowcount == 1 and ticket.key is not None:
                 await self._book(conn, ticket.key, ticket.period_id, cost, ticket.estimate)
@@ -396,6 +420,38 @@ class Store:
                 "advisor proxy: booked %d calls left in flight by a stopped proxy at their estimate", booked
             )
         return booked
+
+    # -- sessions (shared by replicas) -------------------------------------------------------
+    async def session_row(self, sid: str) -> sa.Row | None:
+        rows = await self.fetch(sa.select(sessions).where(sessions.c.id == sid))
+        return rows[0] if rows else None
+
+    async def session_calls(self, sid: str) -> list[sa.Row]:
+        """The session's booked calls, in the order they started."""
+        return await self.fetch(
+            sa.select(calls)
+            .where(calls.c.session == sid, calls.c.state != "started")
+            .order_by(calls.c.started_at)
+        )
+
+    async def save_session(self, sid: str, state: dict, created: float) -> int:
+        """Write the session's state (an upsert that bumps its version); returns the new version."""
+        body = json.dumps(state, default=str)
+
+        async def op(conn: AsyncConnection) -> int:
+            now = time.time()
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert
+            stmt = insert(sessions).values(id=sid, state=body, created_at=created, updated_at=now, version=1)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[sessions.c.id],
+                set_={"state": body, "updated_at": now, "version": sessions.c.version + 1},
+            ).returning(sessions.c.version)
+            return (await conn.execute(stmt)).scalar_one()
+
+        return await self.write(op)
 
     # -- reads -------------------------------------------------------------------------------
     async def fetch(self, query: sa.Executable) -> list[sa.Row]:

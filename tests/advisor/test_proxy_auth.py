@@ -231,48 +231,37 @@ def test_comparisons_are_of_fixed_length_digests(cfg, monkeypatch):
     assert seen and all(n in ((32, 32), (64, 64)) for n in seen)
 
 
-def test_the_cli_makes_lists_and_revokes_keys_and_no_key_lands_in_a_file(cfg, tmp_path, upstream):
+def test_the_cli_makes_lists_and_revokes_keys_and_no_key_lands_in_a_file(cfg, tmp_path, upstream, capsys):
+    from advisor.cli import main
+
     config = tmp_path / "proxy.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
     env = {**os.environ, "ADVISOR_CONFIG_DIR": str(tmp_path / "no-config")}
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "advisor.cli", "proxy", "keys", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["proxy", "keys", *args, "--config", str(config)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-    made = cli(
-        "create",
-        "--name",
-        "gina",
-        "--max-usd",
-        "5",
-        "--period",
-        "month",
-        "--rpm",
-        "60",
-        "--models",
-        "claude-*,advisor",
-        "--expires",
-        "30d",
-    )
+    # the real command once, as a user runs it: the key alone on the last line of its output
+    made = subprocess.run(
+        [sys.executable, "-m", "advisor.cli", "proxy", "keys", "create", "--config", str(config), "--name", "gina",
+         "--max-usd", "5", "--period", "month", "--rpm", "60", "--models", "claude-*,advisor", "--expires", "30d"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("sk-adv-") and made.stdout.strip() == key
     with proxy_for(cfg) as proxy:
         assert chat(proxy, key).choices[0].message.content == "ok"  # made by the CLI, seen at once
         assert message(proxy, key).content[0].text == "ok"
-        listed = cli("list")
-        assert listed.returncode == 0 and "gina" in listed.stdout and "$5/month" in listed.stdout
-        assert key not in listed.stdout + listed.stderr
-        rows = json.loads(cli("list", "--json").stdout)
+        code, out, err = cli("list")
+        assert code == 0 and "gina" in out and "$5/month" in out and key not in out + err
+        code, out, _ = cli("list", "--json")
+        rows = json.loads(out)
         assert rows[0]["spent_usd"] > 0 and rows[0]["models"] == ["claude-*", "advisor"]
-        assert cli("update", "gina", "--rpm", "1000").returncode == 0
-        assert cli("revoke", "gina").returncode == 0
+        assert cli("update", "gina", "--rpm", "1000")[0] == 0
+        assert cli("revoke", "gina")[0] == 0
         deadline = time.monotonic() + 30  # the replica re-reads the keys every refresh_s (0.2 s here)
         while True:
             try:
@@ -287,16 +276,9 @@ def test_the_cli_makes_lists_and_revokes_keys_and_no_key_lands_in_a_file(cfg, tm
             ("create", "--name", "bad name"),
             ("create", "--name", "x", "--expires", "soon"),
         ):
-            p = cli(*bad)
-            assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    report = subprocess.run(
-        [sys.executable, "-m", "advisor.cli", "proxy", "report", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert report.returncode == 0, report.stderr
+            code, _, err = cli(*bad)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert main(["proxy", "report", "--config", str(config)]) == 0
     md = (cfg.sessions_dir / "report.md").read_text()
     assert "## Spend per key" in md and "| gina |" in md and "## Spend per model" in md
     # no key in any file the proxy or the CLI wrote: journal, database (and its WAL), reports

@@ -6,6 +6,7 @@ on PostgreSQL; every upstream call is booked and the key's budget overruns by at
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 
 from advisor.proxy.store import BudgetExceeded, Store, calls, spend
-from advisor.testing import Reply, ScriptedServer, ScriptedUsage
+from advisor.testing import Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
 from tests.advisor.pg_cluster import pg_cluster
 from tests.advisor.proxy_helpers import EXEC_PRICE, make_config
 
@@ -335,3 +336,47 @@ async def test_postgresql_two_replicas_one_killed_under_40_sessions(upstream, tm
         b.stop()
     assert killed
     _check(upstream, booked, run)
+    # each session's ledger moved between the replicas and on to b alone: its cost never went back
+    for sid, seen in run["costs"].items():
+        assert seen == sorted(seen), sid
+
+
+def test_a_sessions_escalation_state_moves_between_replicas_on_postgresql(tmp_path, monkeypatch, pg_url):
+    """Two replicas on one database, requests alternating between them as a load balancer sends them:
+    the failure streak counted on one replica triggers the consult on the other, whose advice then
+    reaches the executor on the first; the session's ledger is whole on both."""
+    from tests.advisor.proxy_helpers import proxy_for
+    from tests.advisor.test_proxy import _failing_conversation, oa
+
+    asyncio.run(_wipe(pg_url))
+    monkeypatch.setenv(MASTER_ENV, MASTER)
+    monkeypatch.setenv(DB_ENV, pg_url)
+    with ScriptedServer() as upstream:
+        upstream.script("flash", lambda body: Reply(tool_calls=[ScriptedToolCall("bash", {"cmd": "pytest"})]))
+        upstream.script("big", [Reply(text="look at conftest.py first", usage=ScriptedUsage(500, 50))])
+        cfgs = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            cfgs.append(
+                make_config(
+                    upstream,
+                    tmp_path / name,
+                    escalation={"after_failures": 2, "mode": "advise"},
+                    auth={"master_key_env": MASTER_ENV},
+                    storage={"url_env": DB_ENV},
+                )
+            )
+        with proxy_for(cfgs[0]) as a, proxy_for(cfgs[1]) as b:
+            h = {"x-advisor-session": "fix", "Authorization": f"Bearer {MASTER}"}
+            r0 = httpx.post(a.base_url + "/chat/completions", json=oa(_failing_conversation(0)), headers=h)
+            r1 = httpx.post(b.base_url + "/chat/completions", json=oa(_failing_conversation(1)), headers=h)
+            r2 = httpx.post(a.base_url + "/chat/completions", json=oa(_failing_conversation(2)), headers=h)
+            assert [r.status_code for r in (r0, r1, r2)] == [200, 200, 200]
+            assert "x-advisor-consult" not in r0.headers and "x-advisor-consult" not in r1.headers
+            assert r2.headers["x-advisor-consult"] == "failures=advice"  # one failure on b, one on a
+            r3 = httpx.post(b.base_url + "/chat/completions", json=oa(_failing_conversation(2)), headers=h)
+            # b took the advice inserted on a, and the session's cost so far (3 calls and the consult)
+            assert float(r3.headers["x-advisor-cost-usd"]) >= float(r2.headers["x-advisor-cost-usd"]) > 0
+        execs = upstream.requests_for("flash")
+        assert len(execs) == 4 and "look at conftest.py first" in json.dumps(execs[3].body["messages"])
+        assert len(upstream.requests_for("big")) == 1
