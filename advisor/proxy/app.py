@@ -123,6 +123,7 @@ class ProxyApp:
         @contextlib.asynccontextmanager
         async def lifespan(_app):
             await self.gate.open()
+            await self.gate.import_sessions(self.router.store)  # an old journal's sessions, once
             try:
                 yield
             finally:

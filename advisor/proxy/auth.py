@@ -35,7 +35,7 @@ from advisor.messages import Usage
 from advisor.proxy.config import ProxyConfig
 from advisor.proxy.keys import KeyRecord, all_keys, hash_key, key_by_hash, pepper_from
 from advisor.proxy.router import ProxyError
-from advisor.proxy.sessions import Consult, Session
+from advisor.proxy.sessions import Consult, Session, SessionStore
 from advisor.proxy.store import BudgetExceeded, Store, Ticket
 
 log = logging.getLogger("advisor.proxy")
@@ -270,6 +270,24 @@ class Gate:
         ]
         self._versions[session.id] = row.version
         return True
+
+    async def import_sessions(self, journal_sessions: SessionStore) -> int:
+        """Sessions a replica's journal (journal.jsonl, from before the database) knows and the
+        database does not: written to it with their calls, once (a second start finds them there)."""
+        if not self.shares_sessions or not journal_sessions.sessions:
+            return 0
+        assert self.store is not None
+        known = await self.store.known_sessions(list(journal_sessions.sessions))
+        n = 0
+        for sid, s in list(journal_sessions.sessions.items()):
+            if sid in known:
+                continue
+            state = {"state": s.state(), "consults": [c.__dict__ for c in s.consults]}
+            await self.store.import_session(sid, state, s.created, s.ledger.calls)
+            n += 1
+        if n:
+            log.warning("advisor proxy: imported %d sessions from %s into the database", n, "journal.jsonl")
+        return n
 
     def save_session_later(self, session: Session) -> None:
         if self.shares_sessions:

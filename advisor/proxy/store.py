@@ -453,6 +453,48 @@ class Store:
 
         return await self.write(op)
 
+    async def known_sessions(self, ids: list[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            rows = await self.fetch(sa.select(sessions.c.id).where(sessions.c.id.in_(ids[i : i + 500])))
+            known.update(r.id for r in rows)
+        return known
+
+    async def import_session(self, sid: str, state: dict, created: float, ledger: list) -> None:
+        """A session from a journal, with its calls (booked, keyless: the journal knew no keys)."""
+        now = time.time()
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(
+                sa.insert(sessions).values(
+                    id=sid,
+                    state=json.dumps(state, default=str),
+                    created_at=created,
+                    updated_at=now,
+                    version=1,
+                )
+            )
+            for i, c in enumerate(ledger):
+                await conn.execute(
+                    sa.insert(calls).values(
+                        id=uuid.uuid4().hex,
+                        session=sid,
+                        role=c.role,
+                        model=c.endpoint,
+                        endpoint=c.endpoint,
+                        purpose=c.purpose,
+                        usage=json.dumps(c.usage.as_dict()),
+                        estimate_usd=c.cost_usd,
+                        cost_usd=c.cost_usd,
+                        state="settled",
+                        replica="journal",
+                        started_at=created + i * 1e-6,  # their order
+                        ended_at=created + i * 1e-6,
+                    )
+                )
+
+        await self.write(op)
+
     # -- reads -------------------------------------------------------------------------------
     async def fetch(self, query: sa.Executable) -> list[sa.Row]:
         assert self.engine is not None

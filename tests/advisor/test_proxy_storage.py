@@ -380,3 +380,42 @@ def test_a_sessions_escalation_state_moves_between_replicas_on_postgresql(tmp_pa
         execs = upstream.requests_for("flash")
         assert len(execs) == 4 and "look at conftest.py first" in json.dumps(execs[3].body["messages"])
         assert len(upstream.requests_for("big")) == 1
+
+
+def test_an_old_journal_is_imported_into_the_database_once(tmp_path, monkeypatch, pg_url):
+    from tests.advisor.proxy_helpers import proxy_for
+    from tests.advisor.test_proxy import oa
+
+    asyncio.run(_wipe(pg_url))
+    monkeypatch.setenv(MASTER_ENV, MASTER)
+    monkeypatch.setenv(DB_ENV, pg_url)
+    with ScriptedServer() as upstream:
+        upstream.script("flash", lambda body: Reply("ok", usage=REPLY))
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        old = make_config(upstream, tmp_path / "a")  # before the database: the journal alone
+        body = oa([{"role": "user", "content": "hi"}])
+        with proxy_for(old) as p:
+            for _ in range(3):
+                before = httpx.post(
+                    p.base_url + "/chat/completions", json=body, headers={"x-advisor-session": "old"}
+                )
+        spent = float(before.headers["x-advisor-cost-usd"])
+        shared = {"auth": {"master_key_env": MASTER_ENV}, "storage": {"url_env": DB_ENV}}
+        h = {"x-advisor-session": "old", "Authorization": f"Bearer {MASTER}"}
+        for _ in range(2):  # the second start finds the session there and imports nothing
+            with proxy_for(make_config(upstream, tmp_path / "a", **shared)):
+                pass
+        with proxy_for(make_config(upstream, tmp_path / "b", **shared)) as other:  # never saw the journal
+            after = httpx.post(other.base_url + "/chat/completions", json=body, headers=h)
+        assert float(after.headers["x-advisor-cost-usd"]) == pytest.approx(spent + PER_CALL)
+
+    async def rows():
+        s = await Store(pg_url).open(serve=False)
+        try:
+            return await s.fetch(sa.select(calls.c.replica, calls.c.cost_usd).where(calls.c.session == "old"))
+        finally:
+            await s.close()
+
+    got = asyncio.run(rows())
+    assert sorted(r.replica == "journal" for r in got) == [False, True, True, True]
