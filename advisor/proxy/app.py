@@ -102,6 +102,7 @@ class ProxyApp:
         self.gate = gate if gate is not None else Gate(self.config)
         if self.gate.store is not None:
             router.meter = self.gate
+            self.gate.journal = router.store
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.config.models)

@@ -27,7 +27,10 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
+
+import sqlalchemy as sa
 
 from advisor.engine.serving.auth import key_in_query, key_matches, presented_key
 from advisor.ledger import CallRecord
@@ -36,7 +39,7 @@ from advisor.proxy.config import ProxyConfig
 from advisor.proxy.keys import KeyRecord, all_keys, hash_key, key_by_hash, pepper_from
 from advisor.proxy.router import ProxyError
 from advisor.proxy.sessions import Consult, Session, SessionStore
-from advisor.proxy.store import BudgetExceeded, Store, Ticket
+from advisor.proxy.store import BudgetExceeded, Store, Ticket, period_id, spend
 
 log = logging.getLogger("advisor.proxy")
 MASTER = "(master)"
@@ -103,6 +106,8 @@ class Gate:
         )
         self._by_hash: dict[str, KeyRecord] = {}
         self._recent: dict[str, collections.deque[float]] = {}
+        self._accounts: dict[tuple[str, str | None], list[float]] = {}
+        self.journal: SessionStore | None = None  # the router's (set by the app): call starts go there too
         self._versions: dict[str, int] = {}
         self._saving: set[asyncio.Task] = set()  # the session versions this replica last wrote or read
         self._refresher: asyncio.Task | None = None
@@ -112,8 +117,10 @@ class Gate:
     async def open(self) -> None:
         if self.store is None or self._opened:
             return
-        await self.store.open()
+        await self.store.open(book_orphans=False)
         self._opened = True
+        await self.book_journaled()  # first: the journal may know what a started call really cost
+        await self.store.book_orphans(0.0 if self.store.sqlite else self.store.stale_replica_s)
         await self.refresh()
         if self.enabled:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="advisor-keys-refresh")
@@ -208,21 +215,54 @@ class Gate:
             )
 
     # -- the router's meter ------------------------------------------------------------------
+    async def _account(self, key: str, pid: str) -> list[float]:
+        """[spent, reserved] of a key's period, kept in memory on the single-replica path."""
+        acct = self._accounts.get((key, pid))
+        if acct is None:
+            assert self.store is not None
+            rows = await self.store.fetch(
+                sa.select(spend.c.spent_usd, spend.c.reserved_usd).where(
+                    spend.c.key_name == key, spend.c.period_id == pid
+                )
+            )
+            acct = self._accounts.setdefault((key, pid), [rows[0].spent_usd, 0.0] if rows else [0.0, 0.0])
+        return acct
+
     async def start_call(self, session, role: str, model: str, estimate: float) -> Ticket | None:
+        """Before an upstream call: the key's budget checked, the estimate reserved, the start recorded.
+
+        One replica (SQLite): the process's memory is the authority, so the check and reservation are
+        in memory and the start goes to the journal (one write(2), committed before the upstream call:
+        a kill -9 cannot lose it) and to the database with the writer's next batch. Replicas
+        (PostgreSQL): a conditional UPDATE in the database, committed before the call."""
         if self.store is None:
             return None
         principal = CURRENT.get()
         key = principal.key
+        name = key.name if key is not None else principal.name
         try:
-            return await self.store.start(
-                key=key.name if key is not None else principal.name,
-                max_usd=key.max_usd if key is not None else None,
-                period=key.period if key is not None else "total",
-                session=session.id,
-                role=role,
-                model=model,
-                estimate=estimate,
-            )
+            if not self.store.sqlite:
+                ticket = await self.store.start(
+                    key=name,
+                    max_usd=key.max_usd if key is not None else None,
+                    period=key.period if key is not None else "total",
+                    session=session.id,
+                    role=role,
+                    model=model,
+                    estimate=estimate,
+                )
+                self._journal_start(ticket, session.id, role, model)
+                return ticket
+            pid = period_id(key.period if key is not None else "total")
+            ticket = Ticket(uuid.uuid4().hex, name, pid if name is not None else None, estimate)
+            if name is not None:
+                acct = await self._account(name, pid)
+                if key is not None and key.max_usd is not None and acct[0] + acct[1] >= key.max_usd:
+                    raise BudgetExceeded(name, key.max_usd, acct[0], acct[1], pid)
+                acct[1] += estimate
+            self._journal_start(ticket, session.id, role, model)
+            self.store.start_later(ticket, session=session.id, role=role, model=model)
+            return ticket
         except BudgetExceeded as e:
             when = {"day": "today (UTC)", "month": "this month (UTC)"}.get(
                 key.period if key else "", "in total"
@@ -236,9 +276,43 @@ class Gate:
                 session,
             ) from None
 
+    def _journal_start(self, ticket: Ticket, session: str, role: str, model: str) -> None:
+        if self.journal is None:
+            return
+        self.journal.emit(
+            "call_start",
+            id=ticket.id,
+            key=ticket.key,
+            period_id=ticket.period_id,
+            session=session,
+            role=role,
+            model=model,
+            estimate=ticket.estimate,
+        )
+        self.journal.commit()
+
     def settle(self, ticket: Ticket | None, cost: float, error: str | None = None, **call) -> None:
-        if ticket is not None and self.store is not None:
-            self.store.settle(ticket, cost, error, **call)
+        if ticket is None or self.store is None:
+            return
+        if self.store.sqlite and ticket.key is not None:
+            acct = self._accounts.get((ticket.key, ticket.period_id))
+            if acct is not None:
+                acct[0] += cost
+                acct[1] = max(0.0, acct[1] - ticket.estimate)
+        if self.journal is not None:  # committed with the call's own events, before its reply
+            self.journal.emit("call_settled", id=ticket.id, cost=cost)
+        self.store.settle(ticket, cost, error, **call)
+
+    async def book_journaled(self) -> None:
+        """A restarted proxy: the calls its journal has and the database may not (those whose batch
+        the writer had not committed at a kill) are booked: at their cost when the journal saw them
+        end, else at their estimate. Then the journal is told they are all in."""
+        if self.store is None or self.journal is None or not self.journal.metered:
+            return
+        await self.store.book_journaled(list(self.journal.metered.values()))
+        self.journal.metered.clear()
+        self.journal.emit("metered_synced")
+        self.journal.commit()
 
     # -- sessions shared by replicas ---------------------------------------------------------
     @property

@@ -188,6 +188,7 @@ async def revoke_key(store: Store, name: str) -> KeyRecord:
 async def listing(store: Store) -> list[dict]:
     """Every key with its spend in its current period (no key, no hash)."""
     out = []
+    await store.flush()
     for k in await all_keys(store):
         spent, reserved = await store.spent(k.name, k.period)
         out.append(k.public(spent, reserved))

@@ -100,6 +100,9 @@ replicas = sa.Table(
 
 PERIODS = ("day", "month", "total")
 HEARTBEAT_S = 5.0
+# what nobody waits for (settlements, single-replica starts, which the journal holds) is committed in a
+# batch at most this long after it is queued: the journal's fsync interval, the same durability
+LINGER_S = 0.05
 
 
 def period_id(period: str, t: float | None = None) -> str:
@@ -156,13 +159,20 @@ class Store:
         self._writer: asyncio.Task | None = None
         self._timer: asyncio.Task | None = None
         self.orphans_booked = 0
+        # what the writer's next `_flush` writes: call rows not yet inserted, settlements of inserted
+        # ones, spend deltas per (key, period), keys' last use
+        self._rows: dict[str, dict] = {}
+        self._settles: dict[str, tuple] = {}
+        self._deltas: dict[tuple[str, str | None], list[float]] = {}
+        self._used: dict[str, float] = {}
+        self._flush_queued = False
 
     @classmethod
     def sqlite_file(cls, path: Path, **kw) -> Store:
         return cls(f"sqlite+aiosqlite:///{path}", **kw)
 
     # -- life --------------------------------------------------------------------------------
-    async def open(self, *, serve: bool = True) -> Store:
+    async def open(self, *, serve: bool = True, book_orphans: bool = True) -> Store:
         """Connect and create the tables; with `serve`, register as a replica, book dead replicas' calls
         in flight and start the writer (a CLI that only reads or edits keys passes serve=False)."""
         if self.sqlite:
@@ -185,8 +195,8 @@ class Store:
                 await conn.execute(
                     sa.insert(replicas).values(id=self.replica, started_at=now, heartbeat_at=now)
                 )
-            # SQLite has one replica: whatever another process left started is an orphan now
-            await self.book_orphans(0.0 if self.sqlite else self.stale_replica_s)
+            if book_orphans:  # SQLite has one replica: whatever another process left started is an orphan
+                await self.book_orphans(0.0 if self.sqlite else self.stale_replica_s)
             self._queue = asyncio.Queue()
             self._writer = asyncio.create_task(self._write_loop(), name="advisor-store-writer")
             self._timer = asyncio.create_task(self._heartbeats(), name="advisor-store-heartbeat")
@@ -222,7 +232,8 @@ class Store:
         return await fut
 
     def write_later(self, op: Op) -> None:
-        """Queue `op` for the writer's next transaction without waiting for it."""
+        """Queue `op` for a transaction within `LINGER_S` without waiting for it (what it records is
+        in the journal already, or may wait that long)."""
         if self._queue is not None:
             self._queue.put_nowait((op, None))
 
@@ -231,6 +242,15 @@ class Store:
         queue = self._queue
         while True:
             batch = [await queue.get()]
+            if batch[0][1] is None:  # nobody waits on it: gather what comes within the linger
+                deadline = time.monotonic() + LINGER_S
+                while (left := deadline - time.monotonic()) > 0 and len(batch) < 512:
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), left))
+                    except TimeoutError:
+                        break
+                    if batch[-1][1] is not None:
+                        break  # someone waits: commit now
             while not queue.empty() and len(batch) < 512:
                 batch.append(queue.get_nowait())
             try:
@@ -314,6 +334,136 @@ class Store:
 
         return await self.write(op)
 
+    def start_later(self, ticket: Ticket, *, session: str, role: str, model: str) -> None:
+        """The single-replica path (SQLite): the budget was checked in memory and the start is in the
+        journal already; the database records it with the writer's next batch (`_flush`), in which a
+        call that has ended by then is inserted settled, never as started."""
+        self._rows[ticket.id] = {
+            "id": ticket.id,
+            "key_name": ticket.key,
+            "period_id": ticket.period_id,
+            "session": session,
+            "role": role,
+            "model": model,
+            "estimate_usd": ticket.estimate,
+            "cost_usd": None,
+            "state": "started",
+            "replica": self.replica,
+            "started_at": time.time(),
+            "ended_at": None,
+            "error": None,
+            "endpoint": None,
+            "purpose": None,
+            "usage": None,
+        }
+        if ticket.key is not None:
+            self._delta(ticket.key, ticket.period_id)[1] += ticket.estimate
+        self._schedule()
+
+    def _delta(self, key: str, pid: str | None) -> list[float]:
+        d = self._deltas.get((key, pid))
+        if d is None:
+            d = self._deltas[(key, pid)] = [0.0, 0.0]
+        return d
+
+    def _schedule(self) -> None:
+        if not self._flush_queued and self._queue is not None:
+            self._flush_queued = True
+            self.write_later(self._flush)
+
+    async def _flush(self, conn: AsyncConnection) -> None:
+        """One batch's calls, settlements and spend: one multi-row insert, then an update per key."""
+        self._flush_queued = False
+        rows, settles, deltas, used = self._rows, self._settles, self._deltas, self._used
+        self._rows, self._settles, self._deltas, self._used = {}, {}, {}, {}
+        try:
+            if rows:
+                await conn.execute(sa.insert(calls), list(rows.values()))
+            for cid, (fields, key, pid, cost, estimate) in settles.items():
+                done = await conn.execute(
+                    sa.update(calls).where(calls.c.id == cid, calls.c.state == "started").values(**fields)
+                )
+                if done.rowcount == 1 and key is not None:  # not booked meanwhile as an orphan
+                    d = deltas.setdefault((key, pid), [0.0, 0.0])
+                    d[0] += cost
+                    d[1] -= estimate
+            for (key, pid), (spent_delta, reserved_delta) in deltas.items():
+                await conn.execute(_insert_ignore(conn, spend, key_name=key, period_id=pid))
+                await conn.execute(
+                    sa.update(spend)
+                    .where(spend.c.key_name == key, spend.c.period_id == pid)
+                    .values(
+                        spent_usd=spend.c.spent_usd + spent_delta,
+                        reserved_usd=_floor0(spend.c.reserved_usd + reserved_delta),
+                    )
+                )
+            for key, t in used.items():
+                await conn.execute(sa.update(keys).where(keys.c.name == key).values(last_used_at=t))
+        except BaseException:  # the batch is retried: what it took goes back
+            for cid, row in rows.items():
+                self._rows.setdefault(cid, row)
+            self._settles = {**settles, **self._settles}
+            for k, (a, b) in deltas.items():
+                d = self._delta(*k)
+                d[0] += a
+                d[1] += b
+            self._used = {**used, **self._used}
+            raise
+
+    async def book_journaled(self, metered: list[dict]) -> int:
+        """Calls from a journal (`call_start` events, with `cost` once they ended): those the database
+        lacks are inserted (settled at their cost, or at their estimate when they never ended), and
+        those it has as started but the journal saw end are settled at their cost. Returns how many."""
+        if not metered:
+            return 0
+        states: dict[str, str] = {}
+        ids = [e["id"] for e in metered]
+        for i in range(0, len(ids), 500):
+            q = sa.select(calls.c.id, calls.c.state).where(calls.c.id.in_(ids[i : i + 500]))
+            states.update((r.id, r.state) for r in await self.fetch(q))
+        booked = 0
+
+        async def op(conn: AsyncConnection) -> None:
+            nonlocal booked
+            now = time.time()
+            for e in metered:
+                state, cost, key, pid = states.get(e["id"]), e.get("cost"), e.get("key"), e.get("period_id")
+                reserved = 0.0
+                if state is None:
+                    await conn.execute(
+                        sa.insert(calls).values(
+                            id=e["id"],
+                            key_name=key,
+                            period_id=pid,
+                            session=e["session"],
+                            role=e["role"],
+                            model=e["model"],
+                            estimate_usd=e["estimate"],
+                            cost_usd=e["estimate"] if cost is None else cost,
+                            state="estimated" if cost is None else "settled",
+                            replica="journal",
+                            started_at=e.get("t", now),
+                            ended_at=now,
+                        )
+                    )
+                elif state == "started" and cost is not None:
+                    await conn.execute(
+                        sa.update(calls)
+                        .where(calls.c.id == e["id"], calls.c.state == "started")
+                        .values(cost_usd=cost, state="settled", ended_at=now)
+                    )
+                    reserved = e["estimate"]
+                else:
+                    continue  # in the database already (or started with no end: book_orphans' part)
+                booked += 1
+                if key is not None:
+                    await conn.execute(_insert_ignore(conn, spend, key_name=key, period_id=pid))
+                    await self._book(conn, key, pid, e["estimate"] if cost is None else cost, reserved)
+
+        await self.write(op)
+        self.orphans_booked += booked
+        return booked
+
     @staticmethod
     async def _reserve(
         conn: AsyncConnection, key: str, pid: str, estimate: float, max_usd: float | None
@@ -352,16 +502,18 @@ class Store:
         fields.update(
             endpoint=endpoint, purpose=purpose, usage=json.dumps(usage) if usage is not None else None
         )
-
-        async def op(conn: AsyncConnection) -> None:
-            done = await conn.execute(
-                sa.update(calls).where(calls.c.id == ticket.id, calls.c.state == "started").values(**fields)
-            )
-            if done.rowcount == 1 and ticket.key is not None:
-                await self._book(conn, ticket.key, ticket.period_id, cost, ticket.estimate)
-                await conn.execute(sa.update(keys).where(keys.c.name == ticket.key).values(last_used_at=now))
-
-        self.write_later(op)
+        row = self._rows.get(ticket.id)
+        if row is not None:  # its start is not in the database yet: it goes in settled
+            row.update(fields)
+            if ticket.key is not None:
+                d = self._delta(ticket.key, ticket.period_id)
+                d[0] += cost
+                d[1] -= ticket.estimate
+        else:
+            self._settles[ticket.id] = (fields, ticket.key, ticket.period_id, cost, ticket.estimate)
+        if ticket.key is not None:
+            self._used[ticket.key] = now
+        self._schedule()
 
     @staticmethod
     async def _book(conn: AsyncConnection, key: str, pid: str | None, cost: float, estimate: float) -> None:
@@ -496,6 +648,11 @@ class Store:
         await self.write(op)
 
     # -- reads -------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Commit what is queued now (before a read that shows spend: a report, a key listing)."""
+        if self._queue is not None:
+            await self.write(_noop)
+
     async def fetch(self, query: sa.Executable) -> list[sa.Row]:
         assert self.engine is not None
         async with self.engine.connect() as conn:
@@ -519,6 +676,7 @@ class Store:
 
     async def spend_by(self, *columns: str) -> list[dict]:
         """Booked spend (settled and estimated calls) grouped by calls' columns (key_name, session, model)."""
+        await self.flush()
         cols = [calls.c[c] for c in columns]
         booked = calls.c.state != "started"
         q = (
