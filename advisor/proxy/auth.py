@@ -374,4 +374,5 @@ class Gate:
             return
         assert self.store is not None
         state = {"state": session.state(), "consults": [c.__dict__ for c in session.consults]}
+        await self.store.flush()  # the request's settled calls first: the ledger a replica loads is whole
         self._versions[session.id] = await self.store.save_session(session.id, state, session.created)

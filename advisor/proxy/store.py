@@ -100,8 +100,9 @@ replicas = sa.Table(
 
 PERIODS = ("day", "month", "total")
 HEARTBEAT_S = 5.0
-# what nobody waits for (settlements, single-replica starts, which the journal holds) is committed in a
-# batch at most this long after it is queued: the journal's fsync interval, the same durability
+# SQLite: what nobody waits for (settlements, starts, which the journal holds) is committed in a batch
+# at most this long after it is queued: the journal's fsync interval, the same durability (PostgreSQL's
+# writer commits at once: replicas read the settlements)
 LINGER_S = 0.05
 
 
@@ -186,7 +187,7 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         else:
-            self.engine = create_async_engine(self.url, pool_size=4, max_overflow=4)
+            self.engine = create_async_engine(self.url, pool_size=8, max_overflow=32)
         async with self.engine.begin() as conn:
             await conn.run_sync(meta.create_all)
         if serve:
@@ -225,8 +226,15 @@ class Store:
 
     # -- the writer --------------------------------------------------------------------------
     async def write(self, op: Op) -> Any:
-        """Run `op` in the writer's next transaction; returns its result once committed."""
+        """Run `op` in the writer's next transaction; returns its result once committed. On PostgreSQL,
+        which takes concurrent writers, an awaited write runs at once in a transaction of its own on a
+        pooled connection (one writer connection serialised 40 sessions' reservations behind each
+        other's round trips); only SQLite, one writer at a time, funnels every write through the task."""
         assert self._queue is not None, "the store is not open for writing"
+        if not self.sqlite:
+            assert self.engine is not None
+            async with self.engine.begin() as conn:
+                return await op(conn)
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, fut))
         return await fut
@@ -242,7 +250,7 @@ class Store:
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            if batch[0][1] is None:  # nobody waits on it: gather what comes within the linger
+            if batch[0][1] is None and self.sqlite:  # nobody waits on it: gather what comes within the linger
                 deadline = time.monotonic() + LINGER_S
                 while (left := deadline - time.monotonic()) > 0 and len(batch) < 512:
                     try:
@@ -649,9 +657,12 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------
     async def flush(self) -> None:
-        """Commit what is queued now (before a read that shows spend: a report, a key listing)."""
+        """Commit what is queued now (before a read that shows spend: a report, a key listing; on
+        PostgreSQL before a session's state is saved, so a replica that loads it finds its calls)."""
         if self._queue is not None:
-            await self.write(_noop)
+            fut = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait((_noop, fut))
+            await fut
 
     async def fetch(self, query: sa.Executable) -> list[sa.Row]:
         assert self.engine is not None
