@@ -396,8 +396,7 @@ class Store:
                     d[0] += cost
                     d[1] -= estimate
             for (key, pid), (spent_delta, reserved_delta) in deltas.items():
-                await conn.execute(_insert_ignore(conn, spend, key_name=key, period_id=pid))
-                await conn.execute(
+                add = (
                     sa.update(spend)
                     .where(spend.c.key_name == key, spend.c.period_id == pid)
                     .values(
@@ -405,6 +404,9 @@ class Store:
                         reserved_usd=_floor0(spend.c.reserved_usd + reserved_delta),
                     )
                 )
+                if (await conn.execute(add)).rowcount == 0:  # the period's first: its row, then again
+                    await conn.execute(_insert_ignore(conn, spend, key_name=key, period_id=pid))
+                    await conn.execute(add)
             for key, t in used.items():
                 await conn.execute(sa.update(keys).where(keys.c.name == key).values(last_used_at=t))
         except BaseException:  # the batch is retried: what it took goes back
@@ -665,8 +667,11 @@ class Store:
             await fut
 
     async def fetch(self, query: sa.Executable) -> list[sa.Row]:
+        """A read, in autocommit on PostgreSQL (no BEGIN and ROLLBACK round trips around it)."""
         assert self.engine is not None
         async with self.engine.connect() as conn:
+            if not self.sqlite:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             return list((await conn.execute(query)).all())
 
     async def execute(self, statement: sa.Executable) -> int:
