@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from advisor.consult import ADVISOR_TOOL, ConsultBrief, Slot, consult, transcript_digest
 from advisor.endpoints import make_endpoint
@@ -48,6 +49,18 @@ from advisor.proxy.advisor_tool import (
 from advisor.proxy.config import ProxyConfig
 from advisor.proxy.sessions import Consult, Session, SessionStore, session_key
 from advisor.proxy.signals import read_signals
+
+
+class Meter(Protocol):
+    async def start_call(self, session: Session, role: str, model: str, estimate: float) -> Any: ...
+
+    def settle(self, ticket: Any, cost: float, error: str | None = None, **call: Any) -> None: ...
+
+    async def load_session(self, session: Session) -> bool: ...
+
+    async def save_session(self, session: Session) -> None: ...
+
+    def save_session_later(self, session: Session) -> None: ...
 
 
 class ProxyError(Exception):
@@ -151,6 +164,7 @@ class Router:
         store: SessionStore | None = None,
     ):
         self.config = config
+        self.meter: Meter | None = None  # keys' budgets and the call records (advisor.proxy.auth.Gate)
         given = dict(endpoints or {})
 
         def slot(role: str) -> Slot | None:
@@ -195,10 +209,15 @@ class Router:
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         async with session.lock:  # one conversation's requests are decided in order
+            # replicas: another one may have moved the session on (then this is not its first request)
+            if self.meter is not None and await self.meter.load_session(session):
+                first = False
             try:
                 return await self._handle(session, first, request, advisor)
             finally:
                 self.store.save(session)
+                if self.meter is not None:
+                    await self.meter.save_session(session)
 
     async def stream(
         self, request: ChatRequest, session_id: str | None = None, advisor: AdvisorToolSpec | None = None
@@ -209,13 +228,18 @@ class Router:
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         await session.lock.acquire()
+        meter = self.meter
 
         def done() -> None:
             self.store.save(session)
             session.lock.release()
+            if meter is not None:  # written after the stream (a task: this runs from its close)
+                meter.save_session_later(session)
 
         deltas = None
         try:
+            if meter is not None and await meter.load_session(session):
+                first = False
             acting, purpose, upstream, consult = await self._decide(session, first, request)
             if advisor is not None:
                 deltas = self._advised(session, acting, purpose, upstream, advisor, stream=True)
@@ -325,7 +349,9 @@ class Router:
         cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
         estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
         attempts: list[Attempt] = []
-        store = self.store
+        store, meter = self.store, self.meter
+        # the key's budget is checked (ProxyError when spent) and the call recorded as started
+        ticket = await meter.start_call(s, slot.role, slot.endpoint.config.model, estimate) if meter else None
         store.in_flight += 1
         store.reserved_usd += estimate
         sent = 0  # characters forwarded to the client
@@ -335,9 +361,18 @@ class Router:
             store.reserved_usd = max(0.0, store.reserved_usd - estimate)
             if stream:
                 extra["streamed_chars"] = sent
-            store.record_call(
+            cost = store.record_call(
                 s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
             )
+            if meter is not None:
+                meter.settle(
+                    ticket,
+                    cost,
+                    extra.get("error"),
+                    usage=usage.as_dict(),
+                    endpoint=slot.endpoint.name,
+                    purpose=purpose,
+                )
             if stream:  # written before the stream's end (its usage) reaches the client
                 store.commit()
 
