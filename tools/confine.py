@@ -764,7 +764,8 @@ def prepare(
     cfg = {"cgroups": list(procs.values()), "rlimits": rlimits, "fallback": fallback, "uid": uid}
     cfg["seccomp"] = str(seccomp_file) if seccomp_file else None
     cfg["seccomp_fd"] = str(seccomp_fd) if seccomp_fd else None
-    argv = [sys.executable, "-E", "-s", "-c", _LAUNCHER, json.dumps(cfg), *inner]
+    # -I -S: no site-packages to scan, the launcher needs only the standard library
+    argv = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg), *inner]
     return Box(mode, argv, env, workspace, scratch, cgroup, uid)
 
 

@@ -3,11 +3,13 @@ Unix-socket listeners that record every connection, and marker processes to look
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
 import socket
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +82,19 @@ class Host:
         assert not any(got.values()), f"host sockets were reached: {got}"
 
 
-def open_for_search(path: Path) -> None:
-    """Let other users enter the temp folders above `path` (pytest closes them): the limits mode's
-    unprivileged uid must reach its workspace by absolute path."""
-    for p in [path, *path.parents]:
-        if str(p).startswith(("/tmp/", "/var/tmp/")) and not os.stat(p).st_mode & 0o001:
-            os.chmod(p, os.stat(p).st_mode | 0o011)
+@contextlib.contextmanager
+def open_workspace():
+    """A workspace folder other users may reach by absolute path (limits mode as root runs model code
+    as another uid), in a fresh folder of its own: pytest's temp folders are closed to other users,
+    and another pytest session may close them again at any time."""
+    top = Path(tempfile.mkdtemp(prefix="advisor-ws-", dir="/tmp"))
+    top.chmod(0o755)
+    ws = top / "ws"
+    ws.mkdir()
+    try:
+        yield ws
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture
@@ -115,8 +124,6 @@ def host(tmp_path):
 
 
 @pytest.fixture
-def ws(tmp_path):
-    root = tmp_path / "ws"
-    root.mkdir()
-    open_for_search(tmp_path)
-    return root
+def ws():
+    with open_workspace() as root:
+        yield root

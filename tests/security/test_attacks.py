@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,7 +319,6 @@ def test_the_suite_as_an_unprivileged_user():
     """This file and the file-tool attacks again, as a fresh unprivileged uid (setpriv), in a mount namespace
     where a folder closed to other users above this Python or the repository (/root, typically) is
     replaced by a tmpfs holding only them."""
-    import shutil
 
     if not (shutil.which("setpriv") and shutil.which("unshare")):
         pytest.skip("setpriv/unshare (util-linux) missing")
@@ -421,9 +421,8 @@ def test_an_agent_attacks_through_advisor_run(tmp_path, host):
     import yaml
 
     from advisor.testing import Reply, ScriptedServer, ScriptedToolCall
-    from tests.security.conftest import open_for_search
+    from tests.security.conftest import open_workspace
 
-    open_for_search(tmp_path)
     tag = f"994.{os.getpid() % 1000:03d}"
     socks = [str(x.address) for x in [host.private_socket, *host.path_sockets]]
     app = ESCAPE_APP.format(
@@ -452,11 +451,15 @@ def test_an_agent_attacks_through_advisor_run(tmp_path, host):
         path = tmp_path / "task.yaml"
         path.write_text(yaml.safe_dump(task, sort_keys=False))
         env = dict(os.environ, ADVISOR_ATTACK_API_KEY=key)
-        p = subprocess.run(
-            [sys.executable, "-m", "advisor.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-            capture_output=True, text=True, env=env, timeout=600,
-        )  # fmt: skip
-    (result_file,) = (tmp_path / "runs").rglob("result.json")
+        with open_workspace() as runs:  # reachable by the limits mode's uid, where bwrap is absent
+            p = subprocess.run(
+                [sys.executable, "-m", "advisor.cli", "run", str(path), "--runs-dir", str(runs)],
+                capture_output=True, text=True, env=env, timeout=600,
+            )  # fmt: skip
+            (result_file,) = runs.rglob("result.json")
+            run_dir = result_file.parent
+            shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
+    result_file = tmp_path / "run" / "result.json"
     result = json.loads(result_file.read_text())
     events = [json.loads(x) for x in (result_file.parent / "trace.jsonl").read_text().splitlines()]
     results = {e["name"]: e for e in events if e["type"] == "tool_result"}

@@ -19,7 +19,7 @@ from advisor.tools.registry import BUILTIN
 from advisor.tools.shell import ShellSettings
 from advisor.tools.spec import ToolContext
 
-from tests.security.conftest import open_for_search
+from tests.security.conftest import open_workspace
 
 SHELL = BUILTIN["shell"]
 BWRAP = bwrap_problem()
@@ -36,11 +36,9 @@ def sandbox(request):
 
 
 @pytest.fixture
-def ws(tmp_path):
-    root = tmp_path / "ws"
-    root.mkdir()
-    open_for_search(tmp_path)  # limits as root runs the command as a uid that must reach the workspace
-    return root
+def ws():
+    with open_workspace() as root:  # limits as root runs the command as a uid that must reach it
+        yield root
 
 
 def ctx_for(ws, sandbox, **limits):
