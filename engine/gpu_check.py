@@ -26,7 +26,8 @@ Error bars are the relative max error, max |got - want| / max |want|: 2e-2 for b
 of the largest output), 4e-3 for fp16, 2e-5 for fp32 (what the interpreter tests hold the kernels to).
 A check that raises is a failed row with its one-line error; the others still run. Exit status: 0 when
 every row passes (or on a machine without CUDA, which prints one line saying so and runs nothing), 1
-when a row fails. About 3 to 5 minutes on one H100, most of it Triton compiling and the two benchmarks.
+when a row fails. Sized to stay under 8 minutes on one H100 (most of it Triton compiling and the two
+benchmarks); `--only` reruns a group.
 
 Each check is a function of a device and shapes, so the tests run the correctness checks' pieces on the
 CPU under TRITON_INTERPRET=1 at tiny shapes in fp32 / fp16 (tests/engine/test_gpu_check.py).
