@@ -72,6 +72,39 @@ if os.environ.get("TRITON_INTERPRET") != "1":
         assert rows[0].figure == "RuntimeError: no kernel image is available"
         assert seen == rows
 
+    @pytest.mark.parametrize("fail", [False, True])
+    def test_main_on_cuda_prints_the_table_writes_json_and_exits_1_on_a_failure(
+        monkeypatch, capsys, tmp_path, fail
+    ):
+        """main's CUDA branch with the checks stubbed (no GPU here): the plan it hands over, the table,
+        the JSON rows and the exit status."""
+        import json
+
+        got = {}
+
+        def fake_run(device, plan, report):
+            got.update(device=device, plan=plan)
+            rows = [G.Row("fused MoE bf16", "max abs 1e-3", "rel <= 0.02", True, 2.0)]
+            rows.append(G.Row("paged attention bf16", "max abs 1", "rel <= 0.02", not fail, 1.0))
+            for r in rows:
+                report(r)
+            return rows
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+        monkeypatch.setattr(G, "run_checks", fake_run)
+        out = tmp_path / "rows.json"
+        argv = ["--only", "moe,attention", "--iters", "5", "--serving-model", "step-nano", "--json", str(out)]
+        assert G.main(argv) == (1 if fail else 0)
+        assert got["device"] == "cuda" and got["plan"].only == ("moe", "attention")
+        assert got["plan"].bench_iters == 5 and got["plan"].serving_model == "step-nano"
+        text = capsys.readouterr().out
+        assert "NVIDIA H100 80GB HBM3" in text and "paged attention bf16" in text
+        assert ("1 of 2 rows pass, 1 FAIL" if fail else "2 of 2 rows pass") in text
+        saved = json.loads(out.read_text())
+        assert [r["ok"] for r in saved["rows"]] == [True, not fail]
+        assert saved["device"].startswith("NVIDIA H100 80GB HBM3: torch ")
+
     def test_the_table_shows_every_row_and_its_result():
         from rich.console import Console
 
