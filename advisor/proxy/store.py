@@ -124,13 +124,6 @@ def database_url(url: str) -> str:
     return url
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    with contextlib.suppress(Exception):
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    return "(unparsable URL)"
-
-
 class BudgetExceeded(Exception):
     def __init__(self, key: str, max_usd: float, spent: float, reserved: float, period: str):
         self.key, self.max_usd, self.spent, self.reserved, self.period = key, max_usd, spent, reserved, period
