@@ -104,6 +104,7 @@ HEARTBEAT_S = 5.0
 # at most this long after it is queued: the journal's fsync interval, the same durability (PostgreSQL's
 # writer commits at once: replicas read the settlements)
 LINGER_S = 0.05
+LAST_USED_S = 1.0  # a key's last use is written at most this often (a statement per call otherwise)
 
 
 def period_id(period: str, t: float | None = None) -> str:
@@ -121,13 +122,6 @@ def database_url(url: str) -> str:
     if url.startswith("sqlite:///"):
         return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     return url
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    with contextlib.suppress(Exception):
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    return "(unparsable URL)"
 
 
 class BudgetExceeded(Exception):
@@ -166,6 +160,7 @@ class Store:
         self._settles: dict[str, tuple] = {}
         self._deltas: dict[tuple[str, str | None], list[float]] = {}
         self._used: dict[str, float] = {}
+        self._used_written: dict[str, float] = {}
         self._flush_queued = False
 
     @classmethod
@@ -187,7 +182,9 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         else:
-            self.engine = create_async_engine(self.url, pool_size=8, max_overflow=32)
+            # a fixed pool: an overflow connection is opened for one use and closed after it, and a
+            # PostgreSQL connection costs milliseconds of CPU to open (40 sessions kept opening them)
+            self.engine = create_async_engine(self.url, pool_size=24, max_overflow=0, pool_timeout=60)
         async with self.engine.begin() as conn:
             await conn.run_sync(meta.create_all)
         if serve:
@@ -321,6 +318,13 @@ class Store:
         ticket = Ticket(uuid.uuid4().hex, key, pid, estimate)
         now = time.time()
 
+        if (
+            not self.sqlite
+            and key is not None
+            and await self._start_at_once(ticket, max_usd, session, role, model, now)
+        ):
+            return ticket
+
         async def op(conn: AsyncConnection) -> Ticket:
             if key is not None:
                 await self._reserve(conn, key, pid, estimate, max_usd)
@@ -341,6 +345,45 @@ class Store:
             return ticket
 
         return await self.write(op)
+
+    async def _start_at_once(
+        self, t: Ticket, max_usd: float | None, session: str, role: str, model: str, now: float
+    ) -> bool:
+        """PostgreSQL, the usual case (the period's row exists, the budget has room): the reservation
+        and the call's record in one statement, one round trip (WITH r AS (UPDATE ... RETURNING)
+        INSERT ... SELECT FROM r). False when it reserved nothing: then the transaction path decides
+        (the period's first call, or a budget that is spent)."""
+        row = spend.c
+        cond = sa.and_(row.key_name == t.key, row.period_id == t.period_id)
+        if max_usd is not None:
+            cond = sa.and_(cond, row.spent_usd + row.reserved_usd < max_usd)
+        r = (
+            sa.update(spend)
+            .where(cond)
+            .values(reserved_usd=row.reserved_usd + t.estimate)
+            .returning(row.key_name)
+            .cte("reserved")
+        )
+        values = {
+            "id": t.id,
+            "key_name": t.key,
+            "period_id": t.period_id,
+            "session": session,
+            "role": role,
+            "model": model,
+            "estimate_usd": t.estimate,
+            "state": "started",
+            "replica": self.replica,
+            "started_at": now,
+        }
+        picked = sa.select(*(sa.literal(v, calls.c[k].type).label(k) for k, v in values.items())).select_from(
+            r
+        )
+        stmt = sa.insert(calls).from_select(list(values), picked).add_cte(r)
+        assert self.engine is not None
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return (await conn.execute(stmt)).rowcount == 1
 
     def start_later(self, ticket: Ticket, *, session: str, role: str, model: str) -> None:
         """The single-replica path (SQLite): the budget was checked in memory and the start is in the
@@ -521,8 +564,8 @@ class Store:
                 d[1] -= ticket.estimate
         else:
             self._settles[ticket.id] = (fields, ticket.key, ticket.period_id, cost, ticket.estimate)
-        if ticket.key is not None:
-            self._used[ticket.key] = now
+        if ticket.key is not None and now - self._used_written.get(ticket.key, 0.0) >= LAST_USED_S:
+            self._used[ticket.key] = self._used_written[ticket.key] = now  # "last use" to the second
         self._schedule()
 
     @staticmethod
@@ -613,6 +656,11 @@ class Store:
             ).returning(sessions.c.version)
             return (await conn.execute(stmt)).scalar_one()
 
+        if not self.sqlite:  # one statement: in autocommit, one round trip
+            assert self.engine is not None
+            async with self.engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await op(conn)
         return await self.write(op)
 
     async def known_sessions(self, ids: list[str]) -> set[str]:

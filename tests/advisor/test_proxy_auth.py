@@ -304,3 +304,23 @@ def test_a_non_loopback_host_without_auth_refuses_to_start(upstream, tmp_path):
     assert p.returncode == 2
     (line,) = p.stderr.strip().splitlines()
     assert "refusing to listen on 0.0.0.0" in line and "auth:" in line and "--allow-unauthenticated" in line
+
+
+def test_a_streamed_request_with_a_virtual_key_is_metered_and_refused_over_budget(cfg):
+    per_call = (1000 * EXEC_PRICE.input + 100 * EXEC_PRICE.output) / 1e6
+    with proxy_for(cfg) as proxy:
+        key = make_key(proxy, "hana", max_usd=per_call * 1.5)
+        client = oa(proxy, key)
+        for _ in range(2):  # the second starts under the budget (one call spent)
+            chunks = list(
+                client.chat.completions.create(
+                    model="advisor", messages=MSGS, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
+        with pytest.raises(anthropic.APIStatusError) as e:
+            with an(proxy, key).messages.stream(model="claude-x", max_tokens=50, messages=MSGS) as s:
+                s.get_final_message()
+        assert e.value.status_code == 402 and "budget" in e.value.message
+        (row,) = [r for r in admin(proxy, "GET", "/admin/spend").json()["by_key"] if r["key_name"] == "hana"]
+        assert row["calls"] == 2 and row["usd"] == pytest.approx(per_call * 2)
