@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -197,7 +198,7 @@ async def _run_sessions(replicas: list[Replica], key: str, on_progress) -> dict:
             body = {
                 "model": "advisor",
                 "max_tokens": 100,
-                "messages": [{"role": "user", "content": f"task {i}"}],
+                "messages": [{"role": "user", "content": f"task {i} via {r.port}"}],
             }
             try:
                 resp = await client.post(
@@ -272,15 +273,43 @@ def _check(upstream, booked: dict, run: dict) -> None:
     assert run["counts"]["refused"] == SESSIONS
 
 
+class Hold:
+    """Holds, at the upstream, the calls sent through one replica until that replica is killed: so the kill
+    surely catches a call in flight (to be booked at its estimate), however busy the machine is."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+        self.caught, self.released = threading.Event(), threading.Event()
+
+    def reply(self, body: dict) -> Reply:
+        if self.port is not None and f"via {self.port}" in json.dumps(body) and not self.released.is_set():
+            self.caught.set()
+            self.released.wait(120)
+        return Reply("ok", usage=REPLY, delay_s=0.1)
+
+    async def kill_mid_call(self, replica) -> None:
+        self.port = replica.port
+        assert await asyncio.to_thread(self.caught.wait, 120), "no call reached the upstream through it"
+        replica.kill()
+        self.released.set()
+
+
 @pytest.fixture
-def upstream():
+def hold() -> Hold:
+    return Hold()
+
+
+@pytest.fixture
+def upstream(hold):
     with ScriptedServer() as server:
-        server.script("flash", lambda body: Reply("ok", usage=REPLY, delay_s=0.1))
+        server.script("flash", hold.reply)
         yield server
 
 
 @pytest.mark.slow
-async def test_sqlite_one_replica_killed_and_restarted_under_40_sessions(upstream, tmp_path, monkeypatch):
+async def test_sqlite_one_replica_killed_and_restarted_under_40_sessions(
+    upstream, hold, tmp_path, monkeypatch
+):
     monkeypatch.setenv(MASTER_ENV, MASTER)
     config = _write_config(upstream, tmp_path, "a", {})
     env = {**os.environ, "ADVISOR_CONFIG_DIR": str(tmp_path / "no-config")}
@@ -291,7 +320,7 @@ async def test_sqlite_one_replica_killed_and_restarted_under_40_sessions(upstrea
     async def on_progress(counts, live) -> None:
         if not killed and counts["ok"] >= BUDGET_CALLS // 3:
             killed.append(counts["ok"])
-            proxy.kill()  # mid-run: 40 sessions with calls in flight
+            await hold.kill_mid_call(proxy)  # mid-run: 40 sessions with calls in flight, one surely upstream
             await asyncio.to_thread(proxy.start)  # the same port, the same sessions dir
 
     try:
@@ -307,7 +336,9 @@ async def test_sqlite_one_replica_killed_and_restarted_under_40_sessions(upstrea
 
 
 @pytest.mark.slow
-async def test_postgresql_two_replicas_one_killed_under_40_sessions(upstream, tmp_path, monkeypatch, pg_url):
+async def test_postgresql_two_replicas_one_killed_under_40_sessions(
+    upstream, hold, tmp_path, monkeypatch, pg_url
+):
     await _wipe(pg_url)
     monkeypatch.setenv(MASTER_ENV, MASTER)
     monkeypatch.setenv(DB_ENV, pg_url)
@@ -322,8 +353,8 @@ async def test_postgresql_two_replicas_one_killed_under_40_sessions(upstream, tm
     async def on_progress(counts, live) -> None:
         if not killed and counts["ok"] >= BUDGET_CALLS // 3:
             killed.append(counts["ok"])
-            a.kill()
-            live.remove(a)
+            live.remove(a)  # no new calls to it; one of its calls is held upstream until the kill
+            await hold.kill_mid_call(a)
 
     try:
         run = await _run_sessions([a, b], key, on_progress)
