@@ -233,3 +233,89 @@ def test_the_docs_streaming_example_prints_what_step_nano_says(capsys):
     with running(served) as base:
         exec(compile(example.replace("http://127.0.0.1:8000", base), "docs/serve.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+# ---------------------------------------------------------------------------------------- Responses API
+def test_responses_plain_streamed_and_previous_response_id_report_cached_tokens(client, server):
+    served = server[0]
+    with Scripted(served, "greet</think>Hello from tiny."):
+        plain = client.responses.create(
+            model="tiny", instructions="You add numbers.", input="What is 2 + 3?", max_output_tokens=100
+        )
+        assert plain.status == "completed" and plain.output_text == "Hello from tiny."
+        assert plain.output[-1].type == "message" and plain.usage.output_tokens > 0
+        events = list(
+            client.responses.create(
+                model="tiny", instructions="You add numbers.", input="What is 2 + 3?", stream=True
+            )
+        )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hello from tiny."
+    final = events[-1].response
+    assert final.output_text == "Hello from tiny."
+    # the same prompt again: read from the prefix cache, in whole blocks of 16
+    assert final.usage.input_tokens == plain.usage.input_tokens
+    assert final.usage.input_tokens_details.cached_tokens == (plain.usage.input_tokens - 1) // 16 * 16 > 0
+    with Scripted(served, "sum</think>Five."):
+        follow = client.responses.create(
+            model="tiny", previous_response_id=final.id, input="And 2 + 4?", max_output_tokens=100
+        )
+    assert follow.output_text == "Five." and follow.previous_response_id == final.id
+    assert follow.usage.input_tokens > final.usage.input_tokens  # the stored turn came before the input
+    idle(server[1])
+
+
+def test_responses_function_call_round_trip_with_reasoning(client, server):
+    served = server[0]
+    tool = {"type": "function", **ADD["function"]}
+    script = (
+        "adding</think>\nSure.<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    with Scripted(served, script):
+        events = list(
+            client.responses.create(
+                model="tiny",
+                input="What is 2 + 3?",
+                tools=[tool],
+                reasoning={"effort": "low"},
+                max_output_tokens=200,
+                stream=True,
+            )
+        )
+    kinds = [e.type for e in events]
+    for kind in (
+        "response.reasoning_summary_text.delta",
+        "response.output_text.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+    ):
+        assert kind in kinds
+    first = events[-1].response
+    assert [i.type for i in first.output] == ["reasoning", "message", "function_call"]
+    assert first.output[0].summary[0].text == "adding" and first.output[1].content[0].text == "Sure."
+    call = first.output[2]
+    assert call.name == "add" and json.loads(call.arguments) == {"a": 2, "b": 3}
+    assert first.usage.output_tokens_details.reasoning_tokens == len(served.tokenizer.encode("adding")) + 1
+    with Scripted(served, "done</think>It is 5."):
+        answer = client.responses.create(
+            model="tiny",
+            previous_response_id=first.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "5"}],
+            tools=[tool],
+            max_output_tokens=20,
+        )
+    assert answer.output_text == "It is 5."
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.call_id"):
+        client.responses.create(
+            model="tiny", input=[{"type": "function_call_output", "call_id": "nope", "output": "5"}]
+        )
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\]\.type"):
+        client.responses.create(model="tiny", input="hi", tools=[{"type": "web_search"}])
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="tiny", input="hi", previous_response_id="resp_gone")
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        client.responses.create(model="tiny", input="hi", max_output_tokens=10**9)
+    idle(server[1])
