@@ -15,6 +15,7 @@ message, and its server-sent events (`response.created` ... `response.completed`
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,9 @@ _CHAT_EFFORT = {
     "high": "high",
     "xhigh": "high",
 }
+LEFT_OUT = ("web_search", "web_search_preview")  # hosted tools a client offers by default (Codex)
+_warned: set[str] = set()
+log = logging.getLogger("advisor.responses")
 REFUSED = ("background", "conversation", "prompt")  # server-side state neither server keeps
 
 
@@ -211,7 +215,17 @@ def to_messages(raw: Any, history: list[dict]) -> list[dict]:
     return out
 
 
+def _function(t: dict, where: str) -> dict:
+    fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ResponsesError(f"{where}.name", "a function tool needs a name")
+    return {"type": "function", "function": fn}
+
+
 def _tools(raw: Any) -> list[dict] | None:
+    """Function tools, and those inside a `namespace` (Codex groups some so), as chat tools. The hosted
+    web search Codex offers by default is left out (a warning line, once per process): no server here
+    searches; any other hosted tool is refused, naming it."""
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -219,12 +233,22 @@ def _tools(raw: Any) -> list[dict] | None:
     out = []
     for i, t in enumerate(raw):
         kind = t.get("type") if isinstance(t, dict) else None
-        if kind != "function":
+        if kind == "function":
+            out.append(_function(t, f"tools[{i}]"))
+        elif kind == "namespace" and isinstance(t.get("tools"), list):
+            for j, inner in enumerate(t["tools"]):
+                where = f"tools[{i}].tools[{j}]"
+                if not isinstance(inner, dict) or inner.get("type") != "function":
+                    raise ResponsesError(f"{where}.type", "a namespace may hold function tools only")
+                out.append(_function(inner, where))
+        elif kind in LEFT_OUT:
+            if kind not in _warned:
+                _warned.add(kind)
+                log.warning("Responses API: %r tools are left out (no server here runs them)", kind)
+        else:
             raise ResponsesError(
                 f"tools[{i}].type", f"{kind!r} tools are not served here (function tools only)"
             )
-        fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-        out.append({"type": "function", "function": fn})
     return out or None
 
 

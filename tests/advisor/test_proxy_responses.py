@@ -182,7 +182,7 @@ def test_responses_items_passed_back_whole_and_incomplete(upstream, tmp_path):
             },
             "input[0].call_id",
         ),
-        ({"model": "advisor", "input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"model": "advisor", "input": "hi", "tools": [{"type": "file_search"}]}, "tools[0].type"),
         (
             {
                 "model": "advisor",
@@ -302,3 +302,24 @@ def test_openai_agents_sdk_default_responses_mode_through_the_proxy(upstream, tm
     agent_usage = result.context_wrapper.usage
     assert agent_usage.requests == 4 and agent_usage.input_tokens == 1900
     assert "fix add() in math.py" in json.dumps(hits[2].body["messages"])
+
+
+def test_codex_tool_shapes_namespace_flattened_and_web_search_left_out(upstream, tmp_path):
+    """Codex 0.171 offers function tools, a `namespace` of function tools and a hosted web_search."""
+    upstream.script("flash", [Reply(text="ok")])
+    fn = {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}}
+    inner = {"type": "function", "name": "close_agent", "parameters": {"type": "object", "properties": {}}}
+    tools = [
+        fn,
+        {"type": "namespace", "name": "multi_agent_v1", "description": "agents", "tools": [inner]},
+        {"type": "web_search", "external_web_access": False},
+    ]
+    with proxy_for(make_config(upstream, tmp_path)) as proxy:
+        with httpx.Client(base_url=proxy.base_url) as http:
+            r = http.post("/responses", json={"model": "advisor", "input": "hi", "tools": tools})
+            assert r.status_code == 200, r.text
+            bad = {"type": "namespace", "name": "x", "tools": [{"type": "web_search"}]}
+            r = http.post("/responses", json={"model": "advisor", "input": "hi", "tools": [bad]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].tools[0].type"
+    sent = upstream.requests_for("flash")[0].body["tools"]
+    assert [t["function"]["name"] for t in sent] == ["exec_command", "close_agent"]

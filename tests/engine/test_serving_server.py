@@ -313,7 +313,7 @@ def test_responses_function_call_round_trip_with_reasoning(client, server):
             model="tiny", input=[{"type": "function_call_output", "call_id": "nope", "output": "5"}]
         )
     with pytest.raises(openai.BadRequestError, match=r"tools\[0\]\.type"):
-        client.responses.create(model="tiny", input="hi", tools=[{"type": "web_search"}])
+        client.responses.create(model="tiny", input="hi", tools=[{"type": "file_search"}])
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model="tiny", input="hi", previous_response_id="resp_gone")
     with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
