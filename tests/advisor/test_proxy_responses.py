@@ -323,3 +323,16 @@ def test_codex_tool_shapes_namespace_flattened_and_web_search_left_out(upstream,
             assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].tools[0].type"
     sent = upstream.requests_for("flash")[0].body["tools"]
     assert [t["function"]["name"] for t in sent] == ["exec_command", "close_agent"]
+
+
+def test_the_sdks_stream_helper_accumulates_the_same_response(upstream, tmp_path):
+    """`client.responses.stream()` rebuilds the response from the events and checks their order."""
+    call = ScriptedToolCall("weather", {"city": "Oslo"}, id="c9")
+    upstream.script("flash", [Reply(text="Let me check.", reasoning="think", tool_calls=[call])])
+    with proxy_for(make_config(upstream, tmp_path)) as proxy:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+        with client.responses.stream(model="advisor", input="weather?", tools=[WEATHER]) as stream:
+            final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["reasoning", "message", "function_call"]
+    assert final.output_text == "Let me check." and final.output[0].summary[0].text == "think"
+    assert (final.output[2].call_id, json.loads(final.output[2].arguments)) == ("c9", {"city": "Oslo"})

@@ -3,6 +3,7 @@ on a tiny random Step checkpoint with the project's test tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -319,3 +320,58 @@ def test_responses_function_call_round_trip_with_reasoning(client, server):
     with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
         client.responses.create(model="tiny", input="hi", max_output_tokens=10**9)
     idle(server[1])
+
+
+class PerRequest(Scripted):
+    """Scripted, one script per request in the order the sequences arrive (the last one repeats)."""
+
+    def __init__(self, served, *texts: str):
+        super().__init__(served, texts[0])
+        tok = served.tokenizer
+        self.scripts = [tok.encode(t) + [tok.eos_token_id] for t in texts]
+        self.order: dict = {}
+
+    def __enter__(self):
+        def run(chunks):
+            self.real(chunks)
+            out = {}
+            for c in chunks:
+                if c.samples:
+                    n = self.order.setdefault(c.seq.id, len(self.order))
+                    ids = self.scripts[min(n, len(self.scripts) - 1)]
+                    out[c.seq.id] = [ids[min(len(c.seq.output), len(ids) - 1)]]
+            return out
+
+        self.served.llm.core.runner.run = run
+        return self
+
+
+def test_openai_agents_sdk_default_responses_mode_against_serve(server):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    served, base = server
+    added: list[tuple[int, int]] = []
+
+    @agents.function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        added.append((a, b))
+        return a + b
+
+    call = (
+        "adding</think>\n<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    model = agents.OpenAIResponsesModel(model="tiny", openai_client=client)
+    agent = agents.Agent(name="adder", instructions="You add numbers.", tools=[add], model=model)
+    with PerRequest(served, call, "done</think>It is 5."):
+        result = asyncio.run(agents.Runner.run(agent, "What is 2 + 3?", max_turns=4))
+    assert added == [(2, 3)] and result.final_output == "It is 5."
+    assert result.context_wrapper.usage.requests == 2
+    idle(base)
