@@ -299,6 +299,9 @@ def to_chat(body: Any, history: list[dict]) -> tuple[dict, list[dict]]:
         raise ResponsesError("metadata", "must be an object of strings")
     if not isinstance(body.get("store", True), bool):
         raise ResponsesError("store", f"must be true or false (got {body.get('store')!r})")
+    cap = body.get("max_output_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+        raise ResponsesError("max_output_tokens", f"must be a positive integer (got {cap!r})")
     tools = _tools(body.get("tools"))
     if tools:
         chat["tools"] = tools

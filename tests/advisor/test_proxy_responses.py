@@ -194,6 +194,7 @@ def test_responses_items_passed_back_whole_and_incomplete(upstream, tmp_path):
         ({"model": "advisor", "input": "hi", "previous_response_id": "resp_missing"}, "previous_response_id"),
         ({"model": "advisor", "input": []}, "input"),
         ({"input": "hi"}, "model"),
+        ({"model": "advisor", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         (
             {"model": "advisor", "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
             "input[0].content[0].type",
