@@ -1,7 +1,8 @@
 """The proxy's HTTP face (starlette): one model to the harness, Advisor Mode behind it.
 
 Routes: `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` (Anthropic Messages) and its
-`/count_tokens` (an estimate), `GET /v1/models`, `GET /` (the live report page), `GET /health`.
+`/count_tokens` (an estimate), `POST /v1/responses` (the OpenAI Responses API, `advisor.proxy.responses`),
+`GET /v1/models`, `GET /` (the live report page), `GET /health`; an unknown route is a JSON 404.
 The same routes without `/v1` are served too, for clients whose base URL already ends in /v1.
 
 Every reply carries `x-advisor-session`, `x-advisor-role` (executor | frontier), `x-advisor-model`
@@ -43,6 +44,7 @@ from advisor.proxy import report
 from advisor.proxy.admin import admin_routes
 from advisor.proxy.auth import ANYONE, CURRENT, Gate, Principal, Refused
 from advisor.proxy.coalesce import CoalescingHttpToolsProtocol
+from advisor.proxy.responses import ResponsesWire
 from advisor.proxy.router import ProxyError, Routed, RoutedStream, Router
 from advisor.proxy.sessions import Session
 from advisor.proxy.wire import ANTHROPIC, OPENAI, Events, Wire
@@ -103,6 +105,7 @@ class ProxyApp:
         if self.gate.store is not None:
             router.meter = self.gate
             self.gate.journal = router.store
+        self.responses = ResponsesWire(self.config.sessions.responses_kept)
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.config.models)
@@ -111,7 +114,11 @@ class ProxyApp:
         routes = []
         hot: dict[str, _Chat] = {}
         for prefix in ("/v1", ""):
-            for path, wire in ((f"{prefix}/chat/completions", OPENAI), (f"{prefix}/messages", ANTHROPIC)):
+            for path, wire in (
+                (f"{prefix}/chat/completions", OPENAI),
+                (f"{prefix}/messages", ANTHROPIC),
+                (f"{prefix}/responses", self.responses),
+            ):
                 hot[path] = _Chat(self, wire)
                 routes.append(Route(path, hot[path], methods=["POST"]))
             routes += [
@@ -134,7 +141,9 @@ class ProxyApp:
         async def too_large(request: Request, exc: Exception) -> Response:
             return self._error(_wire_of(request.url.path), 413, "request_too_large", str(exc))
 
-        routed = Starlette(routes=routes, lifespan=lifespan, exception_handlers={_TooLarge: too_large})
+        routed = Starlette(
+            routes=routes, lifespan=lifespan, exception_handlers={_TooLarge: too_large, 404: self.not_found}
+        )
         limit = self.config.max_request_bytes
         gate = self.gate
 
@@ -224,7 +233,7 @@ class ProxyApp:
             )
         route = self.router.stream if parsed.stream else self.router.handle
         try:
-            routed = await route(parsed.chat, session_id, parsed.advisor)
+            routed = await route(parsed.chat, session_id or parsed.session, parsed.advisor)
         except ProxyError as e:
             return _Reply.error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
@@ -232,8 +241,8 @@ class ProxyApp:
             return _Reply.error(wire, 500, "api_error", _internal(e))
         headers = self._headers(routed.session, routed)
         if isinstance(routed, Routed):
-            return _Reply(200, headers, fastjson.dumps(wire.reply(routed.response, parsed.model)))
-        return _Stream(routed, wire.events(parsed.model, parsed.include_usage), headers)
+            return _Reply(200, headers, fastjson.dumps(wire.reply_to(parsed, routed.response)))
+        return _Stream(routed, wire.events_for(parsed), headers)
 
     # -- the other routes --------------------------------------------------------------------
     async def count_tokens(self, request: Request) -> Response:
@@ -267,6 +276,13 @@ class ProxyApp:
                 "last_id": names[-1] if names else None,
             }
         )
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        """An unknown route: a JSON 404 in the shape of the wire its path looks like."""
+        path = request.url.path
+        wire: Wire = ANTHROPIC if "/messages" in path else self.responses if "/responses" in path else OPENAI
+        message = f"advisor proxy: no route {request.method} {path}"
+        return JSONResponse(wire.error(404, "not_found_error", message), status_code=404)
 
     async def page(self, request: Request) -> Response:
         res = report.results(self.router.store)

@@ -93,6 +93,11 @@ class Sessions(_Strict):
     fsync: bool = Field(
         default=True, description="fsync the journal in a background thread, at most every 50 ms"
     )
+    responses_kept: int = Field(
+        default=1000,
+        ge=0,
+        description="Responses API: the last N responses kept in memory for previous_response_id (LRU)",
+    )
 
 
 class Auth(_Strict):

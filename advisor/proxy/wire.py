@@ -74,6 +74,7 @@ class WireRequest:
     advisor: AdvisorToolSpec | None = (
         None  # the request offered the advisor tool (advisor.proxy.advisor_tool)
     )
+    session: str | None = None  # the session the body names (Responses: prompt_cache_key)
 
 
 def _max_tokens(value: Any, field: str) -> int | None:
@@ -141,6 +142,13 @@ class Wire:
     def events(self, model: str, include_usage: bool) -> Events:
         """A translator from upstream deltas to this wire's server-sent events, for one reply."""
         raise NotImplementedError
+
+    def reply_to(self, parsed: WireRequest, resp: ModelResponse) -> dict:
+        """The reply to a parsed request (a wire whose reply echoes the request overrides this)."""
+        return self.reply(resp, parsed.model)
+
+    def events_for(self, parsed: WireRequest) -> Events:
+        return self.events(parsed.model, parsed.include_usage)
 
     def error(self, status: int, kind: str, message: str) -> dict:
         raise NotImplementedError

@@ -4,7 +4,9 @@ Routes: `POST /v1/chat/completions` (stream and not; tools and tool_choice; tool
 Step format into `tool_calls`, one delta per call as soon as it closes when streaming; reasoning in
 `reasoning_content`, as vLLM and SGLang send it; `reasoning_effort`; `image_url` parts as data URLs;
 `usage` with `prompt_tokens_details.cached_tokens`, also in a last chunk with
-`stream_options.include_usage`), `POST /v1/completions`, `GET /v1/models`, `GET /health`. Both
+`stream_options.include_usage`), `POST /v1/completions`, `POST /v1/responses` (the OpenAI Responses
+API, translated to the chat route by `responses`, with `previous_response_id` over the last 1000
+responses in memory), `GET /v1/models`, `GET /health`. Both
 completion routes take `n` choices (the later ones read the prompt from the prefix cache), `stop`
 strings (the text ends before the first, and the sequence ends in the core), `logprobs`, `seed`, the
 presence and frequency penalties and `logit_bias` (`openai_request` lists what else is honoured,
@@ -25,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -46,6 +49,18 @@ from advisor.engine.serving.openai_request import (
     request_options,
 )
 from advisor.engine.serving.outputs import CompletionLogprobs, TextOutput, chat_logprobs
+from advisor.engine.serving.responses import (
+    ResponsesError,
+    ResponseStore,
+    ResponseStream,
+    finished,
+    new_id,
+    output_items,
+    response_object,
+    stored_turn,
+    to_chat,
+    usage_of_chat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +76,8 @@ class Served:
     max_model_len: int
     stops: tuple[int, ...]
     created: int = field(default_factory=lambda: int(time.time()))
+    # the Responses API's recent responses, for previous_response_id
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(1000))
 
 
 def _usage(prompt_len: int, cached: int, completion: int, reasoning: int) -> dict:
@@ -223,6 +240,42 @@ def build_app(served: Served, api_key: str | None = None):
             )
         return await _unless_disconnected(request, _completion_once(served, ids, opts, rid, created))
 
+    async def responses(request: Request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        if body.get("model") not in (served.name, None):
+            raise BadRequest(
+                f"unknown model {body.get('model')!r}; this server serves {served.name!r}",
+                "model",
+                "model_not_found",
+            )
+        try:
+            chat_body, conversation = to_chat(body, served.responses.history(body))
+            check_parameters(chat_body, "chat")
+            ids, images, schemas, in_reasoning = await asyncio.to_thread(chat_prompt, served, chat_body)
+            opts = request_options(chat_body, served, len(ids), "chat")
+        except ResponsesError as e:
+            raise BadRequest(str(e), e.param) from None
+        except BadRequest as e:  # named by its chat-completions field: say the Responses one
+            param = _RESPONSES_PARAM.get(e.param or "", e.param)
+            message = re.sub(rf"\b{re.escape(e.param)}\b", param, str(e)) if e.param else str(e)
+            raise BadRequest(message, param, e.code) from None
+
+        def keep(final: dict) -> None:
+            if body.get("store", True):
+                served.responses.put(final["id"], [*conversation, stored_turn(final["output"])])
+
+        response = response_object(body, new_id("resp"), served.name, "in_progress")
+        args = (served, ids, images, opts, schemas, in_reasoning, response, keep)
+        if opts.stream:
+            return StreamingResponse(_responses_stream(*args), media_type="text/event-stream")
+        return await _unless_disconnected(request, _responses_once(*args))
+
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse(error_body(str(exc), exc.param, exc.code), status_code=400)
 
@@ -244,6 +297,7 @@ def build_app(served: Served, api_key: str | None = None):
             Route("/v1/models", models),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
         ],
         exception_handlers={
             BadRequest: bad_request,
@@ -416,6 +470,71 @@ async def _chat_stream(served, ids, images, opts, schemas, in_reasoning, rid, cr
         ended.sort(key=lambda c: c.index)
         yield chunk(None, None, usage=_chat_usage(served, ids, ended, in_reasoning))
     yield "data: [DONE]\n\n"
+
+
+_RESPONSES_PARAM = {
+    "max_tokens": "max_output_tokens",
+    "messages": "input",
+    "reasoning_effort": "reasoning.effort",
+}
+
+
+async def _responses_once(served, ids, images, opts, schemas, in_reasoning, response, keep) -> dict:
+    """A Responses reply: the chat completion's one choice as output items."""
+    chat = await _chat_once(served, ids, images, opts, schemas, in_reasoning, "", 0)
+    choice = chat["choices"][0]
+    output = output_items(choice["message"])
+    final = finished(response, output, choice["finish_reason"], usage_of_chat(chat["usage"]))
+    keep(final)
+    return final
+
+
+async def _responses_stream(served, ids, images, opts, schemas, in_reasoning, response, keep):
+    """A Responses stream: `response.created` first, then each item's events as the text parses into
+    reasoning, text and tool calls, then `response.completed` (or `.incomplete`, or `.failed` when the
+    engine fails the request)."""
+    from advisor.engine.text.chat_parse import StreamingParser
+
+    stream, parser = ResponseStream(response), StreamingParser(schemas, in_reasoning=in_reasoning)
+    calls = 0
+
+    def sse(events: list[dict]) -> str:
+        return "".join(f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events)
+
+    def feed(d) -> list[dict]:
+        nonlocal calls
+        out = []
+        if d.reasoning:
+            out += stream.reasoning(d.reasoning)
+        if d.content:
+            out += stream.text(d.content)
+        for call in d.tool_calls:
+            if calls and not opts.parallel_tool_calls:
+                continue  # only the first call is kept
+            fn = call.to_openai()
+            out += stream.call(calls, fn["id"], fn["function"]["name"], fn["function"]["arguments"])
+            calls += 1
+        return out
+
+    yield sse(stream.start())
+    ended = None
+    try:
+        async with aclosing(_choice_deltas(served, ids, images, opts)) as deltas:
+            async for c, text, done in deltas:
+                events = feed(parser.feed(text)) if text else []
+                if done:
+                    events += feed(parser.finish())
+                    ended = c
+                if events:
+                    yield sse(events)
+    except EngineFailed as e:
+        yield sse(stream.fail("server_error", f"the engine failed the request: {e}"))
+        return
+    assert ended is not None
+    usage = usage_of_chat(_chat_usage(served, ids, [ended], in_reasoning))
+    events, final = stream.end(_chat_finish(ended, calls), usage)
+    keep(final)
+    yield sse(events)
 
 
 def _completion_finish(c: Choice) -> str:

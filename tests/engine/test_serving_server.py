@@ -3,6 +3,7 @@ on a tiny random Step checkpoint with the project's test tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -233,3 +234,144 @@ def test_the_docs_streaming_example_prints_what_step_nano_says(capsys):
     with running(served) as base:
         exec(compile(example.replace("http://127.0.0.1:8000", base), "docs/serve.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+# ---------------------------------------------------------------------------------------- Responses API
+def test_responses_plain_streamed_and_previous_response_id_report_cached_tokens(client, server):
+    served = server[0]
+    with Scripted(served, "greet</think>Hello from tiny."):
+        plain = client.responses.create(
+            model="tiny", instructions="You add numbers.", input="What is 2 + 3?", max_output_tokens=100
+        )
+        assert plain.status == "completed" and plain.output_text == "Hello from tiny."
+        assert plain.output[-1].type == "message" and plain.usage.output_tokens > 0
+        events = list(
+            client.responses.create(
+                model="tiny", instructions="You add numbers.", input="What is 2 + 3?", stream=True
+            )
+        )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hello from tiny."
+    final = events[-1].response
+    assert final.output_text == "Hello from tiny."
+    # the same prompt again: read from the prefix cache, in whole blocks of 16
+    assert final.usage.input_tokens == plain.usage.input_tokens
+    assert final.usage.input_tokens_details.cached_tokens == (plain.usage.input_tokens - 1) // 16 * 16 > 0
+    with Scripted(served, "sum</think>Five."):
+        follow = client.responses.create(
+            model="tiny", previous_response_id=final.id, input="And 2 + 4?", max_output_tokens=100
+        )
+    assert follow.output_text == "Five." and follow.previous_response_id == final.id
+    assert follow.usage.input_tokens > final.usage.input_tokens  # the stored turn came before the input
+    idle(server[1])
+
+
+def test_responses_function_call_round_trip_with_reasoning(client, server):
+    served = server[0]
+    tool = {"type": "function", **ADD["function"]}
+    script = (
+        "adding</think>\nSure.<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    with Scripted(served, script):
+        events = list(
+            client.responses.create(
+                model="tiny",
+                input="What is 2 + 3?",
+                tools=[tool],
+                reasoning={"effort": "low"},
+                max_output_tokens=200,
+                stream=True,
+            )
+        )
+    kinds = [e.type for e in events]
+    for kind in (
+        "response.reasoning_summary_text.delta",
+        "response.output_text.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+    ):
+        assert kind in kinds
+    first = events[-1].response
+    assert [i.type for i in first.output] == ["reasoning", "message", "function_call"]
+    assert first.output[0].summary[0].text == "adding" and first.output[1].content[0].text == "Sure."
+    call = first.output[2]
+    assert call.name == "add" and json.loads(call.arguments) == {"a": 2, "b": 3}
+    assert first.usage.output_tokens_details.reasoning_tokens == len(served.tokenizer.encode("adding")) + 1
+    with Scripted(served, "done</think>It is 5."):
+        answer = client.responses.create(
+            model="tiny",
+            previous_response_id=first.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "5"}],
+            tools=[tool],
+            max_output_tokens=20,
+        )
+    assert answer.output_text == "It is 5."
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.call_id"):
+        client.responses.create(
+            model="tiny", input=[{"type": "function_call_output", "call_id": "nope", "output": "5"}]
+        )
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\]\.type"):
+        client.responses.create(model="tiny", input="hi", tools=[{"type": "file_search"}])
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="tiny", input="hi", previous_response_id="resp_gone")
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        client.responses.create(model="tiny", input="hi", max_output_tokens=10**9)
+    idle(server[1])
+
+
+class PerRequest(Scripted):
+    """Scripted, one script per request in the order the sequences arrive (the last one repeats)."""
+
+    def __init__(self, served, *texts: str):
+        super().__init__(served, texts[0])
+        tok = served.tokenizer
+        self.scripts = [tok.encode(t) + [tok.eos_token_id] for t in texts]
+        self.order: dict = {}
+
+    def __enter__(self):
+        def run(chunks):
+            self.real(chunks)
+            out = {}
+            for c in chunks:
+                if c.samples:
+                    n = self.order.setdefault(c.seq.id, len(self.order))
+                    ids = self.scripts[min(n, len(self.scripts) - 1)]
+                    out[c.seq.id] = [ids[min(len(c.seq.output), len(ids) - 1)]]
+            return out
+
+        self.served.llm.core.runner.run = run
+        return self
+
+
+def test_openai_agents_sdk_default_responses_mode_against_serve(server):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    served, base = server
+    added: list[tuple[int, int]] = []
+
+    @agents.function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        added.append((a, b))
+        return a + b
+
+    call = (
+        "adding</think>\n<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n"
+        "<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    model = agents.OpenAIResponsesModel(model="tiny", openai_client=client)
+    agent = agents.Agent(name="adder", instructions="You add numbers.", tools=[add], model=model)
+    with PerRequest(served, call, "done</think>It is 5."):
+        result = asyncio.run(agents.Runner.run(agent, "What is 2 + 3?", max_turns=4))
+    assert added == [(2, 3)] and result.final_output == "It is 5."
+    assert result.context_wrapper.usage.requests == 2
+    idle(base)
