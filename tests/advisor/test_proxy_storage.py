@@ -287,9 +287,13 @@ class Hold:
             self.released.wait(120)
         return Reply("ok", usage=REPLY, delay_s=0.1)
 
-    async def kill_mid_call(self, replica) -> None:
+    async def kill_mid_call(self, replica, live: list | None = None) -> None:
+        """Arms the hold while `replica` still takes calls, waits for one to reach the upstream, then takes
+        it out of `live` (no new calls go to it) and kills it."""
         self.port = replica.port
         assert await asyncio.to_thread(self.caught.wait, 120), "no call reached the upstream through it"
+        if live is not None:
+            live.remove(replica)
         replica.kill()
         self.released.set()
 
@@ -353,8 +357,7 @@ async def test_postgresql_two_replicas_one_killed_under_40_sessions(
     async def on_progress(counts, live) -> None:
         if not killed and counts["ok"] >= BUDGET_CALLS // 3:
             killed.append(counts["ok"])
-            live.remove(a)  # no new calls to it; one of its calls is held upstream until the kill
-            await hold.kill_mid_call(a)
+            await hold.kill_mid_call(a, live)  # one of its calls held upstream until the kill
 
     try:
         run = await _run_sessions([a, b], key, on_progress)
