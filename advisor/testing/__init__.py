@@ -60,6 +60,9 @@ callable `fn(request_json) -> turn` that answers every request. A turn is:
 
 `server.script(model, script)` replaces a script, `server.add_turns(model, *turns)` appends, and
 `server.remaining(model)` counts what is left (-1 for a callable script).
+`server.in_flight(model)` counts the requests for a model being answered now (a streamed one until its
+stream ends) and `server.peak_in_flight(model)` the most at once: what an endpoint's `max_concurrency`
+test asserts.
 
 The package: `script.py` (the turns, their usage, recorded requests: no wire format), `server.py`
 (`ScriptedServer`: scripts, recording, lifecycle, the routes), and one module per wire format,

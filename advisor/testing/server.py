@@ -51,6 +51,8 @@ class ScriptedServer:
         self._scripts: dict[str, Script] = {}
         self._served: dict[str, int] = {}
         self._requests: list[RecordedRequest] = []
+        self._in_flight: dict[str | None, int] = {}
+        self._peak: dict[str | None, int] = {}
         self._ids = itertools.count(1)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the server thread's loop, once it has one
@@ -92,6 +94,26 @@ class ScriptedServer:
 
     def requests_for(self, model: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.model == model]
+
+    def in_flight(self, model: str) -> int:
+        """Requests for `model` being answered now (received, reply not yet sent to the end)."""
+        with self._lock:
+            return self._in_flight.get(model, 0)
+
+    def peak_in_flight(self, model: str) -> int:
+        """The most requests for `model` this server was answering at once."""
+        with self._lock:
+            return self._peak.get(model, 0)
+
+    def _enter(self, model: str | None) -> None:
+        with self._lock:
+            n = self._in_flight.get(model, 0) + 1
+            self._in_flight[model] = n
+            self._peak[model] = max(self._peak.get(model, 0), n)
+
+    def _leave(self, model: str | None) -> None:
+        with self._lock:
+            self._in_flight[model] -= 1
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -181,12 +203,18 @@ class ScriptedServer:
     def _handler(self, wire: WireFormat):
         async def handle(request: Request) -> Response:
             rec, turn, body = await self._turn_for(request, wire)
-            if isinstance(turn, HTTPError):
-                return wire.error(turn)
-            if body.get("stream"):
-                events = wire.stream(turn, body, next(self._ids))
-                return StreamingResponse(self._paced(rec, turn, events), media_type="text/event-stream")
-            return wire.reply(turn, body, next(self._ids))
+            try:
+                if isinstance(turn, HTTPError):
+                    return wire.error(turn)
+                if body.get("stream"):
+                    events = wire.stream(turn, body, next(self._ids))
+                    streamed = self._paced(rec, turn, events)
+                    rec = None  # counted in flight until the stream ends
+                    return StreamingResponse(streamed, media_type="text/event-stream")
+                return wire.reply(turn, body, next(self._ids))
+            finally:
+                if rec is not None:
+                    self._leave(rec.model)
 
         return handle
 
@@ -213,6 +241,7 @@ class ScriptedServer:
         rec = RecordedRequest(request.url.path, model, body, headers, auth, time.time())
         with self._lock:
             self._requests.append(rec)
+        self._enter(model)
         return rec, body
 
     def _next_turn(self, model: str | None, body: dict) -> Any:
@@ -297,6 +326,8 @@ class ScriptedServer:
         except BaseException:  # cancelled: the client closed the connection mid-stream
             rec.stream_outcome = "client left"
             raise
+        finally:
+            self._leave(rec.model)
 
     async def _held(self, turn: Reply) -> bool:
         # polled, not waited in a thread: a client that leaves cancels this at once
