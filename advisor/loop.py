@@ -253,6 +253,7 @@ class TaskLoop:
                 for s in (self.executor, self.frontier)
                 if s is not None
             },
+            **(self.placement or {}),  # on Ray: the node and host, from the first line on
         )
         own_pool = None
         try:

@@ -49,6 +49,8 @@ def strategy_stats(recs: list[TaskRecord]) -> dict:
         "consults": sum(r.consults for r in recs),
         "consults_per_task": _div(sum(r.consults for r in recs), n),
         "model_calls": sum(r.model_calls for r in recs),
+        "aborted_usd": sum(r.aborted_usd for r in recs),
+        "aborted_model_calls": sum(r.aborted_calls for r in recs),
     }
 
 

@@ -9,6 +9,7 @@ reconnection timeouts.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from urllib.parse import urlsplit
@@ -35,6 +36,13 @@ def _host_port(address: str) -> tuple[str, int] | None:
     if not parts.hostname or port is None:
         return None
     return parts.hostname, port
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -69,6 +77,11 @@ def connect(address: str | None) -> str:
         }
         if where == "local":
             kwargs["include_dashboard"] = False
+        hp = _host_port(where)
+        if hp is not None and "://" not in where and _loopback(hp[0]):
+            # a cluster on a loopback address (`ray start --node-ip-address=127.0.0.2`): this driver's node
+            # is there too, not at the machine's outward address Ray would pick for it
+            kwargs["_node_ip_address"] = hp[0]
         try:
             ray.init(address=where, **kwargs)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:

@@ -7,7 +7,8 @@ overrun by at most the calls in flight. Permits are numbered and held per task a
 holding one, the driver hands that attempt's permits back (`forget`), so a dead node never leaks a slot.
 
 The actor is asynchronous (its waits are asyncio waits, thousands of callers at once cost nothing) and
-placed on the driver's node: it lives as long as the run, whichever worker nodes come and go.
+pinned to the driver's node (a hard affinity: Ray's soft one was seen to place it on another node), so it
+lives as long as the run, whichever worker nodes come and go.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Limiter:
 def start_limiter(max_usd: float | None):
     """The run's Limiter actor, on the driver's node."""
     here = ray.get_runtime_context().get_node_id()
-    return Limiter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(
+    return Limiter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
         max_usd
     )
 

@@ -55,8 +55,9 @@ callable `fn(request_json) -> turn` that answers every request. A turn is:
   `retry_after` (seconds, or a str such as an HTTP date) becomes the `Retry-After` header.
 - `Delay(seconds, then=None)`: wait, then answer `then` (or, when None, HTTP 504). Use it to make a
   client time out; pending delays end at once when the server stops.
-- a plain `str`: shorthand for `Reply(text=...)`; a callable: called (in a worker thread) with the
-  request JSON, returns one of the above.
+- a plain `str`: shorthand for `Reply(text=...)`; a callable: called (in one of 64 worker threads, so
+  callables that wait on the test do not queue the others) with the request JSON, returns one of the
+  above.
 
 `server.script(model, script)` replaces a script, `server.add_turns(model, *turns)` appends, and
 `server.remaining(model)` counts what is left (-1 for a callable script).

@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -38,6 +39,7 @@ from advisor.testing.script import (
 
 _SECRET_HEADERS = ("authorization", "x-api-key", "api-key")
 WIRE_FORMATS = (OPENAI, ANTHROPIC)
+CALLABLE_THREADS = 64  # callable turns answered at once
 
 
 class ScriptedServer:
@@ -54,6 +56,9 @@ class ScriptedServer:
         self._in_flight: dict[str | None, int] = {}
         self._peak: dict[str | None, int] = {}
         self._ids = itertools.count(1)
+        # callable turns run here: one that waits on the test (an event it sets) holds a thread, and the
+        # loop's default pool (a few threads on a small machine) would queue the rest behind it
+        self._callables = ThreadPoolExecutor(max_workers=CALLABLE_THREADS, thread_name_prefix="scripted-turn")
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the server thread's loop, once it has one
         self._closed: asyncio.Event | None = None  # set on stop(); ends pending scripted delays
@@ -143,6 +148,7 @@ class ScriptedServer:
     def start(self) -> ScriptedServer:
         if self._thread is not None:
             return self
+        self._callables = ThreadPoolExecutor(max_workers=CALLABLE_THREADS, thread_name_prefix="scripted-turn")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
@@ -176,6 +182,7 @@ class ScriptedServer:
         self._thread.join(timeout=10)
         self._server = None
         self._thread = None
+        self._callables.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> ScriptedServer:
         return self.start()
@@ -278,7 +285,7 @@ class ScriptedServer:
                 )
                 continue
             if callable(turn):
-                turn = await asyncio.to_thread(turn, body)
+                turn = await asyncio.get_running_loop().run_in_executor(self._callables, turn, body)
                 continue
             raise TypeError(f"not a scripted turn: {turn!r}")
 
