@@ -1,9 +1,10 @@
 """The run's limits for a whole Ray cluster: one small actor hands out permits and books spend.
 
 Every worker asks it before each model call (`RayGate.acquire`: one actor call) and hands the permit back
-with the call's cost after it (`RayGate.release`). Per endpoint at most `max_concurrency` permits are out
-at once; once the spend booked reaches the run's `max_usd`, no permit is handed out, so the budget is
-overrun by at most the calls in flight. Permits are numbered and held per task attempt: when a worker dies
+with the call's cost after it (`RayGate.release`); a call to an endpoint without `max_concurrency` in a
+run without `max_usd` asks nothing. Per endpoint at most `max_concurrency` permits are out at once; once
+the spend booked reaches the run's `max_usd`, no permit is handed out, so the budget is overrun by at most
+the calls in flight. Permits are numbered and held per task attempt: when a worker dies
 holding one, the driver hands that attempt's permits back (`forget`), so a dead node never leaks a slot.
 
 The actor is asynchronous (its waits are asyncio waits, thousands of callers at once cost nothing) and
@@ -103,10 +104,13 @@ class RayGate(CallGate):
         self.max_usd = max_usd
 
     async def acquire(self, endpoint: str, limit: int | None) -> Permit:
+        if limit is None and self.max_usd is None:  # nothing to hold: no actor call
+            return Permit(endpoint, 0)
         number, spent = await self.limiter.acquire.remote(endpoint, limit, self.attempt)
         if number < 0:
             raise SpendLimitReached(spent, self.max_usd if self.max_usd is not None else spent)
         return Permit(endpoint, number)
 
     async def release(self, permit: Permit, cost_usd: float) -> None:
-        await self.limiter.release.remote(permit.number, cost_usd)
+        if permit.number:
+            await self.limiter.release.remote(permit.number, cost_usd)
