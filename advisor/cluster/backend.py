@@ -128,8 +128,8 @@ class RayBackend:
             except RayTaskError as e:  # our code raised in the worker: the task's error, not a death
                 return await self._failed(_error(task, strategy, e, seen), trace, out, aborted, traces)
             except RayError as e:
-                await asyncio.to_thread(trace.close)
-                if end is None and not isinstance(e, TaskCancelledError):
+                if end is None and not isinstance(e, TaskCancelledError):  # the worker or its node died
+                    await asyncio.to_thread(trace.close)
                     await self.limiter.forget.remote(attempt)
                     moved = await asyncio.to_thread(set_aside, out)
                     aborted = aborted + seen

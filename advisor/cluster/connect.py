@@ -73,7 +73,7 @@ def connect(address: str | None) -> str:
         kwargs: dict = {
             "namespace": NAMESPACE,
             "log_to_driver": False,  # workers' output would tear through the progress display
-            "logging_level": logging.WARNING,
+            "logging_level": logging.ERROR,  # not its notes (token auth on, signal handlers) in our output
         }
         if where == "local":
             kwargs["include_dashboard"] = False

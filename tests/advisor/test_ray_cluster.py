@@ -64,7 +64,7 @@ FRONTIER = {"input": 5.0, "cached_input": 0.5, "output": 25.0}
 ID = re.compile(r"Task (t\d+):")
 
 
-def wait_for(what: str, cond, timeout_s: float = 120.0) -> None:
+def wait_for(what: str, cond, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
