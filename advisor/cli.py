@@ -108,7 +108,11 @@ def ray_settings(args: argparse.Namespace) -> dict:
     return {
         "backend": "ray",
         "ray_address": None if args.ray == LOCAL_RAY else args.ray,
-        "ray_options": {"max_attempts": args.ray_attempts, "num_cpus": args.ray_cpus},
+        "ray_options": {
+            "max_attempts": args.ray_attempts,
+            "num_cpus": args.ray_cpus,
+            **({"num_gpus": args.ray_gpus} if args.ray_gpus else {}),
+        },
     }
 
 
@@ -128,6 +132,12 @@ def add_cluster_arguments(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--ray-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per task (default: 1)"
+    )
+    p.add_argument(
+        "--ray-gpus",
+        type=float,
+        default=0.0,
+        help="with --ray: GPUs per task, so Ray places tasks on GPU nodes (embedded endpoints; default: 0)",
     )
     p.add_argument(
         "--ray-attempts",
