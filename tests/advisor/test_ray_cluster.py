@@ -210,7 +210,9 @@ def frontier(body: dict) -> Reply:
     return Reply(text=f"ADVICE: the answer is {answer}.\nAnswer: {answer}", usage=FRONTIER_USAGE)
 
 
-def write_suite(tmp: Path, server: ScriptedServer, tasks: dict, task_usd: float = 1.0, **flash) -> Path:
+def write_suite(
+    tmp: Path, server: ScriptedServer, tasks: dict, task_usd: float = 1.0, wall_s: float = 300, **flash
+) -> Path:
     d = tmp / "suite"
     d.mkdir(exist_ok=True)
     rows = [{"name": t, "prompt": f"Task {t}: give the number.", "answer": a} for t, (a, _) in tasks.items()]
@@ -227,7 +229,7 @@ def write_suite(tmp: Path, server: ScriptedServer, tasks: dict, task_usd: float 
             "executor": {"endpoint": "flash"},
             "frontier": {"endpoint": "frontier"},
             "escalation": {"after_failures": 5, "at": ["replan"], "max_consults": 2},
-            "budget": {"max_usd": task_usd, "max_steps": 6, "max_wall_s": 120},
+            "budget": {"max_usd": task_usd, "max_steps": 6, "max_wall_s": wall_s},
             "check": {"max_attempts": 2},
         },
         "tasks": ["tasks.jsonl"],
@@ -306,11 +308,15 @@ def test_endpoint_limit_and_run_budget_hold_across_the_cluster(cluster, tmp_path
     out = tmp_path / "out"
     seen = {"started": 0}
 
+    def running() -> int:  # tasks whose loop has started in a worker (their task_start reached the driver)
+        return sum(1 for t in out.glob("executor/*/trace.jsonl") if read_trace(t)[:1])
+
     def flash(body: dict) -> Reply:
-        if not seen["started"]:  # the first call waits until every task has started and a second call came
-            wait_for("20 tasks started", lambda: len(list(out.glob("executor/*/trace.jsonl"))) == 20)
-            seen["started"] = len(list(out.glob("executor/*/trace.jsonl")))
-            wait_for("a second call in flight", lambda: server.in_flight("flash") >= 2)
+        if not seen["started"]:  # the first calls wait until every task runs and a second call came
+            wait_for("20 tasks running", lambda: running() == 20, timeout_s=600)
+            seen["started"] = running()
+            # the peak, not the count now: the other calls come and go between two looks at it
+            wait_for("a second call in flight", lambda: server.peak_in_flight("flash") >= 2, timeout_s=600)
         return Reply(text="Answer: wrong", usage=dollar)
 
     with ScriptedServer({"flash": flash, "frontier": frontier}) as server:
@@ -319,6 +325,8 @@ def test_endpoint_limit_and_run_budget_hold_across_the_cluster(cluster, tmp_path
             server,
             TASKS,
             task_usd=100.0,  # the eval's budget stops them, not their own
+            wall_s=900,  # nor their clock, however long 20 worker processes take to start here,
+            timeout_s=900,  # and the first call, held until they all run, is not timed out by the client
             price={"input": 1.0, "cached_input": 1.0, "output": 0.0},
             max_concurrency=2,
         )
@@ -452,6 +460,48 @@ def test_killed_node_tasks_run_again_elsewhere_and_its_spend_is_booked(cluster, 
     assert report["stats"]["executor"]["aborted_usd"] == pytest.approx(
         sum(r["aborted"]["cost_usd"] for r in res.values() if "aborted" in r)
     )
+
+
+# -- the driver killed mid-eval ------------------------------------------------------------------------------
+
+
+def test_driver_killed_mid_eval_resumes_with_only_what_is_missing(cluster, tmp_path):
+    """An `advisor eval --ray` process killed (SIGKILL) while half its tasks wait on the model; the same
+    command again runs only those."""
+    out = tmp_path / "out"
+    tasks = {t: TASKS[t] for t in list(TASKS)[:6]}
+    slow = {"t03", "t04", "t05"}
+    go = threading.Event()
+    held: list[str] = []
+
+    def flash(body: dict) -> Reply:
+        tid = task_id(body)
+        if tid in slow and not go.is_set():
+            held.append(tid)
+            go.wait(timeout=300)
+        return Reply(text=f"Answer: {tasks[tid][0]}", usage=EXEC_USAGE)
+
+    with ScriptedServer({"flash": flash, "frontier": frontier}) as server:
+        suite = write_suite(tmp_path, server, tasks)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "advisor.cli", "eval", str(suite), "--strategies", "executor", "--out",
+             str(out), "--quiet", "--concurrency", "6", "--ray", cluster.address],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for("3 tasks done and 3 waiting", lambda: len(list(out.glob("executor/*/result.json"))) == 3
+                     and len(held) == 3)
+        finally:
+            driver.kill()
+            driver.wait(timeout=60)
+            go.set()
+        before = len(server.requests)
+        assert run_eval(suite, out, "--ray", cluster.address, strategies="executor") == 0
+        again = {task_id(r.body) for r in server.requests[before:]}
+    assert again == slow
+    res = results(out)
+    assert len(res) == 6 and all(r["outcome"] == "passed" for r in res.values())
+    assert sorted(p.name.split("-")[0] for p in (out / ".aborted" / "executor").iterdir()) == sorted(slow)
 
 
 # -- an unreachable cluster ------------------------------------------------------------------------------------
