@@ -90,7 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=500.0, help="--proxy: requests/s offered in the open-loop run"
     )
     ap.add_argument("--seconds", type=float, default=10.0, help="--proxy: length of the open-loop run")
+    ap.add_argument(
+        "--auth",
+        action="store_true",
+        help="--proxy: the proxy without auth against a virtual key with a budget (see advisor.proxy.bench_auth)",
+    )
+    ap.add_argument(
+        "--pg-url-env",
+        default=None,
+        help="--proxy --auth: a variable holding a postgresql:// URL to measure too",
+    )
     args = ap.parse_args(argv)
+    if args.proxy and args.auth:
+        from advisor.proxy.bench_auth import main as auth_bench
+
+        return auth_bench(args.requests, args.pg_url_env)
     if args.proxy:
         from advisor.proxy.bench import main as proxy_bench
 

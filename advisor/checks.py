@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from advisor.task import Check, Shell
-from advisor.tools.commands import format_result, run_command
+from advisor.tools.commands import SandboxUnavailable, format_result, run_command
 
 CHECK_OUTPUT_CHARS = 4000  # of a command check's output, what goes back to the executor
 
@@ -83,11 +83,15 @@ def _python_check(check: Check, answer: str, base_dir: Path) -> CheckResult:
 
 
 async def _command_check(check: Check, workspace: Path | None, shell: Shell) -> CheckResult:
-    """Runs `check.run` in the workspace under the task's shell sandbox; exit 0 passes."""
+    """Runs `check.run` in the workspace under the task's sandbox (it executes what the agent left
+    there, so it is confined like the agent's own commands); exit 0 passes."""
     if workspace is None:
         return CheckResult(False, "a command check needs the task's workspace")
     limits = replace(
         shell.limits(check.timeout_s), max_output_chars=min(CHECK_OUTPUT_CHARS, shell.max_output_chars)
     )
-    r = await run_command(check.run or "", workspace, sandbox=shell.sandbox, limits=limits)  # type: ignore[arg-type]
+    try:
+        r = await run_command(check.run or "", workspace, sandbox=shell.sandbox, limits=limits)  # type: ignore[arg-type]
+    except SandboxUnavailable as e:  # never run unconfined instead: the check fails, saying why
+        return CheckResult(False, f"$ {check.run}\nnot run: {e}")
     return CheckResult(r.ok, f"$ {check.run}\n{format_result(r, limits)}")

@@ -16,7 +16,7 @@ from rich.table import Table
 from advisor import interrupt
 from advisor.pricing import usd
 from advisor.progress import Progress, notes_to
-from advisor.result import TaskResult
+from advisor.result import TaskResult, saved_usd
 from advisor.runner import STRATEGIES, Advisor, new_run_id
 from advisor.task import Task, TaskError, config_otel, load_task, user_config_dir
 from advisor.version import package_version
@@ -53,14 +53,14 @@ def results_table(results: list[TaskResult]) -> Table:
             r.task,
             f"[{style}]{r.outcome}[/]",
             str(r.steps),
-            f"{r.consults} (+{r.skipped_consults} skipped)",
+            f"{r.consults}" + (f" (+{r.skipped_consults} skipped)" if r.skipped_consults else ""),
             _tokens(tok.get("executor", {})),
             _tokens(tok.get("frontier", {})),
             usd(c.get("executor", 0.0)),
             usd(c.get("frontier", 0.0)),
             usd(c.get("total", 0.0)),
             usd(c.get("frontier_only_estimate", 0.0)),
-            usd(c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)),
+            "-" if (saved := saved_usd(r)) is None else usd(saved),
         )
     return t
 

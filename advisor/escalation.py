@@ -130,8 +130,8 @@ class EscalationPolicy:
     # -- consults ----------------------------------------------------------------------------
     def hands_over(self, trigger: str) -> bool:
         """Whether a consult at `trigger` gives the frontier the turn (takeover, restart) instead of
-        asking it for advice; a final-answer review always asks."""
-        return self.config.mode in ("takeover", "restart") and trigger != "final"
+        asking it for advice; a final-answer review and the executor's own call (`tool`) always ask."""
+        return self.config.mode in ("takeover", "restart") and trigger not in ("final", "tool")
 
     @property
     def notes_handback(self) -> bool:

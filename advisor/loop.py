@@ -15,13 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.checks import extract_answer, run_check
-from advisor.endpoints.base import ChatRequest, Endpoint, EndpointError
-from advisor.escalation import ConsultOutcome, EscalationPolicy, TurnState, estimate_tokens
+from advisor.consult import (
+    ADVISOR_TOOL,
+    ConsultBrief,
+    Consulted,
+    Slot,
+    advice_entry,
+    advisor_tool_spec,
+    consult,
+    digest_entry,
+)
+from advisor.endpoints.base import ChatRequest, EndpointError
+from advisor.escalation import EscalationPolicy, TurnState
 from advisor.ledger import Ledger
 from advisor.limits import CallGate, SpendLimitReached
 from advisor.messages import (
     Attempt,
-    Effort,
     Message,
     ModelResponse,
     TextPart,
@@ -29,11 +38,10 @@ from advisor.messages import (
     Usage,
     without_images,
 )
-from advisor.pricing import Price
 from advisor.prompts import render
 from advisor.repeats import CallRepeats, call_key
 from advisor.result import TaskResult
-from advisor.task import Task
+from advisor.task import AdvisorTool, Escalation, Task
 from advisor.tools.images import ImageLedger
 from advisor.tools.mcp_client import McpError, McpPool
 from advisor.tools.profiles import profile_for
@@ -43,16 +51,17 @@ from advisor.workspace import Snapshot, WorkspaceError, fill_from_folder, fill_f
 from advisor.workspace import diff as workspace_diff
 
 TEXT_IN_TRACE = 2000  # tool output kept in the trace per call; the model sees its own truncation
+POLICY_STRATEGIES = ("advisor", "combined")  # the escalation policy's triggers consult
+TOOL_STRATEGIES = (
+    "advisor-tool",
+    "combined",
+)  # the executor gets the advisor tool even when task.yaml has none
 
 
-@dataclass
-class Slot:
-    """A model in a role: which endpoint, at what price and effort, and whose ledger line it bills."""
-
-    role: str
-    endpoint: Endpoint
-    price: Price
-    effort: Effort
+def offers_advisor_tool(strategy: str, escalation: Escalation) -> bool:
+    """Whether the executor gets the `advisor` tool: always under advisor-tool and combined, and under
+    advisor when task.yaml configures `escalation.advisor_tool`."""
+    return strategy in TOOL_STRATEGIES or (strategy == "advisor" and escalation.advisor_tool is not None)
 
 
 class _Stop(Exception):
@@ -78,6 +87,7 @@ class TaskLoop:
     listeners: list[Listener] = field(default_factory=list)
     fsync: bool = True
     mcp: McpPool | None = None  # shared MCP servers (Advisor's); None: the task starts and stops its own
+    run_id: str | None = None  # the run this task belongs to (`task_start.run_id`)
     gate: CallGate | None = None  # the run's limits (endpoint concurrency, run budget), asked before each call
     placement: dict | None = None  # where the task ran (a Ray worker's node and host), kept in result.json
 
@@ -86,17 +96,23 @@ class TaskLoop:
         self.ledger = Ledger(frontier_price=self.frontier.price if self.frontier else None)
         self.policy = EscalationPolicy(
             self.task.escalation,
-            enabled=self.strategy == "advisor" and self.frontier is not None,
+            enabled=self.strategy in POLICY_STRATEGIES and self.frontier is not None,
             calls=CallRepeats(self.task.budget.max_repeated_failures),
         )
         self.turn = TurnState()
         self.tools: list[ToolSpec] = self.task.tool_specs()
+        self.advisor_tool: AdvisorTool | None = None  # the executor's own consults: settings, when offered
+        if self.frontier is not None and offers_advisor_tool(self.strategy, self.task.escalation):
+            self.advisor_tool = self.task.escalation.advisor_tool or AdvisorTool()
+            self.tools.append(advisor_tool_spec())
+        self.advisor_uses = 0
         self.by_name = {t.name: t for t in self.tools}
         self.steps = 0
         self._opening = 0  # set when the steps start: the messages before the first step
         self.model_calls = 0
         self.answer: str | None = None
         self.digest: list[str] = []
+        self.consults_by_trigger: dict[str, int] = {}  # consults made, by trigger (result.json)
         self.started = time.monotonic()
         self.images = ImageLedger()
         self.shell = self.task.shell.settings()
@@ -215,6 +231,8 @@ class TaskLoop:
         for src in self.task.input_paths("files"):
             shutil.copy2(src, self.workspace / src.name)
         self.start_files = snapshot(self.workspace)  # what the final diff is taken against
+        if self.task.check.type == "command" or {"shell", "python"} & {t.name for t in self.tools}:
+            _announce_sandbox(self.task.shell.sandbox)
         ids = [self.images.load(p) for p in self.task.input_paths("images")]
         cfg = self.executor.endpoint.config
         self.profile = profile_for(cfg.model, cfg.provider)
@@ -239,6 +257,7 @@ class TaskLoop:
         self.trace.emit(
             "task_start",
             task=self.task.name,
+            run_id=self.run_id,
             strategy=self.strategy,
             executor=self._role_info(self.executor),
             frontier=self._role_info(self.frontier),
@@ -280,6 +299,7 @@ class TaskLoop:
             steps=self.steps,
             consults=self.policy.consults,
             skipped_consults=self.policy.skipped,
+            consults_by_trigger=dict(self.consults_by_trigger),
             model_calls=self.model_calls,
             wall_s=round(time.monotonic() - self.started, 3),
             tokens=self.ledger.tokens_dict(),
@@ -320,7 +340,7 @@ class TaskLoop:
         if self.start_files is None or not self.workspace.is_dir():
             return None
         exported = {f"images/{i}.png" for i in self.images.ids()}  # the python tool's copies of the inputs
-        return workspace_diff(self.workspace, self.start_files, ignore=exported)
+        return workspace_diff(self.workspace, self.start_files, ignore=exported) or None  # null: no change
 
     def _finish(self, result: TaskResult) -> None:
         self.trace.close()
@@ -330,7 +350,7 @@ class TaskLoop:
         policy, turn = self.policy, self.turn
         self._opening = len(messages)  # system prompt, goal, images: where a restart consult starts over
         if policy.wants("plan"):
-            turn.apply(await self._consult("plan", messages))
+            turn.apply((await self._consult("plan", messages)).outcome)
         while True:
             if self.steps >= self.task.budget.max_steps:
                 self.trace.emit("budget_exceeded", limit="max_steps", value=self.steps)
@@ -349,20 +369,20 @@ class TaskLoop:
                 if failure is None:
                     policy.success()
                 elif policy.failure(self.steps, *failure, self.trace):
-                    turn.apply(await self._consult("failures", messages, detail=failure[1]))
+                    turn.apply((await self._consult("failures", messages, detail=failure[1])).outcome)
                 continue
             answer = extract_answer(msg.text)
             if not answer:
                 messages.append(Message.user(render("empty_reply")))
                 if policy.failure(self.steps, "no_progress", "empty reply", self.trace):
-                    turn.apply(await self._consult("failures", messages, detail="empty reply"))
+                    turn.apply((await self._consult("failures", messages, detail="empty reply")).outcome)
                 continue
             self.answer = answer
             by = "frontier" if by_frontier else "executor"
             self.trace.emit("answer", step=self.steps, answer=answer, by=by)
             if by == "executor" and policy.wants("final") and not policy.final_done:
                 policy.final_done = True
-                review = await self._consult("final", messages, answer=answer)
+                review = (await self._consult("final", messages, answer=answer)).outcome
                 turn.apply(review)
                 if review.kind == "objected" or turn.takeover_left:
                     continue  # the objection's advice is in context: the executor goes on
@@ -377,14 +397,16 @@ class TaskLoop:
                 return "passed"
             turn.rejected += 1
             if turn.rejected >= self.task.check.max_attempts:
-                return "failed"
+                raise _Stop("failed", _rejected(turn.rejected, check.detail))
             output = check.detail if self.task.check.type == "command" else None
             messages.append(Message.user(render("check_rejected", answer=answer, output=output)))
             due = policy.failure(self.steps, "check_rejected", check.detail, self.trace)
             if policy.wants("replan"):
-                turn.apply(await self._consult("replan", messages, answer=answer, detail=check.detail))
+                turn.apply(
+                    (await self._consult("replan", messages, answer=answer, detail=check.detail)).outcome
+                )
             elif due:
-                turn.apply(await self._consult("failures", messages, detail=check.detail))
+                turn.apply((await self._consult("failures", messages, detail=check.detail)).outcome)
 
     async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> tuple[str, str] | None:
         """Runs a turn's tool calls in order; returns the first failure (reason, detail) or None.
@@ -421,6 +443,9 @@ class TaskLoop:
                     f"error: malformed tool call: {tc.parse_error or 'arguments could not be parsed'}",
                     "malformed_tool_call",
                 )
+            elif tc.name == ADVISOR_TOOL and self.advisor_tool is not None:
+                text, failed = await self._advisor_call(messages)
+                reason = "tool_error" if failed else None
             elif tc.name not in self.by_name:
                 known = ", ".join(self.by_name) or "none"
                 text, reason = f"error: unknown tool '{tc.name}'; available tools: {known}", "unknown_tool"
@@ -439,7 +464,12 @@ class TaskLoop:
                 produced = [i for i, _ in result.images]
                 data = _trace_data(result.data)
                 new_images += produced
-            stuck = reason is not None and bool(tc.name) and repeats.failed(key) >= repeats.limit
+            stuck = (
+                reason is not None
+                and bool(tc.name)
+                and tc.name != ADVISOR_TOOL
+                and repeats.failed(key) >= repeats.limit
+            )
             self.trace.emit(
                 "tool_result",
                 step=self.steps,
@@ -454,16 +484,19 @@ class TaskLoop:
                 malformed.append(text)
             else:
                 messages.append(Message.tool(tc.id, tc.name, text, is_error=reason is not None))
-            self.digest.append(
-                f"step {self.steps}: {tc.name}({json.dumps(tc.arguments, default=str) if tc.arguments is not None else tc.raw_arguments[:200]}) -> {text[:300]}"
-            )
-            if reason and failure is None and self.policy.counts(reason):  # failure_signals decide
+            self.digest.append(digest_entry(tc.name, tc.arguments, tc.raw_arguments, text, step=self.steps))
+            # failure_signals decide; an advisor call the consult budget refused is not the executor failing
+            if reason and failure is None and tc.name != ADVISOR_TOOL and self.policy.counts(reason):
                 failure = (reason, text[:300])
             if stuck:  # the model is looping on a call that cannot work: stop before the limits do
                 args = "" if tc.name not in self.by_name else json.dumps(args, default=str)[:200]
-                detail = f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
+                detail = (
+                    f"the same failing tool call was made {repeats.failures[key]} times: {tc.name}({args})"
+                )
                 self.policy.failure(self.steps, reason, text[:300], self.trace)
-                self.trace.emit("stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail)
+                self.trace.emit(
+                    "stuck", step=self.steps, name=tc.name, times=repeats.failures[key], detail=detail
+                )
                 raise _Stop("failed", detail)
         if malformed:
             messages.append(Message.user("\n".join(malformed)))
@@ -486,74 +519,120 @@ class TaskLoop:
                 "budget_exceeded", f"max_wall_s {self.task.budget.max_wall_s} reached in tool {spec.name}"
             ) from None
 
+    async def _advisor_call(self, messages: list[Message]) -> tuple[str, bool]:
+        """The executor called `advisor`: (the tool result, whether it is an error). The advice is the
+        result; past max_uses, a consult the budget refuses or a frontier that fails are errors, and the
+        task goes on."""
+        assert self.advisor_tool is not None
+        cfg = self.advisor_tool
+        if self.advisor_uses >= cfg.max_uses:
+            self.policy.skipped += 1
+            self.trace.emit(
+                "consult_skipped", step=self.steps, trigger="tool", reason="max_uses", estimated_cost_usd=0.0
+            )
+            return (
+                f"error: advisor: max_uses_exceeded (the advisor may be called {cfg.max_uses} times per task); go on without it",
+                True,
+            )
+        self.advisor_uses += 1
+        try:
+            done = await self._consult("tool", messages, max_tokens=cfg.max_tokens)
+        except _Stop as stop:
+            if stop.outcome != "error":
+                raise
+            # the consult was made and failed: its event says so (its model_call event has the error)
+            self.trace.emit(
+                "consult",
+                step=self.steps,
+                trigger="tool",
+                mode="advise",
+                estimated_cost_usd=None,
+                advice=None,
+                error=stop.detail,
+            )
+            return f"error: advisor: unavailable ({stop.detail}); go on without it", True
+        if done.kind == "skipped":
+            return f"error: advisor: unavailable ({done.outcome.skip_reason} reached); go on without it", True
+        return done.advice or "(the advisor gave no advice)", False
+
     async def _consult(
-        self, trigger: str, messages: list[Message], answer: str | None = None, detail: str = ""
-    ) -> ConsultOutcome:
-        """Consults the frontier at `trigger`, priced before it is made; the outcome says what changed."""
+        self,
+        trigger: str,
+        messages: list[Message],
+        answer: str | None = None,
+        detail: str = "",
+        max_tokens: int | None = None,
+    ) -> Consulted:
+        """Consults the frontier at `trigger` (the consult core, `advisor.consult`); what this loop does
+        with the outcome: trace it, and put the advice or the takeover note into the conversation (the
+        executor's own call, trigger `tool`, gets the advice as its tool result instead)."""
         assert self.frontier is not None
-        policy = self.policy
-        request = render(
-            "consult_request",
-            goal=self.task.goal.strip(),
-            tools=[t.name for t in self.tools],
-            # the whole digest, append-only, so each consult's request extends the last one's bytes
-            # (provider prompt caches hit); each entry is already compact
-            digest="\n".join(self.digest),
-            trigger=trigger,
-            answer=answer,
-            failures=policy.consecutive,
-            detail=detail,
-        )
-        consult_msgs = [Message.system(render("consult_system")), Message.user(request)]
-        mode = policy.config.mode
-        if policy.hands_over(trigger):
-            est_in = estimate_tokens(messages[: self._opening] if mode == "restart" else messages)
-        else:
-            est_in = estimate_tokens(consult_msgs)
-        cap = policy.config.advice_max_tokens
-        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
-        outcome = policy.begin_consult(trigger, self.ledger.total_usd, estimate, self.task.budget.max_usd)
-        if outcome is not None and outcome.kind == "skipped":
+        frontier = self.frontier
+        made = self.policy.consults
+        try:
+            done = await consult(
+                self._brief(trigger, answer, detail),
+                policy=self.policy,
+                frontier=frontier,
+                ledger=self.ledger,
+                max_usd=self.task.budget.max_usd,
+                conversation=messages,
+                opening=self._opening,
+                call=lambda req: self._call(
+                    frontier, "consult", req.messages, None, max_tokens=req.max_tokens
+                ),
+                max_tokens=max_tokens,
+            )
+        finally:  # a consult counts once it is made, also when the frontier then fails
+            if self.policy.consults > made:
+                self.consults_by_trigger[trigger] = self.consults_by_trigger.get(trigger, 0) + 1
+        outcome = done.outcome
+        if outcome.kind == "skipped":
             self.trace.emit(
                 "consult_skipped",
                 step=self.steps,
                 trigger=trigger,
                 reason=outcome.skip_reason,
-                estimated_cost_usd=estimate,
+                estimated_cost_usd=done.estimate_usd,
             )
-            return outcome
-        if outcome is not None:  # takeover or restart: the frontier acts in the executor's conversation
-            self.trace.emit(
-                "consult",
-                step=self.steps,
-                trigger=trigger,
-                mode=mode,
-                estimated_cost_usd=estimate,
-                advice=None,
-            )
-            if mode == "restart":  # the failed attempt leaves the context (the trace keeps it); files stay
+            return done
+        self.trace.emit(
+            "consult",
+            step=self.steps,
+            trigger=trigger,
+            mode=done.mode,
+            estimated_cost_usd=done.estimate_usd,
+            advice=done.advice[:TEXT_IN_TRACE] if done.advice is not None else None,
+        )
+        if outcome.kind == "takeover":  # the frontier acts in the executor's conversation
+            if (
+                done.mode == "restart"
+            ):  # the failed attempt leaves the context (the trace keeps it); files stay
                 self.trace.emit("restart", step=self.steps, dropped_messages=len(messages) - self._opening)
                 del messages[self._opening :]
             else:
                 messages.append(
                     Message.user(render("takeover", steps=outcome.takeover_steps, trigger=trigger))
                 )
-            return outcome
-        resp = await self._call(self.frontier, "consult", consult_msgs, None, max_tokens=cap)
-        advice = resp.message.text.strip()
-        self.trace.emit(
-            "consult",
-            step=self.steps,
-            trigger=trigger,
-            mode="advise",
-            estimated_cost_usd=estimate,
-            advice=advice[:TEXT_IN_TRACE],
+            return done
+        if outcome.kind != "approved" and trigger != "tool":
+            assert done.advice is not None
+            messages.append(Message.user(render("advice", trigger=trigger, advice=done.advice)))
+            self.digest.append(advice_entry(trigger, done.advice))
+        return done
+
+    def _brief(self, trigger: str, answer: str | None = None, detail: str = "") -> ConsultBrief:
+        return ConsultBrief(
+            trigger,
+            goal=self.task.goal.strip(),
+            tools=[t.name for t in self.tools],
+            # the whole digest, append-only, so each consult's request extends the last one's bytes
+            # (provider prompt caches hit); each entry is already compact
+            digest="\n".join(self.digest),
+            failures=self.policy.consecutive,
+            answer=answer,
+            detail=detail,
         )
-        outcome = policy.advised(trigger, advice)
-        if outcome.kind != "approved":
-            messages.append(Message.user(render("advice", trigger=trigger, advice=advice)))
-            self.digest.append(f"planner ({trigger}): {advice[:300]}")
-        return outcome
 
     @staticmethod
     def _role_info(slot: Slot | None) -> dict | None:
@@ -574,6 +653,14 @@ async def _invoke(spec: ToolSpec, arguments: dict, ctx: ToolContext) -> ToolResu
         return await spec.invoke(arguments, ctx)
     except Exception as e:
         return ToolResult.error(f"{spec.name} raised {type(e).__name__}: {str(e)[:500]}")
+
+
+def _rejected(times: int, detail: str | None) -> str:
+    """A failed task's `error`: why it ended, in one line."""
+    first = (detail or "").strip().splitlines()[0][:200] if (detail or "").strip() else ""
+    return f"the check rejected the answer {times} time{'s' * (times != 1)} (check.max_attempts)" + (
+        f": {first}" if first else ""
+    )
 
 
 def failure_reason(result: ToolResult) -> str:
@@ -603,3 +690,13 @@ def _attempt(a: Attempt) -> dict:
         "latency_s": a.latency_s,
         "usage": a.usage.as_dict() if a.usage else None,
     }
+
+
+def _announce_sandbox(mode: str) -> None:
+    """One line on stderr at the start when the code tools' sandbox lacks a protection here."""
+    from advisor.tools import confine
+
+    try:
+        confine.announce(confine.resolve(mode))
+    except confine.SandboxUnavailable:
+        pass  # the tools say it in their results; the task was checked when loaded

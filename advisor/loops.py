@@ -8,9 +8,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from advisor.consult import Slot
 from advisor.endpoints import Endpoint, EndpointConfig, EndpointError, make_endpoint
 from advisor.limits import CallGate, LocalGate
-from advisor.loop import Slot, TaskLoop
+from advisor.loop import TaskLoop
 from advisor.pricing import FREE, Price
 from advisor.task import Task, TaskError
 from advisor.tools.mcp_client import McpPool
@@ -71,6 +72,7 @@ class Loops:
         listeners: list[Callable[[dict], None]],
         gate: CallGate | None = None,
         placement: dict | None = None,
+        run_id: str | None = None,
     ) -> TaskLoop:
         """The TaskLoop that runs `task` under `strategy`, writing to `out`; `gate` (default: this one's)
         is asked before each model call, `placement` goes into its result."""
@@ -86,6 +88,7 @@ class Loops:
             mcp=self.mcp,
             gate=self.gate if gate is None else gate,
             placement=placement,
+            run_id=run_id,
         )
         if strategy == "frontier" and frontier is not None:
             loop.ledger.frontier_price = frontier.price

@@ -16,7 +16,7 @@ from rich.table import Table
 from advisor.pricing import usd
 
 # the loggers whose INFO notes say what a run is waiting for (model loads, the engine's first compile)
-NOTE_LOGGERS = ("advisor", "engine")
+NOTE_LOGGERS = ("advisor",)
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -28,10 +28,10 @@ def _short(value: object, limit: int = 60) -> str:
 class Progress:
     """Live state per task, fed by trace events (`__call__`) and notes (`note`).
 
-    With a `console` and `live` False (no terminal), each step, tool call, answer, check, consult and
-    finished task prints a line as it happens (only finished tasks with `every_event` False); with
-    `live`, the state is kept for `renderable()`, which a rich Live on that console shows, and only
-    lasting notes (warnings) print.
+    With a `console`, each step, tool call, answer, check, consult and finished task prints a line as it
+    happens (only finished tasks with `every_event` False). With `live` (a terminal), the state is also
+    kept for `renderable()`, which a rich Live on that console shows below those lines, and notes go to
+    its spinner (only lasting ones, warnings, print).
     """
 
     def __init__(
@@ -58,7 +58,7 @@ class Progress:
             self.console.print(text, markup=False, highlight=False)
 
     def _line(self, text: str, event: bool = True) -> None:
-        if not self.live and (self.every_event or not event):
+        if self.every_event or not event:  # under a Live, console.print writes above the live table
             self._print(text)
 
     def note(self, text: str, lasting: bool = False) -> None:

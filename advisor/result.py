@@ -24,6 +24,9 @@ class TaskResult:
     steps: int = 0
     consults: int = 0
     skipped_consults: int = 0
+    consults_by_trigger: dict = field(
+        default_factory=dict
+    )  # consults made, by trigger: tool, failures, plan, ...
     model_calls: int = 0
     wall_s: float = 0.0
     tokens: dict = field(default_factory=dict)
@@ -62,9 +65,20 @@ class TaskResult:
         (out_dir / "report.md").write_text(render_report(self), encoding="utf-8")
 
 
+def saved_usd(r: TaskResult) -> float | None:
+    """What the run saved against the frontier model alone, or None when it solved nothing: a failed run's
+    spend bought no result, so a "saving" beside it would mislead."""
+    if r.outcome != "passed":
+        return None
+    return r.cost_usd.get("frontier_only_estimate", 0.0) - r.cost_usd.get("total", 0.0)
+def _by_trigger(r: TaskResult) -> str:
+    made = ", ".join(f"{t} {n}" for t, n in sorted(r.consults_by_trigger.items()))
+    return f"; by trigger: {made}" if made else ""
+
+
 def render_report(r: TaskResult) -> str:
     c = r.cost_usd
-    saved = c.get("frontier_only_estimate", 0.0) - c.get("total", 0.0)
+    saved = saved_usd(r)
     lines = [
         f"# {r.task}",
         "",
@@ -74,7 +88,7 @@ def render_report(r: TaskResult) -> str:
     if r.error:
         lines.append(f"- error: {r.error}")
     lines += [
-        f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}), model calls: {r.model_calls}",
+        f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}{_by_trigger(r)}), model calls: {r.model_calls}",
         f"- wall time: {r.wall_s:.2f} s",
         *([f"- ran on Ray node {r.ray_node} ({r.hostname})"] if r.ray_node else []),
         "",
@@ -90,7 +104,8 @@ def render_report(r: TaskResult) -> str:
     lines += [
         "",
         f"Total: **{usd(c.get('total', 0.0))}**. The same tokens on the frontier model alone: "
-        f"{usd(c.get('frontier_only_estimate', 0.0))} (saved {usd(saved)}).",
+        f"{usd(c.get('frontier_only_estimate', 0.0))} "
+        + (f"(saved {usd(saved)})." if saved is not None else "(nothing saved: the task was not solved)."),
         "",
     ]
     if r.aborted:

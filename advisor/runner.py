@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 
+from advisor.consult import Slot
 from advisor.endpoints import Endpoint, EndpointConfig
 from advisor.limits import LocalGate
-from advisor.loop import Slot
 from advisor.loops import Loops
 from advisor.otel import OtelConfig
 from advisor.otel import resolve as otel_settings
@@ -25,7 +25,9 @@ from advisor.task import Task
 if TYPE_CHECKING:
     from advisor.cluster import RayBackend
 
-STRATEGIES = ("advisor", "executor", "frontier")
+# advisor: the escalation policy's triggers (and the advisor tool when task.yaml offers it); advisor-tool:
+# the executor consults through its advisor tool only; combined: both; executor, frontier: one model alone
+STRATEGIES = ("advisor", "executor", "frontier", "advisor-tool", "combined")
 
 
 def new_run_id() -> str:
@@ -157,8 +159,8 @@ class Advisor:
         if self.backend == "ray":
             await self.start()
             assert self._cluster is not None
-            return await self._cluster.run(task, strategy, out, listeners)
-        return await self.loops.loop_for(task, strategy, out, listeners=listeners).run()
+            return await self._cluster.run(task, strategy, out, listeners, run_id=self.run_id)
+        return await self.loops.loop_for(task, strategy, out, listeners=listeners, run_id=self.run_id).run()
 
     async def run_many(
         self, tasks: Iterable[Task], *, strategy: str = "advisor", concurrency: int = 40

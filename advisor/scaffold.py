@@ -44,10 +44,14 @@ _OPENROUTER = "https://openrouter.ai/api/v1"
 _OPUS = EndpointPreset("anthropic", "claude-opus-4-5", _ANTHROPIC, "ANTHROPIC_API_KEY")
 _SHIPPED = (("max_tokens", 256), ("vision", False))
 
+# StepFun's global platform (platform.stepfun.ai, USD prices, global keys); accounts on the China platform
+# (platform.stepfun.com) use the api.stepfun.com host with their own keys
+STEPFUN_BASE_URL = "https://api.stepfun.ai/v1"
+
 PRESETS: dict[str, tuple[str, EndpointPreset, EndpointPreset]] = {
     "stepfun": (
         "Step 3.7 Flash on StepFun's platform executes; Claude Opus 4.5 on Anthropic's API advises",
-        EndpointPreset("openai", "step-3.7-flash", "https://api.stepfun.ai/v1", "STEPFUN_API_KEY"),
+        EndpointPreset("openai", "step-3.7-flash", STEPFUN_BASE_URL, "STEPFUN_API_KEY"),
         _OPUS,
     ),
     "openrouter": (

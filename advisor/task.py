@@ -62,6 +62,17 @@ FailureSignal = Literal["tool_error", "nonzero_exit", "repeated_call", "check_fa
 FAILURE_SIGNALS: tuple[FailureSignal, ...] = ("tool_error", "nonzero_exit", "repeated_call", "check_failed")
 
 
+class AdvisorTool(_Strict):
+    """The `advisor` tool offered to the executor: it decides when to consult (advise mode, always)."""
+
+    max_uses: int = Field(
+        default=3, ge=0, description="calls per task; past it the tool answers an error and the task goes on"
+    )
+    max_tokens: int = Field(
+        default=2048, gt=0, description="output cap of one piece of advice, also its price beforehand"
+    )
+
+
 class Escalation(_Strict):
     after_failures: int = Field(
         default=2, ge=1, description="consecutive failed executor steps before a consult"
@@ -93,6 +104,13 @@ class Escalation(_Strict):
     )
     advice_max_tokens: int = Field(
         default=1024, gt=0, description="output cap of one consult, also used to price it beforehand"
+    )
+    advisor_tool: AdvisorTool | None = Field(
+        default=None,
+        description=(
+            "offer the executor a tool `advisor` (no arguments) that consults the frontier when the executor "
+            "asks: {max_uses, max_tokens}; its consults count against max_consults and the budget like the others"
+        ),
     )
 
 
@@ -128,9 +146,14 @@ class Workspace(_Strict):
 class Shell(_Strict):
     """How `shell` commands and `command` checks are confined (see tools/README.md)."""
 
-    sandbox: Literal["bwrap", "limits"] = Field(
-        default="bwrap",
-        description="bwrap: system read-only, workspace read-write, no network; limits: process limits only",
+    sandbox: Literal["auto", "bwrap", "limits", "none"] = Field(
+        default="auto",
+        description=(
+            "where shell and python code and command checks run: bwrap (a user namespace without "
+            "capabilities, seccomp, the workspace the only writable path, no network), limits (an "
+            "unprivileged uid and process limits, no file-system confinement), none (unconfined, "
+            "warned), auto (bwrap where it runs, else limits); see docs/security.md"
+        ),
     )
     network: bool = Field(default=False, description="bwrap: let commands use the network")
     memory_mb: int = Field(default=2048, gt=0, description="memory of a command's whole process tree")
@@ -320,7 +343,7 @@ class Task(BaseModel):
                 raise TaskError(
                     f"{src}: mcp_servers.{name}: environment variable {missing[0]} is not set; export {missing[0]}=..."
                 )
-        if self.check.type == "command" or "shell" in {t.name for t in self.tool_specs()}:
+        if self.check.type == "command" or {"shell", "python"} & {t.name for t in self.tool_specs()}:
             from advisor.tools.commands import SandboxUnavailable, require_sandbox
 
             try:
@@ -442,8 +465,12 @@ def read_endpoints(path: Path) -> dict[str, Any]:
 
 
 def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as one line: the file, the key path under `prefix`, and what to do about it."""
-    err = e.errors()[0]
+    """A pydantic error as one line: the file, then each problem's key path under `prefix` and what to do
+    about it (all of them: a user fixing the first should not meet the second on the next run)."""
+    return f"{path}: " + "; ".join(_problem(err, prefix) for err in e.errors())
+
+
+def _problem(err: dict, prefix: str) -> str:
     loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -455,8 +482,7 @@ def one_line_error(path: Path | str, e: ValidationError, prefix: str = "") -> st
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         hint = f"{msg}{shown}"
-    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{path}: {loc or '(top level)'}: {hint}{more}"
+    return f"{loc or '(top level)'}: {hint}"
 
 
 def with_config_endpoints(path: Path, data: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,21 @@ def resolve_rev(repo: Path, rev: str) -> str | None:
     return p.stdout.strip() if p.returncode == 0 else None
 
 
+def _special_files(folder: str, names: list[str]) -> set[str]:
+    """FIFOs, sockets and devices in a folder being copied: left out (copying a FIFO blocks forever)."""
+    out = set()
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            out.add(name)
+    return out
+
+
 def fill_from_folder(src: Path, dest: Path) -> None:
-    shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+    shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True, ignore=_special_files)
 
 
 def fill_from_git(repo: Path, rev: str, dest: Path) -> str:
@@ -92,16 +106,30 @@ def snapshot(root: Path) -> Snapshot:
     for rel, p in _files(root):
         try:
             st = p.lstat()
-            if p.is_symlink():
+            if stat.S_ISLNK(st.st_mode):
                 snap.content[rel] = b"-> " + os.readlink(p).encode()
+            elif not stat.S_ISREG(st.st_mode):
+                continue  # a FIFO, socket or device: opening one could block the run forever
             elif st.st_size <= MAX_FILE_BYTES and total + st.st_size <= MAX_SNAPSHOT_BYTES:
-                snap.content[rel] = p.read_bytes()
+                snap.content[rel] = _read_regular(p, MAX_FILE_BYTES)
                 total += st.st_size
             else:
                 snap.stat[rel] = (st.st_size, st.st_mtime_ns)
         except OSError:
             continue
     return snap
+
+
+def _read_regular(p: Path, limit: int) -> bytes:
+    """A regular file's bytes (at most `limit`), never following a link or blocking on a FIFO swapped in."""
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
 
 
 def _lines(data: bytes) -> list[str] | None:

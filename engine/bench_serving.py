@@ -1,6 +1,7 @@
 """A simulated agent workload on the serving core against the static batching it replaced.
 
     python -m advisor.engine.bench_serving [--model bench|step-nano|PATH] [--loops 40] [--steps 8] [--new 24]
+                                           [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
 `loops` agent loops run at once. Each starts from the same system prompt (an agent's instructions and
 tool schemas, shared by every loop) plus its own task, and at each of `steps` steps sends its whole
@@ -247,7 +248,7 @@ def report(static: Result, core: Result) -> str:
     return "\n".join(lines)
 
 
-def load(model: str):
+def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from advisor.engine import LLM
 
     if model == "bench":
@@ -261,7 +262,30 @@ def load(model: str):
 
         path = resolve_model(model)
         print(f"model: {path}")
-    return LLM.from_pretrained(path, device="cpu", dtype=torch.float32)
+    return LLM.from_pretrained(path, device=device, dtype=dtype)
+
+
+def pool_blocks(loops: int, steps: int, new: int) -> tuple[int, int]:
+    """The longest conversation of the workload (tokens) and KV blocks of 16 that hold every loop's."""
+    longest = 256 + 64 + steps * (new + 180)
+    return longest, loops * (longest // 16 + 2)
+
+
+def measure(
+    llm,
+    loops: int,
+    steps: int,
+    new: int,
+    batch: int = 16,
+    chunk: int = 512,
+    blocks: int | None = None,
+    seed: int = 0,
+) -> tuple[Result, Result]:
+    """The workload on the static batcher and on the core, same model and seed: (static, core)."""
+    blocks = blocks or pool_blocks(loops, steps, new)[1]
+    core = asyncio.run(bench_core(llm, loops, steps, new, seed, blocks, chunk))
+    static = asyncio.run(bench_static(llm, loops, steps, new, batch, seed))
+    return static, core
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,21 +298,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=512, help="core: tokens per step (prefill chunk)")
     p.add_argument("--blocks", type=int, default=None, help="core: KV blocks (default: the whole workload)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     args = p.parse_args(argv)
-    llm = load(args.model)
-    longest = 256 + 64 + args.steps * (args.new + 180)
-    blocks = args.blocks or args.loops * (longest // 16 + 2)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    llm = load(args.model, args.device, dtype)
+    longest, blocks = pool_blocks(args.loops, args.steps, args.new)
+    blocks = args.blocks or blocks
     print(
         f"workload: {args.loops} loops x {args.steps} steps, {args.new} new tokens a step, "
-        f"up to {longest} tokens of context; core pool {blocks} blocks of 16"
+        f"up to {longest} tokens of context; core pool {blocks} blocks of 16; {args.device} {args.dtype}"
     )
-    core = asyncio.run(bench_core(llm, args.loops, args.steps, args.new, args.seed, blocks, args.chunk))
-    static = asyncio.run(bench_static(llm, args.loops, args.steps, args.new, args.batch, args.seed))
+    static, core = measure(llm, args.loops, args.steps, args.new, args.batch, args.chunk, blocks, args.seed)
     print(report(static, core))
     same = sum(static.outputs[k] == core.outputs[k] for k in static.outputs)
     print(
         f"core preemptions: {core.preemptions}; greedy outputs identical in {same} of {len(static.outputs)} calls "
-        "(fp32: the two paths round differently, and one flip changes the rest of a loop)"
+        "(the two paths round differently, and one flip changes the rest of a loop)"
     )
 
 

@@ -7,7 +7,7 @@ import math
 from advisor.evals.records import ROLES, TOKEN_KINDS, TaskRecord
 
 VOLUMES = (1_000, 10_000, 100_000)
-BUILTIN_ORDER = ("executor", "frontier", "advisor")
+BUILTIN_ORDER = ("executor", "frontier", "advisor", "advisor-tool", "combined")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -48,10 +48,19 @@ def strategy_stats(recs: list[TaskRecord]) -> dict:
         "latency_s": {"median": percentile(walls, 50), "p95": percentile(walls, 95)},
         "consults": sum(r.consults for r in recs),
         "consults_per_task": _div(sum(r.consults for r in recs), n),
+        "consults_by_trigger": _by_trigger(recs),
         "model_calls": sum(r.model_calls for r in recs),
         "aborted_usd": sum(r.aborted_usd for r in recs),
         "aborted_model_calls": sum(r.aborted_calls for r in recs),
     }
+
+
+def _by_trigger(recs: list[TaskRecord]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in recs:
+        for trigger, n in r.consults_by_trigger.items():
+            out[trigger] = out.get(trigger, 0) + n
+    return dict(sorted(out.items()))
 
 
 def break_even(stats: dict[str, dict], volumes: tuple[int, ...] = VOLUMES) -> dict:

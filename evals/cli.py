@@ -24,7 +24,16 @@ def _err(msg: str) -> int:
     return 2
 
 
-TERMINAL_COLUMNS = ("strategy", "tasks", "solved", "success", "USD/task", "USD/solved", "consults/task")
+TERMINAL_COLUMNS = (
+    "strategy",
+    "tasks",
+    "solved",
+    "success",
+    "USD/task",
+    "USD/solved",
+    "consults/task",
+    "consults by trigger",
+)
 
 
 def strategy_table(res: dict) -> Table:
@@ -116,12 +125,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="run a suite under several strategies (resumable) and write the report")
     p.add_argument(
-        "suite", type=Path, help="a folder of task files (*.yaml in it, */task.yaml below), a suite.yaml, or a .jsonl of {prompt, answer}"
+        "suite",
+        type=Path,
+        help="a folder of task files (*.yaml in it, */task.yaml below), a suite.yaml, or a .jsonl of {prompt, answer}",
     )
     p.add_argument(
         "--strategies",
         default="executor,frontier,advisor",
-        help="comma-separated (default: executor,frontier,advisor)",
+        help="comma-separated: executor, frontier, advisor (policy), advisor-tool (the executor asks), combined, or a suite's own (default: executor,frontier,advisor)",
     )
     p.add_argument("--concurrency", type=int, default=40, help="task runs at once (default: 40)")
     p.add_argument(

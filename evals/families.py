@@ -281,7 +281,9 @@ def build_suite(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m advisor.evals.families", description="generate a seeded eval suite")
+    p = argparse.ArgumentParser(
+        prog="python -m advisor.evals.families", description="generate a seeded eval suite"
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--per-family", type=int, default=8)
     p.add_argument("--first-seed", type=int, default=0)
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         print(
-            f"advisor.evals.families: --families: unknown {unknown} (known: {', '.join(FAMILIES)})", file=sys.stderr
+            f"advisor.evals.families: --families: unknown {unknown} (known: {', '.join(FAMILIES)})",
+            file=sys.stderr,
         )
         return 2
     print(build_suite(a.out, a.per_family, a.first_seed, families, defaults, a.effort))

@@ -46,6 +46,10 @@ def _usage(d: dict) -> Usage:
     return Usage(**{k: int(d.get(k, 0)) for k in TOKEN_KINDS})
 
 
+# consult modes in which the frontier acts in the executor's conversation for some steps
+HANDOVER_MODES = ("takeover", "restart")
+
+
 @dataclass
 class Consult:
     step: int
@@ -67,6 +71,7 @@ class TaskRecord:
     model_calls: int = 0
     error: str | None = None
     consult_ledger: list[Consult] = field(default_factory=list)
+    consults_by_trigger: dict[str, int] = field(default_factory=dict)  # tool, failures, plan, ...
     # attempts that died with their Ray worker or node: spent, but not in `cost` (result.json's `aborted`)
     aborted_usd: float = 0.0
     aborted_calls: int = 0
@@ -112,6 +117,12 @@ def read_record(task_dir: Path, strategy: str, pricer: Pricer) -> TaskRecord:
     trace = task_dir / "trace.jsonl"
     if trace.is_file():
         _price_from_trace(rec, read_trace(trace), pricer)
+    by_trigger = res.get("consults_by_trigger")
+    if not isinstance(by_trigger, dict):  # a result.json from before the field: the trace's consults
+        by_trigger = {}
+        for c in rec.consult_ledger:
+            by_trigger[c.trigger] = by_trigger.get(c.trigger, 0) + 1
+    rec.consults_by_trigger = {str(k): int(v) for k, v in by_trigger.items()}
     return rec
 
 
@@ -135,11 +146,11 @@ def _price_from_trace(rec: TaskRecord, events: list[dict], pricer: Pricer) -> No
             else:
                 pending_takeover = None
         elif kind == "consult":
-            if ev.get("mode") == "takeover":
-                c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), "takeover", 0.0)
-                pending_takeover = c
-            else:  # advise: its model_call was emitted just before it
-                c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), "advise", last_consult_call)
+            # advise: its model_call was emitted just before it; takeover and restart make no consult call
+            # of their own, they buy the frontier steps that follow (purpose "takeover")
+            mode = ev.get("mode") or "advise"
+            c = Consult(int(ev.get("step", 0)), ev.get("trigger", ""), mode, last_consult_call)
+            pending_takeover = c if mode in HANDOVER_MODES else None
             last_consult_call = 0.0
             rec.consult_ledger.append(c)
     rec.cost["executor"], rec.cost["frontier"] = by_role["executor"], by_role["frontier"]

@@ -27,6 +27,12 @@ def ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}x"
 
 
+def _triggers(stats: dict) -> str:
+    """Consults per task by trigger (tool: the executor asked; failures, plan, ...: the policy)."""
+    n = stats["tasks"] or 1
+    return ", ".join(f"{t} {c / n:.2f}" for t, c in stats.get("consults_by_trigger", {}).items()) or "-"
+
+
 def _tok(t: dict) -> str:
     return f"{t['input']:,} / {t['cached_input']:,} / {t['output'] + t['reasoning']:,}"
 
@@ -49,6 +55,7 @@ def tables(res: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
             "median latency",
             "p95 latency",
             "consults/task",
+            "consults by trigger",
         ],
         [
             [
@@ -64,6 +71,7 @@ def tables(res: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                 secs(st[s]["latency_s"]["median"]),
                 secs(st[s]["latency_s"]["p95"]),
                 f"{st[s]['consults_per_task'] or 0:.2f}",
+                _triggers(st[s]),
             ]
             for s in names
         ],
@@ -154,12 +162,16 @@ def render_md(res: dict) -> str:
 HTML = jinja2.Environment(autoescape=True).from_string(
     """<!doctype html>
 <html><head><meta charset="utf-8"><title>Eval report</title>
-""" + HTML_STYLE + """
+"""
+    + HTML_STYLE
+    + """
 </head><body><h1>Eval report</h1>
 {% if prices_file %}<p>Costs re-priced with <code>{{ prices_file }}</code>.</p>{% endif %}
 <h2>Headline</h2><ul>{% for l in headline %}<li>{{ l }}</li>{% endfor %}</ul>
 <div class="plots">{% for name, b64 in plots %}<img alt="{{ name }}" src="data:image/png;base64,{{ b64 }}">{% endfor %}</div>
-""" + HTML_TABLES + """</body></html>
+"""
+    + HTML_TABLES
+    + """</body></html>
 """
 )
 

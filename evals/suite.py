@@ -167,8 +167,14 @@ def load_suite(path: str | Path, *, endpoints_file: Path | None = None, check_en
             )
         tasks = [_build(_task_data(f, f.stem), f, str(f), {}, common, check_env) for f in loose]
         tasks += [_build(_task_data(f, f.parent.name), f, str(f), {}, common, check_env) for f in nested]
-        found = [f"{len(loose)} task file{'s' * (len(loose) != 1)} ({', '.join(f.name for f in loose[:4])}"
-                 f"{', ...' if len(loose) > 4 else ''})"] if loose else []
+        found = (
+            [
+                f"{len(loose)} task file{'s' * (len(loose) != 1)} ({', '.join(f.name for f in loose[:4])}"
+                f"{', ...' if len(loose) > 4 else ''})"
+            ]
+            if loose
+            else []
+        )
         found += [f"{len(nested)} */task.yaml"] if nested else []
         suite = Suite(path.name, str(path), tasks, found="found " + " and ".join(found))
     elif path.suffix == ".jsonl":
@@ -198,7 +204,9 @@ NOT_TASKS = ("advisor.",)
 def _task_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """A folder's task files: its own *.yaml / *.yml (not advisor*.yaml), and task.yaml in folders below."""
     loose = sorted(
-        f for f in folder.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml") and not f.name.startswith(NOT_TASKS)
+        f
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix in (".yaml", ".yml") and not f.name.startswith(NOT_TASKS)
     )
     nested = sorted(f for f in folder.rglob("task.yaml") if f.parent != folder)
     return loose, nested

@@ -8,31 +8,46 @@ line numbers, a path outside the workspace says why. Each edit's result carries 
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
 import re
 from pathlib import Path
 
+from advisor.tools.fswalk import Budget, PatternError, compile_regex, glob_regex, read_head, walk
 from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 from advisor.tools.workspace import MAX_WRITE_BYTES, confine, os_errors, workspace_of
 
 MAX_VIEW_LINES = 400
 MAX_VIEW_CHARS = 24_000
 MAX_SEARCH_RESULTS = 200
-MAX_SEARCH_FILE_BYTES = 2_000_000
+MAX_SEARCH_FILE_BYTES = 2_000_000  # read of each file; the rest of a larger one is not searched (said so)
+MAX_SEARCH_TOTAL_BYTES = 256_000_000
+MAX_VIEW_BYTES = 8_000_000  # read of a file by view_file (said so when the file is larger)
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".venv", "node_modules", ".mypy_cache", ".ruff_cache"}
 CONTEXT_LINES = 3
 
 
-def _read_text(real: Path, path: str) -> str:
+def _read_text(real: Path, path: str, limit: int) -> tuple[str, int]:
+    """The file's text, at most `limit` bytes of it, and its size in bytes."""
     if not real.exists():
         raise ToolError(f"file not found: {path}; use list_files to see what exists")
     if not real.is_file():
         raise ToolError(f"{path} is not a file; use list_files to look inside a folder")
-    raw = real.read_bytes()
+    raw, size = read_head(real, limit)
     if b"\x00" in raw[:8192]:
-        raise ToolError(f"{path} is a binary file ({len(raw)} bytes)")
-    return raw.decode("utf-8", errors="replace")
+        raise ToolError(f"{path} is a binary file ({size} bytes)")
+    if size > len(raw):  # do not end on half a line or half a character
+        raw = raw[: raw.rfind(b"\n") + 1] or raw
+    return raw.decode("utf-8", errors="replace"), size
+
+
+def _edit_text(real: Path, path: str) -> str:
+    """The whole file, for an edit: one over the write limit is refused before it is read."""
+    if real.is_file() and real.stat().st_size > MAX_WRITE_BYTES:
+        raise ToolError(
+            f"{path} is {real.stat().st_size} bytes, over the {MAX_WRITE_BYTES} byte limit of the edit "
+            "tools; use shell or python to change it"
+        )
+    return _read_text(real, path, MAX_WRITE_BYTES + 1)[0]
 
 
 def _write_text(real: Path, text: str) -> None:
@@ -103,7 +118,7 @@ def edit_file(
         count = len(new_text.splitlines())
         data = {"path": path, "kind": "create", "line": 1, "removed_lines": 0, "added_lines": count}
         return ToolResult(f"created {path} ({count} lines)", data=data)
-    text = _read_text(real, path)
+    text = _edit_text(real, path)
     if insert_line is not None:
         lines = text.splitlines(keepends=True)
         if not 1 <= insert_line <= len(lines) + 1:
@@ -159,12 +174,20 @@ def view_file(ctx: ToolContext, path: str, start_line: int = 1, end_line: int | 
     """
     root = workspace_of(ctx)
     real = confine(root, path)
-    lines = _read_text(real, path).splitlines()
+    text, size = _read_text(real, path, MAX_VIEW_BYTES)
+    lines = text.splitlines()
     total = len(lines)
+    partial = size > MAX_VIEW_BYTES
+    cut = (
+        f" (only the first {MAX_VIEW_BYTES // 1_000_000} MB of its {size} bytes were read; "
+        "use shell or python for the rest)"
+        if partial
+        else ""
+    )
     if total == 0:
         return ToolResult(f"{path} is empty", data={"path": path, "lines": 0})
     if start_line < 1 or start_line > total:
-        raise ToolError(f"start_line {start_line} is out of range: {path} has {total} lines")
+        raise ToolError(f"start_line {start_line} is out of range: {path} has {total} lines{cut}")
     last = total if end_line is None else end_line
     if last < start_line:
         raise ToolError(f"end_line {end_line} is before start_line {start_line}")
@@ -173,22 +196,29 @@ def view_file(ctx: ToolContext, path: str, start_line: int = 1, end_line: int | 
     if len(shown) > MAX_VIEW_CHARS:
         shown = shown[:MAX_VIEW_CHARS].rsplit("\n", 1)[0]
         last = start_line + shown.count("\n")
-    note = f"[{path}: lines {start_line}-{last} of {total}"
+    note = f"[{path}: lines {start_line}-{last} of {total}{'+' if partial else ''}{cut}"
     note += f"; view more with start_line={last + 1}]" if last < total else "]"
-    return ToolResult(shown + "\n" + note, data={"path": path, "lines": total, "shown": [start_line, last]})
+    data = {"path": path, "lines": total, "shown": [start_line, last], "bytes_read": len(text), "size": size}
+    return ToolResult(shown + "\n" + note, data=data)
 
 
-def _walk(root: Path, base: Path, glob: str | None):
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            rel = p.relative_to(root).as_posix()
-            if glob and not (fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(name, glob)):
-                continue
-            if p.is_symlink():
-                continue  # a link may lead out of the workspace
-            yield p, rel
+def _walk(root: Path, base: Path, glob: str | None, budget: Budget):
+    """Regular files under `base` (links and FIFOs, sockets, devices skipped), filtered by `glob`."""
+    rx = None
+    if glob:
+        try:
+            rx = glob_regex(glob, anywhere=True)
+        except PatternError as e:
+            raise ToolError(f"glob {glob!r}: {e}") from None
+    prefix = base.relative_to(root).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    for e in walk(base, budget, skip_dirs=SKIP_DIRS):
+        if not e.is_file:
+            continue  # a link may lead out of the workspace; folders are walked
+        rel = prefix + e.rel
+        if rx is not None and not (rx.match(rel) or rx.match(e.path.name)):
+            continue
+        yield e.path, rel
 
 
 @tool
@@ -204,7 +234,7 @@ def search(
     """Search the workspace's text files for a regular expression; prints path:line: text for each match.
 
     Args:
-        pattern: a Python regular expression, e.g. `def parse_` or `TODO|FIXME`
+        pattern: a regular expression (RE2 syntax: no backreferences or lookaround), e.g. `def parse_` or `TODO|FIXME`
         path: folder (or file) to search, relative to the workspace
         glob: only files whose path or name matches this glob, e.g. `*.py`
         ignore_case: match case-insensitively
@@ -213,27 +243,40 @@ def search(
     root = workspace_of(ctx)
     base = confine(root, path)
     try:
-        rx = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
-    except re.error as e:
+        rx = compile_regex(pattern, ignore_case)
+    except PatternError as e:
         raise ToolError(
-            f"invalid regular expression {pattern!r}: {e}; escape special characters such as ( [ . * with \\"
+            f"invalid regular expression {pattern!r}: {e}; escape special characters such as ( [ . * with \\ "
+            "(RE2 syntax: no backreferences or lookaround)"
         ) from None
     if not base.exists():
         raise ToolError(f"not found: {path}")
+    if not (base.is_file() or base.is_dir()):
+        raise ToolError(f"{path} is neither a regular file nor a folder (a FIFO, socket or device?)")
     cap = max(1, min(max_results, MAX_SEARCH_RESULTS))
-    files = [(base, base.relative_to(root).as_posix())] if base.is_file() else _walk(root, base, glob)
+    budget = Budget()
+    if base.is_file():
+        files = iter([(base, base.relative_to(root).as_posix())])
+    else:
+        files = _walk(root, base, glob, budget)
     hits: list[str] = []
     total = searched = 0
     matched_files: set[str] = set()
+    partial: list[str] = []
+    read_total = 0
     for p, rel in files:
+        if read_total >= MAX_SEARCH_TOTAL_BYTES:
+            budget.cut = budget.cut or f"stopped after reading {MAX_SEARCH_TOTAL_BYTES // 1_000_000} MB"
+            break
         try:
-            if p.stat().st_size > MAX_SEARCH_FILE_BYTES:
-                continue
-            raw = p.read_bytes()
+            raw, size = read_head(p, MAX_SEARCH_FILE_BYTES)
         except OSError:
-            continue
+            continue  # not a regular file (any more), or unreadable
+        read_total += len(raw)
         if b"\x00" in raw[:8192]:
             continue
+        if size > len(raw):
+            partial.append(rel)
         searched += 1
         for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
             if rx.search(line):
@@ -242,9 +285,17 @@ def search(
                 if len(hits) < cap:
                     hits.append(f"{rel}:{n}: {line.strip()[:300]}")
     data = {"matches": total, "files": len(matched_files), "searched_files": searched, "shown": len(hits)}
+    data["partially_read"] = partial[:20]
+    notes = []
+    if partial:
+        names = ", ".join(partial[:5]) + (f" and {len(partial) - 5} more" if len(partial) > 5 else "")
+        notes.append(f"[only the first {MAX_SEARCH_FILE_BYTES // 1_000_000} MB of {names} searched]")
+    if budget.cut:
+        data["incomplete"] = budget.cut
+        notes.append(f"[search incomplete: {budget.cut}; narrow the path or glob]")
     if not hits:
-        return ToolResult(f"no matches for /{pattern}/ in {searched} files", data=data)
+        return ToolResult("\n".join([f"no matches for /{pattern}/ in {searched} files", *notes]), data=data)
     text = "\n".join(hits)
     if total > len(hits):
         text += f"\n[... {total - len(hits)} more matches not shown; narrow the pattern, path or glob ...]"
-    return ToolResult(text, data=data)
+    return ToolResult("\n".join([text, *notes]), data=data)

@@ -1,11 +1,9 @@
-"""Run model-written Python in a subprocess: in the workspace, time- and memory-limited, no secrets.
+"""The `python` tool: model-written Python in the task's workspace, confined like the shell tool.
 
-The child is this interpreter (`sys.executable`, so pillow, numpy and opencv are there) started in
-its own session; on timeout every descendant and the whole process group are killed, and after a
-normal exit the group is killed too, so background children do not outlive the call. Limits are
-rlimits set by a small launcher inside the child (not `preexec_fn`, which is unsafe in threaded
-parents). This is resource isolation, not a security boundary: the code can still read files the
-user can read and open network connections; run untrusted tasks in a container.
+The child is this interpreter (`sys.executable`, so pillow, numpy and opencv are there) run through
+advisor.tools.confine: in bwrap by default where bubblewrap works (else the limits mode; `sandbox:
+none` only when the task says so), in a clean environment, time-, memory- and process-limited, its
+launcher a child subreaper so that no background or double-forked child outlives the call.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from advisor.tools import confine
+from advisor.tools.confine import SandboxUnavailable
 from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 from advisor.tools.workspace import workspace_of
 
@@ -29,25 +30,12 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_MAX_OUTPUT = 12_000  # characters of output the model sees
+DEFAULT_MAX_PROCESSES = 256
 MAX_FILE_BYTES = 256 * 1024 * 1024
-# Only these variables reach the child; everything else (API keys, tokens, proxies) stays behind.
-ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 
 _LAUNCHER = r"""
-import linecache, resource, sys, traceback
-def limit(kind, soft, hard):
-    cap = resource.getrlimit(kind)[1]  # never ask above the inherited hard limit
-    if cap != resource.RLIM_INFINITY:
-        soft, hard = min(soft, cap), min(hard, cap)
-    resource.setrlimit(kind, (soft, hard))
-mem, cpu, fsize = (int(v) for v in sys.argv[1:4])
-if mem > 0:
-    limit(resource.RLIMIT_AS, mem, mem)
-limit(resource.RLIMIT_CPU, cpu, cpu + 1)
-limit(resource.RLIMIT_FSIZE, fsize, fsize)
-limit(resource.RLIMIT_CORE, 0, 0)
-del limit
-with open(sys.argv[4], encoding="utf-8") as f:
+import linecache, sys, traceback
+with open(sys.argv[1], encoding="utf-8") as f:
     source = f.read()
 sys.argv = ["<python>"]
 sys.path.insert(0, "")
@@ -72,64 +60,51 @@ class RunResult:
     truncated_chars: int
 
 
-def child_env(workspace: Path, tmp: Path) -> dict[str, str]:
-    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
-    env.setdefault("PATH", "/usr/bin:/bin")
-    env.update(
-        HOME=str(workspace),
-        TMPDIR=str(tmp),
-        PYTHONIOENCODING="utf-8",
-        PYTHONDONTWRITEBYTECODE="1",
-        PYTHONUNBUFFERED="1",
-        MPLBACKEND="Agg",
-        MPLCONFIGDIR=str(tmp / "mpl"),
-        # One thread each: BLAS pools reserve address space per thread and would trip the memory cap.
-        OMP_NUM_THREADS="1",
-        OPENBLAS_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-    )
-    env.setdefault("LANG", "C.UTF-8")
-    return env
-
-
-def _argv(script: Path, timeout_s: float, memory_mb: int) -> list[str]:
-    return [
-        sys.executable,
-        "-E",
-        "-s",
-        "-c",
-        _LAUNCHER,
-        str(memory_mb * 1024 * 1024 if memory_mb > 0 else 0),
-        str(int(timeout_s) + 2),
-        str(MAX_FILE_BYTES),
-        str(script),
-    ]
+def _argv(script: Path) -> list[str]:
+    return [sys.executable, "-E", "-s", "-c", _LAUNCHER, str(script)]
 
 
 class _Cell:
-    """One run's scratch: the script and the output file, in a temp dir outside the workspace."""
+    """One run: the script in the call's scratch folder, the output file beside it, the confinement."""
 
-    def __init__(self, code: str, workspace: Path) -> None:
-        self.workspace = Path(workspace).resolve()
-        self._tmp = tempfile.TemporaryDirectory(prefix="advisor-py-")
-        self.tmp = Path(self._tmp.name)
+    def __init__(self, code: str, workspace: Path, mode: str, timeout_s: float, memory_mb: int) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="advisor-py-"))
         self.script = self.tmp / "cell.py"
         self.script.write_text(code, encoding="utf-8")
-        self.out_path = self.tmp / "output.txt"
+        self.out_path = self.tmp.parent / f"{self.tmp.name}.out"  # outside what the code can reach
         # A file, not a pipe: a print loop fills a capped file, never our memory.
-        self.out = open(self.out_path, "wb")  # closed in finish()
+        fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # no other uid reads it
+        self.out = os.fdopen(fd, "wb")  # closed in finish()
+        try:
+            self.box = confine.prepare(
+                _argv(self.script),
+                workspace,
+                mode,
+                memory_mb=memory_mb,
+                max_processes=DEFAULT_MAX_PROCESSES,
+                max_file_mb=MAX_FILE_BYTES // (1024 * 1024),
+                cpu_s=int(timeout_s) + 2,
+                scratch=self.tmp,
+                address_space_cap=True,
+            )
+        except BaseException:
+            self.out.close()
+            self.out_path.unlink(missing_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def finish(self, max_output: int) -> tuple[str, int]:
         try:
             self.out.close()
             return _read_truncated(self.out_path, max_output)
         finally:
-            self._tmp.cleanup()
+            self.out_path.unlink(missing_ok=True)
+            self.box.close()
 
     def popen_kwargs(self) -> dict:
         return dict(
-            cwd=self.workspace,
-            env=child_env(self.workspace, self.tmp),
+            cwd=self.box.cwd,
+            env=self.box.env,
             stdin=subprocess.DEVNULL,
             stdout=self.out,
             stderr=subprocess.STDOUT,
@@ -143,30 +118,43 @@ async def run_python_async(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
     max_output: int = DEFAULT_MAX_OUTPUT,
+    sandbox: str = "auto",
 ) -> RunResult:
-    """Run `code` with `workspace` as the working directory under the given limits.
+    """Run `code` with `workspace` as the working directory under the given limits and sandbox.
 
-    Async so that a 30 s script holds no worker thread: many tasks can run code at once.
+    Async so that a 30 s script holds no worker thread: many tasks can run code at once. Raises
+    `SandboxUnavailable` when the sandbox cannot run here.
     """
-    cell = await asyncio.to_thread(_Cell, code, workspace)
+    mode = await asyncio.to_thread(_resolve, sandbox)
+    cell = await asyncio.to_thread(_Cell, code, workspace, mode, timeout_s, memory_mb)
     start = time.monotonic()
     timed_out = False
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *_argv(cell.script, timeout_s, memory_mb), **cell.popen_kwargs()
-        )
+        proc = await asyncio.create_subprocess_exec(*cell.box.argv, **cell.popen_kwargs())
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:
             timed_out = True
-            await asyncio.to_thread(_kill_tree, proc.pid)
         finally:  # also on cancellation; and it ends stray background children after a normal exit
-            _kill_group(proc.pid)
+            gone = cell.box.pid_namespace and proc.returncode is not None  # bwrap ended: so did its namespace
+            await asyncio.to_thread(confine.kill_all, proc.pid, cell.box.cgroup, gone)
             await asyncio.shield(proc.wait())
     finally:
         wall = time.monotonic() - start
         text, cut = await asyncio.to_thread(cell.finish, max_output)
     return RunResult(text, None if timed_out else proc.returncode, timed_out, wall, cut)
+
+
+def _resolve(sandbox: str) -> str:
+    mode = confine.resolve(sandbox)
+    if mode == "limits" and confine.is_root() and not confine.reachable_by_others(sys.executable):
+        raise SandboxUnavailable(
+            f"sandbox limits runs code as an unprivileged uid, which cannot reach this Python "
+            f"({sys.executable} is under a folder closed to other users); install bubblewrap, or put "
+            "advisor's Python where any user may run it"
+        )
+    confine.announce(mode)
+    return mode
 
 
 def run_python(
@@ -175,62 +163,26 @@ def run_python(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
     max_output: int = DEFAULT_MAX_OUTPUT,
+    sandbox: str = "auto",
 ) -> RunResult:
     """Blocking form of `run_python_async`, for scripts and worker threads."""
-    cell = _Cell(code, workspace)
+    mode = _resolve(sandbox)
+    cell = _Cell(code, workspace, mode, timeout_s, memory_mb)
     start = time.monotonic()
     timed_out = False
     try:
-        proc = subprocess.Popen(_argv(cell.script, timeout_s, memory_mb), **cell.popen_kwargs())
+        proc = subprocess.Popen(cell.box.argv, **cell.popen_kwargs())
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_tree(proc.pid)
         finally:
-            _kill_group(proc.pid)
+            confine.kill_all(proc.pid, cell.box.cgroup)
             proc.wait()
     finally:
         wall = time.monotonic() - start
         text, cut = cell.finish(max_output)
     return RunResult(text, None if timed_out else proc.returncode, timed_out, wall, cut)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of pid, from /proc (Linux); catches children that left the process group."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """Kill the group, and first every descendant while the tree still links them to pid."""
-    for child in _descendants(pid):
-        try:
-            os.kill(child, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    _kill_group(pid)
 
 
 def _read_truncated(path: Path, limit: int) -> tuple[str, int]:
@@ -335,7 +287,11 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
             before = await asyncio.to_thread(export_images, ledger, workspace)
         except OSError as e:  # e.g. the code made images/ a file: run anyway, say why images are missing
             notes.append(f"[task images not written to {IMAGES_DIR}/: {e.strerror or e}]")
-    r = await run_python_async(code, workspace, timeout, memory_mb, max_output)
+    sandbox = getattr(extra.get("shell"), "sandbox", "auto")
+    try:
+        r = await run_python_async(code, workspace, timeout, memory_mb, max_output, sandbox)
+    except SandboxUnavailable as e:
+        raise ToolError(str(e)) from None
     if ledger is not None and before is not None:
         try:
             images, more = await asyncio.to_thread(import_images, ledger, workspace, before)
@@ -357,6 +313,8 @@ async def python_tool(ctx: ToolContext, code: str, timeout_s: float = DEFAULT_TI
 
 
 def _signal_note(code: int | None, memory_mb: int) -> str:
+    if code is not None and code > 128:  # bwrap reports a child killed by a signal as 128 + its number
+        code = 128 - code
     if code is None or code >= 0:
         return ""
     try:

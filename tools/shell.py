@@ -15,7 +15,7 @@ DEFAULT_TIMEOUT_S = 120.0
 class ShellSettings:
     """A task's `shell:` block as the tools see it (in `ctx.extra["shell"]`)."""
 
-    sandbox: str = "bwrap"
+    sandbox: str = "auto"
     limits: Limits = Limits()
     max_timeout_s: float = 600.0
 

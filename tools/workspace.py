@@ -11,6 +11,7 @@ import functools
 import os
 from pathlib import Path, PurePosixPath
 
+from advisor.tools.fswalk import Budget, PatternError, glob_depth, glob_regex, read_head, walk
 from advisor.tools.spec import ToolContext, ToolError, ToolResult, tool
 
 MAX_READ_CHARS = 20_000
@@ -81,7 +82,7 @@ def read_file(ctx: ToolContext, path: str, offset: int = 0, max_chars: int = MAX
         raise ToolError(
             f"{path} is {size} bytes, over the {MAX_READ_BYTES} byte limit; use python to read parts of it"
         )
-    raw = real.read_bytes()
+    raw, _ = read_head(real, MAX_READ_BYTES)  # a regular file only: a FIFO swapped in never blocks us
     if b"\x00" in raw[:8192]:
         raise ToolError(f"{path} is a binary file ({len(raw)} bytes); use python to inspect it")
     text = raw.decode("utf-8", errors="replace")
@@ -135,25 +136,34 @@ def list_files(
     real = confine(root, path)
     if not real.is_dir():
         raise ToolError(f"{path} is not a folder" if real.exists() else f"folder not found: {path}")
+    budget = Budget()
     if pattern is not None:
         if not pattern.strip() or pattern.startswith("/") or ".." in PurePosixPath(pattern).parts:
             raise ToolError(f"pattern {pattern!r} refused; give a glob relative to {path}, e.g. **/*.py")
-        found = real.rglob(pattern) if recursive else real.glob(pattern)
-        entries = sorted(e for e in found if not (set(e.relative_to(real).parts) & _SKIP))
+        try:
+            rx = glob_regex(pattern, anywhere=recursive)
+        except PatternError as e:
+            raise ToolError(f"pattern {pattern!r}: {e}") from None
+        depth = None if recursive else glob_depth(pattern)
+        # links are listed, never entered: a link to / or /etc shows as a link, not as their files
+        found = walk(real, budget, skip_dirs=_SKIP, max_depth=depth)
+        entries = [e for e in found if rx.match(e.rel)]
     else:
-        entries = sorted(real.rglob("*") if recursive else real.iterdir())
+        entries = list(walk(real, budget, max_depth=None if recursive else 1))
+    entries.sort(key=lambda e: e.rel)
     lines = []
     for e in entries[:MAX_LIST_ENTRIES]:
-        rel = e.relative_to(real).as_posix()
-        if e.is_symlink():
-            target = e.resolve()
+        if e.is_link:
+            target = Path(os.path.realpath(e.path))
             inside = target == root or root in target.parents
-            lines.append(f"{rel} -> {'(link)' if inside else '(link outside the workspace, refused)'}")
-        elif e.is_dir():
-            lines.append(rel + "/")
+            lines.append(f"{e.rel} -> {'(link)' if inside else '(link outside the workspace, refused)'}")
+        elif e.is_dir:
+            lines.append(e.rel + "/")
         else:
-            lines.append(f"{rel}  {e.stat().st_size} B")
+            lines.append(f"{e.rel}  {e.st.st_size} B")
     if len(entries) > MAX_LIST_ENTRIES:
         lines.append(f"[... {len(entries) - MAX_LIST_ENTRIES} more entries ...]")
+    if budget.cut:
+        lines.append(f"[listing incomplete: {budget.cut}; narrow the path or pattern]")
     empty = f"no files match {pattern!r} in {path}" if pattern is not None else f"{path} is empty"
     return ToolResult(text="\n".join(lines) if lines else empty, data=[str(x) for x in lines])

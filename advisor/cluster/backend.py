@@ -96,7 +96,12 @@ class RayBackend:
         return self._archives[key]
 
     async def run(
-        self, task: Task, strategy: str, out: Path, listeners: list[Callable[[dict], None]]
+        self,
+        task: Task,
+        strategy: str,
+        out: Path,
+        listeners: list[Callable[[dict], None]],
+        run_id: str | None = None,
     ) -> TaskResult:
         archive = await self._archive(task)
         sent = bundle.shipped(task)
@@ -107,7 +112,7 @@ class RayBackend:
             seen = Spend()
             end: dict | None = None
             gen = run_attempt.options(**self.task_options).remote(
-                sent, archive, strategy, attempt, self.limiter, self.max_usd
+                sent, archive, strategy, attempt, self.limiter, self.max_usd, run_id
             )
             try:
                 async for ref in gen:

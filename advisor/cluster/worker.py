@@ -59,7 +59,9 @@ def placement() -> dict:
 
 
 @ray.remote(max_retries=0)
-def run_attempt(task: Task, archive: bytes | None, strategy: str, attempt: str, limiter, max_usd):
+def run_attempt(
+    task: Task, archive: bytes | None, strategy: str, attempt: str, limiter, max_usd, run_id: str | None = None
+):
     """One attempt at `task` (its paths as `bundle.shipped` made them, `archive` their files)."""
     where = placement()
     yield {"placed": where, "pid": os.getpid()}
@@ -73,7 +75,13 @@ def run_attempt(task: Task, archive: bytes | None, strategy: str, attempt: str, 
 
         async def go():
             loop = rt.loops.loop_for(
-                here, strategy, root / "out", listeners=[events.put], gate=gate, placement=where
+                here,
+                strategy,
+                root / "out",
+                listeners=[events.put],
+                gate=gate,
+                placement=where,
+                run_id=run_id,
             )
             return await loop.run()
 

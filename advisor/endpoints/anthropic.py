@@ -216,10 +216,13 @@ def from_anthropic_messages(system: Any, wire: Any) -> list[Message]:
             parts = _user_parts(rest, f"{where}.content")
             if parts or not isinstance(content, list) or len(rest) == len(content):
                 out.append(Message("user", parts))
+        elif role == "system":  # a mid-conversation system turn (Claude Code sends its environment so)
+            parts = _user_parts(content, f"{where}.content")
+            if any(not isinstance(p, TextPart) for p in parts):
+                raise ValueError(f"{where}.content: a system turn holds text only")
+            out.append(Message.system("".join(p.text for p in parts)))
         else:
-            raise ValueError(
-                f"{where}.role: must be user or assistant (got {role!r}); the system prompt goes in `system`"
-            )
+            raise ValueError(f"{where}.role: must be user, assistant or system (got {role!r})")
     return out
 
 

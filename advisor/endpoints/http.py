@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import os
 import time
 import urllib.request
@@ -41,6 +42,8 @@ from advisor.endpoints.retry import (
 )
 from advisor.endpoints.stream import Delta, StreamEnd
 from advisor.messages import Attempt, ImagePart, Message, ModelResponse, TextPart, Usage
+
+logger = logging.getLogger(__name__)
 
 try:  # optional (`pip install 'advisor[proxy]'`): the cheaper client for a proxy's upstream calls
     import aiohttp
@@ -484,10 +487,18 @@ class HTTPEndpoint(Endpoint):
             return parsed
 
         try:
-            parsed = await with_retries(once, self.retry_policy)
+            parsed = await with_retries(once, self.retry_policy, self._say_retry)
         except AttemptFailed as e:
             raise self._final_error(e, log.attempts) from None
         return log.response(parsed)
+
+    def _say_retry(self, e: AttemptFailed, retry: int, wait_s: float) -> None:
+        """One warning line per retry (the run's progress shows it): without it a dead URL is a run that
+        says nothing for the whole backoff. The reason is already scrubbed of keys."""
+        logger.warning(
+            "endpoint %s: %s; retry %d of %d in %.1f s",
+            self.name, one_line(e.reason), retry, self.retry_policy.max_retries, wait_s,
+        )
 
     def _final_error(self, e: AttemptFailed, attempts: list[Attempt]) -> EndpointError:
         message = e.reason
@@ -568,7 +579,9 @@ class HTTPEndpoint(Endpoint):
             raise failure
 
         try:
-            response, events, reader, first, t0 = await with_retries(open_stream, self.retry_policy)
+            response, events, reader, first, t0 = await with_retries(
+                open_stream, self.retry_policy, self._say_retry
+            )
         except AttemptFailed as e:
             raise self._final_error(e, attempts) from None
         number = log.next_number

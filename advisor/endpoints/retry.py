@@ -106,8 +106,15 @@ def should_retry(exc: BaseException, policy: RetryPolicy) -> bool:
     return exc.retry_after is None or exc.retry_after <= policy.max_retry_after_s
 
 
-async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
-    """Await `attempt()` until it succeeds or the policy gives up; re-raises the last `AttemptFailed`."""
+OnRetry = Callable[[AttemptFailed, int, float], None]
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, on_retry: OnRetry | None = None
+) -> T:
+    """Await `attempt()` until it succeeds or the policy gives up; re-raises the last `AttemptFailed`.
+    `on_retry(failure, retry number, wait in seconds)` runs before each wait, so a caller can say what it
+    is waiting for (a dead URL otherwise looks like a hung run for the whole backoff)."""
     # the first try runs bare: most calls succeed at once, and building tenacity's machinery for
     # each of them cost a proxy more CPU than the HTTP call itself
     try:
@@ -116,12 +123,22 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy)
         if policy.max_retries == 0 or not should_retry(e, policy):
             raise
         first = e
-    await policy.sleep(_wait_s(first, policy, 1))
+    wait = _wait_s(first, policy, 1)
+    if on_retry is not None:
+        on_retry(first, 1, wait)
+    await policy.sleep(wait)
+
+    def before_sleep(state) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and isinstance(exc, AttemptFailed):
+            on_retry(exc, state.attempt_number + 1, state.next_action.sleep if state.next_action else 0.0)
+
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.max_retries),
         wait=_RetryAfterOrBackoff(policy, before=1),
         retry=retry_if_exception(lambda e: should_retry(e, policy)),
         sleep=policy.sleep,
+        before_sleep=before_sleep,
         reraise=True,
     )
     return await retrying(attempt)

@@ -34,12 +34,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from advisor import fastjson
 from advisor.endpoints.stream import StreamEnd
 from advisor.escalation import estimate_tokens
 from advisor.proxy import report
+from advisor.proxy.admin import admin_routes
+from advisor.proxy.auth import ANYONE, CURRENT, Gate, Principal, Refused
 from advisor.proxy.coalesce import CoalescingHttpToolsProtocol
 from advisor.proxy.router import ProxyError, Routed, RoutedStream, Router
 from advisor.proxy.sessions import Session
@@ -64,10 +66,43 @@ def _kind(status: int) -> str:
     )
 
 
+def _wire_of(path: str) -> Wire:
+    return ANTHROPIC if "/messages" in path else OPENAI
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(wire: Wire, limit: int) -> _Reply:
+    return _Reply.error(wire, 413, "request_too_large", _too_large_message(limit))
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _refusal(wire: Wire, r: Refused) -> _Reply:
+    headers = [(b"retry-after", b"%d" % r.retry_after)] if r.retry_after is not None else []
+    if r.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    return _Reply.error(wire, r.status, r.kind, r.message, headers)
+
+
 class ProxyApp:
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, gate: Gate | None = None):
         self.router = router
         self.config = router.config
+        self.gate = gate if gate is not None else Gate(self.config)
+        if self.gate.store is not None:
+            router.meter = self.gate
+            self.gate.journal = router.store
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.config.models)
@@ -84,20 +119,54 @@ class ProxyApp:
                 Route(f"{prefix}/models", self.models, methods=["GET"]),
             ]
         routes += [Route("/", self.page, methods=["GET"]), Route("/health", self.health, methods=["GET"])]
+        routes += admin_routes(self.gate)
 
         @contextlib.asynccontextmanager
         async def lifespan(_app):
-            yield
-            await self.router.aclose()
+            await self.gate.open()
+            await self.gate.import_sessions(self.router.store)  # an old journal's sessions, once
+            try:
+                yield
+            finally:
+                await self.router.aclose()
+                await self.gate.close()
 
-        routed = Starlette(routes=routes, lifespan=lifespan)
+        async def too_large(request: Request, exc: Exception) -> Response:
+            return self._error(_wire_of(request.url.path), 413, "request_too_large", str(exc))
+
+        routed = Starlette(routes=routes, lifespan=lifespan, exception_handlers={_TooLarge: too_large})
+        limit = self.config.max_request_bytes
+        gate = self.gate
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and scope["method"] == "POST":
-                chat = hot.get(scope["path"])
+            if scope["type"] != "http":
+                return await routed(scope, receive, send)
+            path = scope["path"]
+            if scope["method"] == "POST":
+                chat = hot.get(path)
                 if chat is not None:
                     return await chat(scope, receive, send)
-            await routed(scope, receive, send)
+            # the other routes: the same key rules (/ and /admin need the master key; /health is open)
+            if gate.enabled and path != "/health":
+                try:
+                    principal = await gate.admit(scope, master_only=path == "/" or path.startswith("/admin"))
+                except Refused as r:
+                    return await _refusal(_wire_of(path), r).send(send)
+                scope = {**scope, "state": {**scope.get("state", {}), "principal": principal}}
+            declared = _declared_length(scope)
+            if declared is not None and declared > limit:
+                return await _too_large(_wire_of(path), limit).send(send)
+            seen = 0
+
+            async def bounded() -> Message:
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(_too_large_message(limit))
+                return message
+
+            await routed(scope, bounded, send)
 
         return app
 
@@ -113,8 +182,10 @@ class ProxyApp:
         if routed is not None:
             h.append((b"x-advisor-role", routed.role.encode("latin-1")))
             h.append((b"x-advisor-model", routed.model.encode("latin-1")))
-            if routed.consult is not None:
-                consult = f"{routed.consult.trigger}={routed.consult.kind}"
+            made = [routed.consult] if routed.consult is not None else []
+            made += getattr(routed, "tool_consults", [])  # the executor's advisor-tool calls
+            if made:
+                consult = ", ".join(f"{c.trigger}={c.kind}" for c in made)
                 h.append((b"x-advisor-consult", consult.encode("latin-1")))
         return h
 
@@ -132,12 +203,18 @@ class ProxyApp:
     async def _body(self, request: Request) -> Any:
         return await self._json(await request.body())
 
-    async def chat(self, raw: bytes, session_id: str | None, wire: Wire) -> _Reply | _Stream:
+    async def chat(
+        self, raw: bytes, session_id: str | None, wire: Wire, principal: Principal = ANYONE
+    ) -> _Reply | _Stream:
         """One chat request: its body and session header in, the reply (or stream) to send out."""
         try:
             parsed = wire.parse(await self._json(raw))
         except ValueError as e:
             return _Reply.error(wire, 400, "invalid_request_error", f"advisor proxy: {e}")
+        try:
+            self.gate.check_model(principal, parsed.model)
+        except Refused as r:
+            return _refusal(wire, r)
         if not self.serves(parsed.model):
             return _Reply.error(
                 wire,
@@ -147,7 +224,7 @@ class ProxyApp:
             )
         route = self.router.stream if parsed.stream else self.router.handle
         try:
-            routed = await route(parsed.chat, session_id)
+            routed = await route(parsed.chat, session_id, parsed.advisor)
         except ProxyError as e:
             return _Reply.error(wire, e.status, e.kind, e.message, self._headers(e.session))
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
@@ -192,7 +269,13 @@ class ProxyApp:
         )
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(report.render_html(report.results(self.router.store)))
+        res = report.results(self.router.store)
+        if self.gate.store is not None:
+            res["spend"] = await report.spend(self.gate.store)
+        return HTMLResponse(report.render_html(res))
+
+    def _error(self, wire: Wire, status: int, kind: str, message: str) -> Response:
+        return JSONResponse(wire.error(status, kind, message), status_code=status)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "sessions": len(self.router.store.sessions)})
@@ -292,23 +375,41 @@ class _Chat:
         self.app, self.wire = app, wire
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gate, limit = self.app.gate, self.app.config.max_request_bytes
+        principal = ANYONE
+        if gate.enabled:  # before the body is read: a stranger uploads nothing
+            try:
+                principal = await gate.admit(scope)
+            except Refused as r:
+                return await _refusal(self.wire, r).send(send)
+            CURRENT.set(principal)
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            return await _too_large(self.wire, limit).send(send)
         message = await receive()
         raw = message.get("body", b"")
         if message.get("more_body"):
             chunks = [raw]
+            size = len(raw)
             while message.get("more_body"):
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return  # the client left before its request was whole
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:  # a chunked body with no length: refused at the limit, not read on
+                    return await _too_large(self.wire, limit).send(send)
+                chunks.append(chunk)
             raw = b"".join(chunks)
+        elif len(raw) > limit:
+            return await _too_large(self.wire, limit).send(send)
         session_id = None
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER:
                 session_id = value.decode("latin-1")
                 break
         try:
-            reply = await self.app.chat(raw, session_id, self.wire)
+            reply = await self.app.chat(raw, session_id, self.wire, principal)
         except Exception as e:  # a bug of ours: the harness still gets its format and one line
             log.exception("advisor proxy: request failed")
             reply = _Reply.error(self.wire, 500, "api_error", _internal(e))
@@ -328,5 +429,9 @@ UVICORN_OPTIONS: dict[str, Any] = {
 }
 
 
-def build_app(router: Router) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    return ProxyApp(router).app()
+def _too_large_message(limit: int) -> str:
+    return f"advisor proxy: the request body is over {limit:,} bytes (max_request_bytes in proxy.yaml)"
+
+
+def build_app(router: Router, gate: Gate | None = None) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    return ProxyApp(router, gate).app()

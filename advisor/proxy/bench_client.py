@@ -1,7 +1,8 @@
 """The proxy benchmark's load generator, in its own process: `python -m advisor.proxy.bench_client SPEC`.
 
 SPEC is a JSON object: `url` (http://host:port/path), `model`, `stream`, `sessions` (one keep-alive
-connection and one `x-advisor-session` each), `requests` (in all), and optionally `rate` (requests per
+connection and one `x-advisor-session` each), `requests` (in all), optionally `key_env` (the variable
+holding the API key to send as a Bearer token) and `rate` (requests per
 second, offered open-loop: request i is due at i / rate and its latency counts from then, so a server
 that falls behind shows it) and `warm` (requests per session before the measured part).
 
@@ -101,9 +102,10 @@ class Session:
             self.writer.close()
 
 
-def http_request(host: str, port: int, path: str, body: bytes, session: str) -> bytes:
+def http_request(host: str, port: int, path: str, body: bytes, session: str, key: str | None = None) -> bytes:
+    auth = f"authorization: Bearer {key}\r\n" if key else ""
     head = (
-        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n{auth}"
         f"x-advisor-session: {session}\r\ncontent-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -114,8 +116,10 @@ async def main(spec: dict) -> dict:
     host, port = url.hostname or "127.0.0.1", url.port or 80
     body = request_body(spec["stream"], spec["model"])
     n_sessions, total, rate = spec["sessions"], spec["requests"], spec.get("rate")
+    key = os.environ.get(spec["key_env"]) if spec.get("key_env") else None  # never in argv
     sessions = [
-        Session(host, port, http_request(host, port, url.path, body, f"bench-{i}")) for i in range(n_sessions)
+        Session(host, port, http_request(host, port, url.path, body, f"bench-{i}", key))
+        for i in range(n_sessions)
     ]
     for _ in range(spec.get("warm", 10)):
         await asyncio.gather(*(s.call() for s in sessions))

@@ -55,6 +55,10 @@ class ProxyEscalation(Escalation):
         default="advise",
         description="advise: the frontier's advice is inserted for the executor; takeover: the frontier answers the next takeover_steps requests",
     )
+    advisor_tool: None = Field(  # type: ignore[assignment]
+        default=None,
+        description="not set in proxy.yaml: a client offers the advisor tool in its request (tools: advisor_20260301)",
+    )
     error_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ERROR_PATTERNS),
         description="regexes: a tool result matching one is a failure (besides Anthropic's is_error)",
@@ -91,6 +95,35 @@ class Sessions(_Strict):
     )
 
 
+class Auth(_Strict):
+    """Who may use the proxy: the master key (from an environment variable, never the file) administers
+    and may call every route; virtual keys (`advisor proxy keys create`) are for people and services."""
+
+    master_key_env: str = Field(description="environment variable holding the master key")
+    pepper_env: str | None = Field(
+        default=None,
+        description="environment variable holding the secret mixed into virtual keys' hashes (default: derived from the master key, so rotating it invalidates the virtual keys)",
+    )
+    refresh_s: float = Field(
+        default=2.0, gt=0, description="how often a replica re-reads the keys (revocations, budgets)"
+    )
+
+
+class Storage(_Strict):
+    """Where keys, spend and call records live: SQLite under sessions.dir by default; PostgreSQL for
+    replicas (`url_env` names the variable with postgresql://...; a URL never sits in the file)."""
+
+    url_env: str | None = Field(
+        default=None, description="environment variable with the database URL (postgresql://...)"
+    )
+    file: str = Field(default="proxy.db", description="the SQLite file in sessions.dir when url_env is unset")
+    stale_replica_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a replica silent this long is dead: its calls in flight are booked at their estimate",
+    )
+
+
 class ProxyConfig(_Strict):
     """A loaded proxy.yaml. Load with `load_proxy_config(path)`."""
 
@@ -103,7 +136,18 @@ class ProxyConfig(_Strict):
     escalation: ProxyEscalation = Field(default_factory=ProxyEscalation)
     budget: ProxyBudget = Field(default_factory=ProxyBudget)
     sessions: Sessions = Field(default_factory=Sessions)
+    auth: Auth | None = Field(
+        default=None, description="keys (none: the proxy answers anyone; loopback only)"
+    )
+    storage: Storage = Field(default_factory=Storage)
+    max_request_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="a larger request body is refused with a 413"
+    )
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    advisor_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="the advisor tool's `model` (as a client sends it) -> the endpoint that advises; others: the frontier role",
+    )
     upstream_pools: int = Field(
         default=8, ge=1, description="connection pools per upstream endpoint (sessions spread over them)"
     )
@@ -138,18 +182,41 @@ def check_ready(cfg: ProxyConfig, source: str) -> None:
                 f"{source}: endpoints.{rc.endpoint}.price: endpoint has no price; add price: "
                 "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
             )
+    for model, name in cfg.advisor_models.items():
+        ep = cfg.endpoints.get(name)
+        if ep is None:
+            known = ", ".join(cfg.endpoints) or "none"
+            raise TaskError(f"{source}: advisor_models.{model}: unknown endpoint '{name}' (known: {known})")
+        if ep.price is None and not ep.free:
+            raise TaskError(
+                f"{source}: endpoints.{name}.price: endpoint has no price; add price: "
+                "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
+            )
 
 
 def check_keys(cfg: ProxyConfig, source: str) -> None:
-    """Each role's API key variable is set (checked when the proxy starts, not at its first request)."""
+    """Each role's API key variable is set, and the master key's and database URL's when configured
+    (checked when the proxy starts, not at its first request)."""
     import os
 
-    for role in ("executor", "frontier"):
-        rc = getattr(cfg, role)
-        env = cfg.endpoints[rc.endpoint].api_key_env if rc is not None else None
+    needed = []
+    if cfg.auth is not None:
+        needed.append(("auth.master_key_env", cfg.auth.master_key_env))
+        if cfg.auth.pepper_env:
+            needed.append(("auth.pepper_env", cfg.auth.pepper_env))
+    if cfg.storage.url_env:
+        needed.append(("storage.url_env", cfg.storage.url_env))
+    for field_name, env in needed:
+        if not os.environ.get(env):
+            raise TaskError(
+                f"{source}: {field_name}: environment variable {env} is not set; export {env}=..."
+            )
+    names = [rc.endpoint for rc in (cfg.executor, cfg.frontier) if rc is not None]
+    for name in [*names, *cfg.advisor_models.values()]:
+        env = cfg.endpoints[name].api_key_env
         if env and not os.environ.get(env):
             raise TaskError(
-                f"{source}: endpoints.{rc.endpoint}.api_key_env: environment variable {env} is not set; "
+                f"{source}: endpoints.{name}.api_key_env: environment variable {env} is not set; "
                 f"export {env}=... (keys are never read from files)"
             )
 

@@ -16,6 +16,7 @@ import jinja2
 from advisor.ledger import ROLES
 from advisor.pricing import usd
 from advisor.proxy.sessions import SessionStore
+from advisor.proxy.store import Store
 from advisor.report_format import HTML_STYLE, HTML_TABLES, md_table, write_whole
 
 
@@ -61,6 +62,24 @@ def results(store: SessionStore) -> dict:
         "spent_by_day": dict(sorted(store.day_usd.items())),
     }
     return {"total": total, "sessions": sessions}
+
+
+async def spend(store: Store) -> dict:
+    """Booked spend from the database (`advisor.proxy.store`): per key, per session (with its key) and
+    per model; calls a stopped proxy left in flight count at their estimate, in estimated_usd."""
+    return {
+        "by_key": await store.spend_by("key_name"),
+        "by_session": await store.spend_by("key_name", "session"),
+        "by_model": await store.spend_by("model"),
+    }
+
+
+def _spend_rows(rows: list[dict], cols: list[str]) -> list[list[str]]:
+    return [
+        [str(r[c]) if r[c] is not None else "(none)" for c in cols]
+        + [str(r["calls"]), usd(r["usd"]), usd(r["estimated_usd"]), str(r["in_flight"])]
+        for r in rows
+    ]
 
 
 def _triggers(consults: list[dict]) -> str:
@@ -120,14 +139,32 @@ def tables(res: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
         for c in x["consults"]
     ]
     days = [[d, usd(v)] for d, v in res["total"]["spent_by_day"].items()]
-    return {
+    out = {
         "sessions": (header, rows),
         "consults": (["session", "request", "trigger", "outcome", "skip reason", "USD"], consults),
         "days": (["day (UTC)", "USD"], days),
     }
+    sp = res.get("spend")
+    if sp is not None:
+        tail = ["calls", "USD", "of which estimated", "in flight"]
+        out["by_key"] = (["key", *tail], _spend_rows(sp["by_key"], ["key_name"]))
+        out["by_key_session"] = (
+            ["key", "session", *tail],
+            _spend_rows(sp["by_session"], ["key_name", "session"]),
+        )
+        out["by_model"] = (["model", *tail], _spend_rows(sp["by_model"], ["model"]))
+    return out
 
 
-TITLES = {"sessions": "Per session", "consults": "Escalation ledger", "days": "Spend per day"}
+TITLES = {
+    "sessions": "Per session",
+    "consults": "Escalation ledger",
+    "days": "Spend per day",
+    "by_key": "Spend per key",
+    "by_key_session": "Spend per key and session",
+    "by_model": "Spend per model",
+}
+SPEND_TABLES = ("by_key", "by_key_session", "by_model")
 
 
 def headline(res: dict) -> str:
@@ -143,7 +180,7 @@ def headline(res: dict) -> str:
 def render_md(res: dict) -> str:
     tb = tables(res)
     parts = ["# Proxy report", "", headline(res), ""]
-    for key in ("sessions", "consults", "days"):
+    for key in ("sessions", "consults", "days", *(k for k in SPEND_TABLES if k in tb)):
         parts += [f"## {TITLES[key]}", "", md_table(*tb[key]) if tb[key][1] else "none", ""]
     parts += ["Every number here is in results.json.", ""]
     return "\n".join(parts)
@@ -167,13 +204,16 @@ HTML = jinja2.Environment(autoescape=True).from_string(
 def render_html(res: dict) -> str:
     tb = tables(res)
     return HTML.render(
-        headline=headline(res), tables=[(TITLES[k], tb[k]) for k in ("sessions", "consults", "days")]
+        headline=headline(res),
+        tables=[(TITLES[k], tb[k]) for k in ("sessions", "consults", "days", *SPEND_TABLES) if k in tb],
     )
 
 
-def write_report(store: SessionStore, out: Path) -> dict:
+def write_report(store: SessionStore, out: Path, spent: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     res = results(store)
+    if spent is not None:
+        res["spend"] = spent
     write_whole(out / "results.json", json.dumps(res, indent=2) + "\n")
     write_whole(out / "report.md", render_md(res))
     write_whole(out / "report.html", render_html(res))

@@ -16,24 +16,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import zlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
+from advisor.consult import ADVISOR_TOOL, ConsultBrief, Slot, consult, transcript_digest
 from advisor.endpoints import make_endpoint
 from advisor.endpoints.base import ChatRequest, Endpoint, EndpointConfig, EndpointError
 from advisor.endpoints.http import preferred_client
-from advisor.endpoints.stream import Delta, StreamEnd
+from advisor.endpoints.stream import Delta, StreamEnd, ToolCallDelta
 from advisor.escalation import ConsultOutcome, estimate_tokens
 from advisor.messages import Attempt, Message, ModelResponse, Usage, without_images
 from advisor.pricing import FREE, Price
 from advisor.prompts import render
+from advisor.proxy.advisor_tool import (
+    MAX_USES,
+    OVERLOADED,
+    PING_EVERY_S,
+    TOO_LONG,
+    TOO_MANY,
+    UNAVAILABLE,
+    AdvisedResponse,
+    AdvisorCall,
+    AdvisorResult,
+    AdvisorToolSpec,
+    Iteration,
+    IterationEnd,
+    Ping,
+    result_text,
+    server_tool_id,
+)
 from advisor.proxy.config import ProxyConfig
 from advisor.proxy.sessions import Consult, Session, SessionStore, session_key
 from advisor.proxy.signals import read_signals
 
-_DIGEST_ENTRIES = 60  # the consult sees the last tool calls of the conversation, not all of a long one
+
+class Meter(Protocol):
+    async def start_call(self, session: Session, role: str, model: str, estimate: float) -> Any: ...
+
+    def settle(self, ticket: Any, cost: float, error: str | None = None, **call: Any) -> None: ...
+
+    async def load_session(self, session: Session) -> bool: ...
+
+    async def save_session(self, session: Session) -> None: ...
+
+    def save_session_later(self, session: Session) -> None: ...
 
 
 class ProxyError(Exception):
@@ -42,26 +69,6 @@ class ProxyError(Exception):
     def __init__(self, status: int, kind: str, message: str, session: Session | None = None):
         super().__init__(message)
         self.status, self.kind, self.message, self.session = status, kind, message, session
-
-
-@dataclass
-class Slot:
-    """A role's endpoint, as `upstream_pools` instances of it: each session keeps to one (an Anthropic
-    endpoint replays the thinking blocks it received), and each pool stays small, since httpx scans its
-    whole pool at every request and response (at 40 concurrent sessions one pool cost more CPU than the
-    rest of the proxy)."""
-
-    role: str
-    pool: list[Endpoint]
-    price: Price
-    effort: str | None
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.pool[0]
-
-    def for_session(self, session_id: str) -> Endpoint:
-        return self.pool[zlib.crc32(session_id.encode()) % len(self.pool)]
 
 
 class RoutedStream:
@@ -104,23 +111,11 @@ class Routed:
     model: str
     session: Session
     consult: Consult | None
+    tool_consults: list[Consult] = field(default_factory=list)  # the executor's advisor-tool calls
 
 
 def _price(ep: Endpoint) -> Price:
     return ep.config.price or FREE
-
-
-def _digest(messages: list[Message]) -> str:
-    results = {m.tool_call_id: m for m in messages if m.role == "tool"}
-    lines = []
-    for m in messages:
-        if m.role == "user" and m.text.strip():
-            lines.append(f"user: {m.text[:500]}")
-        for c in m.tool_calls:
-            args = json.dumps(c.arguments, default=str) if c.arguments is not None else c.raw_arguments[:200]
-            r = results.get(c.id)
-            lines.append(f"{c.name}({args[:300]}) -> {r.text[:300] if r else '(no result)'}")
-    return "\n".join(lines[-_DIGEST_ENTRIES:])
 
 
 def _with(request: ChatRequest, **changes) -> ChatRequest:
@@ -169,6 +164,7 @@ class Router:
         store: SessionStore | None = None,
     ):
         self.config = config
+        self.meter: Meter | None = None  # keys' budgets and the call records (advisor.proxy.auth.Gate)
         given = dict(endpoints or {})
 
         def slot(role: str) -> Slot | None:
@@ -183,12 +179,13 @@ class Router:
             elif not isinstance(pool, list):
                 pool = [pool]
             given[rc.endpoint] = pool
-            return Slot(role, pool, _price(pool[0]), rc.effort)
+            return Slot(role, pool[0], _price(pool[0]), rc.effort, pool)
 
         self.executor = slot("executor")
         self.frontier = slot("frontier")
         assert self.executor is not None
         self._owned = {id(e): e for s in (self.executor, self.frontier) if s is not None for e in s.pool}
+        self._advisors: dict[str, Slot] = {}  # advisor_models' endpoints, made at their first use
         self.store = store or SessionStore(
             config.escalation,
             self.frontier.price if self.frontier else None,
@@ -205,31 +202,49 @@ class Router:
         self.store.close()
 
     # -- one request -------------------------------------------------------------------------
-    async def handle(self, request: ChatRequest, session_id: str | None = None) -> Routed:
+    async def handle(
+        self, request: ChatRequest, session_id: str | None = None, advisor: AdvisorToolSpec | None = None
+    ) -> Routed:
+        """Route a request; `advisor`: the request offered the advisor tool (`advisor.proxy.advisor_tool`)."""
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         async with session.lock:  # one conversation's requests are decided in order
+            # replicas: another one may have moved the session on (then this is not its first request)
+            if self.meter is not None and await self.meter.load_session(session):
+                first = False
             try:
-                return await self._handle(session, first, request)
+                return await self._handle(session, first, request, advisor)
             finally:
                 self.store.save(session)
+                if self.meter is not None:
+                    await self.meter.save_session(session)
 
-    async def stream(self, request: ChatRequest, session_id: str | None = None) -> RoutedStream:
+    async def stream(
+        self, request: ChatRequest, session_id: str | None = None, advisor: AdvisorToolSpec | None = None
+    ) -> RoutedStream:
         """Route a streamed request: decided as `handle` decides, then the upstream's reply is streamed.
         Returns once the first delta is in (the upstream's retries are over by then; when they fail,
         ProxyError is raised as for `handle`). The session stays locked until the stream is closed."""
         sid = session_id or session_key(request.messages)
         session, first = self.store.get(sid)
         await session.lock.acquire()
+        meter = self.meter
 
         def done() -> None:
             self.store.save(session)
             session.lock.release()
+            if meter is not None:  # written after the stream (a task: this runs from its close)
+                meter.save_session_later(session)
 
         deltas = None
         try:
+            if meter is not None and await meter.load_session(session):
+                first = False
             acting, purpose, upstream, consult = await self._decide(session, first, request)
-            deltas = self._upstream(session, acting, purpose, upstream, stream=True)
+            if advisor is not None:
+                deltas = self._advised(session, acting, purpose, upstream, advisor, stream=True)
+            else:
+                deltas = self._upstream(session, acting, purpose, upstream, stream=True)
             head = await anext(deltas)
         except BaseException:
             if deltas is not None:
@@ -239,10 +254,19 @@ class Router:
         self.store.commit()  # the decision's events, before the headers saying who answers go out
         return RoutedStream(acting.role, acting.endpoint.config.model, session, consult, head, deltas, done)
 
-    async def _handle(self, s: Session, first: bool, request: ChatRequest) -> Routed:
+    async def _handle(
+        self, s: Session, first: bool, request: ChatRequest, advisor: AdvisorToolSpec | None = None
+    ) -> Routed:
         acting, purpose, upstream, consult = await self._decide(s, first, request)
-        resp = await self._call(s, acting, purpose, upstream)
-        return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult)
+        if advisor is None:
+            resp = await self._call(s, acting, purpose, upstream)
+            return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult)
+        made = len(s.consults)
+        async for event in self._advised(s, acting, purpose, upstream, advisor, stream=False):
+            if isinstance(event, StreamEnd):
+                resp = event.response
+        tools = [c for c in s.consults[made:] if c.trigger == "tool"]
+        return Routed(resp, acting.role, resp.model or acting.endpoint.config.model, s, consult, tools)
 
     async def _decide(
         self, s: Session, first: bool, request: ChatRequest
@@ -325,7 +349,9 @@ class Router:
         cap = request.max_tokens or slot.endpoint.config.max_tokens or 1024
         estimate = slot.price.cost(Usage(input=estimate_tokens(request.messages), output=cap))
         attempts: list[Attempt] = []
-        store = self.store
+        store, meter = self.store, self.meter
+        # the key's budget is checked (ProxyError when spent) and the call recorded as started
+        ticket = await meter.start_call(s, slot.role, slot.endpoint.config.model, estimate) if meter else None
         store.in_flight += 1
         store.reserved_usd += estimate
         sent = 0  # characters forwarded to the client
@@ -335,9 +361,18 @@ class Router:
             store.reserved_usd = max(0.0, store.reserved_usd - estimate)
             if stream:
                 extra["streamed_chars"] = sent
-            store.record_call(
+            cost = store.record_call(
                 s, slot.role, slot.endpoint.name, purpose, usage, slot.price, request=s.requests, **extra
             )
+            if meter is not None:
+                meter.settle(
+                    ticket,
+                    cost,
+                    extra.get("error"),
+                    usage=usage.as_dict(),
+                    endpoint=slot.endpoint.name,
+                    purpose=purpose,
+                )
             if stream:  # written before the stream's end (its usage) reaches the client
                 store.commit()
 
@@ -377,45 +412,228 @@ class Router:
     async def _consult(
         self, s: Session, trigger: str, request: ChatRequest, detail: str
     ) -> tuple[Consult, ConsultOutcome]:
+        """Consults the frontier (the consult core, `advisor.consult`); what the proxy does with the
+        outcome: a note inserted into this and every later request, and the session's journal."""
         assert self.frontier is not None
-        policy, messages = s.policy, request.messages
+        frontier, messages = self.frontier, request.messages
         goal = next((m.text for m in reversed(messages) if m.role == "user" and m.text.strip()), "")
-        consult_msgs = [
-            Message.system(render("consult_system")),
-            Message.user(
-                render(
-                    "consult_request",
-                    goal=goal[:4000],
-                    tools=[t.name for t in request.tools or []],
-                    digest=_digest(messages),
-                    trigger=trigger,
-                    answer=None,
-                    failures=policy.consecutive,
-                    detail=detail,
-                )
-            ),
-        ]
-        cap = policy.config.advice_max_tokens
-        est_in = estimate_tokens(messages if policy.hands_over(trigger) else consult_msgs)
-        estimate = self.frontier.price.cost(Usage(input=est_in, output=cap))
-        outcome = policy.begin_consult(trigger, s.ledger.total_usd, estimate, self.config.budget.max_usd)
-        if outcome is not None:  # skipped, or takeover: the frontier answers in the harness's conversation
-            consult = Consult(trigger, outcome.kind, s.requests, outcome.skip_reason)
+        brief = ConsultBrief(
+            trigger,
+            goal=goal[:4000],
+            tools=[t.name for t in request.tools or []],
+            digest=transcript_digest(messages),
+            failures=s.policy.consecutive,
+            detail=detail,
+        )
+        done = await consult(
+            brief,
+            policy=s.policy,
+            frontier=frontier,
+            ledger=s.ledger,
+            max_usd=self.config.budget.max_usd,
+            conversation=messages,
+            call=lambda req: self._call(s, frontier, "consult", req),
+        )
+        outcome = done.outcome
+        if done.advice is None:  # skipped, or takeover: the frontier answers in the harness's conversation
+            consult_ = Consult(trigger, outcome.kind, s.requests, outcome.skip_reason)
             if outcome.kind == "takeover":
                 s.inserts.append(
                     (len(messages), render("takeover", steps=outcome.takeover_steps, trigger=trigger))
                 )
-            self.store.record_consult(s, consult, estimated_cost_usd=estimate)
-            return consult, outcome
-        before = s.ledger.total_usd
-        resp = await self._call(
-            s,
-            self.frontier,
-            "consult",
-            ChatRequest(consult_msgs, max_tokens=cap, effort=self.frontier.effort),
+            self.store.record_consult(s, consult_, estimated_cost_usd=done.estimate_usd)
+            return consult_, outcome
+        s.inserts.append((len(messages), render("advice", trigger=trigger, advice=done.advice)))
+        consult_ = Consult(trigger, "advice", s.requests, None, done.cost_usd)
+        self.store.record_consult(
+            s, consult_, estimated_cost_usd=done.estimate_usd, advice=done.advice[:2000]
         )
-        advice = resp.message.text.strip()
-        s.inserts.append((len(messages), render("advice", trigger=trigger, advice=advice)))
-        consult = Consult(trigger, "advice", s.requests, None, s.ledger.total_usd - before)
-        self.store.record_consult(s, consult, estimated_cost_usd=estimate, advice=advice[:2000])
-        return consult, policy.advised(trigger, advice)
+        return consult_, outcome
+
+    # -- the advisor tool (advisor.proxy.advisor_tool) ---------------------------------------------
+    def _advisor_slot(self, spec: AdvisorToolSpec) -> Slot:
+        """The endpoint that advises: `advisor_models[spec.model]`, else the frontier role."""
+        name = self.config.advisor_models.get(spec.model or "")
+        if name is None or (self.frontier is not None and name == self.frontier.endpoint.name):
+            if self.frontier is None:
+                raise ProxyError(
+                    400,
+                    "invalid_request_error",
+                    f"advisor proxy: no advisor for model {spec.model!r}: set `frontier:` in proxy.yaml or map "
+                    "the model to an endpoint under `advisor_models:`",
+                )
+            return self.frontier
+        slot = self._advisors.get(name)
+        if slot is None:
+            cfg = self.config.endpoints[name]
+            options = upstream_options(self.config, cfg)
+            pool = [make_endpoint(name, cfg, **options) for _ in range(self.config.upstream_pools)]
+            self._owned.update((id(e), e) for e in pool)
+            slot = self._advisors[name] = Slot("frontier", pool[0], _price(pool[0]), None, pool)
+        return slot
+
+    async def _advised(
+        self,
+        s: Session,
+        acting: Slot,
+        purpose: str,
+        request: ChatRequest,
+        spec: AdvisorToolSpec,
+        *,
+        stream: bool,
+    ) -> AsyncIterator:
+        """The executor's turn with the advisor tool served: executor calls until one asks for no
+        advice, each `advisor` call answered by a consult (the events: `advisor.proxy.advisor_tool`)."""
+        advisor = self._advisor_slot(spec)
+        messages = list(request.messages)
+        segments: list = []
+        iterations: list[Iteration] = []
+        uses = 0
+        # past max_uses the executor hears an error; a model that keeps asking is answered at most this often
+        rounds_left = (spec.max_uses if spec.max_uses is not None else s.policy.config.max_consults) + 2
+        while True:
+            resp = None
+            hidden: set[int] = set()
+            async for d in self._upstream(
+                s, acting, purpose, _with(request, messages=messages), stream=stream
+            ):
+                if isinstance(d, StreamEnd):  # the last item: the generator ends after it
+                    resp = d.response
+                    continue
+                if isinstance(d, ToolCallDelta):
+                    if d.id is not None and d.name == ADVISOR_TOOL:
+                        hidden.add(d.index)
+                    if d.index in hidden:
+                        continue  # the advisor call is shown as a server_tool_use block instead
+                yield d
+            assert resp is not None
+            iterations.append(Iteration("message", resp.usage, resp.model or acting.endpoint.config.model))
+            call = next((c for c in resp.message.tool_calls if c.name == ADVISOR_TOOL), None)
+            if call is None or rounds_left <= 0:
+                if call is not None:  # asked once too often: the turn ends here, without the call
+                    others = [c for c in resp.message.tool_calls if c.name != ADVISOR_TOOL]
+                    finish = resp.finish_reason if others else "stop"
+                    resp = replace(
+                        resp, message=replace(resp.message, tool_calls=others), finish_reason=finish
+                    )
+                end = IterationEnd(resp, None)
+                segments.append(end)
+                yield end
+                break
+            rounds_left -= 1
+            sid = server_tool_id()
+            # the turn ends at the advisor call: other calls of the same turn are the executor's to make again
+            asked = replace(
+                resp.message, tool_calls=[replace(call, id=sid, arguments={}, raw_arguments="{}")]
+            )
+            end = IterationEnd(replace(resp, message=replace(resp.message, tool_calls=[])), sid)
+            segments += [end, AdvisorCall(sid)]
+            yield end
+            yield AdvisorCall(sid)
+            if spec.max_uses is not None and uses >= spec.max_uses:
+                result = AdvisorResult(sid, None, MAX_USES)
+                s.policy.skipped += 1
+                self.store.record_consult(s, Consult("tool", "skipped", s.requests, "max_uses"))
+            else:
+                uses += 1
+                task = asyncio.ensure_future(
+                    self._tool_consult(s, advisor, [*messages, asked], request, spec, sid)
+                )
+                try:
+                    if stream:
+                        yield Ping()
+                        while not task.done():
+                            await asyncio.wait([task], timeout=PING_EVERY_S)
+                            if not task.done():
+                                yield Ping()
+                    result, iteration = await task
+                finally:
+                    task.cancel()
+                if iteration is not None:
+                    iterations.append(iteration)
+            segments.append(result)
+            yield result
+            messages += [
+                asked,
+                Message.tool(
+                    sid,
+                    ADVISOR_TOOL,
+                    result_text(result.text, result.error_code),
+                    result.error_code is not None,
+                ),
+            ]
+            self._check_budget(s)
+        final = AdvisedResponse(
+            resp.message,
+            Usage(),
+            resp.model,
+            resp.finish_reason,
+            resp.latency_s,
+            resp.attempts,
+            segments=segments,
+            iterations=iterations,
+        )
+        final.usage = final.executor_usage
+        yield StreamEnd(final)
+
+    async def _tool_consult(
+        self,
+        s: Session,
+        advisor: Slot,
+        messages: list[Message],
+        request: ChatRequest,
+        spec: AdvisorToolSpec,
+        sid: str,
+    ) -> tuple[AdvisorResult, Iteration | None]:
+        """One advisor call through the consult core (trigger `tool`), booked and journaled; a refusal
+        or a failure is an error result, never a failed request."""
+        goal = next((m.text for m in reversed(messages) if m.role == "user" and m.text.strip()), "")
+        brief = ConsultBrief(
+            "tool",
+            goal=goal[:4000],
+            tools=[t.name for t in request.tools or [] if t.name != ADVISOR_TOOL],
+            digest=transcript_digest(messages),
+            failures=s.policy.consecutive,
+        )
+        try:
+            done = await consult(
+                brief,
+                policy=s.policy,
+                frontier=advisor,
+                ledger=s.ledger,
+                max_usd=self.config.budget.max_usd,
+                conversation=messages,
+                call=lambda req: self._call(s, advisor, "consult", req),
+                max_tokens=spec.max_tokens,
+            )
+        except ProxyError as e:
+            code = _advisor_error(e)
+            self.store.record_consult(s, Consult("tool", "error", s.requests, code), error=e.message)
+            return AdvisorResult(sid, None, code), None
+        if done.advice is None:  # skipped: max_consults or the session's budget
+            reason = done.outcome.skip_reason
+            self.store.record_consult(
+                s, Consult("tool", "skipped", s.requests, reason), estimated_cost_usd=done.estimate_usd
+            )
+            return AdvisorResult(sid, None, MAX_USES if reason == "max_consults" else UNAVAILABLE), None
+        consult_ = Consult("tool", "advice", s.requests, None, done.cost_usd)
+        self.store.record_consult(
+            s, consult_, estimated_cost_usd=done.estimate_usd, advice=done.advice[:2000]
+        )
+        resp = done.response
+        assert resp is not None
+        return AdvisorResult(sid, done.advice), Iteration(
+            "advisor_message", resp.usage, resp.model or advisor.endpoint.config.model
+        )
+
+
+def _advisor_error(e: ProxyError) -> str:
+    """Anthropic's error code for a failed advisor call."""
+    text = e.message.lower()
+    if "429" in text or "rate limit" in text:
+        return TOO_MANY
+    if "529" in text or "overloaded" in text:
+        return OVERLOADED
+    if "prompt is too long" in text or "context length" in text or "too many tokens" in text:
+        return TOO_LONG
+    return UNAVAILABLE

@@ -142,6 +142,8 @@ class SessionStore:
         self.reserved_usd = 0.0  # estimated cost of calls in flight (the daily cap counts them)
         self.in_flight = 0
         self.expired = 0
+        # metered calls not yet known to be in the database (their start, and cost once settled)
+        self.metered: dict[str, dict] = {}
         self._last_sweep = time.time()
         self.directory = directory
         self._journal: Journal | None = None
@@ -277,6 +279,18 @@ class SessionStore:
 
     def _apply(self, ev: dict, line: int) -> None:
         kind, sid = ev.get("type"), ev.get("session")
+        # metered calls (advisor.proxy.auth): the journal holds each one's start and end until a proxy
+        # has checked that the database has them (`metered_synced`: everything before it is there)
+        if kind == "call_start":
+            self.metered[ev["id"]] = ev
+            return
+        if kind == "call_settled":
+            if ev["id"] in self.metered:
+                self.metered[ev["id"]] = {**self.metered[ev["id"]], "cost": ev.get("cost")}
+            return
+        if kind == "metered_synced":
+            self.metered.clear()
+            return
         if kind == "day":
             self.day_usd[ev["day"]] = self.day_usd.get(ev["day"], 0.0) + ev["usd"]
             return
@@ -313,6 +327,8 @@ class SessionStore:
             def put(ev: dict) -> None:
                 fh.write(json.dumps(ev, default=str, ensure_ascii=False) + "\n")
 
+            for ev in self.metered.values():  # kept until the database is known to have them
+                put(ev)
             for day, usd in sorted(self.day_usd.items()):
                 put({"type": "day", "day": day, "usd": usd})
             for sid, s in self.sessions.items():

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from advisor.consult import ADVISOR_TOOL
 from advisor.escalation import EscalationPolicy, call_key
 from advisor.messages import Message, ToolCall
 
@@ -50,7 +51,8 @@ def read_signals(
     calls: dict[str, ToolCall] = {
         c.id: c for m in messages[:start] + tail if m.role == "assistant" for c in m.tool_calls
     }
-    tool_msgs = [m for m in tail if m.role == "tool"]
+    # the advisor tool's results are the proxy's own consults sent back, not the harness's tools
+    tool_msgs = [m for m in tail if m.role == "tool" and m.name != ADVISOR_TOOL]
     for m in tool_msgs:
         out.tool_results += 1
         call = calls.get(m.tool_call_id or "")

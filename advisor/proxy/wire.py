@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from advisor import fastjson
+from advisor.consult import ADVISOR_TOOL, advisor_tool_spec
 from advisor.endpoints.anthropic import (
     FINISH_TO_STOP,
     anthropic_usage,
@@ -29,6 +30,19 @@ from advisor.endpoints.base import ChatRequest, ToolChoice
 from advisor.endpoints.openai import from_openai_messages, openai_usage, to_openai_messages
 from advisor.endpoints.stream import Delta, ReasoningDelta, TextDelta, ToolCallDelta
 from advisor.messages import ModelResponse, Usage
+from advisor.proxy.advisor_tool import (
+    ANTHROPIC_TYPE,
+    OPENAI_TYPES,
+    AdvisedResponse,
+    AdvisorCall,
+    AdvisorResult,
+    AdvisorToolSpec,
+    IterationEnd,
+    Ping,
+    parse_anthropic_tool,
+    parse_openai_tool,
+    unfold_server_blocks,
+)
 from advisor.tools.spec import ToolSpec
 
 
@@ -57,6 +71,9 @@ class WireRequest:
     model: str
     stream: bool
     include_usage: bool = False  # OpenAI: stream_options.include_usage
+    advisor: AdvisorToolSpec | None = (
+        None  # the request offered the advisor tool (advisor.proxy.advisor_tool)
+    )
 
 
 def _max_tokens(value: Any, field: str) -> int | None:
@@ -161,7 +178,12 @@ class OpenAIWire(Wire):
         model = _model(body)
         messages = from_openai_messages(body.get("messages"))
         tools = []
+        advisor = None
         for i, t in enumerate(body.get("tools") or []):
+            if isinstance(t, dict) and t.get("type") in OPENAI_TYPES:
+                advisor = parse_openai_tool(t, f"tools[{i}]")
+                tools.append(advisor_tool_spec())
+                continue
             fn = t.get("function") if isinstance(t, dict) else None
             if not isinstance(fn, dict) or t.get("type", "function") != "function":
                 raise ValueError(f"tools[{i}]: must be {{type: function, function: {{name, parameters}}}}")
@@ -204,7 +226,7 @@ class OpenAIWire(Wire):
         )
         stream = bool(body.get("stream"))
         include = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        return WireRequest(chat, model, stream, include)
+        return WireRequest(chat, model, stream, include, advisor)
 
     @staticmethod
     def _message(resp: ModelResponse) -> dict:
@@ -218,13 +240,28 @@ class OpenAIWire(Wire):
         return resp.finish_reason or ("tool_calls" if resp.message.tool_calls else "stop")
 
     def reply(self, resp: ModelResponse, model: str) -> dict:
+        message, usage = self._message(resp), openai_usage(resp.usage)
+        if isinstance(resp, AdvisedResponse):
+            # the whole turn's text; the consults as calls with their outputs, beside the tool calls
+            text = "".join(
+                seg.response.message.text for seg in resp.segments if isinstance(seg, IterationEnd)
+            )
+            message["content"] = text or (None if message.get("tool_calls") else "")
+            message["advisor_calls"] = [
+                {"id": seg.id, "type": "advisor", "output": seg.text, "error_code": seg.error_code}
+                for seg in resp.segments
+                if isinstance(seg, AdvisorResult)
+            ]
+            usage["iterations"] = [
+                {"type": it.kind, "model": it.model, **openai_usage(it.usage)} for it in resp.iterations
+            ]
         return {
             "id": f"chatcmpl-{_rid()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": self._message(resp), "finish_reason": self._finish(resp)}],
-            "usage": openai_usage(resp.usage),
+            "choices": [{"index": 0, "message": message, "finish_reason": self._finish(resp)}],
+            "usage": usage,
         }
 
     def events(self, model: str, include_usage: bool) -> Events:
@@ -260,6 +297,11 @@ class OpenAIEvents(Events):
     def delta(self, delta: Delta) -> list[str]:
         if isinstance(delta, TextDelta):
             return [self._chunk({"content": delta.text})]
+        if isinstance(delta, Ping):
+            return [": ping\n\n"]  # an SSE comment: keeps the stream alive, clients skip it
+        if isinstance(delta, AdvisorResult):
+            call = {"id": delta.id, "type": "advisor", "output": delta.text, "error_code": delta.error_code}
+            return [self._chunk({"advisor_calls": [call]})]
         if isinstance(delta, ReasoningDelta):
             return [self._chunk({"reasoning_content": delta.text})]
         if isinstance(delta, ToolCallDelta):
@@ -297,11 +339,16 @@ class AnthropicWire(Wire):
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
         model = _model(body)
-        messages = from_anthropic_messages(body.get("system"), body.get("messages"))
+        messages = from_anthropic_messages(body.get("system"), unfold_server_blocks(body.get("messages")))
         tools = []
+        advisor = None
         for i, t in enumerate(body.get("tools") or []):
             if not isinstance(t, dict):
                 raise ValueError(f"tools[{i}]: must be an object {{name, description, input_schema}}")
+            if t.get("type") == ANTHROPIC_TYPE:
+                advisor = parse_anthropic_tool(t, f"tools[{i}]")
+                tools.append(advisor_tool_spec())
+                continue
             if t.get("type") not in (None, "custom"):
                 continue  # server tools (web search, ...) belong to Anthropic's API, not a proxied model
             tools.append(
@@ -330,7 +377,7 @@ class AnthropicWire(Wire):
             stop=_stops(body.get("stop_sequences"), "stop_sequences"),
             parallel_tool_calls=parallel,
         )
-        return WireRequest(chat, model, bool(body.get("stream")))
+        return WireRequest(chat, model, bool(body.get("stream")), advisor=advisor)
 
     @staticmethod
     def _stop(resp: ModelResponse) -> str:
@@ -343,15 +390,22 @@ class AnthropicWire(Wire):
         return assistant_blocks(resp.message) or [{"type": "text", "text": ""}]
 
     def reply(self, resp: ModelResponse, model: str) -> dict:
+        if isinstance(resp, AdvisedResponse):
+            content = [b for seg in resp.segments for b in _advised_blocks(seg)] or [
+                {"type": "text", "text": ""}
+            ]
+            usage = {**anthropic_usage(resp.usage), "iterations": _iterations(resp)}
+        else:
+            content, usage = self._content(resp), anthropic_usage(resp.usage)
         return {
             "id": f"msg_{_rid()}",
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": self._content(resp),
+            "content": content,
             "stop_reason": self._stop(resp),
             "stop_sequence": None,
-            "usage": anthropic_usage(resp.usage),
+            "usage": usage,
         }
 
     def events(self, model: str, include_usage: bool) -> Events:
@@ -362,6 +416,35 @@ class AnthropicWire(Wire):
 
     def stream_error(self, kind: str, message: str) -> str:
         return _sse(self.error(0, kind, message), "error")
+
+
+def _advised_blocks(segment: object) -> list[dict]:
+    """One segment of an advised turn as Anthropic content blocks."""
+    if isinstance(segment, IterationEnd):
+        return assistant_blocks(segment.response.message)
+    if isinstance(segment, AdvisorCall):
+        return [{"type": "server_tool_use", "id": segment.id, "name": ADVISOR_TOOL, "input": {}}]
+    if isinstance(segment, AdvisorResult):
+        return [_advisor_result_block(segment)]
+    return []
+
+
+def _advisor_result_block(r: AdvisorResult) -> dict:
+    if r.error_code is not None:
+        content: dict = {"type": "advisor_tool_result_error", "error_code": r.error_code}
+    else:
+        content = {"type": "advisor_result", "text": r.text or ""}
+    return {"type": "advisor_tool_result", "tool_use_id": r.id, "content": content}
+
+
+def _iterations(resp: AdvisedResponse) -> list[dict]:
+    out = []
+    for it in resp.iterations:
+        row = {"type": it.kind, **anthropic_usage(it.usage)}
+        if it.kind == "advisor_message":
+            row["model"] = it.model
+        out.append(row)
+    return out
 
 
 class AnthropicEvents(Events):
@@ -410,6 +493,15 @@ class AnthropicEvents(Events):
         if isinstance(delta, TextDelta):
             out = [] if self.open == "text" else self._block("text", {"type": "text", "text": ""})
             return [*out, self._delta({"type": "text_delta", "text": delta.text})]
+        if isinstance(delta, Ping):
+            return [_sse({"type": "ping"}, "ping")]
+        if isinstance(delta, (AdvisorCall, AdvisorResult)):  # each block whole: its start, then its stop
+            (block,) = _advised_blocks(delta)
+            out = self._block("server", block)
+            return out + self._close()
+        if isinstance(delta, IterationEnd):
+            out = self._close()  # the next executor call's blocks are new ones, whatever their kind
+            return out
         if isinstance(delta, ToolCallDelta):
             key = f"tool:{delta.index}"
             out: list[str] = []
@@ -425,12 +517,10 @@ class AnthropicEvents(Events):
         out = self._block("text", {"type": "text", "text": ""}) if self.index < 0 else []
         out += self._close()
         delta = {"stop_reason": AnthropicWire._stop(resp), "stop_sequence": None}
-        out.append(
-            _sse(
-                {"type": "message_delta", "delta": delta, "usage": anthropic_usage(resp.usage)},
-                "message_delta",
-            )
-        )
+        usage = anthropic_usage(resp.usage)
+        if isinstance(resp, AdvisedResponse):
+            usage["iterations"] = _iterations(resp)
+        out.append(_sse({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta"))
         return out + [_sse({"type": "message_stop"}, "message_stop")]
 
     def fail(self, kind: str, message: str) -> list[str]:

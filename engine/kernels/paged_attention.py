@@ -80,6 +80,32 @@ def available() -> bool:
     return triton is not None
 
 
+def paged_decode_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    block_size: int,
+) -> torch.Tensor:
+    """`paged_decode` in plain PyTorch, the definition the kernel is checked against (tests, `gpu_check`):
+    per sequence, its keys and values gathered through the block table, softmax attention in fp32 for
+    every query head (head h reads KV head h // (H / Hkv)) -> [N, H, D] in q's dtype."""
+    N, H, D = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for n in range(N):
+        pos = torch.arange(int(starts[n]), int(lengths[n]), device=q.device)
+        rows = block_tables[n].long()[pos // block_size] * block_size + pos % block_size
+        k, v = k_cache[rows].float(), v_cache[rows].float()  # [S, Hkv, D]
+        qg = q[n].float().view(hkv, H // hkv, D)
+        p = torch.softmax(torch.einsum("hgd,shd->hgs", qg, k) * scale, dim=-1)
+        out[n] = torch.einsum("hgs,shd->hgd", p, v).reshape(H, D).to(q.dtype)
+    return out
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -65,6 +65,7 @@ is a bug in the source, not a missing feature: the compiler's output is logged a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -109,10 +110,12 @@ def build_directory(source: Path = _SOURCE, name: str = _NAME) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     key = hashlib.sha256(source.read_bytes())
-    # the torch installation too: its include paths are in the build's commands, so two environments
-    # sharing a folder would each find the other's build stale and compile over it
-    torch_dir = Path(torch.__file__).resolve().parent
-    key.update(f"{torch.__version__} {torch.version.cuda} {torch_dir} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
+    # everything the library's bytes depend on: torch's release and build (its headers and ABI), Python's,
+    # the flags. Not where torch is installed: the library names torch's libraries without a path (they are
+    # loaded by `import torch`) and a built one is imported without asking ninja, so every environment with
+    # the same torch shares one build (a fresh venv does not compile again)
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    key.update(f"{torch.__version__} {torch.version.cuda} {abi} {sys.version} {_CFLAGS} {_LDFLAGS}".encode())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"{name}-{key.hexdigest()[:16]}"
 
@@ -130,36 +133,78 @@ def _build(source: Path = _SOURCE, name: str = _NAME, build_directory: str | Non
     except ImportError as e:  # a torch without its extension tooling (setuptools missing)
         log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", e)
         return None
-    missing = _toolchain_problem(probe=False)  # before torch's own multi-line warning about the compiler
-    if missing is not None:
-        log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
-        return None
-    try:
-        if build_directory is None:
-            source, build_directory = _staged(source, name)
-        if not (Path(build_directory) / f"{name}.so").is_file():
+    if build_directory is None:
+        source, build_directory = _staged(source, name)
+    library = Path(build_directory) / f"{name}.so"
+    if library.is_file():  # built for this source, torch and Python (the folder's name says so): an import
+        module = _import(name, library)
+        if module is not None:
+            return module
+    with _venv_ninja():
+        missing = _toolchain_problem(probe=False)  # before torch's own multi-line warning about the compiler
+        if missing is not None:
+            log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+            return None
+        try:
             log.info(
                 "engine: compiling the CPU decode ops (fused C++ kernels for fast CPU decoding), once per machine: a minute or two; "
                 "`python -m advisor.engine.build` does it at set-up"
             )
-        return load(
-            name,
-            sources=[str(source)],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=build_directory,
-            verbose=False,
-        )
-    except Exception as e:  # torch reports a missing compiler and an error in our source alike; tell them apart
-        missing = _toolchain_problem()
-        if missing is not None:  # nothing to fix here: the PyTorch path is always there
-            log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+            return load(
+                name,
+                sources=[str(source)],
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=build_directory,
+                verbose=False,
+            )
+        except Exception as e:  # torch reports a missing compiler and an error in our source alike; tell them apart
+            missing = _toolchain_problem()
+            if missing is not None:  # nothing to fix here: the PyTorch path is always there
+                log.warning("engine: CPU decode ops unavailable (%s); using the PyTorch path", missing)
+                return None
+            if os.environ.get("ADVISOR_CPU_OPS_STRICT", "0") == "1":
+                raise CpuOpsBuildError(f"engine: {source} does not build with a working toolchain:\n{e}") from e
+            log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
+                      source, e)
             return None
-        if os.environ.get("ADVISOR_CPU_OPS_STRICT", "0") == "1":
-            raise CpuOpsBuildError(f"engine: {source} does not build with a working toolchain:\n{e}") from e
-        log.error("engine: %s does not build with a working toolchain (a bug in it); using the PyTorch path:\n%s",
-                  source, e)
+
+
+def _import(name: str, library: Path):
+    """The built library imported directly, without asking ninja whether it is current: the build folder is
+    keyed by everything that goes into the library, and which ninja is first on PATH (a system one and the
+    venv's, of different versions, read each other's build log as stale) must not turn a load into a
+    100-second rebuild. None when the file does not load (a build cut off mid-link): then it is rebuilt."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:
+        log.warning("engine: the built CPU decode ops in %s do not load (%s); building them again", library, e)
         return None
+    return module
+
+
+@contextlib.contextmanager
+def _venv_ninja():
+    """PATH with this environment's own ninja (the `ninja` package's) first while a build runs, so the build
+    uses the same ninja whichever shell started Python, and a venv's ninja counts even when its bin folder is
+    not on PATH (a `.venv/bin/python` run without activating)."""
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([bin_dir, old]) if old else bin_dir
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def _staged(source: Path, name: str) -> tuple[Path, str]:

@@ -7,7 +7,17 @@ import argparse
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a checkpoint directory or a shipped model name (step-nano, ...)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="every route but /health needs Authorization: Bearer KEY (default: $ADVISOR_API_KEY)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen beyond loopback (--host) with no API key, on purpose",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")

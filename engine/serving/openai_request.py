@@ -61,7 +61,10 @@ def _number(body: dict, key: str, kind, lo=None, hi=None, default=None):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {v!r}", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {v}", key)
+        bound = (
+            f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
+        )
+        raise BadRequest(f"'{key}' must be {bound}, got {v}", key)
     return kind(v)
 
 

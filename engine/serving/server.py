@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advisor.engine.serving.auth import ENV_API_KEY, BearerAuth, open_host_refusal
 from advisor.engine.serving.openai_request import (
     BadRequest,
     RequestOptions,
@@ -158,7 +160,8 @@ async def _choice_deltas(served: Served, ids, images, opts: RequestOptions):
 
 
 # ---------------------------------------------------------------------------------------- the app
-def build_app(served: Served):
+def build_app(served: Served, api_key: str | None = None):
+    """The ASGI app; with `api_key`, every route but /health needs it (`advisor.engine.serving.auth`)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -235,7 +238,7 @@ def build_app(served: Served):
     async def not_allowed(request: Request, exc: Exception):
         return JSONResponse(error_body(f"{request.method} not allowed on {request.url.path}"), 405)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
@@ -249,6 +252,7 @@ def build_app(served: Served):
             Exception: server_error,
         },
     )
+    return BearerAuth(app, api_key) if api_key else app
 
 
 async def _unless_disconnected(request, work):
@@ -525,8 +529,25 @@ def _context_length(path: Path) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from advisor.engine.listen import ListenError, listen
     from advisor.engine.model.loader import CheckpointError
 
+    api_key = getattr(args, "api_key", None) or os.environ.get(ENV_API_KEY) or None
+    refusal = open_host_refusal(
+        "advisor serve",
+        args.host,
+        api_key is not None,
+        getattr(args, "allow_unauthenticated", False),
+        f"give --api-key KEY (or set {ENV_API_KEY})",
+    )
+    if refusal:  # before the model loads: nothing to wait for to learn it will not start
+        print(refusal, file=sys.stderr)
+        return 2
+    try:  # the port first: a taken one is said before the model loads, and no address is printed
+        sock = listen(args.host, args.port)
+    except ListenError as e:
+        print(f"advisor serve: {e}", file=sys.stderr)
+        return 2
     try:
         served = load_served(
             args.model,
@@ -540,20 +561,23 @@ def serve(args: argparse.Namespace) -> int:
             getattr(args, "num_speculative_tokens", None),
         )
     except (ValueError, CheckpointError, FileNotFoundError) as e:  # a bad model or option: one line
+        sock.close()
         print(f"advisor serve: {e}", file=sys.stderr)
         return 2
-    print(f"advisor serve: {served.name} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
+    auth = "API key required" if api_key else "no API key"
+    print(f"advisor serve: {served.name} on http://{args.host}:{args.port}/v1 ({auth})", flush=True)
+    uvicorn.Server(uvicorn.Config(build_app(served, api_key), log_level="warning")).run(sockets=[sock])
     return 0
 
 
 @contextlib.contextmanager
-def running(served: Served, host: str = "127.0.0.1", port: int = 0):
+def running(served: Served, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
     """Serve in a background thread (for tests and embedding); yields the base URL (`.../v1` appended
     by the caller). Port 0 picks a free one."""
     import uvicorn
 
-    srv = uvicorn.Server(uvicorn.Config(build_app(served), host=host, port=port, log_level="warning"))
+    app = build_app(served, api_key)
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, name="advisor-serve", daemon=True)
     thread.start()
     try:

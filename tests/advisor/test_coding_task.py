@@ -155,9 +155,9 @@ def test_bad_workspace_and_check_are_one_line_errors(tmp_path):
 
 
 def test_missing_bwrap_stops_the_task_before_any_call(tmp_path, monkeypatch):
-    import advisor.tools.commands as commands
+    import advisor.tools.confine as confine
     make_project(tmp_path / "project")
-    monkeypatch.setattr(commands, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
+    monkeypatch.setattr(confine, "bwrap_problem", lambda: "bwrap (bubblewrap) is not installed")
     with ScriptedServer({"flash": script()}) as server:
         path = task_yaml(tmp_path, server, {"from": "project"}, shell={"sandbox": "bwrap"})
         with pytest.raises(TaskError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 
 import pytest
 from advisor.engine.text.tokenizer import build_step_tokenizer, load_tokenizer
@@ -130,6 +131,23 @@ async def test_concurrent_calls_join_one_running_batch_without_blocking_the_loop
 
     await ep._get_engine()
     core = ep._engine.llm.core
+    calls = 12
+    # the core takes no request until all twelve were submitted: a call that held a thread while it waited
+    # (the default pool has cpu + 4 workers) would never let the twelfth through, and the gate would time
+    # out; with it, how many share a step does not depend on how fast this machine is
+    submitted, gate_opened = threading.Semaphore(0), []
+    real_submit, real_take = core.submit, core._take_queued
+
+    def counting_submit(*args, **kwargs):
+        seq = real_submit(*args, **kwargs)
+        submitted.release()
+        return seq
+
+    def gated_take():
+        if not gate_opened:
+            gate_opened.append(all(submitted.acquire(timeout=120) for _ in range(calls)))
+        real_take()
+
     rows = []
     real_run = core.runner.run
 
@@ -137,25 +155,25 @@ async def test_concurrent_calls_join_one_running_batch_without_blocking_the_loop
         rows.append(len(chunks))
         return real_run(chunks)
 
-    core.runner.run = counting_run
+    core.submit, core._take_queued, core.runner.run = counting_submit, gated_take, counting_run
     try:
         t = asyncio.create_task(ticker())
         results = await asyncio.gather(
             *(
                 e.complete([Message.user(f"question {i}")], max_tokens=4)
-                for i, e in enumerate([ep, other] * 6)
+                for i, e in enumerate([ep, other] * (calls // 2))
             )
         )
         done = True
         await t
     finally:
-        core.runner.run = real_run
-    assert ticks > 5
+        core.submit, core._take_queued, core.runner.run = real_submit, real_take, real_run
+    assert ticks > 5  # the event loop ran on while the engine worked
     assert ep._engine is other._engine
     assert all(r.attempts[0].ok and 0 < r.usage.output + r.usage.reasoning <= 4 for r in results)
-    # the calls ran together in the core's steps (more of them than the default thread pool of
-    # cpu + 4 workers could have held at once)
-    assert max(rows) >= 8
+    # all twelve were in flight at once, and ran together in the core's steps
+    assert gate_opened == [True]
+    assert max(rows) == calls
     assert core.blocks.pools["full_attention"].num_in_use == 0
 
 

@@ -205,3 +205,25 @@ async def test_forty_concurrent_calls_share_one_client():
     await ep.aclose()
     assert calls == 40 and all(r.message.text == "done" for r in results)
     assert client.is_closed
+
+
+@providers
+async def test_a_dead_url_says_each_retry_on_a_line_of_its_own(provider, caplog):
+    import logging
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+    sleeps = Sleeps()
+    config = EndpointConfig(provider=provider, model="m", base_url=base, max_retries=2, api_key_env=None)
+    ep = make_endpoint("ep", config, sleep=sleeps, backoff_s=0.25)
+    with caplog.at_level(logging.WARNING, logger="advisor.endpoints"), pytest.raises(EndpointError) as err:
+        await ep.complete([Message.user("q")])
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("advisor.endpoints")]
+    assert len(lines) == len(sleeps.calls) == 2
+    for n, (line, wait) in enumerate(zip(lines, sleeps.calls, strict=True), start=1):
+        assert line.startswith("endpoint ep: ") and f"retry {n} of 2 in {wait:.1f} s" in line
+        assert "connect" in line.lower()  # what is wrong, not only that something is
+    assert "after 3 attempts" in str(err.value)

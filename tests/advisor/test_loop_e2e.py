@@ -275,6 +275,10 @@ async def test_forty_concurrent_tasks_with_a_custom_tool(tmp_path: Path):
         ({"executor": {"endpoint": "flsh"}}, "executor.endpoint: unknown endpoint 'flsh'"),
         ({"tools": ["python", "hammer"]}, "unknown tool 'hammer'"),
         ({"escalation": {"mode": "panic"}}, "escalation.mode"),
+        (  # every problem on the one line, not the first and "(+1 more)"
+            {"budget": {"max_usd": -1, "max_steps": 10, "max_wall_s": 60, "max_stepz": 3}},
+            "budget.max_usd: Input should be greater than or equal to 0 (got -1); budget.max_stepz: unknown key",
+        ),
         (None, "api_key_env: environment variable TEST_FLASH_KEY is not set"),
         (
             {"endpoints": {"flash": {"provider": "openai", "model": "m"}}},
@@ -304,3 +308,64 @@ def test_missing_task_file_and_bad_yaml(tmp_path: Path):
     proc = run_cli("run", str(bad))
     assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "line" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_failed_run_says_why_and_claims_no_saving(tmp_path: Path):
+    wrong = [Reply(text="Answer: 41", usage=EXEC_USAGE)] * 2
+    with ScriptedServer({"flash": wrong, "frontier": []}) as server:
+        task = write_task(tmp_path, server, check={"type": "equals", "value": "42", "max_attempts": 2})
+        proc = run_cli(
+            "run", str(task), "--runs-dir", str(tmp_path / "runs"), "--strategy", "executor",
+            env_extra={"TEST_FLASH_KEY": KEY},
+        )
+    (result_path,) = (tmp_path / "runs").glob("*/six-times-seven/result.json")
+    result = json.loads(result_path.read_text())
+    assert result["outcome"] == "failed"
+    assert result["error"].startswith("the check rejected the answer 2 times")
+    assert result["workspace_diff"] is None  # nothing changed: null, as docs/trace-format.md says
+    events = read_trace(result_path.parent / "trace.jsonl")
+    assert events[0]["type"] == "task_start" and events[0]["run_id"] == result_path.parent.parent.name
+    report = (result_path.parent / "report.md").read_text()
+    assert "nothing saved" in report and "(saved" not in report
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("│ six-times-seven"))
+    assert row.rstrip(" │|").endswith("-")
+
+
+def test_a_terminal_shows_each_step_as_a_line_above_the_live_table(tmp_path: Path):
+    import pty
+    import re
+
+    with ScriptedServer(
+        {
+            "flash": executor_script(),
+            "frontier": [Reply(text="Call python with print(6*7).", usage=FRONTIER_USAGE)],
+        }
+    ) as server:
+        task = write_task(tmp_path, server)
+        leader, follower = pty.openpty()
+        env = {**os.environ, "TEST_FLASH_KEY": KEY, "TERM": "xterm-256color", "COLUMNS": "200"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "advisor.cli", "run", str(task), "--runs-dir", str(tmp_path / "runs")],
+            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env, cwd=ROOT,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=120) == 0
+        os.close(leader)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "advisor run" in screen  # the live table was drawn: this was a terminal
+    for line in (
+        "six-times-seven: step 3 tool python(",
+        "six-times-seven: step 4 answer by the executor: 42",
+        "six-times-seven: check passed",
+        "consult at failures (advise)",
+    ):
+        assert line in screen

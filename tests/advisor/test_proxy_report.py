@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -143,3 +145,59 @@ def test_advisor_proxy_command_serves_and_advisor_proxy_report_writes(tmp_path, 
     assert main(["proxy", "report", "--config", config, "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "1 sessions, 1 requests" in md and "plan 1" in md
+
+
+def test_advisor_proxy_on_a_taken_port_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVISOR_CONFIG_DIR", str(tmp_path / "none"))
+    with ScriptedServer() as upstream, socket.socket() as taken:
+        config = _yaml(upstream, tmp_path)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "advisor.cli", "proxy", "--config", config, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def _report_with_long_session_ids() -> dict:
+    usage = {"input": 1234567, "cached_input": 7654321, "cache_write": 0, "output": 98765, "reasoning": 12345}
+    sessions = [
+        {
+            "session": f"claude-code:{i:02d}5f3c2a9e-41d7-4c1b-9a8e-7f0d2c6b1e4{i}" if i % 2 else "sha256:" + "9f1c2e7a" * 8,
+            "requests": 120 + i,
+            "calls": {"executor": 118 + i, "frontier": 4},
+            "tokens": {"executor": usage, "frontier": usage},
+            "cost_usd": {"executor": 0.81, "frontier": 3.12, "total": 3.93, "frontier_only_estimate": 41.2},
+            "consults": [{"trigger": "failures", "kind": "advice", "request": 17, "cost_usd": 0.4}],
+        }
+        for i in range(4)
+    ]
+    total = {**sessions[0], "sessions": 4, "consults": 4, "skipped_consults": 0, "spent_by_day": {}}
+    return {"sessions": sessions, "total": total}
+
+
+def test_the_report_page_fits_a_1280_pixel_window(tmp_path):
+    # real harness session ids are long: measured in a real browser, the page needs no horizontal scroll
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium here (.ci/run installs Debian's)")
+    from advisor.proxy.report import render_html
+
+    page = render_html(_report_with_long_session_ids()).replace(
+        "</body>",
+        "<script>document.body.setAttribute('data-width', document.documentElement.scrollWidth)</script></body>",
+    )
+    (tmp_path / "report.html").write_text(page)
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900",
+         "--dump-dom", (tmp_path / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    width = int(re.search(r'data-width="(\d+)"', dom).group(1))
+    assert width <= 1280

@@ -1,6 +1,6 @@
 """The Triton paged-attention decode kernel under TRITON_INTERPRET=1 on the CPU, in fp32, against plain
-PyTorch attention over the same block tables (shuffled block ids, GQA, sliding windows, ragged lengths);
-and the same through the serving core's attention metadata. See test_fused_moe.py for the subprocess."""
+PyTorch attention over the same block tables (`paged_decode_torch`: shuffled block ids, GQA, sliding
+windows, ragged lengths); and the same through the serving core's attention metadata. See test_fused_moe.py for the subprocess."""
 
 from __future__ import annotations
 
@@ -18,19 +18,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     import torch
-    from advisor.engine.kernels.paged_attention import paged_decode
-
-    def reference(q, kc, vc, tables, starts, lengths, scale, bs):
-        N, H, D = q.shape
-        G = H // kc.shape[1]
-        out = torch.empty_like(q)
-        for n in range(N):
-            pos = torch.arange(int(starts[n]), int(lengths[n]))
-            rows = tables[n].long()[pos // bs] * bs + pos % bs
-            for h in range(H):
-                k, v = kc[rows, h // G], vc[rows, h // G]
-                out[n, h] = torch.softmax(k @ q[n, h] * scale, 0) @ v
-        return out
+    from advisor.engine.kernels.paged_attention import paged_decode, paged_decode_torch
 
     @pytest.mark.parametrize(("H", "hkv", "D", "bs"), [(4, 2, 16, 4), (6, 3, 32, 16), (2, 2, 20, 8)])
     def test_kernel_matches_attention_over_the_block_tables(H, hkv, D, bs):
@@ -48,7 +36,7 @@ else:
         scale = D**-0.5
         got = paged_decode(q, kc, vc, tables, starts, lengths, scale, bs)
         torch.testing.assert_close(
-            got, reference(q, kc, vc, tables, starts, lengths, scale, bs), rtol=1e-5, atol=1e-5
+            got, paged_decode_torch(q, kc, vc, tables, starts, lengths, scale, bs), rtol=1e-5, atol=1e-5
         )
 
     def test_the_serving_metadata_gives_the_kernel_what_the_pytorch_path_reads():

@@ -93,6 +93,13 @@ def test_stop_is_checked(client):
         client.completions.create(model="tiny", prompt="x", stop=[""])
 
 
+def test_a_one_sided_bound_is_said_as_one(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    assert e.value.body["message"] == "'max_tokens' must be at least 1, got 0"
+
+
 # ------------------------------------------------------------------------------------------ n
 LONG = [{"role": "user", "content": "Choices over one prompt: " + "tell me a story about numbers " * 4}]
 

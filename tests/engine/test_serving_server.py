@@ -4,10 +4,12 @@ on a tiny random Step checkpoint with the project's test tokenizer."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,3 +204,32 @@ def test_advisor_serve_runs_from_the_command_line(ckpt):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_advisor_serve_on_a_taken_port_says_so_before_loading_or_printing_an_address(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "advisor.cli", "serve", str(ckpt), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 2
+    assert done.stdout == ""  # no "on http://..." for a server that never listened
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"advisor serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_the_docs_streaming_example_prints_what_step_nano_says(capsys):
+    # docs/serve.md's client, as a user pastes it, against `advisor serve step-nano`: a reasoning model's
+    # reply streams as reasoning_content first, so printing only `content` printed nothing
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "serve.md").read_text()
+    code = re.search(r"```python\n(.*?)```", docs, re.S).group(1)
+    example = code.split("\nthree = ")[0]  # the streaming part
+    served = load_served("step-nano", kv_blocks=128, max_model_len=1024, name="step-nano")
+    with running(served) as base:
+        exec(compile(example.replace("http://127.0.0.1:8000", base), "docs/serve.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

@@ -11,7 +11,7 @@ import yaml
 from advisor.cli import main
 from advisor.messages import Usage
 from advisor.pricing import Price
-from advisor.testing import Reply, ScriptedServer, ScriptedUsage
+from advisor.testing import Reply, ScriptedServer, ScriptedToolCall, ScriptedUsage
 
 EXEC_USAGE = ScriptedUsage(prompt_tokens=1000, cached_tokens=400, completion_tokens=50, reasoning_tokens=10)
 FRONTIER_USAGE = ScriptedUsage(prompt_tokens=2000, completion_tokens=300)
@@ -199,3 +199,57 @@ def test_bad_input_is_one_line(tmp_path, server, capsys):
     (tmp_path / "o").mkdir(exist_ok=True)
     assert main(["report", str(tmp_path / "o"), "--prices", str(tmp_path / "p.yaml")]) == 2
     assert "flash.input" in capsys.readouterr().err
+
+
+def test_restart_consults_are_booked_with_their_mode_and_the_frontier_steps_they_paid_for(tmp_path, server):
+    # the Quickstart's mode: a rejected answer restarts the conversation with the frontier taking the first
+    # steps; those steps are what the consult cost, in results.json, report.md and report.html alike
+    suite = make_suite(tmp_path, server)
+    spec = yaml.safe_load(suite.read_text())
+    spec["strategies"]["advisor-restart"] = {"base": "advisor", "escalation": {"mode": "restart"}}
+    suite.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_eval(suite, out, "advisor-restart") == 0
+    res = json.loads((out / "results.json").read_text())
+    consults = res["consults"]
+    assert sorted(c["task"] for c in consults) == ["t1", "t3"]
+    frontier_call = (2000 * 5.0 + 300 * 25.0) / 1e6
+    for c in consults:
+        assert c["mode"] == "restart" and c["passed_after"]
+        # every frontier call of the task came after its one restart: all of them are the consult's cost
+        trace = [json.loads(line) for line in (out / "advisor-restart" / c["task"] / "trace.jsonl").open()]
+        paid = [e["cost_usd"] for e in trace if e["type"] == "model_call" and e["role"] == "frontier"]
+        assert paid and c["cost_usd"] == pytest.approx(sum(paid)) == pytest.approx(frontier_call * len(paid))
+    md = (out / "report.md").read_text()
+    ledger_rows = [line for line in md.splitlines() if line.startswith("| advisor-restart | t")]
+    assert len(ledger_rows) == 2 and all("| restart |" in r and "advise" not in r for r in ledger_rows)
+    assert frontier_call == 0.0175 and all("| $0.0175 |" in r for r in ledger_rows)
+    html = (out / "report.html").read_text()
+    assert html.count(">restart<") == 2 and ">advise<" not in html
+def tool_executor(body: dict) -> Reply:
+    """As `executor`, but a hard task calls the advisor tool first when it is offered."""
+    answer, hard = TASKS[task_id(body)]
+    offered = any(t["function"]["name"] == "advisor" for t in body.get("tools") or [])
+    advised = "ADVICE" in json.dumps(body)
+    if hard and offered and not advised:
+        return Reply(tool_calls=[ScriptedToolCall("advisor", {})], usage=EXEC_USAGE)
+    return Reply(text=f"Answer: {answer if advised or not hard else '-1'}", usage=EXEC_USAGE)
+
+
+def test_policy_tool_and_combined_strategies_side_by_side(tmp_path):
+    with ScriptedServer({"flash": tool_executor, "frontier": frontier}) as server:
+        suite = make_suite(tmp_path, server)
+        out = tmp_path / "out"
+        assert run_eval(suite, out, "advisor,advisor-tool,combined") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["strategies"] == ["advisor", "advisor-tool", "combined"]
+    st = res["stats"]
+    assert all(st[s]["solved"] == 4 and st[s]["consults_per_task"] == 0.5 for s in res["strategies"])
+    # the policy consults after the rejected answer; the executor asks before answering
+    assert st["advisor"]["consults_by_trigger"] == {"replan": 2}
+    assert st["advisor-tool"]["consults_by_trigger"] == {"tool": 2}
+    assert st["combined"]["consults_by_trigger"] == {"tool": 2}
+    # the same calls each way here (two executor calls and a consult per hard task): the same cost
+    assert st["advisor-tool"]["usd_per_solved"] == pytest.approx(st["advisor"]["usd_per_solved"])
+    report = (out / "report.md").read_text()
+    assert "consults by trigger" in report and "tool 0.50" in report and "replan 0.50" in report

@@ -10,14 +10,16 @@ import pytest
 from advisor.tools.commands import (
     Limits,
     SandboxUnavailable,
-    _Cgroup,
     bwrap_problem,
     require_sandbox,
     run_command,
 )
+from advisor.tools.confine import cgroups_writable
 from advisor.tools.registry import BUILTIN
 from advisor.tools.shell import ShellSettings
 from advisor.tools.spec import ToolContext
+
+from tests.security.conftest import open_workspace
 
 SHELL = BUILTIN["shell"]
 BWRAP = bwrap_problem()
@@ -25,10 +27,7 @@ MODES = [
     pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP is not None, reason=BWRAP or "")),
     "limits",
 ]
-_probe = _Cgroup.create(Limits())
-HAVE_CGROUPS = _probe is not None
-if _probe is not None:
-    _probe.remove()
+HAVE_CGROUPS = cgroups_writable()
 
 
 @pytest.fixture(params=MODES)
@@ -37,10 +36,9 @@ def sandbox(request):
 
 
 @pytest.fixture
-def ws(tmp_path):
-    root = tmp_path / "ws"
-    root.mkdir()
-    return root
+def ws():
+    with open_workspace() as root:  # limits as root runs the command as a uid that must reach it
+        yield root
 
 
 def ctx_for(ws, sandbox, **limits):
