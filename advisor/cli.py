@@ -84,7 +84,14 @@ async def _run(
     )
     with live, notes_to(progress):  # on screen from the first second: loading, compiling, each step
         otel = config_otel([t.base_dir / "advisor.yaml" for t in tasks] + [user_config_dir() / "advisor.yaml"])
-        async with Advisor(runs_dir=args.runs_dir, run_id=run_id, listeners=[progress], otel=otel) as adv:
+        async with Advisor(
+            runs_dir=args.runs_dir,
+            run_id=run_id,
+            listeners=[progress],
+            otel=otel,
+            max_usd=args.max_usd,
+            **ray_settings(args),
+        ) as adv:
             results = await adv.run_many(tasks, strategy=args.strategy, concurrency=args.concurrency)
     console.print(results_table(results))
     for r in results:  # why a task errored or stopped belongs on screen, not only in result.json
@@ -92,6 +99,58 @@ async def _run(
             console.print(f"{r.task}: {r.outcome}: {r.error}", markup=False, highlight=False)
     console.print(f"outputs: {adv.run_dir}")
     return results
+
+
+def ray_settings(args: argparse.Namespace) -> dict:
+    """Advisor's backend keywords for `--ray [ADDRESS]` (absent: the local backend)."""
+    if args.ray is None:
+        return {}
+    return {
+        "backend": "ray",
+        "ray_address": None if args.ray == LOCAL_RAY else args.ray,
+        "ray_options": {
+            "max_attempts": args.ray_attempts,
+            "num_cpus": args.ray_cpus,
+            **({"num_gpus": args.ray_gpus} if args.ray_gpus else {}),
+        },
+    }
+
+
+LOCAL_RAY = "local"
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """`--ray [ADDRESS]`, `--ray-cpus`, `--ray-attempts` and `--max-usd`, for `run` and `eval`."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL_RAY,
+        default=None,
+        metavar="ADDRESS",
+        help="run each task on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT; no ADDRESS: a local Ray "
+        "for this run (pip install 'advisor[ray]'; docs/scale.md)",
+    )
+    p.add_argument(
+        "--ray-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per task (default: 1)"
+    )
+    p.add_argument(
+        "--ray-gpus",
+        type=float,
+        default=0.0,
+        help="with --ray: GPUs per task, so Ray places tasks on GPU nodes (embedded endpoints; default: 0)",
+    )
+    p.add_argument(
+        "--ray-attempts",
+        type=int,
+        default=3,
+        help="with --ray: attempts per task when workers or nodes die under it (default: 3)",
+    )
+    p.add_argument(
+        "--max-usd",
+        type=float,
+        default=None,
+        help=f"the whole {what}'s budget: no model call starts once this much is spent (on Ray: cluster-wide)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -175,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="advisor",
         help="advisor: the task's escalation policy; executor: no consults; frontier: frontier alone",
     )
+    add_cluster_arguments(run, "run")
     run.set_defaults(func=cmd_run)
     from advisor.mcp_server import add_mcp_parser
     from advisor.proxy.cli import add_proxy_parser

@@ -28,6 +28,7 @@ from advisor.consult import (
 from advisor.endpoints.base import ChatRequest, EndpointError
 from advisor.escalation import EscalationPolicy, TurnState
 from advisor.ledger import Ledger
+from advisor.limits import CallGate, SpendLimitReached
 from advisor.messages import (
     Attempt,
     Message,
@@ -87,6 +88,8 @@ class TaskLoop:
     fsync: bool = True
     mcp: McpPool | None = None  # shared MCP servers (Advisor's); None: the task starts and stops its own
     run_id: str | None = None  # the run this task belongs to (`task_start.run_id`)
+    gate: CallGate | None = None  # the run's limits (endpoint concurrency, run budget), asked before each call
+    placement: dict | None = None  # where the task ran (a Ray worker's node and host), kept in result.json
 
     def __post_init__(self) -> None:
         self.trace = Trace(self.out_dir / "trace.jsonl", fsync=self.fsync, listeners=self.listeners)
@@ -136,6 +139,27 @@ class TaskLoop:
         max_tokens: int | None = None,
     ) -> ModelResponse:
         self._check_limits()
+        if self.gate is None:
+            return await self._send(slot, purpose, messages, tools, max_tokens)
+        try:
+            permit = await self.gate.acquire(slot.endpoint.name, slot.endpoint.config.max_concurrency)
+        except SpendLimitReached as e:
+            self.trace.emit("budget_exceeded", limit="run_max_usd", value=e.spent)
+            raise _Stop("budget_exceeded", str(e)) from None
+        booked = len(self.ledger.calls)
+        try:
+            return await self._send(slot, purpose, messages, tools, max_tokens)
+        finally:  # what this call cost (billed even when it failed) goes to the run's spend
+            await self.gate.release(permit, sum(c.cost_usd for c in self.ledger.calls[booked:]))
+
+    async def _send(
+        self,
+        slot: Slot,
+        purpose: str,
+        messages: list[Message],
+        tools: list[ToolSpec] | None,
+        max_tokens: int | None,
+    ) -> ModelResponse:
         attempts: list[Attempt] = []
         remaining = self.task.budget.max_wall_s - (time.monotonic() - self.started)
         self.model_calls += 1
@@ -248,6 +272,7 @@ class TaskLoop:
                 for s in (self.executor, self.frontier)
                 if s is not None
             },
+            **(self.placement or {}),  # on Ray: the node and host, from the first line on
         )
         own_pool = None
         try:
@@ -281,6 +306,7 @@ class TaskLoop:
             cost_usd=self.ledger.cost_dict(),
             out_dir=str(self.out_dir),
             workspace_diff=changes,
+            **(self.placement or {}),
         )
         self.trace.emit("task_end", outcome=outcome, error=error, result=result.to_dict())
         await asyncio.to_thread(self._finish, result)

@@ -11,6 +11,7 @@ from typing import Literal
 from advisor.pricing import usd
 
 Outcome = Literal["passed", "failed", "budget_exceeded", "error"]
+OPTIONAL_KEYS = ("ray_node", "hostname", "aborted")
 
 
 @dataclass
@@ -32,6 +33,12 @@ class TaskResult:
     cost_usd: dict = field(default_factory=dict)
     out_dir: str | None = None
     workspace_diff: str | None = None  # unified diff of the workspace against its start, when it changed
+    # where it ran, on a Ray cluster: the Ray node id and the worker's hostname (absent on a local run)
+    ray_node: str | None = None
+    hostname: str | None = None
+    # attempts that died with their worker or node before this one: {attempts, model_calls, cost_usd,
+    # tokens, traces}; their calls were real spend, booked here beside `cost_usd`, never in it
+    aborted: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -40,6 +47,9 @@ class TaskResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("out_dir")
+        for key in OPTIONAL_KEYS:  # a local run's result.json stays as it was
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -80,6 +90,7 @@ def render_report(r: TaskResult) -> str:
     lines += [
         f"- steps: {r.steps}, consults: {r.consults} (skipped: {r.skipped_consults}{_by_trigger(r)}), model calls: {r.model_calls}",
         f"- wall time: {r.wall_s:.2f} s",
+        *([f"- ran on Ray node {r.ray_node} ({r.hostname})"] if r.ray_node else []),
         "",
         "| role | input | cached input | cache write | output | reasoning | USD |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -97,6 +108,14 @@ def render_report(r: TaskResult) -> str:
         + (f"(saved {usd(saved)})." if saved is not None else "(nothing saved: the task was not solved)."),
         "",
     ]
+    if r.aborted:
+        a = r.aborted
+        lines += [
+            f"Aborted attempts (a worker or node died): {a.get('attempts', 0)}, {a.get('model_calls', 0)} model "
+            f"calls, {usd(a.get('cost_usd', 0.0))} spent on top of the total; their traces: "
+            + ", ".join(a.get("traces") or []),
+            "",
+        ]
     if r.workspace_diff:
         lines += ["## Workspace changes", "", "```diff", r.workspace_diff.rstrip("\n"), "```", ""]
     return "\n".join(lines)

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 
-from advisor.endpoints import Endpoint, EndpointConfig, EndpointError, make_endpoint
-from advisor.loop import Slot, TaskLoop
+from advisor.consult import Slot
+from advisor.endpoints import Endpoint, EndpointConfig
+from advisor.limits import LocalGate
+from advisor.loops import Loops
 from advisor.otel import OtelConfig
 from advisor.otel import resolve as otel_settings
-from advisor.pricing import FREE, Price
 from advisor.progress import Progress
 from advisor.result import TaskResult
-from advisor.task import Task, TaskError
-from advisor.tools.mcp_client import McpPool
+from advisor.task import Task
+
+if TYPE_CHECKING:
+    from advisor.cluster import RayBackend
 
 # advisor: the escalation policy's triggers (and the advisor tool when task.yaml offers it); advisor-tool:
 # the executor consults through its advisor tool only; combined: both; executor, frontier: one model alone
@@ -45,6 +48,14 @@ class Advisor:
     OpenTelemetry trace (`advisor.otel`).
     `endpoint_options` go to `make_endpoint` (e.g. a test transport or backoff). Listeners get
     (task output name, trace event) for every event, as it happens.
+
+    `max_usd` caps the whole run's spend (no model call starts once it is booked); an endpoint's
+    `max_concurrency` caps its calls in flight across all the run's tasks. `backend="ray"` runs each
+    task as a Ray task on the cluster at `ray_address` (Ray's forms: "auto", "HOST:PORT",
+    "ray://HOST:PORT"; None: a local Ray for this process), with the same outputs here
+    (advisor.cluster, docs/scale.md); `ray_options`: `max_attempts` (a task whose worker or node died is
+    run again, at most this many attempts in all; default 3) and Ray task options (`num_cpus`, default 1;
+    `num_gpus`, `resources`, `scheduling_strategy`, default "SPREAD", `runtime_env`, ...).
     """
 
     def __init__(
@@ -58,6 +69,10 @@ class Advisor:
         endpoint_options: dict | None = None,
         console: Console | None = None,
         otel: OtelConfig | dict | bool | None = None,
+        max_usd: float | None = None,
+        backend: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        ray_options: dict | None = None,
     ):
         self.runs_dir = Path(runs_dir)
         self.run_id = run_id or new_run_id()
@@ -65,51 +80,74 @@ class Advisor:
         if console is not None:  # one line per finished task: outcome, steps, consults, cost
             self.listeners.append(Progress([], console, every_event=False))
         self.fsync = fsync
-        self._given = dict(endpoints or {})
-        self._endpoints: dict[str, Endpoint] = {}
-        self._options = endpoint_options or {}
-        self.mcp = McpPool()  # MCP servers start once per Advisor and are shared by its tasks
+        if backend == "ray" and endpoints:
+            raise ValueError("endpoints= objects cannot travel to Ray workers: give them as endpoint configs")
+        self.max_usd = max_usd
+        # endpoints, MCP servers (started once per Advisor) and the run's limits, shared by its tasks
+        self.loops = Loops(
+            fsync=fsync, given=endpoints, endpoint_options=endpoint_options, gate=LocalGate(max_usd)
+        )
         self._otel = otel_settings(otel)
         self._exporter = None  # made at the first task: nothing of OpenTelemetry is imported when off
+        if backend not in ("local", "ray"):
+            raise ValueError(f"unknown backend '{backend}' (known: local, ray)")
+        self.backend = backend
+        self.ray_address = ray_address
+        self.ray_options = dict(ray_options or {})
+        self._cluster: RayBackend | None = None  # connected at start() (or the first task)
+        self._starting = asyncio.Lock()
 
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_id
 
+    @property
+    def mcp(self):
+        return self.loops.mcp
+
+    @property
+    def gate(self) -> LocalGate:
+        """The run's limits for the tasks run in this process (peaks and spend, for a look afterwards)."""
+        return self.loops.gate  # type: ignore[return-value]
+
     def endpoint(self, name: str, config: EndpointConfig) -> Endpoint:
-        if name in self._given:
-            return self._given[name]
-        key = name + "\x00" + json.dumps(config.model_dump(mode="json"), sort_keys=True)
-        if key not in self._endpoints:
-            self._endpoints[key] = make_endpoint(name, config, **self._options)
-        return self._endpoints[key]
+        return self.loops.endpoint(name, config)
 
-    def _slot(self, task: Task, which: str, role: str) -> Slot | None:
-        rc = task.executor if which == "executor" else task.frontier
-        if rc is None:
-            return None
-        cfg = task.endpoints[rc.endpoint]
-        price: Price = cfg.price if cfg.price is not None else FREE
-        try:
-            endpoint = self.endpoint(rc.endpoint, cfg)
-        except EndpointError as e:  # e.g. a provider that is not available here: bad input
-            raise TaskError(f"{task.source}: endpoints.{rc.endpoint}.provider: {e}") from None
-        return Slot(role, endpoint, price, rc.effort)
-
-    def prepare(self, task: Task, strategy: str = "advisor") -> tuple[Slot, Slot | None]:
-        """Validates `task` for `strategy` and creates its endpoints; `TaskError` on bad input."""
+    def validate(self, task: Task, strategy: str = "advisor") -> None:
+        """Checks `task` for `strategy` (files, endpoints, prices, keys); `TaskError` on bad input."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
-        task.validate_ready(strategies=(strategy,), given=self._given.keys())
-        frontier = self._slot(task, "frontier", "frontier")
-        executor = frontier if strategy == "frontier" else self._slot(task, "executor", "executor")
-        assert executor is not None
-        return executor, frontier
+        task.validate_ready(strategies=(strategy,), given=self.loops.given.keys())
+
+    def prepare(self, task: Task, strategy: str = "advisor") -> None:
+        """Validates `task` for `strategy` and creates its endpoints; `TaskError` on bad input. On the Ray
+        backend only validates: the endpoints are made in the workers, where the task runs."""
+        self.validate(task, strategy)
+        if self.backend == "local":
+            self.slots(task, strategy)
+
+    def slots(self, task: Task, strategy: str) -> tuple[Slot, Slot | None]:
+        """The executor and frontier slots of `task` under `strategy`, on this Advisor's endpoints."""
+        return self.loops.slots(task, strategy)
+
+    async def start(self) -> None:
+        """Connects to the Ray cluster (backend "ray"; a no-op otherwise). Called by the first task; call
+        it first to learn of an unreachable cluster (`advisor.cluster.ClusterError`, a `TaskError`) before
+        anything runs."""
+        if self.backend != "ray":
+            return
+        async with self._starting:  # the first tasks of a batch all wait for one connection
+            if self._cluster is None:
+                from advisor.cluster import RayBackend
+
+                self._cluster = await RayBackend.connect(
+                    self.ray_address, max_usd=self.max_usd, fsync=self.fsync, **self.ray_options
+                )
 
     async def run(
         self, task: Task, strategy: str = "advisor", out_dir: str | Path | None = None
     ) -> TaskResult:
-        executor, frontier = self.prepare(task, strategy)
+        self.prepare(task, strategy)
         out = Path(out_dir) if out_dir else self.run_dir / task.name
         listeners = [partial(f, out.name) for f in self.listeners]
         if self._otel is not None:
@@ -118,20 +156,11 @@ class Advisor:
 
                 self._exporter = Exporter(self._otel)
             listeners.append(self._exporter.listener(task.goal))
-        loop = TaskLoop(
-            task,
-            executor,
-            None if strategy == "frontier" else frontier,
-            strategy,
-            out,
-            listeners=listeners,
-            fsync=self.fsync,
-            mcp=self.mcp,
-            run_id=self.run_id,
-        )
-        if strategy == "frontier" and frontier is not None:
-            loop.ledger.frontier_price = frontier.price
-        return await loop.run()
+        if self.backend == "ray":
+            await self.start()
+            assert self._cluster is not None
+            return await self._cluster.run(task, strategy, out, listeners, run_id=self.run_id)
+        return await self.loops.loop_for(task, strategy, out, listeners=listeners, run_id=self.run_id).run()
 
     async def run_many(
         self, tasks: Iterable[Task], *, strategy: str = "advisor", concurrency: int = 40
@@ -139,6 +168,7 @@ class Advisor:
         tasks = list(tasks)
         for task in tasks:  # bad input stops the batch before any task starts
             self.prepare(task, strategy)
+        await self.start()  # an unreachable cluster, too
         names = [t.name for t in tasks]
         dupes = {n for n in names if names.count(n) > 1}
         sem = asyncio.Semaphore(max(1, concurrency))
@@ -151,10 +181,10 @@ class Advisor:
         return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks))))
 
     async def aclose(self) -> None:
-        await self.mcp.aclose()
-        for ep in self._endpoints.values():
-            await ep.aclose()
-        self._endpoints.clear()
+        if self._cluster is not None:
+            await self._cluster.aclose()
+            self._cluster = None
+        await self.loops.aclose()
         if self._exporter is not None:  # sends the queued spans: a blocking HTTP call
             await asyncio.to_thread(self._exporter.shutdown)
             self._exporter = None

@@ -78,6 +78,18 @@ class Trace:
             listener(event)
         return event
 
+    def append(self, event: dict) -> None:
+        """Writes an event made elsewhere (a Ray worker's), its own seq and time kept, and passes it to
+        the listeners: what the driver of a cluster run does with each event it receives."""
+        if self._fh is not None:
+            self._fh.write(fastjson.dumps(event, default=str).decode() + "\n")
+            self._fh.flush()
+            if self._fsync:
+                _SYNCER.mark(self)
+        self._seq = max(self._seq, int(event.get("seq", -1)) + 1)
+        for listener in self._listeners:
+            listener(event)
+
     def _sync(self) -> None:
         with self._lock:
             if self._fh is not None:

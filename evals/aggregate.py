@@ -50,6 +50,8 @@ def strategy_stats(recs: list[TaskRecord]) -> dict:
         "consults_per_task": _div(sum(r.consults for r in recs), n),
         "consults_by_trigger": _by_trigger(recs),
         "model_calls": sum(r.model_calls for r in recs),
+        "aborted_usd": sum(r.aborted_usd for r in recs),
+        "aborted_model_calls": sum(r.aborted_calls for r in recs),
     }
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from advisor import interrupt
+from advisor.cli import add_cluster_arguments, ray_settings
 from advisor.progress import Progress, notes_to
 from advisor.task import TaskError, config_otel, user_config_dir
 
@@ -72,6 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     concurrency=args.concurrency,
                     timeout_s=args.timeout,
                     console=shown,
+                    max_usd=args.max_usd,
+                    **ray_settings(args),
                     otel=config_otel(
                         [p for p in (args.endpoints,) if p]
                         + [_base(suite) / "advisor.yaml", user_config_dir() / "advisor.yaml"]
@@ -145,6 +148,7 @@ def add_eval_parser(sub) -> None:
         "--endpoints", type=Path, default=None, help="an advisor.yaml whose endpoints every task gets"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_cluster_arguments(p, "eval")
     p.set_defaults(func=cmd_eval)
 
 

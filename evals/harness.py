@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from advisor.evals.records import ROLES, TOKEN_KINDS
 from advisor.evals.suite import Suite
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from advisor.aborted import set_aside, spend
 from advisor.pricing import usd
 from advisor.result import TaskResult
 from advisor.runner import Advisor
@@ -56,34 +55,19 @@ def plan_jobs(suite: Suite, strategies: list[str], out: Path) -> tuple[list[Job]
     return jobs, done
 
 
-def _set_aside(d: Path, out: Path) -> None:
-    if d.exists():
-        dest = (
-            out
-            / ".aborted"
-            / d.parent.name
-            / f"{d.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
-        )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(d), dest)
-
-
 def error_result(job: Job, error: str) -> TaskResult:
     """An error outcome that still carries what the trace says was spent (billed calls count)."""
-    tokens = {r: dict.fromkeys(TOKEN_KINDS, 0) for r in ROLES}
-    cost = dict.fromkeys((*ROLES, "total", "frontier_only_estimate"), 0.0)
-    calls = 0
     trace = job.out / "trace.jsonl"
-    for ev in read_trace(trace) if trace.is_file() else []:
-        if ev.get("type") == "model_call":
-            calls += 1
-            role = ev.get("role", "executor")
-            cost[role] += float(ev.get("cost_usd") or 0.0)
-            for k in TOKEN_KINDS:
-                tokens[role][k] += int((ev.get("usage") or {}).get(k, 0))
-    cost["total"] = cost["executor"] + cost["frontier"]
+    paid = spend(read_trace(trace) if trace.is_file() else [])
+    cost = {**paid.cost_usd, "frontier_only_estimate": 0.0}
     r = TaskResult(
-        job.task.name, job.strategy, "error", error=error, model_calls=calls, tokens=tokens, cost_usd=cost
+        job.task.name,
+        job.strategy,
+        "error",
+        error=error,
+        model_calls=paid.model_calls,
+        tokens=paid.tokens,
+        cost_usd=cost,
     )
     if trace.is_file():  # the cancelled loop wrote no task_end: close the trace the way the format says
         events = read_trace(trace)
@@ -120,9 +104,14 @@ async def run_suite(
     run_fn: RunFn | None = None,
     advisor: Advisor | None = None,
     otel: dict | bool | None = None,
+    max_usd: float | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    ray_options: dict | None = None,
 ) -> EvalRun:
     """Runs what is missing under `out`. `run_fn(task, base_strategy, out_dir)` defaults to `Advisor.run`;
-    `otel`: that Advisor's OpenTelemetry setting (default: `ADVISOR_OTEL`)."""
+    `otel`, `max_usd` (the whole eval's budget), `backend`, `ray_address`, `ray_options`: that Advisor's
+    settings (docs/scale.md)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in strategies:  # unknown names are bad input before anything runs
@@ -132,11 +121,25 @@ async def run_suite(
     (out / "eval.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     result = EvalRun(skipped=done)
     own = advisor is None and run_fn is None
-    adv = advisor or Advisor(runs_dir=out, otel=otel)
+    adv = advisor or Advisor(
+        runs_dir=out,
+        otel=otel,
+        max_usd=max_usd,
+        backend=backend,  # type: ignore[arg-type]
+        ray_address=ray_address,
+        ray_options=ray_options,
+    )
     run = run_fn or (lambda task, base, d: adv.run(task, base, d))
-    for j in jobs:  # validation before any task starts: bad input pays for nothing
-        if run_fn is None:
-            adv.prepare(j.task, j.base)
+    try:
+        for j in jobs:  # validation before any task starts: bad input pays for nothing
+            if run_fn is None:
+                adv.prepare(j.task, j.base)
+        if run_fn is None and jobs:
+            await adv.start()  # an unreachable cluster is bad input too
+    except BaseException:
+        if own:
+            await adv.aclose()
+        raise
     sem = asyncio.Semaphore(max(1, concurrency))
     spent = {"usd": 0.0, "passed": 0, "other": 0}
     progress = (
@@ -156,7 +159,7 @@ async def run_suite(
 
     async def one(job: Job) -> TaskResult:
         async with sem:
-            _set_aside(job.out, out)
+            set_aside(job.out)
             job.out.mkdir(parents=True)
             try:
                 r = await asyncio.wait_for(run(job.task, job.base, job.out), _timeout(job, suite, timeout_s))

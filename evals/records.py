@@ -72,6 +72,9 @@ class TaskRecord:
     error: str | None = None
     consult_ledger: list[Consult] = field(default_factory=list)
     consults_by_trigger: dict[str, int] = field(default_factory=dict)  # tool, failures, plan, ...
+    # attempts that died with their Ray worker or node: spent, but not in `cost` (result.json's `aborted`)
+    aborted_usd: float = 0.0
+    aborted_calls: int = 0
 
     @property
     def passed(self) -> bool:
@@ -108,6 +111,8 @@ def read_record(task_dir: Path, strategy: str, pricer: Pricer) -> TaskRecord:
         },
         model_calls=int(res.get("model_calls", 0)),
         error=res.get("error"),
+        aborted_usd=float((res.get("aborted") or {}).get("cost_usd", 0.0)),
+        aborted_calls=int((res.get("aborted") or {}).get("model_calls", 0)),
     )
     trace = task_dir / "trace.jsonl"
     if trace.is_file():

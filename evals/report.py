@@ -130,6 +130,12 @@ def headline_lines(res: dict) -> list[str]:
         )
     if not lines:
         lines.append("No headline: it needs a frontier run and an advisor-style run in the same eval.")
+    for s, st in res["stats"].items():
+        if st.get("aborted_model_calls"):
+            lines.append(
+                f"{s}: {usd(st['aborted_usd'])} more was spent on {st['aborted_model_calls']} model calls of "
+                "attempts that died with their Ray worker or node (aborted spend, not in the costs above)."
+            )
     return lines
 
 

@@ -18,6 +18,7 @@ MODULES = [
     "advisor.engine.model.config",
     "advisor.engine.serving",
     "advisor.evals.cli",
+    "advisor.cluster",
 ]
 
 
@@ -27,6 +28,14 @@ def test_module_imports_alone(module):
         [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
+
+
+def test_cluster_package_imports_ray_only_when_used():
+    code = "import sys, advisor.cluster, advisor.runner, advisor.cli; print('ray' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    ).stdout.strip()
+    assert out == "False"
 
 
 def test_light_modules_do_not_import_torch():

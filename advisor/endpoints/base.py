@@ -73,6 +73,11 @@ class EndpointConfig(BaseModel):
         default=4, ge=0, description="retries on connection errors, timeouts, 429 and 5xx"
     )
     max_tokens: int | None = Field(default=None, gt=0, description="completion token cap sent with each call")
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="model calls in flight to this endpoint at once, across all the run's tasks (on Ray: the whole cluster)",
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="extra HTTP headers (no secrets: use api_key_env)"
     )

@@ -55,11 +55,15 @@ callable `fn(request_json) -> turn` that answers every request. A turn is:
   `retry_after` (seconds, or a str such as an HTTP date) becomes the `Retry-After` header.
 - `Delay(seconds, then=None)`: wait, then answer `then` (or, when None, HTTP 504). Use it to make a
   client time out; pending delays end at once when the server stops.
-- a plain `str`: shorthand for `Reply(text=...)`; a callable: called (in a worker thread) with the
-  request JSON, returns one of the above.
+- a plain `str`: shorthand for `Reply(text=...)`; a callable: called (in one of 64 worker threads, so
+  callables that wait on the test do not queue the others) with the request JSON, returns one of the
+  above.
 
 `server.script(model, script)` replaces a script, `server.add_turns(model, *turns)` appends, and
 `server.remaining(model)` counts what is left (-1 for a callable script).
+`server.in_flight(model)` counts the requests for a model being answered now (a streamed one until its
+stream ends) and `server.peak_in_flight(model)` the most at once: what an endpoint's `max_concurrency`
+test asserts.
 
 The package: `script.py` (the turns, their usage, recorded requests: no wire format), `server.py`
 (`ScriptedServer`: scripts, recording, lifecycle, the routes), and one module per wire format,

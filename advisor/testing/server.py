@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -38,6 +39,7 @@ from advisor.testing.script import (
 
 _SECRET_HEADERS = ("authorization", "x-api-key", "api-key")
 WIRE_FORMATS = (OPENAI, ANTHROPIC)
+CALLABLE_THREADS = 64  # callable turns answered at once
 
 
 class ScriptedServer:
@@ -51,7 +53,12 @@ class ScriptedServer:
         self._scripts: dict[str, Script] = {}
         self._served: dict[str, int] = {}
         self._requests: list[RecordedRequest] = []
+        self._in_flight: dict[str | None, int] = {}
+        self._peak: dict[str | None, int] = {}
         self._ids = itertools.count(1)
+        # callable turns run here: one that waits on the test (an event it sets) holds a thread, and the
+        # loop's default pool (a few threads on a small machine) would queue the rest behind it
+        self._callables = ThreadPoolExecutor(max_workers=CALLABLE_THREADS, thread_name_prefix="scripted-turn")
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the server thread's loop, once it has one
         self._closed: asyncio.Event | None = None  # set on stop(); ends pending scripted delays
@@ -93,6 +100,26 @@ class ScriptedServer:
     def requests_for(self, model: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.model == model]
 
+    def in_flight(self, model: str) -> int:
+        """Requests for `model` being answered now (received, reply not yet sent to the end)."""
+        with self._lock:
+            return self._in_flight.get(model, 0)
+
+    def peak_in_flight(self, model: str) -> int:
+        """The most requests for `model` this server was answering at once."""
+        with self._lock:
+            return self._peak.get(model, 0)
+
+    def _enter(self, model: str | None) -> None:
+        with self._lock:
+            n = self._in_flight.get(model, 0) + 1
+            self._in_flight[model] = n
+            self._peak[model] = max(self._peak.get(model, 0), n)
+
+    def _leave(self, model: str | None) -> None:
+        with self._lock:
+            self._in_flight[model] -= 1
+
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
@@ -121,6 +148,7 @@ class ScriptedServer:
     def start(self) -> ScriptedServer:
         if self._thread is not None:
             return self
+        self._callables = ThreadPoolExecutor(max_workers=CALLABLE_THREADS, thread_name_prefix="scripted-turn")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
@@ -154,6 +182,7 @@ class ScriptedServer:
         self._thread.join(timeout=10)
         self._server = None
         self._thread = None
+        self._callables.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> ScriptedServer:
         return self.start()
@@ -181,12 +210,18 @@ class ScriptedServer:
     def _handler(self, wire: WireFormat):
         async def handle(request: Request) -> Response:
             rec, turn, body = await self._turn_for(request, wire)
-            if isinstance(turn, HTTPError):
-                return wire.error(turn)
-            if body.get("stream"):
-                events = wire.stream(turn, body, next(self._ids))
-                return StreamingResponse(self._paced(rec, turn, events), media_type="text/event-stream")
-            return wire.reply(turn, body, next(self._ids))
+            try:
+                if isinstance(turn, HTTPError):
+                    return wire.error(turn)
+                if body.get("stream"):
+                    events = wire.stream(turn, body, next(self._ids))
+                    streamed = self._paced(rec, turn, events)
+                    rec = None  # counted in flight until the stream ends
+                    return StreamingResponse(streamed, media_type="text/event-stream")
+                return wire.reply(turn, body, next(self._ids))
+            finally:
+                if rec is not None:
+                    self._leave(rec.model)
 
         return handle
 
@@ -213,6 +248,7 @@ class ScriptedServer:
         rec = RecordedRequest(request.url.path, model, body, headers, auth, time.time())
         with self._lock:
             self._requests.append(rec)
+        self._enter(model)
         return rec, body
 
     def _next_turn(self, model: str | None, body: dict) -> Any:
@@ -249,7 +285,7 @@ class ScriptedServer:
                 )
                 continue
             if callable(turn):
-                turn = await asyncio.to_thread(turn, body)
+                turn = await asyncio.get_running_loop().run_in_executor(self._callables, turn, body)
                 continue
             raise TypeError(f"not a scripted turn: {turn!r}")
 
@@ -297,6 +333,8 @@ class ScriptedServer:
         except BaseException:  # cancelled: the client closed the connection mid-stream
             rec.stream_outcome = "client left"
             raise
+        finally:
+            self._leave(rec.model)
 
     async def _held(self, turn: Reply) -> bool:
         # polled, not waited in a thread: a client that leaves cancels this at once
