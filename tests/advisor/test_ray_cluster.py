@@ -382,6 +382,22 @@ def test_coding_task_diff_comes_back_from_a_worker(cluster, tmp_path):
     assert (tmp_path / name / "repo" / path).read_text() == bug.files[path]  # the original is untouched
 
 
+def test_the_offline_quickstart_runs_its_embedded_models_in_a_worker(cluster, tmp_path):
+    # provider: embedded on Ray: the worker loads the shipped models itself (no weights travel) and the run is
+    # the same as a local one, call for call and cent for cent
+    task = ROOT / "examples" / "quickstart" / "task.yaml"
+    outs = {}
+    for where, extra in (("local", []), ("ray", ["--ray", cluster.address])):
+        runs = tmp_path / where
+        assert main(["run", str(task), "--runs-dir", str(runs), *extra]) == 0
+        (path,) = runs.glob("*/*/result.json")
+        outs[where] = json.loads(path.read_text())
+    local, remote = outs["local"], outs["ray"]
+    assert remote["outcome"] == "passed" and remote["ray_node"] in (cluster.head.node_id, cluster.second.node_id)
+    for key in ("answer", "steps", "consults", "model_calls", "tokens", "cost_usd"):
+        assert remote[key] == local[key], key
+
+
 # -- a node dies mid-suite ------------------------------------------------------------------------------------
 
 
