@@ -447,17 +447,36 @@ def _masked_etc() -> tuple[tuple[str, bool], ...]:
     return tuple(out)
 
 
-def _visible_dirs() -> list[str]:
-    """Program folders bound read-only: this interpreter and its venv, and the PATH's folders."""
+_FRESH = ("/tmp", "/var/tmp", "/run")  # fresh tmpfs in the sandbox: nothing of the host's shows through
+
+
+def _interpreter_dirs() -> list[str]:
     dirs = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    dirs += os.environ.get("PATH", "").split(os.pathsep)
+    return [d for d in dirs if d]
+
+
+def _visible_dirs() -> list[str]:
+    """Program folders bound read-only: this interpreter and its venv, and the PATH's folders (none under
+    the fresh tmpfs folders: `_fresh_interpreter_dirs` has the interpreter's own there)."""
+    dirs = _interpreter_dirs() + os.environ.get("PATH", "").split(os.pathsep)
+    return _outermost(dirs, lambda real: not real.startswith(_FRESH))
+
+
+def _fresh_interpreter_dirs() -> list[str]:
+    """This interpreter's folders that lie under /tmp, /var/tmp or /run (a venv made in a temporary folder,
+    as CI and throwaway set-ups do): bound read-only over the fresh tmpfs, after it, so the sandbox can run
+    the interpreter without seeing the rest of the host's temporary files."""
+    return _outermost(_interpreter_dirs(), lambda real: real.startswith(_FRESH))
+
+
+def _outermost(dirs: list[str], keep) -> list[str]:
     out: list[str] = []
     home = os.path.realpath(os.path.expanduser("~"))
     for d in dirs:
         if not d or not os.path.isabs(d) or not os.path.isdir(d):
             continue
         real = os.path.realpath(d)
-        if real in ("/", home) or real.startswith(("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "/run")):
+        if real in ("/", home, *_FRESH) or real.startswith(("/proc", "/sys", "/dev")) or not keep(real):
             continue
         if any(real == o or real.startswith(o + "/") for o in out):
             continue
@@ -490,6 +509,8 @@ def bwrap_argv(workspace: Path, scratch: Path, network: bool, seccomp_fd: int) -
     argv += ["--dev", "/dev", "--proc", "/proc"]
     for t in ("/tmp", "/var/tmp", "/run", "/dev/shm"):
         argv += ["--tmpfs", t]
+    for d in _fresh_interpreter_dirs():  # over the tmpfs, so after it
+        argv += ["--ro-bind", d, d]
     argv += ["--bind", str(scratch), str(scratch)]
     argv += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
     argv += ["--seccomp", str(seccomp_fd)]

@@ -198,3 +198,21 @@ async def test_bad_arguments_and_missing_sandbox(ws, monkeypatch):
 def test_schema_and_registry():
     assert set(SHELL.parameters["properties"]) == {"command", "timeout_s"}
     assert SHELL.parameters["required"] == ["command"]
+
+
+def test_an_interpreter_under_tmp_is_bound_over_the_fresh_tmpfs(tmp_path, monkeypatch):
+    # a venv made in a temporary folder (CI's wheel check, throwaway set-ups): the sandbox's /tmp is a fresh
+    # tmpfs, so the venv is bound read-only on top of it, after it, or the python tool cannot start
+    from advisor.tools import confine
+
+    venv = Path("/tmp") / f"advisor-test-venv-{os.getpid()}"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    try:
+        monkeypatch.setattr(confine, "_interpreter_dirs", lambda: [str(venv), str(venv / "bin")])
+        argv = confine.bwrap_argv(tmp_path / "ws", tmp_path / "scratch", network=False, seccomp_fd=3)
+        binds = [i for i in range(len(argv) - 2) if argv[i : i + 3] == ["--ro-bind", str(venv), str(venv)]]
+        tmpfs = max(i for i in range(len(argv) - 1) if argv[i : i + 2] == ["--tmpfs", "/tmp"])
+        assert len(binds) == 1 and binds[0] > tmpfs
+        assert ["--ro-bind", "/tmp", "/tmp"] not in [argv[i : i + 3] for i in range(len(argv) - 2)]
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
