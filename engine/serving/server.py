@@ -184,7 +184,9 @@ def build_app(served: Served, api_key: str | None = None):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    async def read_body(request: Request, route: str) -> dict:
+    async def read_body(request: Request, route: str | None) -> dict:
+        """The JSON body, for this server's model; `route` None: unknown fields are left to the caller (the
+        Responses route ignores them, as OpenAI's does)."""
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -197,7 +199,8 @@ def build_app(served: Served, api_key: str | None = None):
             raise BadRequest(
                 f"unknown model {model!r}; this server serves {served.name!r}", "model", "model_not_found"
             )
-        check_parameters(body, route)
+        if route is not None:
+            check_parameters(body, route)
         return body
 
     async def health(request: Request):
@@ -241,19 +244,7 @@ def build_app(served: Served, api_key: str | None = None):
         return await _unless_disconnected(request, _completion_once(served, ids, opts, rid, created))
 
     async def responses(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        if body.get("model") not in (served.name, None):
-            raise BadRequest(
-                f"unknown model {body.get('model')!r}; this server serves {served.name!r}",
-                "model",
-                "model_not_found",
-            )
+        body = await read_body(request, None)
         try:
             chat_body, conversation = to_chat(body, served.responses.history(body))
             check_parameters(chat_body, "chat")
