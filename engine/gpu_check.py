@@ -498,14 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     title = _device_title()
     console.print(f"gpu_check on {title}")
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
 
     def progress(r: Row) -> None:
         mark = "ok" if r.ok else "FAIL" if r.ok is False else "--"
         console.print(f"  {mark:4} {r.check}: {r.figure} ({r.seconds:.1f}s)", highlight=False)
 
-    rows = run_checks("cuda", Plan(bench_iters=a.iters, serving_model=a.serving_model, only=only), progress)
+    with torch.no_grad():  # scoped: a caller's (a test's) grad mode is left as it was
+        rows = run_checks("cuda", Plan(bench_iters=a.iters, serving_model=a.serving_model, only=only), progress)
     failed = sum(r.ok is False for r in rows)
     console.print(table(rows, f"{title}; {time.perf_counter() - t0:.0f} s"))
     console.print(f"{len(rows) - failed} of {len(rows)} rows pass" + (f", {failed} FAIL" if failed else ""))

@@ -193,3 +193,15 @@ else:
             lambda q, k, v, t, starts, *rest: real_paged(q, k, v, t, starts * 0, *rest),
         )
         assert G.check_paged_attention("cpu", case, torch.float32).ok is False
+
+
+def test_main_leaves_the_callers_grad_mode_as_it_was(monkeypatch, capsys):
+    # a run in-process (as these tests do) must not turn autograd off for whatever runs after it
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(G, "_device_title", lambda: "stub")
+    monkeypatch.setattr(G, "run_checks", lambda device, plan, progress: [])
+    assert torch.is_grad_enabled()
+    G.main([])
+    assert torch.is_grad_enabled()
