@@ -173,25 +173,18 @@ class ProxyConfig(_Strict):
 
 
 def check_ready(cfg: ProxyConfig, source: str) -> None:
-    """Each role's endpoint exists and is priced (as a task's are)."""
-    roles = {"executor": cfg.executor, "frontier": cfg.frontier}
-    for role, rc in roles.items():
-        if rc is None:
-            continue
-        ep = cfg.endpoints.get(rc.endpoint)
-        if ep is None:
-            known = ", ".join(cfg.endpoints) or "none"
-            raise TaskError(f"{source}: {role}.endpoint: unknown endpoint '{rc.endpoint}' (known: {known})")
-        if ep.price is None and not ep.free:
-            raise TaskError(
-                f"{source}: endpoints.{rc.endpoint}.price: endpoint has no price; add price: "
-                "{input, cached_input, output} (USD per million tokens) or set free: true on purpose"
-            )
-    for model, name in cfg.advisor_models.items():
+    """Each role's endpoint, and each advisor model's, exists and is priced (as a task's are)."""
+    used = [
+        (f"{role}.endpoint", rc.endpoint)
+        for role, rc in (("executor", cfg.executor), ("frontier", cfg.frontier))
+        if rc is not None
+    ]
+    used += [(f"advisor_models.{model}", name) for model, name in cfg.advisor_models.items()]
+    for where, name in used:
         ep = cfg.endpoints.get(name)
         if ep is None:
             known = ", ".join(cfg.endpoints) or "none"
-            raise TaskError(f"{source}: advisor_models.{model}: unknown endpoint '{name}' (known: {known})")
+            raise TaskError(f"{source}: {where}: unknown endpoint '{name}' (known: {known})")
         if ep.price is None and not ep.free:
             raise TaskError(
                 f"{source}: endpoints.{name}.price: endpoint has no price; add price: "
